@@ -1,0 +1,1 @@
+"""Leaf code shared by every cdp daemon: formats, crypto, config, RPC builders."""

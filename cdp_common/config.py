@@ -1,0 +1,342 @@
+"""Typed daemon configuration loaded from TOML.
+
+Every daemon's config is a frozen dataclass tree; `load_config(cls, path)`
+checks types and unknown keys and raises ConfigError naming the offending
+field (`policies[0].rpo_interval_s: expected a number, got 'fast'`). Each
+field's docstring lives in its `metadata["doc"]`, which `cdpctl` and the docs
+render.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cdp_common.errors import ConfigError
+
+T = TypeVar("T")
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field carrying its documentation."""
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        return field(metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+# ---------------------------------------------------------------- shared sections
+
+@dataclass(frozen=True)
+class TlsConfig:
+    insecure: bool = doc("Plaintext gRPC instead of mutual TLS. Only for tests and labs.", False)
+    ca_file: str = doc("PEM file of the CA that signs every node certificate.", "")
+    cert_file: str = doc("PEM certificate of this node.", "")
+    key_file: str = doc("PEM private key of this node.", "")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str = doc("Unique node id, e.g. 'filter-1'.")
+    site: str = doc("Site name; proxies are chosen on the policy's source/target site.", "default")
+    listen: str = doc("host:port the gRPC server binds.", "127.0.0.1:0")
+    advertise: str = doc("host:port peers use to reach this node (default: listen).", "")
+    coordinator: str = doc("host:port of the coordinator.", "")
+    metrics_listen: str = doc("host:port of the Prometheus /metrics HTTP server ('' = off).", "")
+    max_message_bytes: int = doc("Largest gRPC message accepted or sent.", 8 * MiB)
+    capacity: int = doc("Most policies this node serves at once (0 = unlimited).", 0)
+
+
+# ---------------------------------------------------------------- filter
+
+@dataclass(frozen=True)
+class DiskConfig:
+    name: str = doc("Disk name; the file <mountpoint>/<name> is the protected disk.")
+    policy: str = doc("Policy (consistency group) the disk belongs to.")
+    size_bytes: int = doc("Disk size in bytes (multiple of 4096).")
+    image: str = doc("Backing image path (default <data_dir>/images/<name>.img).", "")
+
+
+@dataclass(frozen=True)
+class FilterSection:
+    mountpoint: str = doc("Directory where the FUSE file system exposing the disks is mounted.")
+    data_dir: str = doc("Directory for backing images and write journals.")
+    journal_cap_bytes: int = doc("Journal size at which writers are slowed down.", 1 * GiB)
+    journal_segment_bytes: int = doc("Size of one journal segment file.", 64 * MiB)
+    batch_bytes: int = doc("Target size of one shipped record batch.", 1 * MiB)
+    fsync_journal: bool = doc("fsync the journal when the application flushes.", True)
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    node: NodeConfig
+    filter: FilterSection
+    disks: list[DiskConfig] = doc("Protected disks.", default_factory=list)
+    tls: TlsConfig = doc("TLS settings.", default_factory=TlsConfig)
+
+
+# ---------------------------------------------------------------- proxy
+
+@dataclass(frozen=True)
+class ProxySection:
+    role: str = doc("'source', 'target' or 'both'.", "source")
+    key_file: str = doc("File holding the 32-byte master key for payload encryption.", "")
+    interval_max_bytes: int = doc("Close an interval early when its records reach this size.",
+                                  64 * MiB)
+    inflight_max_bytes: int = doc("Encoded bytes in flight to the target before the source "
+                                  "proxy stops reading from the filter.", 256 * MiB)
+    frame_bytes: int = doc("Plaintext size of one delta frame.", 1 * MiB)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    node: NodeConfig
+    proxy: ProxySection = doc("Proxy settings.", default_factory=ProxySection)
+    tls: TlsConfig = doc("TLS settings.", default_factory=TlsConfig)
+
+
+# ---------------------------------------------------------------- target
+
+@dataclass(frozen=True)
+class TargetSection:
+    data_dir: str = doc("Directory holding replicas, deltas and restore points.")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    node: NodeConfig
+    target: TargetSection
+    tls: TlsConfig = doc("TLS settings.", default_factory=TlsConfig)
+
+
+# ---------------------------------------------------------------- coordinator
+
+@dataclass(frozen=True)
+class PolicyDiskConfig:
+    filter: str = doc("Id of the filter node that holds the disk.")
+    name: str = doc("Disk name on that filter.")
+    size_bytes: int = doc("Disk size in bytes.")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str = doc("Policy name (letters, digits, '-', '_', '.').")
+    disks: list[PolicyDiskConfig] = doc("Disks of the policy; they share one seq counter.")
+    target: str = doc("Id of the target node that keeps the replicas.")
+    source_site: str = doc("Site of the source proxies.", "default")
+    target_site: str = doc("Site of the target proxies.", "default")
+    rpo_interval_s: float = doc("Seconds between restore points.", 2.0)
+    compression_level: int = doc("zstd level (0 = no compression).", 1)
+    encryption: bool = doc("Encrypt payload between proxies (AES-256-GCM).", True)
+    rpo_warning_s: float = doc("RPO lag that raises a warning.", 15.0)
+    rpo_error_s: float = doc("RPO lag that raises an error.", 60.0)
+
+
+@dataclass(frozen=True)
+class CoordinatorSection:
+    db_path: str = doc("SQLite database file of the coordinator's state.")
+    heartbeat_ms: int = doc("Heartbeat period asked of every node.", 1000)
+    lease_ms: int = doc("A node is down when no heartbeat arrived for this long.", 3000)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    node: NodeConfig
+    coordinator: CoordinatorSection
+    policies: list[PolicyConfig] = doc("CDP policies.", default_factory=list)
+    tls: TlsConfig = doc("TLS settings.", default_factory=TlsConfig)
+
+
+# ---------------------------------------------------------------- loader
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: unsupported type")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown setting")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _convert(hints[name], {}, path)
+            else:
+                raise ConfigError(f"{path}: required setting is missing")
+    return cls(**kwargs)
+
+
+def _positive(value: float, where: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be greater than 0, got {value}")
+
+
+def _address(value: str, where: str, allow_empty: bool = False) -> None:
+    if allow_empty and not value:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{where}: expected host:port, got {value!r}")
+
+
+def validate(config: Any) -> None:
+    """Semantic checks beyond types; raises ConfigError naming the field."""
+    node = getattr(config, "node", None)
+    if isinstance(node, NodeConfig):
+        if not _NAME.match(node.id):
+            raise ConfigError(f"node.id: {node.id!r} is not a valid id")
+        _address(node.listen, "node.listen")
+        _address(node.advertise, "node.advertise", allow_empty=True)
+        _address(node.metrics_listen, "node.metrics_listen", allow_empty=True)
+        if not isinstance(config, CoordinatorConfig):
+            _address(node.coordinator, "node.coordinator")
+        if node.max_message_bytes < 64 * 1024:
+            raise ConfigError("node.max_message_bytes: must be at least 65536")
+    tls = getattr(config, "tls", None)
+    if isinstance(tls, TlsConfig) and not tls.insecure:
+        for name in ("ca_file", "cert_file", "key_file"):
+            if not getattr(tls, name):
+                raise ConfigError(f"tls.{name}: required unless tls.insecure = true")
+            if not Path(getattr(tls, name)).is_file():
+                raise ConfigError(f"tls.{name}: {getattr(tls, name)} does not exist")
+    if isinstance(config, FilterConfig):
+        _validate_filter(config)
+    elif isinstance(config, ProxyConfig):
+        if config.proxy.role not in ("source", "target", "both"):
+            raise ConfigError(f"proxy.role: expected 'source', 'target' or 'both', "
+                              f"got {config.proxy.role!r}")
+        if config.proxy.role != "source" and not config.proxy.key_file:
+            raise ConfigError("proxy.key_file: required for a target proxy")
+        if config.proxy.role != "target" and not config.proxy.key_file:
+            raise ConfigError("proxy.key_file: required for a source proxy")
+        for name in ("interval_max_bytes", "inflight_max_bytes", "frame_bytes"):
+            _positive(getattr(config.proxy, name), f"proxy.{name}")
+        if config.proxy.frame_bytes > config.node.max_message_bytes // 2:
+            raise ConfigError("proxy.frame_bytes: must be at most half of node.max_message_bytes")
+    elif isinstance(config, CoordinatorConfig):
+        _validate_coordinator(config)
+
+
+def _validate_filter(config: FilterConfig) -> None:
+    f = config.filter
+    _positive(f.journal_cap_bytes, "filter.journal_cap_bytes")
+    _positive(f.journal_segment_bytes, "filter.journal_segment_bytes")
+    _positive(f.batch_bytes, "filter.batch_bytes")
+    if f.journal_segment_bytes > f.journal_cap_bytes:
+        raise ConfigError("filter.journal_segment_bytes: must not exceed filter.journal_cap_bytes")
+    if f.batch_bytes > config.node.max_message_bytes // 2:
+        raise ConfigError("filter.batch_bytes: must be at most half of node.max_message_bytes")
+    seen: set[str] = set()
+    for i, disk in enumerate(config.disks):
+        where = f"disks[{i}]"
+        if not _NAME.match(disk.name):
+            raise ConfigError(f"{where}.name: {disk.name!r} is not a valid disk name")
+        if disk.name in seen:
+            raise ConfigError(f"{where}.name: disk {disk.name!r} is listed twice")
+        seen.add(disk.name)
+        if not _NAME.match(disk.policy):
+            raise ConfigError(f"{where}.policy: {disk.policy!r} is not a valid policy name")
+        if disk.size_bytes <= 0 or disk.size_bytes % 4096:
+            raise ConfigError(f"{where}.size_bytes: must be a positive multiple of 4096, "
+                              f"got {disk.size_bytes}")
+
+
+def _validate_coordinator(config: CoordinatorConfig) -> None:
+    c = config.coordinator
+    _positive(c.heartbeat_ms, "coordinator.heartbeat_ms")
+    if c.lease_ms <= c.heartbeat_ms:
+        raise ConfigError("coordinator.lease_ms: must be longer than coordinator.heartbeat_ms")
+    names: set[str] = set()
+    for i, p in enumerate(config.policies):
+        where = f"policies[{i}]"
+        if not _NAME.match(p.name):
+            raise ConfigError(f"{where}.name: {p.name!r} is not a valid policy name")
+        if p.name in names:
+            raise ConfigError(f"{where}.name: policy {p.name!r} is defined twice")
+        names.add(p.name)
+        if not p.disks:
+            raise ConfigError(f"{where}.disks: a policy needs at least one disk")
+        _positive(p.rpo_interval_s, f"{where}.rpo_interval_s")
+        _positive(p.rpo_warning_s, f"{where}.rpo_warning_s")
+        if p.rpo_error_s < p.rpo_warning_s:
+            raise ConfigError(f"{where}.rpo_error_s: must be at least rpo_warning_s")
+        if not 0 <= p.compression_level <= 22:
+            raise ConfigError(f"{where}.compression_level: must be 0..22, "
+                              f"got {p.compression_level}")
+        filters = {d.filter for d in p.disks}
+        if len(filters) != 1:
+            raise ConfigError(f"{where}.disks: all disks of a policy must be on one filter")
+        for j, d in enumerate(p.disks):
+            if d.size_bytes <= 0 or d.size_bytes % 4096:
+                raise ConfigError(f"{where}.disks[{j}].size_bytes: must be a positive multiple "
+                                  f"of 4096, got {d.size_bytes}")
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Parse and validate a TOML config file into `cls`."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        config = _build(cls, data, "")
+        validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config

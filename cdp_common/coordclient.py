@@ -1,0 +1,104 @@
+"""Client side of the coordinator protocol, shared by every node.
+
+Registers, heartbeats with per-policy reports, and watches assignments,
+reconnecting with backoff. The data plane never waits on it: when the
+coordinator is down, nodes keep the last assignment they saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+
+from cdp_common import rpc
+from cdp_common.config import NodeConfig, TlsConfig
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
+
+log = logging.getLogger("common.coordclient")
+
+ReportFn = Callable[[], Sequence[cpb.PolicyReport]]
+AssignFn = Callable[[cpb.AssignmentSet], Awaitable[None] | None]
+
+
+class CoordinatorClient:
+    def __init__(self, node: NodeConfig, tls: TlsConfig, role: int, address: str,
+                 metrics_address: str, reports: ReportFn, on_assignments: AssignFn | None = None,
+                 ) -> None:
+        self._info = cpb.NodeInfo(id=node.id, role=role, site=node.site, address=address,  # type: ignore[arg-type]
+                                  capacity=node.capacity, metrics_address=metrics_address,
+                                  pid=os.getpid())
+        self._channel = rpc.channel(node.coordinator, tls, node.max_message_bytes)
+        self._stub = cgrpc.CoordinatorStub(self._channel)
+        self._reports = reports
+        self._on_assignments = on_assignments
+        self._heartbeat_s = 1.0
+        self._registered = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.connected = False
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="coord-heartbeat"))
+        if self._on_assignments is not None:
+            self._tasks.append(asyncio.create_task(self._watch_loop(), name="coord-watch"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self._channel.close(grace=None)
+
+    async def _register(self) -> None:
+        reply = await self._stub.Register(cpb.RegisterRequest(node=self._info), timeout=5)
+        self._heartbeat_s = max(0.05, reply.heartbeat_ms / 1000)
+        self._registered.set()
+        if not self.connected:
+            log.info("registered with coordinator", extra={"node": self._info.id})
+        self.connected = True
+
+    async def _heartbeat_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                if not self._registered.is_set():
+                    await self._register()
+                reply = await self._stub.Heartbeat(
+                    cpb.HeartbeatRequest(node_id=self._info.id, policies=list(self._reports())),
+                    timeout=max(2.0, 2 * self._heartbeat_s))
+                if not reply.known:
+                    self._registered.clear()
+                    continue
+                backoff = 0.2
+                await asyncio.sleep(self._heartbeat_s)
+            except grpc.aio.AioRpcError as exc:
+                if self.connected:
+                    log.warning("coordinator unreachable: %s", exc.details())
+                self.connected = False
+                self._registered.clear()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _watch_loop(self) -> None:
+        assert self._on_assignments is not None
+        backoff = 0.2
+        while True:
+            try:
+                await self._registered.wait()
+                call = self._stub.WatchAssignments(cpb.WatchRequest(node_id=self._info.id))
+                async for update in call:
+                    backoff = 0.2
+                    result = self._on_assignments(update)
+                    if asyncio.iscoroutine(result):
+                        await result
+            except grpc.aio.AioRpcError as exc:
+                log.debug("assignment watch ended: %s", exc.details())
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)

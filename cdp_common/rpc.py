@@ -1,0 +1,95 @@
+"""The one place that builds gRPC servers and channels.
+
+Mutual TLS unless the config says `insecure = true`; explicit message size
+limits; keepalive so a dead peer is noticed within seconds; grpc.health.v1 on
+every server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cdp_common.config import TlsConfig
+from cdp_common.errors import ConfigError
+
+KEEPALIVE_MS = 2000
+
+
+def _options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.min_time_between_pings_ms", 1000),
+    ]
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"tls.{what}: cannot read {path} ({exc.strerror})") from None
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key_file, "key_file"), _read(tls.cert_file, "cert_file"))],
+        root_certificates=_read(tls.ca_file, "ca_file"),
+        require_client_auth=True,
+    )
+
+
+def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_file, "ca_file"),
+        private_key=_read(tls.key_file, "key_file"),
+        certificate_chain=_read(tls.cert_file, "cert_file"),
+    )
+
+
+class Server:
+    """A grpc.aio server with health checking, bound to one address."""
+
+    def __init__(self, listen: str, tls: TlsConfig, max_message_bytes: int) -> None:
+        self.grpc = grpc.aio.server(options=_options(max_message_bytes))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        if tls.insecure:
+            port = self.grpc.add_insecure_port(listen)
+        else:
+            port = self.grpc.add_secure_port(listen, server_credentials(tls))
+        if port == 0:
+            raise ConfigError(f"node.listen: cannot bind {listen}")
+        host = listen.rpartition(":")[0]
+        self.address = f"{host}:{port}"
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace_s)
+
+
+def channel(address: str, tls: TlsConfig, max_message_bytes: int) -> grpc.aio.Channel:
+    """An aio channel to `address` with the same TLS and limits as our servers."""
+    options = _options(max_message_bytes)
+    if tls.insecure:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, channel_credentials(tls), options=options)
+
+
+def sync_channel(address: str, tls: TlsConfig, max_message_bytes: int = 16 << 20) -> grpc.Channel:
+    """A blocking channel, for the CLI."""
+    options = _options(max_message_bytes)
+    if tls.insecure:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, channel_credentials(tls), options=options)
