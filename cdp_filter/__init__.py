@@ -1,0 +1,1 @@
+"""cdp-filter: FUSE capture shim, write journal and shipper (source host)."""

@@ -1,0 +1,527 @@
+"""Per-policy append-only write journal (docs/FORMAT.md §1).
+
+Theory of operation
+-------------------
+Every application write of a policy becomes one record (cdp_common.records)
+with the policy's next seq. Records are appended back to back to segment files
+`<dir>/<first_seq:020d>.seg`; a new segment starts when the current one reached
+`segment_bytes`. Seqs are consecutive inside a segment and across segments, so
+the position of any seq is `offsets[seq - first_seq]` of its segment: the
+in-memory index costs 8 bytes per record and nothing is ever rescanned.
+
+Invariants:
+- J1 a seq is never reused: `last_seq` survives restarts, even when every
+  segment was trimmed, because `state` (written atomically: tmp + fsync +
+  rename + fsync dir) records `trimmed_through` before any segment is deleted.
+- J2 only a valid prefix is ever returned: on open every segment is scanned
+  with `records.scan_valid_prefix`; the first torn, corrupt or out-of-sequence
+  record and everything after it (the rest of its segment and any later
+  segment) is cut and logged. `read_from` therefore only hands out records
+  that passed their CRC at open or were written by this process.
+- J3 a segment is deleted only when the last seq it holds has been trimmed
+  (acked durable by the target) and, through `before_delete` or the caller,
+  the disk images have been fdatasync'ed, so the records are certainly in the
+  images (the journal is also the redo log for them, see `records_after`).
+- J4 `sync()` makes every appended record durable: it fsyncs every segment
+  written since the last sync (not only the current one) and the directory
+  when segments were created.
+
+All methods are synchronous and meant for one thread (the event loop); the
+blocking parts of a durable sync can run in a worker thread via `sync_async`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import json
+import logging
+import os
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from cdp_common import records
+from cdp_common.errors import CdpError, StorageError
+
+log = logging.getLogger("filter.journal")
+
+SEGMENT_SUFFIX = ".seg"
+STATE_FILE = "state"
+STATE_VERSION = 1
+_SCAN_CHUNK = 8 * 1024 * 1024  # batch size used when replaying
+
+
+class JournalGapError(CdpError):
+    """Records that were asked for are no longer in the journal (trimmed)."""
+
+    exit_code = 8
+
+
+@dataclass(eq=False)
+class _Segment:
+    first_seq: int
+    path: str
+    fd: int
+    size: int = 0
+    offsets: array[int] = field(default_factory=lambda: array("Q"))
+
+    @property
+    def count(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.offsets) - 1
+
+    def end_of(self, index: int) -> int:
+        return self.offsets[index + 1] if index + 1 < len(self.offsets) else self.size
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}{SEGMENT_SUFFIX}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_fds(fds: list[int], dir_path: str | None) -> None:
+    """Worker-thread half of sync_async: fsync dup'ed fds and close them."""
+    try:
+        for fd in fds:
+            os.fsync(fd)
+        if dir_path is not None:
+            _fsync_dir(dir_path)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+class Journal:
+    """One policy's journal; see the module docstring for the invariants."""
+
+    def __init__(self, directory: str, segment_bytes: int, cap_bytes: int,
+                 policy: str = "", before_delete: Callable[[], None] | None = None) -> None:
+        # Use Journal.open(); the constructor only sets fields.
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.cap_bytes = cap_bytes
+        self.policy = policy
+        self.before_delete = before_delete
+        self._segments: list[_Segment] = []
+        self._first_seqs: list[int] = []  # parallel to _segments, for bisect
+        self._size = 0
+        self._last_seq = 0
+        self._last_time_ns = 0
+        self._trimmed_through = 0      # in memory: highest seq acked durable
+        self._persisted_trim = 0       # what `state` says
+        self._dirty: set[_Segment] = set()
+        self._dir_dirty = False
+        self._write_gen = 0
+        self._synced_gen = 0
+        self._sync_lock: asyncio.Lock | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------ open / recovery
+
+    @classmethod
+    def open(cls, directory: str, segment_bytes: int, cap_bytes: int, *, policy: str = "",
+             before_delete: Callable[[], None] | None = None) -> Journal:
+        """Open (creating if needed) and recover the journal in `directory`."""
+        j = cls(directory, segment_bytes, cap_bytes, policy, before_delete)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            j._recover()
+        except OSError as exc:
+            j.close()
+            raise StorageError(f"journal {directory}: cannot open ({exc.strerror or exc})") from exc
+        return j
+
+    def _extra(self, **kw: object) -> dict[str, object]:
+        return {"policy": self.policy, **kw}
+
+    def _read_state(self) -> int:
+        path = os.path.join(self.directory, STATE_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"journal {self.directory}: unreadable state file: {exc}") from exc
+        value = data.get("trimmed_through") if isinstance(data, dict) else None
+        if not isinstance(value, int) or value < 0:
+            raise StorageError(f"journal {self.directory}: state file has no valid "
+                               "trimmed_through")
+        return value
+
+    def _write_state(self, trimmed_through: int) -> None:
+        path = os.path.join(self.directory, STATE_FILE)
+        tmp = path + ".tmp"
+        body = json.dumps({"version": STATE_VERSION, "trimmed_through": trimmed_through})
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, body.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        _fsync_dir(self.directory)
+        self._persisted_trim = trimmed_through
+
+    def _recover(self) -> None:
+        self._trimmed_through = self._persisted_trim = self._read_state()
+        names = []
+        for name in os.listdir(self.directory):
+            if not name.endswith(SEGMENT_SUFFIX):
+                continue
+            stem = name[: -len(SEGMENT_SUFFIX)]
+            if not stem.isdigit():
+                log.warning("ignoring stray file %s in journal", name, extra=self._extra())
+                continue
+            names.append((int(stem), name))
+        names.sort()
+        expected_next: int | None = None
+        cut = False
+        changed_dir = False
+        for first_seq, name in names:
+            path = os.path.join(self.directory, name)
+            if cut or (expected_next is not None and first_seq != expected_next):
+                if not cut:
+                    log.error("journal segment %s does not start at seq %s; dropping it and "
+                              "every later segment", name, expected_next,
+                              extra=self._extra(seq=first_seq))
+                cut = True
+                os.unlink(path)
+                changed_dir = True
+                continue
+            seg, torn = self._load_segment(first_seq, path)
+            if seg is None:
+                changed_dir = True
+                if torn:
+                    cut = True
+                continue
+            if seg.last_seq <= self._trimmed_through:
+                # Trimmed but not yet deleted when we stopped (J3 already holds).
+                os.close(seg.fd)
+                os.unlink(path)
+                changed_dir = True
+                expected_next = seg.last_seq + 1
+                continue
+            self._add_segment(seg)
+            expected_next = seg.last_seq + 1
+            if torn:
+                cut = True
+        if changed_dir:
+            _fsync_dir(self.directory)
+        if self._segments:
+            first = self._segments[0].first_seq
+            if first > self._trimmed_through + 1:
+                log.error("journal starts at seq %d but only seqs through %d were trimmed; "
+                          "seqs in between are missing", first, self._trimmed_through,
+                          extra=self._extra(seq=first))
+            last = self._segments[-1]
+            self._last_seq = last.last_seq
+            head = os.pread(last.fd, records.HEADER_SIZE, last.offsets[-1])
+            self._last_time_ns = records.HEADER.unpack(head)[5]
+        self._last_seq = max(self._last_seq, self._trimmed_through)
+        log.info("journal open: seqs %d..%d, %d bytes in %d segments", self.oldest_seq,
+                 self._last_seq, self._size, len(self._segments), extra=self._extra())
+
+    def _load_segment(self, first_seq: int, path: str) -> tuple[_Segment | None, bool]:
+        """Scan one segment; cut its torn tail. Returns (segment or None if empty, torn)."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            buf = bytearray(size)
+            view = memoryview(buf)
+            got = 0
+            while got < size:
+                n = os.preadv(fd, [view[got:]], got)
+                if n == 0:
+                    break
+                got += n
+            spans, valid_end = records.scan_valid_prefix(view[:got])
+            # Records must carry consecutive seqs starting at the name's seq.
+            offsets = array("Q")
+            for i, (seq, start, _end) in enumerate(spans):
+                if seq != first_seq + i:
+                    log.error("journal segment %s: record at byte %d has seq %d, expected %d",
+                              os.path.basename(path), start, seq, first_seq + i,
+                              extra=self._extra(seq=seq))
+                    valid_end = start
+                    break
+                offsets.append(start)
+            del view
+            torn = valid_end < size
+            if torn:
+                log.warning("journal segment %s: cutting %d bytes of torn or corrupt tail at "
+                            "byte %d", os.path.basename(path), size - valid_end, valid_end,
+                            extra=self._extra(seq=first_seq + len(offsets)))
+                os.ftruncate(fd, valid_end)
+                os.fsync(fd)
+            if not offsets:
+                os.close(fd)
+                os.unlink(path)
+                return None, torn
+            return _Segment(first_seq, path, fd, valid_end, offsets), torn
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+
+    def _add_segment(self, seg: _Segment) -> None:
+        self._segments.append(seg)
+        self._first_seqs.append(seg.first_seq)
+        self._size += seg.size
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def last_seq(self) -> int:
+        """Highest seq ever assigned (0 when none)."""
+        return self._last_seq
+
+    @property
+    def last_time_ns(self) -> int:
+        """Capture time of the record with the highest seq still known (0 if none)."""
+        return self._last_time_ns
+
+    @property
+    def trimmed_through(self) -> int:
+        """Highest seq the target acked as durable (as far as this journal knows)."""
+        return self._trimmed_through
+
+    @property
+    def oldest_seq(self) -> int:
+        """Lowest seq still readable; last_seq + 1 when the journal is empty."""
+        return self._segments[0].first_seq if self._segments else self._last_seq + 1
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    @property
+    def over_cap(self) -> bool:
+        return self._size >= self.cap_bytes
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    # ------------------------------------------------------------ append / sync
+
+    def append(self, time_ns: int, disk_id: int, offset: int,
+               data: bytes | memoryview) -> int:
+        """Append one record with the next seq; returns that seq.
+
+        One pwritev of header and data, no fsync. On failure the segment is cut
+        back to its previous end and StorageError is raised: no seq is used.
+        """
+        seq = self._last_seq + 1
+        seg = self._segments[-1] if self._segments else None
+        if seg is None or seg.size >= self.segment_bytes or seg.last_seq != seq - 1:
+            seg = self._new_segment(seq)
+        head = records.encode_header(seq, time_ns, disk_id, offset, data)
+        want = records.HEADER_SIZE + len(data)
+        try:
+            n = os.pwritev(seg.fd, (head, data), seg.size)
+            if n != want:
+                raise OSError(0, f"short write ({n} of {want} bytes)")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(seg.fd, seg.size)
+            raise StorageError(f"journal {self.directory}: append failed "
+                               f"({exc.strerror or exc})") from exc
+        seg.offsets.append(seg.size)
+        seg.size += want
+        self._size += want
+        self._last_seq = seq
+        self._last_time_ns = time_ns
+        self._dirty.add(seg)
+        self._write_gen += 1
+        return seq
+
+    def _new_segment(self, first_seq: int) -> _Segment:
+        path = os.path.join(self.directory, segment_name(first_seq))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise StorageError(f"journal {self.directory}: cannot create segment "
+                               f"{segment_name(first_seq)} ({exc.strerror})") from exc
+        seg = _Segment(first_seq, path, fd)
+        self._add_segment(seg)
+        self._dir_dirty = True
+        return seg
+
+    def sync(self) -> None:
+        """fsync every segment written since the last sync (J4)."""
+        gen = self._write_gen
+        dirty, self._dirty = self._dirty, set()
+        dir_dirty, self._dir_dirty = self._dir_dirty, False
+        try:
+            for seg in dirty:
+                if seg.fd >= 0:
+                    os.fsync(seg.fd)
+            if dir_dirty:
+                _fsync_dir(self.directory)
+        except OSError as exc:
+            raise StorageError(f"journal {self.directory}: fsync failed ({exc.strerror})") \
+                from exc
+        self._synced_gen = max(self._synced_gen, gen)
+
+    async def sync_async(self) -> None:
+        """Like sync(), with the fsyncs in a worker thread (the loop keeps serving).
+
+        Returns only when every record appended before the call is durable,
+        also when another sync_async is already running.
+        """
+        target = self._write_gen
+        if self._synced_gen >= target and not self._dir_dirty:
+            return
+        if self._sync_lock is None:
+            self._sync_lock = asyncio.Lock()
+        async with self._sync_lock:
+            if self._synced_gen >= target and not self._dir_dirty:
+                return
+            gen = self._write_gen
+            dirty, self._dirty = self._dirty, set()
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
+            fds = [os.dup(seg.fd) for seg in dirty if seg.fd >= 0]
+            try:
+                await asyncio.to_thread(_fsync_fds, fds, self.directory if dir_dirty else None)
+            except OSError as exc:
+                raise StorageError(f"journal {self.directory}: fsync failed "
+                                   f"({exc.strerror})") from exc
+            self._synced_gen = max(self._synced_gen, gen)
+
+    # ------------------------------------------------------------ reading
+
+    def _segment_index(self, seq: int) -> int:
+        if seq < self.oldest_seq:
+            raise JournalGapError(f"journal {self.directory}: seq {seq} was trimmed "
+                                  f"(oldest kept is {self.oldest_seq})")
+        return bisect.bisect_right(self._first_seqs, seq) - 1
+
+    def read_batch(self, after_seq: int, max_bytes: int) -> tuple[bytes, int]:
+        """Encoded records with seq > after_seq, at most max_bytes (but at least one
+        record when there is one). Returns (bytes, last seq included or after_seq)."""
+        if after_seq >= self._last_seq or not self._segments:
+            return b"", after_seq
+        seq = after_seq + 1
+        si = self._segment_index(seq)
+        parts: list[bytes] = []
+        room = max_bytes
+        last = after_seq
+        while si < len(self._segments):
+            seg = self._segments[si]
+            i = seq - seg.first_seq
+            start = seg.offsets[i]
+            if seg.size - start <= room:
+                end, j = seg.size, seg.count - 1
+            else:
+                # last record index k with end(k) - start <= room
+                k = bisect.bisect_right(seg.offsets, start + room, i + 1) - 1
+                if k > i:
+                    end, j = seg.offsets[k], k - 1
+                elif not parts:
+                    end, j = seg.end_of(i), i  # one record even if larger than room
+                else:
+                    break
+            parts.append(os.pread(seg.fd, end - start, start))
+            room -= end - start
+            last = seg.first_seq + j
+            seq = last + 1
+            if j != seg.count - 1 or room <= 0 or seq > self._last_seq:
+                break
+            si += 1
+        return b"".join(parts), last
+
+    def read_from(self, seq: int, max_bytes: int) -> bytes:
+        """Concatenated encoded records with seq > `seq` (at most about max_bytes)."""
+        return self.read_batch(seq, max_bytes)[0]
+
+    def records_after(self, seq: int) -> Iterator[records.Record]:
+        """Every record with seq > `seq` still in the journal, in seq order.
+
+        Used at startup to redo untrimmed writes onto the images. Starts at
+        the oldest kept record when `seq` is older than that.
+        """
+        after = max(seq, self.oldest_seq - 1)
+        while after < self._last_seq:
+            data, last = self.read_batch(after, _SCAN_CHUNK)
+            if not data:
+                return
+            yield from records.decode_all(data)
+            after = last
+
+    # ------------------------------------------------------------ trimming
+
+    def would_delete(self, seq: int) -> bool:
+        """True when trim_through(seq) would delete at least one segment."""
+        return bool(self._segments) and self._segments[0].last_seq <= min(seq, self._last_seq)
+
+    def trim_through(self, seq: int) -> int:
+        """The target has every seq <= `seq` durably: delete whole segments whose
+        last seq is <= seq. Returns the number of segments deleted.
+
+        Caller's duty (J3): the images hold every record being deleted, i.e.
+        they were fdatasync'ed after those writes; `before_delete` (if set) is
+        called first for that purpose.
+        """
+        seq = min(seq, self._last_seq)
+        if seq <= self._trimmed_through:
+            return 0
+        n = 0
+        while n < len(self._segments) and self._segments[n].last_seq <= seq:
+            n += 1
+        if not n:
+            self._trimmed_through = seq
+            return 0
+        if self.before_delete is not None:
+            self.before_delete()
+        self._trimmed_through = seq
+        try:
+            self._write_state(seq)
+            for seg in self._segments[:n]:
+                self._dirty.discard(seg)
+                os.close(seg.fd)
+                seg.fd = -1
+                os.unlink(seg.path)
+                self._size -= seg.size
+        except OSError as exc:
+            raise StorageError(f"journal {self.directory}: trim failed ({exc.strerror})") from exc
+        finally:
+            kept = [s for s in self._segments if s.fd >= 0]
+            self._segments = kept
+            self._first_seqs = [s.first_seq for s in kept]
+        return n
+
+    def advance_to(self, seq: int) -> None:
+        """The target holds seqs up to `seq`, beyond anything this journal has
+        (our journal tail was lost). Make `seq` acked and the next seq seq + 1,
+        so no seq the target already has is ever reused (J1)."""
+        if seq <= self._last_seq:
+            return
+        log.error("target is durable through seq %d but the journal only reached %d; "
+                  "continuing after %d", seq, self._last_seq, seq, extra=self._extra(seq=seq))
+        self._last_seq = seq
+        self.trim_through(seq)
+        if self._persisted_trim < seq:
+            self._write_state(seq)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for seg in self._segments:
+            if seg.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(seg.fd)
+                seg.fd = -1
