@@ -1,0 +1,1 @@
+"""cdp-coordinator: the control plane (registry, leases, assignments, RPO monitoring)."""

@@ -1,0 +1,196 @@
+"""Durable coordinator state: the `StateStore` interface and its SQLite implementation.
+
+Theory of operation
+-------------------
+The store keeps what must survive a coordinator restart: the node registry
+(so restarted coordinators still know the nodes that heartbeat to them), the
+policies (JSON of `PolicyConfig`) and the assignments with their epochs (so an
+epoch never goes backwards, which would let a stale proxy pass the target's
+fence). Heartbeats and reports are *not* stored: they are renewed every second.
+
+Every write is one transaction; SQLite runs in WAL mode with
+`synchronous=NORMAL` (a committed transaction survives a process crash; a
+power loss may lose the last few, and epochs then still only grow because the
+target refuses older epochs and the coordinator bumps on the next rebind).
+
+SQLite is the embedded default; a distributed implementation (etcd) would
+implement the same `StateStore` protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from cdp_common.config import PolicyConfig, PolicyDiskConfig
+from cdp_common.errors import StorageError
+from cdp_coordinator.state import Assignment, Endpoint, NodeInfo
+
+log = logging.getLogger("coord.store")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY, role INTEGER NOT NULL, site TEXT NOT NULL, address TEXT NOT NULL,
+    capacity INTEGER NOT NULL, metrics_address TEXT NOT NULL, pid INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, config TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS assignments (
+    policy TEXT PRIMARY KEY, epoch INTEGER NOT NULL, data TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    nodes: list[NodeInfo]
+    policies: list[PolicyConfig]
+    assignments: list[Assignment]
+
+
+class StateStore(Protocol):
+    """Persistence of the coordinator. Every method is atomic; epochs MUST never
+    decrease for a policy (save_assignments keeps the larger of stored and given)."""
+
+    def load(self) -> Snapshot: ...
+
+    def save_node(self, info: NodeInfo) -> None: ...
+
+    def save_policies(self, policies: list[PolicyConfig]) -> None:
+        """Upsert these policies and delete the others (their epochs are kept)."""
+
+    def save_assignments(self, assignments: list[Assignment]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def policy_to_json(p: PolicyConfig) -> str:
+    return json.dumps(dataclasses.asdict(p), sort_keys=True)
+
+
+def policy_from_json(text: str) -> PolicyConfig:
+    data = json.loads(text)
+    names = {f.name for f in dataclasses.fields(PolicyConfig)}
+    disk_names = {f.name for f in dataclasses.fields(PolicyDiskConfig)}
+    data = {k: v for k, v in data.items() if k in names}
+    data["disks"] = [PolicyDiskConfig(**{k: v for k, v in d.items() if k in disk_names})
+                     for d in data.get("disks", [])]
+    return PolicyConfig(**data)
+
+
+def assignment_to_json(a: Assignment) -> str:
+    return json.dumps(dataclasses.asdict(a), sort_keys=True)
+
+
+def assignment_from_json(text: str) -> Assignment:
+    d: dict[str, Any] = json.loads(text)
+
+    def ep(key: str) -> Endpoint:
+        e = d.get(key) or {}
+        return Endpoint(node_id=e.get("node_id", ""), address=e.get("address", ""))
+
+    return Assignment(policy=d["policy"], epoch=int(d.get("epoch", 0)), filter=ep("filter"),
+                      source_proxy=ep("source_proxy"), target_proxy=ep("target_proxy"),
+                      target=ep("target"), reason=d.get("reason", ""))
+
+
+class SqliteStore:
+    """`StateStore` in one SQLite file (WAL)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StorageError(f"{self.path}: schema version {row[0]} is newer than this "
+                                   f"coordinator ({SCHEMA_VERSION})")
+        except sqlite3.Error as exc:
+            raise StorageError(f"coordinator.db_path: cannot open {self.path}: {exc}") from None
+        except OSError as exc:
+            raise StorageError(f"coordinator.db_path: cannot create {self.path.parent}: "
+                               f"{exc.strerror}") from None
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db, self.path)
+
+    def load(self) -> Snapshot:
+        try:
+            nodes = [NodeInfo(id=r[0], role=r[1], site=r[2], address=r[3], capacity=r[4],
+                              metrics_address=r[5], pid=r[6])
+                     for r in self._db.execute(
+                         "SELECT id, role, site, address, capacity, metrics_address, pid "
+                         "FROM nodes ORDER BY id")]
+            policies = [policy_from_json(r[0]) for r in self._db.execute(
+                "SELECT config FROM policies ORDER BY name")]
+            assignments = []
+            for epoch, data in self._db.execute(
+                    "SELECT epoch, data FROM assignments ORDER BY policy"):
+                a = assignment_from_json(data)
+                assignments.append(dataclasses.replace(a, epoch=max(a.epoch, epoch)))
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: cannot read coordinator state: {exc}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StorageError(f"{self.path}: corrupt coordinator state: {exc}") from None
+        return Snapshot(nodes=nodes, policies=policies, assignments=assignments)
+
+    def save_node(self, info: NodeInfo) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (info.id, int(info.role), info.site, info.address, info.capacity,
+                        info.metrics_address, info.pid))
+
+    def save_policies(self, policies: list[PolicyConfig]) -> None:
+        with self._tx() as db:
+            names = [p.name for p in policies]
+            db.execute(f"DELETE FROM policies WHERE name NOT IN ({','.join('?' * len(names))})",
+                       names)
+            for p in policies:
+                db.execute("INSERT OR REPLACE INTO policies VALUES (?, ?)",
+                           (p.name, policy_to_json(p)))
+
+    def save_assignments(self, assignments: list[Assignment]) -> None:
+        with self._tx() as db:
+            for a in assignments:
+                db.execute(
+                    "INSERT INTO assignments VALUES (?, ?, ?) ON CONFLICT(policy) DO UPDATE SET "
+                    "epoch = MAX(epoch, excluded.epoch), data = excluded.data",
+                    (a.policy, a.epoch, assignment_to_json(a)))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db = db
+        self._path = path
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error as err:
+                self._db.execute("ROLLBACK")
+                raise StorageError(f"{self._path}: cannot write coordinator state: "
+                                   f"{err}") from None
+        self._db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StorageError(f"{self._path}: cannot write coordinator state: {exc}") from None

@@ -1,0 +1,128 @@
+"""SQLite store of the coordinator: restart keeps nodes, policies, epochs, assignments."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cdp_common.config import (
+    CoordinatorConfig,
+    CoordinatorSection,
+    NodeConfig,
+    PolicyConfig,
+    PolicyDiskConfig,
+    TlsConfig,
+)
+from cdp_common.errors import StorageError
+from cdp_coordinator.service import CoordinatorService
+from cdp_coordinator.state import Assignment, Endpoint, NodeInfo, Role
+from cdp_coordinator.store import SqliteStore
+
+
+def pol(name: str, **kw: object) -> PolicyConfig:
+    return PolicyConfig(name=name, disks=[PolicyDiskConfig("filter-1", "disk0", 1 << 20),
+                                          PolicyDiskConfig("filter-1", "disk1", 2 << 20)],
+                        target="target-1", **kw)  # type: ignore[arg-type]
+
+
+def config(db: Path, policies: list[PolicyConfig]) -> CoordinatorConfig:
+    return CoordinatorConfig(node=NodeConfig(id="coordinator"),
+                             coordinator=CoordinatorSection(db_path=str(db), heartbeat_ms=100,
+                                                            lease_ms=300),
+                             policies=policies, tls=TlsConfig(insecure=True))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+NODES = [NodeInfo("filter-1", int(Role.FILTER), "default", "127.0.0.1:1"),
+         NodeInfo("sp-1", int(Role.SOURCE_PROXY), "default", "127.0.0.1:2"),
+         NodeInfo("sp-2", int(Role.SOURCE_PROXY), "default", "127.0.0.1:5"),
+         NodeInfo("tp-1", int(Role.TARGET_PROXY), "default", "127.0.0.1:3"),
+         NodeInfo("target-1", int(Role.TARGET), "default", "127.0.0.1:4")]
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "sub" / "coord.db")
+    p = pol("p1", rpo_interval_s=1.5, encryption=False)
+    store.save_policies([p])
+    store.save_node(NODES[1])
+    a = Assignment("p1", 4, Endpoint("filter-1", "a:1"), Endpoint("sp-1", "b:2"),
+                   Endpoint("tp-1", "c:3"), Endpoint(), "target target-1 is down")
+    store.save_assignments([a])
+    store.save_assignments([Assignment("p1", 2)])  # an older epoch never wins
+    store.close()
+    snap = SqliteStore(tmp_path / "sub" / "coord.db").load()
+    assert snap.policies == [p]
+    assert snap.nodes == [NODES[1]]
+    assert snap.assignments[0].epoch == 4
+    store2 = SqliteStore(tmp_path / "sub" / "coord.db")
+    store2.save_policies([pol("p2")])
+    assert [x.name for x in store2.load().policies] == ["p2"]
+    assert store2.load().assignments[0].policy == "p1"  # epoch memory kept
+    mode = sqlite3.connect(tmp_path / "sub" / "coord.db").execute(
+        "PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_restart_keeps_policies_epochs_assignments(tmp_path: Path) -> None:
+    db = tmp_path / "coord.db"
+    clock = Clock()
+    svc = CoordinatorService(config(db, [pol("p1"), pol("p2")]), SqliteStore(db), clock=clock)
+    for n in NODES:
+        svc.register(n)
+    before = dict(svc.state.assignments)
+    assert all(a.reason == "" for a in before.values())
+    # sp-1 dies; its policy moves with a higher epoch.
+    lost = [name for name, a in before.items() if a.source_proxy.node_id == "sp-1"]
+    assert lost
+    clock.t += 0.25
+    for n in NODES:
+        if n.id != "sp-1":
+            svc.state.heartbeat(n.id, [], clock.t)
+    clock.t += 0.1
+    assert svc.flush() == lost
+    moved = dict(svc.state.assignments)
+    svc.store.close()
+
+    # Restart (a new policy p3 appears in the config): nothing rebinds, epochs are kept.
+    clock.t += 50
+    svc2 = CoordinatorService(config(db, [pol("p1"), pol("p2"), pol("p3")]), SqliteStore(db),
+                              clock=clock)
+    assert set(svc2.state.policies) == {"p1", "p2", "p3"}
+    for name in ("p1", "p2"):
+        assert svc2.state.assignments[name] == moved[name]
+        assert moved[name].epoch >= before[name].epoch
+    assert {n.info.id for n in svc2.state.status(clock.t).nodes} == {n.id for n in NODES}
+    assert all(n.state == "down" for n in svc2.state.status(clock.t).nodes)
+    # Known nodes may heartbeat without registering again; unknown ones may not.
+    assert svc2.state.heartbeat("tp-1", [], clock.t)
+    assert not svc2.state.heartbeat("stranger", [], clock.t)
+    svc2.store.close()
+
+    # Third start: the store alone decides the epochs, even if state shrank meanwhile.
+    svc3 = CoordinatorService(config(db, [pol("p1")]), SqliteStore(db), clock=clock)
+    assert set(svc3.state.policies) == {"p1"}
+    assert svc3.state.assignments["p1"].epoch == moved["p1"].epoch
+    svc3.store.close()
+
+
+def test_unwritable_db_path_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match=r"coordinator\.db_path"):
+        SqliteStore(blocker / "coord.db")
+
+
+def test_corrupt_db_is_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "coord.db"
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError, match=r"coord\.db"):
+        SqliteStore(db)
