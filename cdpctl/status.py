@@ -1,0 +1,149 @@
+"""`cdpctl status` and `cdpctl health`: ask the coordinator, judge, print.
+
+Theory of operation: `fetch_status` is the only part that talks gRPC; it
+turns `Coordinator.GetStatus` into plain dicts (`status_dict`), which is also
+the `--json` output. `evaluate` is a pure function from that dict to an
+overall verdict, a list of problems and the exit code:
+
+    0 ok       every node up, every policy "ok"
+    1 warning  some policy in "warning" (RPO lag above its warning threshold)
+    2 error    a node down, a policy in "error" or "unassigned"
+    3          the coordinator cannot be reached (raised by fetch_status)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from cdp_common import rpc
+from cdp_common.errors import CoordinatorUnreachable
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
+from cdpctl import table
+from cdpctl.resolve import Coordinator
+from cdpctl.units import format_bytes, format_seconds
+
+EXIT_OK, EXIT_WARNING, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+ROLE_NAMES = {
+    cpb.ROLE_UNSPECIFIED: "unspecified",
+    cpb.ROLE_FILTER: "filter",
+    cpb.ROLE_SOURCE_PROXY: "source-proxy",
+    cpb.ROLE_TARGET_PROXY: "target-proxy",
+    cpb.ROLE_TARGET: "target",
+    cpb.ROLE_PROXY_BOTH: "proxy",
+}
+
+
+def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
+    """The JSON document of `cdpctl status --json`."""
+    nodes = [{
+        "id": n.info.id, "role": ROLE_NAMES.get(n.info.role, str(n.info.role)),
+        "site": n.info.site, "address": n.info.address,
+        "metrics_address": n.info.metrics_address, "pid": n.info.pid,
+        "capacity": n.info.capacity, "state": n.state or "unknown",
+        "last_seen_age_s": round(n.last_seen_age_s, 3),
+    } for n in reply.nodes]
+    policies = [{
+        "name": p.name, "state": p.state or "unknown", "reason": p.reason,
+        "filter": p.filter, "source_proxy": p.source_proxy, "target_proxy": p.target_proxy,
+        "target": p.target, "epoch": p.epoch,
+        "captured_seq": p.captured_seq, "durable_seq": p.durable_seq,
+        "applied_seq": p.applied_seq, "rpo_lag_s": round(p.rpo_lag_s, 3),
+        "bytes_replicated": p.bytes_replicated, "journal_bytes": p.journal_bytes,
+        "rpo_interval_s": p.rpo_interval_s, "rpo_warning_s": p.rpo_warning_s,
+        "rpo_error_s": p.rpo_error_s,
+    } for p in reply.policies]
+    return {"now_ns": reply.now_ns, "nodes": nodes, "policies": policies}
+
+
+def fetch_status(coord: Coordinator, timeout_s: float = 5.0) -> dict[str, Any]:
+    """GetStatus as a dict; CoordinatorUnreachable (exit 3) on any gRPC failure."""
+    channel = rpc.sync_channel(coord.address, coord.tls)
+    try:
+        reply = cgrpc.CoordinatorStub(channel).GetStatus(cpb.StatusRequest(), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        name = code.name if code is not None else "error"
+        raise CoordinatorUnreachable(
+            f"coordinator at {coord.address} ({coord.source}) unreachable: "
+            f"{name}: {details}") from None
+    finally:
+        channel.close()
+    return status_dict(reply)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str                       # "ok" | "warning" | "error"
+    exit_code: int
+    problems: list[dict[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "problems": self.problems}
+
+
+def evaluate(status: dict[str, Any]) -> Verdict:
+    """Health verdict of a status document (pure)."""
+    problems: list[dict[str, str]] = []
+    for n in status.get("nodes", []):
+        if n.get("state") != "up":
+            problems.append({"severity": "error", "kind": "node", "id": n["id"],
+                             "message": f"{n.get('role', 'node')} {n['id']} is "
+                                        f"{n.get('state', 'unknown')} (last seen "
+                                        f"{format_seconds(float(n.get('last_seen_age_s', 0)))} "
+                                        "ago)"})
+    for p in status.get("policies", []):
+        state = p.get("state", "unknown")
+        if state == "ok":
+            continue
+        severity = "warning" if state == "warning" else "error"
+        reason = p.get("reason") or ""
+        if state in ("warning", "error") and not reason:
+            reason = f"RPO lag {format_seconds(float(p.get('rpo_lag_s', 0)))}"
+        message = f"policy {p['name']} is {state}" + (f": {reason}" if reason else "")
+        problems.append({"severity": severity, "kind": "policy", "id": p["name"],
+                         "message": message})
+    if any(x["severity"] == "error" for x in problems):
+        return Verdict("error", EXIT_ERROR, problems)
+    if problems:
+        return Verdict("warning", EXIT_WARNING, problems)
+    return Verdict("ok", EXIT_OK, problems)
+
+
+def render_nodes(status: dict[str, Any]) -> str:
+    rows = [(n["id"], n["role"], n["site"], n["state"], n["address"],
+             format_seconds(float(n["last_seen_age_s"])))
+            for n in sorted(status["nodes"], key=lambda n: (n["role"], n["id"]))]
+    if not rows:
+        return "no nodes registered"
+    return table.render(("NODE", "ROLE", "SITE", "STATE", "ADDRESS", "SEEN"), rows,
+                        right=("SEEN",))
+
+
+def render_policies(status: dict[str, Any]) -> str:
+    rows = [(p["name"], p["state"], p["source_proxy"] or "-", p["target_proxy"] or "-",
+             p["durable_seq"], format_seconds(float(p["rpo_lag_s"])),
+             format_bytes(p["bytes_replicated"]), format_bytes(p["journal_bytes"]))
+            for p in sorted(status["policies"], key=lambda p: p["name"])]
+    if not rows:
+        return "no policies configured"
+    return table.render(("POLICY", "STATE", "SOURCE PROXY", "TARGET PROXY", "DURABLE SEQ",
+                         "RPO LAG", "REPLICATED", "JOURNAL"), rows,
+                        right=("DURABLE SEQ", "RPO LAG", "REPLICATED", "JOURNAL"))
+
+
+def render_status(status: dict[str, Any]) -> str:
+    return render_nodes(status) + "\n\n" + render_policies(status)
+
+
+def render_health(status: dict[str, Any], verdict: Verdict) -> str:
+    lines = [render_status(status), ""]
+    for p in verdict.problems:
+        lines.append(f"{p['severity'].upper()}: {p['message']}")
+    lines.append(f"health: {verdict.status.upper()}")
+    return "\n".join(lines)
