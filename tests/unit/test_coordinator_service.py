@@ -1,0 +1,204 @@
+"""The coordinator daemon over real gRPC on loopback (insecure): register, heartbeat,
+watch assignments, status, lease expiry -> rebind pushed to watchers, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from cdp_common import rpc
+from cdp_common.config import (
+    CoordinatorConfig,
+    CoordinatorSection,
+    NodeConfig,
+    PolicyConfig,
+    PolicyDiskConfig,
+    TlsConfig,
+)
+from cdp_common.coordclient import CoordinatorClient
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
+from cdp_coordinator.daemon import CoordinatorDaemon
+
+pytestmark = pytest.mark.timeout(30)
+
+TLS = TlsConfig(insecure=True)
+
+
+async def eventually(cond: Callable[[], object], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def make_config(db: Path, listen: str = "127.0.0.1:0") -> CoordinatorConfig:
+    policy = PolicyConfig(name="p1", target="target-1", rpo_warning_s=5, rpo_error_s=10,
+                          compression_level=3, encryption=True, rpo_interval_s=1.0,
+                          disks=[PolicyDiskConfig("filter-1", "disk0", 1 << 20),
+                                 PolicyDiskConfig("filter-1", "disk1", 2 << 20)])
+    return CoordinatorConfig(node=NodeConfig(id="coordinator", listen=listen),
+                             coordinator=CoordinatorSection(db_path=str(db), heartbeat_ms=100,
+                                                            lease_ms=500),
+                             policies=[policy], tls=TLS)
+
+
+@contextlib.asynccontextmanager
+async def running(config: CoordinatorConfig) -> AsyncIterator[CoordinatorDaemon]:
+    d = CoordinatorDaemon(config)
+    task = asyncio.create_task(d.run())
+    try:
+        await asyncio.wait_for(d.ready.wait(), 5)
+        yield d
+    finally:
+        await d.shutdown()
+        await asyncio.wait_for(task, 10)
+
+
+class FakeNode:
+    """A real CoordinatorClient with canned reports, recording what it is told."""
+
+    def __init__(self, coord: str, nid: str, role: int, reports: list[cpb.PolicyReport]
+                 | None = None) -> None:
+        self.sets: list[cpb.AssignmentSet] = []
+        self.reports = reports or []
+        self.client = CoordinatorClient(NodeConfig(id=nid, coordinator=coord), TLS, role,
+                                        f"127.0.0.1:{10000 + role}", "", lambda: self.reports,
+                                        self.sets.append)
+
+    def latest(self) -> dict[str, cpb.Assignment]:
+        return {a.policy: a for a in self.sets[-1].assignments} if self.sets else {}
+
+
+async def test_round_trip_and_rebind(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path / "c.db")) as d:
+        now_ns = time.time_ns()
+        nodes = {
+            "filter-1": FakeNode(d.address, "filter-1", cpb.ROLE_FILTER, [cpb.PolicyReport(
+                policy="p1", captured_seq=50, captured_time_ns=now_ns, journal_bytes=777)]),
+            "sp-1": FakeNode(d.address, "sp-1", cpb.ROLE_SOURCE_PROXY),
+            "sp-2": FakeNode(d.address, "sp-2", cpb.ROLE_PROXY_BOTH),
+            "tp-1": FakeNode(d.address, "tp-1", cpb.ROLE_TARGET_PROXY),
+            "target-1": FakeNode(d.address, "target-1", cpb.ROLE_TARGET, [cpb.PolicyReport(
+                policy="p1", durable_seq=50, applied_seq=40, newest_time_ns=now_ns,
+                bytes_replicated=4096)]),
+        }
+        # sp-2 (a dual proxy) comes last, so the binding is deterministic.
+        for nid, n in nodes.items():
+            if nid != "sp-2":
+                n.client.start()
+        f = nodes["filter-1"]
+        try:
+            await eventually(lambda: f.latest().get("p1") is not None
+                             and f.latest()["p1"].reason == "")
+            nodes["sp-2"].client.start()
+            a = f.latest()["p1"]
+            assert a.source_proxy.node_id == "sp-1"
+            assert a.target_proxy.node_id == "tp-1"
+            assert a.target.node_id == "target-1" and a.target.address == "127.0.0.1:10004"
+            assert a.filter.node_id == "filter-1"
+            assert [(x.disk_id, x.filter, x.name, x.size_bytes) for x in a.disks] == \
+                [(0, "filter-1", "disk0", 1 << 20), (1, "filter-1", "disk1", 2 << 20)]
+            assert (a.rpo_interval_s, a.compression_level, a.encryption) == (1.0, 3, True)
+            await eventually(lambda: nodes["sp-1"].latest().get("p1") == f.latest()["p1"])
+            assert nodes["target-1"].latest()["p1"] == a
+
+            async with rpc.channel(d.address, TLS, 1 << 20) as ch:
+                stub = cgrpc.CoordinatorStub(ch)
+                await eventually(lambda: d.service is not None and [
+                    n.state for n in d.service.state.status(0).nodes] == ["up"] * 5)
+                st = await stub.GetStatus(cpb.StatusRequest(), timeout=5)
+                assert {n.info.id: n.state for n in st.nodes} == dict.fromkeys(nodes, "up")
+                (p,) = st.policies
+                assert (p.name, p.source_proxy, p.filter, p.target, p.state) == \
+                    ("p1", "sp-1", "filter-1", "target-1", "ok")
+                assert (p.captured_seq, p.durable_seq, p.applied_seq, p.journal_bytes,
+                        p.bytes_replicated, p.rpo_lag_s) == (50, 50, 40, 777, 4096, 0.0)
+                assert p.epoch == a.epoch and (p.rpo_warning_s, p.rpo_error_s) == (5, 10)
+                assert st.now_ns > 0
+
+                # Unknown node heartbeat -> known=false; bad registration -> INVALID_ARGUMENT.
+                hb = await stub.Heartbeat(cpb.HeartbeatRequest(node_id="ghost"), timeout=5)
+                assert not hb.known
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Register(cpb.RegisterRequest(node=cpb.NodeInfo(id="x")),
+                                        timeout=5)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+                # sp-1 dies: within a lease the filter is told to use sp-2, higher epoch.
+                await nodes["sp-1"].client.stop()
+                await eventually(lambda: f.latest()["p1"].source_proxy.node_id == "sp-2")
+                b = f.latest()["p1"]
+                assert b.epoch > a.epoch and b.reason == ""
+                st = await stub.GetStatus(cpb.StatusRequest(), timeout=5)
+                assert {n.info.id: n.state for n in st.nodes}["sp-1"] == "down"
+                assert st.policies[0].source_proxy == "sp-2"
+                assert d.service is not None
+                d.update_metrics(d.service)
+                assert REGISTRY.get_sample_value("cdp_coordinator_nodes",
+                                                 {"state": "down"}) == 1
+                assert (REGISTRY.get_sample_value("cdp_coordinator_rebinds_total") or 0) >= 1
+                assert REGISTRY.get_sample_value("cdp_coordinator_rpo_lag_seconds",
+                                                 {"policy": "p1"}) == 0.0
+        finally:
+            for n in nodes.values():
+                await n.client.stop()
+
+
+async def test_restart_keeps_epoch_and_nodes_need_not_register(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    async with running(make_config(db)) as d:
+        addr = d.address
+        for nid, role in (("sp-1", cpb.ROLE_SOURCE_PROXY), ("tp-1", cpb.ROLE_TARGET_PROXY),
+                          ("target-1", cpb.ROLE_TARGET)):
+            async with rpc.channel(addr, TLS, 1 << 20) as ch:
+                await cgrpc.CoordinatorStub(ch).Register(cpb.RegisterRequest(
+                    node=cpb.NodeInfo(id=nid, role=role, address="127.0.0.1:9")), timeout=5)
+        assert d.service is not None
+        epoch = d.service.state.assignments["p1"].epoch
+        assert epoch > 0
+    async with running(make_config(db, listen=addr)) as d2, \
+            rpc.channel(d2.address, TLS, 1 << 20) as ch:
+        stub = cgrpc.CoordinatorStub(ch)
+        hb = await stub.Heartbeat(cpb.HeartbeatRequest(node_id="sp-1"), timeout=5)
+        assert hb.known
+        watch = stub.WatchAssignments(cpb.WatchRequest(node_id="sp-1"))
+        first = await asyncio.wait_for(watch.read(), 5)
+        assert first.assignments[0].epoch == epoch
+        assert first.assignments[0].source_proxy.node_id == "sp-1"
+        watch.cancel()
+
+
+async def test_shutdown_ends_watch_streams(tmp_path: Path) -> None:
+    d = CoordinatorDaemon(make_config(tmp_path / "c.db"))
+    task = asyncio.create_task(d.run())
+    await asyncio.wait_for(d.ready.wait(), 5)
+    async with rpc.channel(d.address, TLS, 1 << 20) as ch:
+        watch = cgrpc.CoordinatorStub(ch).WatchAssignments(cpb.WatchRequest(node_id="nobody"))
+        first = await asyncio.wait_for(watch.read(), 5)
+        assert list(first.assignments) == []
+        t0 = time.monotonic()
+        await d.shutdown()
+        await asyncio.wait_for(task, 10)
+        assert time.monotonic() - t0 < 1.5
+        end = await asyncio.wait_for(watch.read(), 5)
+        assert end is grpc.aio.EOF
+
+
+async def test_watcher_queue_latest_wins() -> None:
+    from cdp_coordinator.service import _Watcher
+
+    w = _Watcher("n")
+    for epoch in (1, 2, 3):
+        w.offer(cpb.AssignmentSet(assignments=[cpb.Assignment(policy="p", epoch=epoch)]))
+    assert w.queue.qsize() == 1
+    got = w.queue.get_nowait()
+    assert got is not None and got.assignments[0].epoch == 3
