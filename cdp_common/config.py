@@ -170,7 +170,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return _build(tp, value, where)
+        return _build(tp, value, where)  # type: ignore[arg-type]
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
