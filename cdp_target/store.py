@@ -83,6 +83,7 @@ import os
 import re
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -666,11 +667,13 @@ class PolicyStore:
 
     # ------------------------------------------------------------ apply
 
-    def apply_pending(self, stop: Callable[[], bool] | None = None) -> int:
+    def apply_pending(self, stop: Callable[[], bool] | None = None,
+                      on_applied: Callable[[int, float], None] | None = None) -> int:
         """Apply every committed delta beyond applied_seq, in order; returns applied_seq.
 
         `stop()` is checked between deltas so a shutdown can abandon the rest
-        (redo on the next open picks them up). A corrupt or missing delta
+        (redo on the next open picks them up); `on_applied(last_seq, seconds)`
+        is called after each delta (for metrics). A corrupt or missing delta
         raises StorageError and is left in place, not applied.
         """
         with self._apply_lock:
@@ -691,8 +694,11 @@ class PolicyStore:
                 if first != applied + 1:
                     raise StorageError(f"policy {self.dir.name}: delta for seqs "
                                        f"{applied + 1}..{first - 1} is missing")
+                started = time.monotonic()
                 self._apply_one(path, last)
                 applied = last
+                if on_applied is not None:
+                    on_applied(last, time.monotonic() - started)
             if applied < durable and (stop is None or not stop()):
                 raise StorageError(f"policy {self.dir.name}: deltas for seqs "
                                    f"{applied + 1}..{durable} are missing")

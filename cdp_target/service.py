@@ -1,0 +1,355 @@
+"""gRPC shell of the target: the `Target` service over per-policy `PolicyStore`s.
+
+Theory of operation: one `Apply` stream per policy. The stream's first message
+is `open` (policy, epoch, disks); the target fences older epochs, answers
+`opened{durable_seq}` and then receives deltas as runs of chunks (index 0..n,
+the last with `final`). Each chunk is checked and appended by the store; on
+the final chunk the delta is committed (fsync) in a worker thread and only
+then acked with `ack{durable_seq}`. Applying deltas to the replica images is a
+separate per-policy task that runs `apply_pending` in a thread, kicked after
+each commit, so apply never delays an ack.
+
+A second stream for the same policy with an epoch ≥ the current one replaces
+the first: the old stream ends with FAILED_PRECONDITION after any store call
+it is in has finished, and its partial delta is discarded, before the new one
+touches the store. Blocking store calls run through `in_thread`, which lets a
+cancelled caller go only once its thread is done, so two threads never work
+on one policy's receive path at once.
+
+Status codes: INVALID_ARGUMENT for malformed streams or chunks (the partial
+delta is discarded), FAILED_PRECONDITION for a fenced epoch, a replaced
+stream or disks that contradict the replicas, ABORTED for a seq gap,
+UNAVAILABLE for storage failures and shutdown (transient: the sender
+reconnects and resends from durable_seq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from cdp_common.errors import (
+    CdpError,
+    FencedError,
+    FormatError,
+    ProtocolError,
+    StorageError,
+)
+from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
+from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
+from cdp_target import metrics
+from cdp_target.store import STATE_FILE, DiskMismatchError, DiskSpec, PolicyStore
+
+log = logging.getLogger("target.service")
+
+T = TypeVar("T")
+
+_POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+APPLY_RETRY_MAX_S = 30.0
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking `fn` in a thread; if cancelled, wait for the thread before re-raising."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait({fut})
+        raise
+
+
+class _StreamError(Exception):
+    """Ends the current Apply stream with a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _status_of(exc: CdpError) -> grpc.StatusCode:
+    if isinstance(exc, FencedError | DiskMismatchError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, FormatError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, ProtocolError):
+        return grpc.StatusCode.ABORTED  # a seq gap: reconnect and resend from durable_seq
+    if isinstance(exc, StorageError) or exc.transient:
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass(eq=False)
+class _Stream:
+    epoch: int
+    peer: str
+    replaced: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    replaced_by: int = 0
+
+
+@dataclass(eq=False)
+class PolicyRuntime:
+    """One policy's store plus its current stream and apply worker."""
+
+    name: str
+    store: PolicyStore
+    stream: _Stream | None = None
+    takeover: asyncio.Lock = field(default_factory=asyncio.Lock)
+    kick: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
+    worker: asyncio.Task[None] | None = None
+    error: str = ""
+
+    def state(self) -> rpb.PolicyState:
+        s = self.store.snapshot()
+        return rpb.PolicyState(
+            policy=self.name, durable_seq=s.durable_seq, applied_seq=s.applied_seq,
+            newest_time_ns=s.newest_time_ns, bytes_replicated=s.bytes_replicated,
+            epoch=s.epoch, captured_seq=s.captured_seq,
+            disks=[rpb.DiskInfo(disk_id=i, name=d.name, size_bytes=d.size_bytes)
+                   for i, d in sorted(s.disks.items())])
+
+
+class TargetService(rgrpc.TargetServicer):
+    """The Target servicer. `await open_existing()` before serving; `await close()` after."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.policies: dict[str, PolicyRuntime] = {}
+        self._create_lock = asyncio.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open_existing(self) -> None:
+        """Open every policy store under data_dir and start applying its pending deltas."""
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            dirs = sorted(p for p in self.data_dir.iterdir()
+                          if p.is_dir() and (p / STATE_FILE).exists())
+        except OSError as exc:
+            raise StorageError(f"{self.data_dir}: cannot open data dir "
+                               f"({exc.strerror or exc})") from None
+        for d in dirs:
+            if not _POLICY_NAME.match(d.name):
+                continue
+            store = await in_thread(PolicyStore.open, d, None, False)
+            self._add(d.name, store)
+            log.info("opened policy store", extra={"policy": d.name,
+                                                   "seq": store.state.durable_seq})
+
+    async def close(self) -> None:
+        """Stop streams and apply workers (an apply in progress finishes its delta)."""
+        self._closed = True
+        for rt in self.policies.values():
+            rt.stop.set()
+            if rt.stream is not None:
+                rt.stream.replaced.set()
+        for rt in self.policies.values():
+            if rt.worker is not None:
+                rt.worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await rt.worker
+        for rt in self.policies.values():
+            if rt.stream is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(rt.stream.done.wait(), 5)
+            await in_thread(rt.store.close)
+
+    def _add(self, name: str, store: PolicyStore) -> PolicyRuntime:
+        rt = PolicyRuntime(name, store)
+        self.policies[name] = rt
+        s = store.snapshot()
+        metrics.DURABLE_SEQ.labels(name).set(s.durable_seq)
+        metrics.APPLIED_SEQ.labels(name).set(s.applied_seq)
+        rt.worker = asyncio.create_task(self._apply_loop(rt), name=f"apply-{name}")
+        rt.kick.set()
+        return rt
+
+    async def _runtime(self, policy: str, disks: dict[int, DiskSpec]) -> PolicyRuntime:
+        async with self._create_lock:
+            rt = self.policies.get(policy)
+            if rt is None:
+                if not disks:
+                    raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"policy {policy}: open names no disks")
+                store = await in_thread(PolicyStore.open, self.data_dir / policy, disks, False)
+                log.info("created policy store", extra={"policy": policy})
+                return self._add(policy, store)
+        if disks:
+            await in_thread(rt.store.set_disks, disks)
+        return rt
+
+    # ------------------------------------------------------------ apply worker
+
+    async def _apply_loop(self, rt: PolicyRuntime) -> None:
+        backoff = 1.0
+        extra = {"policy": rt.name}
+
+        def on_applied(seq: int, seconds: float) -> None:
+            metrics.APPLY_SECONDS.observe(seconds)
+            metrics.APPLIED_SEQ.labels(rt.name).set(seq)
+
+        while not rt.stop.is_set():
+            await rt.kick.wait()
+            rt.kick.clear()
+            try:
+                applied = await in_thread(rt.store.apply_pending, rt.stop.is_set, on_applied)
+            except CdpError as exc:
+                if str(exc) != rt.error:
+                    log.error("apply failed: %s", exc, extra=extra)
+                rt.error = str(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, APPLY_RETRY_MAX_S)
+                rt.kick.set()
+                continue
+            if rt.error:
+                log.info("apply recovered", extra=extra)
+            rt.error = ""
+            backoff = 1.0
+            log.debug("applied", extra={"policy": rt.name, "seq": applied})
+
+    # ------------------------------------------------------------ Apply
+
+    async def Apply(self, request_iterator: AsyncIterator[rpb.ApplyRequest],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.ApplyResponse]:
+        rt: PolicyRuntime | None = None
+        me: _Stream | None = None
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("body") != "open":
+                raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "the first message of an Apply stream must be open")
+            rt, me = await self._open(first.open, context.peer())
+            yield rpb.ApplyResponse(opened=rpb.ApplyOpened(
+                durable_seq=rt.store.state.durable_seq))
+            async for resp in self._receive(rt, me, request_iterator):
+                yield resp
+        except _StreamError as exc:
+            self._log_end(rt, exc.details)
+            await context.abort(exc.code, exc.details)
+        except CdpError as exc:
+            self._log_end(rt, str(exc))
+            await context.abort(_status_of(exc), str(exc))
+        finally:
+            if rt is not None and me is not None:
+                try:
+                    await in_thread(rt.store.abort)
+                finally:
+                    if rt.stream is me:
+                        rt.stream = None
+                    me.done.set()
+
+    def _log_end(self, rt: PolicyRuntime | None, why: str) -> None:
+        log.warning("apply stream ended: %s", why,
+                    extra={"policy": rt.name} if rt is not None else {})
+
+    async def _open(self, req: rpb.ApplyOpen, peer: str) -> tuple[PolicyRuntime, _Stream]:
+        if self._closed:
+            raise _StreamError(grpc.StatusCode.UNAVAILABLE, "target is shutting down")
+        if not _POLICY_NAME.match(req.policy):
+            raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{req.policy!r} is not a valid policy name")
+        disks: dict[int, DiskSpec] = {}
+        for d in req.disks:
+            if d.disk_id in disks:
+                raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"policy {req.policy}: disk id {d.disk_id} listed twice")
+            disks[d.disk_id] = DiskSpec(d.name, d.size_bytes)
+        rt = await self._runtime(req.policy, disks)
+        async with rt.takeover:
+            if req.epoch < rt.store.state.epoch:
+                raise FencedError(f"policy {req.policy}: epoch {req.epoch} is older than "
+                                  f"epoch {rt.store.state.epoch} already seen")
+            old = rt.stream
+            if old is not None:
+                old.replaced_by = req.epoch
+                old.replaced.set()
+                await old.done.wait()
+            await in_thread(rt.store.open_session, req.epoch)
+            rt.store.note_captured(req.captured_seq)
+            me = _Stream(epoch=req.epoch, peer=peer)
+            rt.stream = me
+        log.info("apply stream opened", extra={"policy": req.policy, "epoch": req.epoch,
+                                               "peer": peer,
+                                               "seq": rt.store.state.durable_seq})
+        return rt, me
+
+    async def _receive(self, rt: PolicyRuntime, me: _Stream,
+                       request_iterator: AsyncIterator[rpb.ApplyRequest],
+                       ) -> AsyncIterator[rpb.ApplyResponse]:
+        it = aiter(request_iterator)
+        replaced = asyncio.ensure_future(me.replaced.wait())
+        current: tuple[int, int] | None = None  # (first_seq, last_seq) being received
+        next_index = 0
+        payload = 0
+        try:
+            while True:
+                nxt = asyncio.ensure_future(anext(it, None))
+                await asyncio.wait({nxt, replaced}, return_when=asyncio.FIRST_COMPLETED)
+                if replaced.done():
+                    nxt.cancel()
+                    if self._closed:
+                        raise _StreamError(grpc.StatusCode.UNAVAILABLE,
+                                           f"policy {rt.name}: target is shutting down")
+                    raise _StreamError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"policy {rt.name}: replaced by a newer stream "
+                                       f"(epoch {me.replaced_by})")
+                req = nxt.result()
+                if req is None:
+                    return
+                if req.WhichOneof("body") != "chunk":
+                    raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"policy {rt.name}: expected a delta chunk, got "
+                                       f"{req.WhichOneof('body')}")
+                c = req.chunk
+                if current is None:
+                    if c.index != 0:
+                        raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                           f"policy {rt.name}: delta [{c.first_seq}, "
+                                           f"{c.last_seq}] starts at chunk {c.index}, not 0")
+                    await in_thread(rt.store.begin, c.first_seq, c.last_seq)
+                    current, next_index, payload = (c.first_seq, c.last_seq), 0, 0
+                elif (c.first_seq, c.last_seq) != current or c.index != next_index:
+                    raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"policy {rt.name}: chunk {c.index} of delta "
+                                       f"[{c.first_seq}, {c.last_seq}] does not continue "
+                                       f"chunk {next_index - 1} of delta {list(current)}")
+                await in_thread(rt.store.add_chunk, c.extents)
+                next_index += 1
+                payload += len(c.extents)
+                if c.captured_seq:
+                    rt.store.note_captured(c.captured_seq)
+                if not c.final:
+                    continue
+                before = rt.store.state.durable_seq
+                durable = await in_thread(rt.store.commit, c.newest_time_ns)
+                if durable > before:
+                    metrics.DELTAS.inc()
+                    metrics.BYTES.inc(payload)
+                    metrics.DURABLE_SEQ.labels(rt.name).set(durable)
+                    rt.kick.set()
+                current = None
+                yield rpb.ApplyResponse(ack=rpb.ShipAck(durable_seq=durable))
+        finally:
+            replaced.cancel()
+
+    # ------------------------------------------------------------ GetPolicyState
+
+    async def GetPolicyState(self, request: rpb.PolicyStateRequest,
+                             context: grpc.aio.ServicerContext) -> rpb.PolicyStateReply:
+        if request.policy:
+            rt = self.policies.get(request.policy)
+            return rpb.PolicyStateReply(policies=[rt.state()] if rt is not None else [])
+        return rpb.PolicyStateReply(
+            policies=[self.policies[name].state() for name in sorted(self.policies)])
