@@ -1,0 +1,211 @@
+"""cdp-filter daemon: journals + FUSE mount + shippers + control-plane client.
+
+Startup order matters for I3 (crash anywhere): images are opened (created
+sparse when missing), each policy's journal is recovered and every untrimmed
+record is replayed onto the images (redo; idempotent) *before* the mount
+appears, so a write that reached the journal but not the image before a
+kill -9 is in the image again before anyone can read it. Only then is the
+file system mounted and shipping started.
+
+Shutdown: stop the control-plane client and shippers, release writers held
+back by the journal cap, end the FUSE loop and unmount, then fsync journals
+and images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+import pyfuse3
+import pyfuse3.asyncio
+
+from cdp_common import daemon as cdaemon
+from cdp_common import rpc
+from cdp_common.config import FilterConfig
+from cdp_common.coordclient import CoordinatorClient
+from cdp_common.errors import ConfigError, StorageError
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+from cdp_filter import fs
+from cdp_filter.journal import Journal
+from cdp_filter.policy import Disk, PolicyRuntime
+from cdp_filter.shipper import Shipper
+
+pyfuse3.asyncio.enable()
+log = logging.getLogger("filter.daemon")
+
+
+def image_path(config: FilterConfig, name: str, image: str) -> str:
+    return image or os.path.join(config.filter.data_dir, "images", f"{name}.img")
+
+
+def open_image(path: str, size: int) -> int:
+    """Open (creating sparse) the backing image of a disk; returns its fd."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StorageError(f"image {path}: cannot open ({exc.strerror})") from None
+    have = os.fstat(fd).st_size
+    if have > size:
+        os.close(fd)
+        raise ConfigError(f"image {path} is {have} bytes, larger than the disk's "
+                          f"size_bytes {size}")
+    if have < size:
+        os.ftruncate(fd, size)
+    return fd
+
+
+def replay(rt: PolicyRuntime) -> int:
+    """Redo every untrimmed journal record onto the images; returns how many."""
+    n = 0
+    for rec in rt.journal.records_after(rt.journal.trimmed_through):
+        if rec.disk_id >= len(rt.disks):
+            raise ConfigError(f"policy {rt.name}: journal record seq {rec.seq} is for disk_id "
+                              f"{rec.disk_id} but the policy has {len(rt.disks)} disks "
+                              "(disks removed or reordered in the config?)")
+        d = rt.disks[rec.disk_id]
+        if rec.offset + rec.length > d.size:
+            raise ConfigError(f"policy {rt.name}: journal record seq {rec.seq} writes past "
+                              f"the end of disk {d.name} (size_bytes shrunk?)")
+        os.pwrite(d.fd, rec.data, rec.offset)
+        n += 1
+    return n
+
+
+class FilterDaemon:
+    def __init__(self, config: FilterConfig) -> None:
+        self.config = config
+        self.runtimes: dict[str, PolicyRuntime] = {}
+        self.shippers: dict[str, Shipper] = {}
+        self.disks: list[Disk] = []
+        self.server: rpc.Server | None = None
+        self.coord: CoordinatorClient | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._fuse_task: asyncio.Task[None] | None = None
+        self._mounted = False
+        self.mountpoint = config.filter.mountpoint
+
+    # ------------------------------------------------------------ setup
+
+    def _open_storage(self) -> None:
+        f = self.config.filter
+        by_policy: dict[str, list[Disk]] = {}
+        for dc in self.config.disks:
+            disks = by_policy.setdefault(dc.policy, [])
+            d = Disk(name=dc.name, policy=dc.policy, disk_id=len(disks), size=dc.size_bytes,
+                     image=image_path(self.config, dc.name, dc.image))
+            d.fd = open_image(d.image, d.size)
+            disks.append(d)
+            self.disks.append(d)
+        for policy, disks in by_policy.items():
+            journal = Journal.open(os.path.join(f.data_dir, "journal", policy),
+                                   f.journal_segment_bytes, f.journal_cap_bytes, policy=policy)
+            rt = PolicyRuntime(policy, journal, disks, fsync_journal=f.fsync_journal)
+            self.runtimes[policy] = rt
+            n = replay(rt)
+            if n:
+                log.info("replayed %d journal records onto the images", n,
+                         extra={"policy": policy, "seq": journal.last_seq})
+
+    def _make_shippers(self) -> None:
+        for name, rt in self.runtimes.items():
+            self.shippers[name] = Shipper(
+                rt, self.config.node.id, [d.info() for d in rt.disks], self.config.tls,
+                self.config.node.max_message_bytes, self.config.filter.batch_bytes,
+                os.path.join(self.config.filter.data_dir, f"assignment.{name}.json"))
+
+    def _mount(self) -> None:
+        fs.prepare_mountpoint(self.mountpoint)
+        ops = fs.FilterFs(self.disks)
+        ops.runtimes = dict(self.runtimes)
+        try:
+            pyfuse3.init(ops, self.mountpoint, fs.mount_options())
+        except RuntimeError as exc:
+            raise StorageError(f"filter.mountpoint: cannot mount FUSE at {self.mountpoint}: "
+                               f"{exc}") from None
+        self._mounted = True
+        self._fuse_task = asyncio.create_task(self._fuse_main(), name="fuse")
+        log.info("mounted %d disks at %s", len(self.disks), self.mountpoint)
+
+    async def _fuse_main(self) -> None:
+        try:
+            await pyfuse3.main()
+        finally:
+            if not self._stop.is_set():
+                log.warning("FUSE loop ended (unmounted from outside?); shutting down")
+                self._stop.set()
+
+    def _reports(self) -> list[cpb.PolicyReport]:
+        return [rt.report() for rt in self.runtimes.values()]
+
+    def _on_assignments(self, update: cpb.AssignmentSet) -> None:
+        mine = {a.policy: a for a in update.assignments
+                if a.policy in self.shippers and a.filter.node_id in ("", self.config.node.id)}
+        for name, shipper in self.shippers.items():
+            shipper.set_assignment(mine.get(name))
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        node = self.config.node
+        try:
+            self._open_storage()
+            self._make_shippers()
+            self.server = rpc.Server(node.listen, self.config.tls, node.max_message_bytes)
+            await self.server.start()
+            metrics_address = cdaemon.start_metrics(node.metrics_listen)
+            self._mount()
+            self.coord = CoordinatorClient(
+                node, self.config.tls, cpb.ROLE_FILTER, node.advertise or self.server.address,
+                metrics_address, self._reports, self._on_assignments)
+            self.coord.start()
+            for name, shipper in self.shippers.items():
+                self._tasks.append(asyncio.create_task(shipper.run(), name=f"shipper-{name}"))
+            log.info("cdp-filter %s serving on %s", node.id, self.server.address,
+                     extra={"node": node.id})
+            await self._stop.wait()
+        finally:
+            await self._cleanup()
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+
+    async def _cleanup(self) -> None:
+        self._stop.set()
+        if self.coord is not None:
+            await self.coord.stop()
+        for rt in self.runtimes.values():
+            rt.close()
+        await cdaemon.cancel_and_wait(*self._tasks)
+        if self._mounted:
+            with contextlib.suppress(Exception):
+                pyfuse3.terminate()
+            if self._fuse_task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._fuse_task), 10)
+                except (TimeoutError, Exception) as exc:
+                    log.warning("FUSE loop did not end cleanly: %s", exc)
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception as exc:
+                log.warning("unmount failed: %s", exc)
+            self._mounted = False
+        for rt in self.runtimes.values():
+            try:
+                rt.journal.sync()
+                rt.fdatasync_images()
+            except (OSError, StorageError) as exc:
+                log.error("final sync failed: %s", exc, extra={"policy": rt.name})
+            rt.journal.close()
+        for d in self.disks:
+            if d.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(d.fd)
+                d.fd = -1
+        if self.server is not None:
+            await self.server.stop(1.0)
+        log.info("cdp-filter stopped")

@@ -1,0 +1,291 @@
+"""The FUSE shim: one regular file per protected disk in a flat directory.
+
+Theory of operation
+-------------------
+Each disk is `<mountpoint>/<name>`, a fixed-size file backed by a sparse image.
+Files are opened with direct_io, so the kernel page cache is bypassed and every
+application (or loop device) write reaches `write()` here, in order of arrival.
+
+`write()` is the capture point. It runs on the event loop and does, without
+yielding in between: journal append (the record gets the policy's next seq),
+then pwrite to the image. Because nothing else runs between the two, the image
+always equals "base + journal records applied in seq order" (the journal is a
+redo log for the image, replayed at startup), and concurrent writes get seqs in
+the order they reach the image. The only await in the write path is the
+back-pressure wait when the journal is over its cap, which comes *before*
+the seq is taken.
+
+flush/fsync make journal and image durable in worker threads. No handler ever
+touches the mount itself (that would deadlock the loop serving it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import subprocess
+import time
+from typing import Any
+
+import pyfuse3
+
+from cdp_common.errors import CdpError, StorageError
+from cdp_filter.policy import Disk
+
+log = logging.getLogger("filter.fuse")
+
+ROOT = pyfuse3.ROOT_INODE
+FILE_MODE = 0o660
+ATTR_TIMEOUT_S = 300.0
+
+
+class FilterFs(pyfuse3.Operations):
+    """pyfuse3 operations over the configured disks (inodes ROOT+1 .. ROOT+n)."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, disks: list[Disk]) -> None:
+        super().__init__()
+        self._disks = disks
+        self._by_inode: dict[int, Disk] = {}
+        self._by_name: dict[bytes, Disk] = {}
+        for i, d in enumerate(disks):
+            d.inode = ROOT + 1 + i
+            self._by_inode[d.inode] = d
+            self._by_name[d.name.encode()] = d
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._start_ns = time.time_ns()
+        # Each disk's PolicyRuntime; set by the daemon (disk.policy is a name).
+        self.runtimes: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ attributes
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode  # type: ignore[assignment]
+        a.st_uid = self._uid
+        a.st_gid = self._gid
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._start_ns
+        a.st_blksize = 4096
+        a.attr_timeout = a.entry_timeout = ATTR_TIMEOUT_S
+        if inode == ROOT:
+            a.st_mode = stat.S_IFDIR | 0o755  # type: ignore[assignment]
+            a.st_nlink = 2
+            return a
+        d = self._by_inode.get(inode)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        a.st_mode = stat.S_IFREG | FILE_MODE  # type: ignore[assignment]
+        a.st_nlink = 1
+        a.st_size = d.size
+        a.st_blocks = d.size // 512
+        return a
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes,  # type: ignore[override]
+                     ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if name in (b".", b".."):
+            return self._attr(ROOT)
+        d = self._by_name.get(name)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(d.inode)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,  # type: ignore[override]
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        current = self._attr(inode)
+        if fields.update_size and attr.st_size != current.st_size:
+            # A protected disk has a fixed size; growing or shrinking it would
+            # not be replicated.
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return current
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:  # type: ignore[override]
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = sum(d.size for d in self._disks) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self._disks) + 1
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # ------------------------------------------------------------ directory
+
+    async def opendir(self, inode: int, ctx: Any) -> int:  # type: ignore[override]
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode  # type: ignore[return-value]
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:  # type: ignore[override]
+        for i, d in enumerate(self._disks):
+            if i < start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, d.name.encode(), self._attr(d.inode), i + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:  # type: ignore[override]
+        return None
+
+    # ------------------------------------------------------------ files
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:  # type: ignore[override]
+        if inode not in self._by_inode:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT else errno.ENOENT)
+        if flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)  # type: ignore[arg-type]
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,  # type: ignore[override]
+                     ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:  # type: ignore[override]
+        d = self._by_inode[fh]
+        if off >= d.size:
+            return b""
+        try:
+            return os.pread(d.fd, min(size, d.size - off), off)
+        except OSError as exc:
+            log.error("read of %s at %d failed: %s", d.name, off, exc.strerror,
+                      extra={"disk": d.name})
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:  # type: ignore[override]
+        d = self._by_inode[fh]
+        n = len(buf)
+        if off + n > d.size:
+            if off >= d.size:
+                raise pyfuse3.FUSEError(errno.ENOSPC)
+            n = d.size - off
+            buf = buf[:n]
+        rt = self.runtimes[d.policy]
+        journal = rt.journal
+        try:
+            if journal.over_cap:
+                await rt.wait_space()
+            # No await from here to the return: journal order == image order.
+            journal.append(time.time_ns(), d.disk_id, off, buf)
+            os.pwrite(d.fd, buf, off)
+        except CdpError as exc:
+            log.error("write to %s at %d failed: %s", d.name, off, exc,
+                      extra={"disk": d.name, "policy": d.policy})
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as exc:
+            log.error("write to image of %s at %d failed: %s", d.name, off, exc.strerror,
+                      extra={"disk": d.name, "policy": d.policy})
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        rt.appended.set()
+        rt.m_writes.inc()
+        rt.m_write_bytes.inc(n)
+        return n
+
+    async def _flush(self, fh: int) -> None:
+        d = self._by_inode[fh]
+        try:
+            await self.runtimes[d.policy].flush(d)
+        except (CdpError, OSError) as exc:
+            log.error("flush of %s failed: %s", d.name, exc, extra={"disk": d.name})
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def flush(self, fh: int) -> None:  # type: ignore[override]
+        await self._flush(fh)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:  # type: ignore[override]
+        await self._flush(fh)
+
+    async def release(self, fh: int) -> None:  # type: ignore[override]
+        return None
+
+    async def forget(self, inode_list: Any) -> None:  # type: ignore[override]
+        return None
+
+
+# ---------------------------------------------------------------- mounting
+
+def _mount_entry(path: str) -> str | None:
+    """File system type mounted exactly at `path`, or None."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) > 4:
+            mnt = fields[4].encode().decode("unicode_escape")
+            if mnt == real:
+                found = right.split()[0] if right else "?"
+    return found
+
+
+def prepare_mountpoint(path: str) -> None:
+    """Create the mountpoint; lazily unmount a stale FUSE mount left by a killed filter."""
+    stale = False
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"filter.mountpoint: cannot create {path}: "
+                               f"{exc.strerror}") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.EIO):
+            raise StorageError(f"filter.mountpoint: {path}: {exc.strerror}") from None
+        stale = True
+    fstype = _mount_entry(path)
+    if not stale and fstype is not None and fstype.startswith("fuse"):
+        # Mounted and answering: is it ours from a previous life (dead
+        # process but connection still up cannot happen) or a live filter?
+        raise StorageError(f"filter.mountpoint: {path} is already mounted ({fstype}); "
+                           "is another cdp-filter running?")
+    if stale:
+        log.warning("unmounting stale FUSE mount at %s", path)
+        res = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, text=True,
+                             check=False)
+        if res.returncode != 0:
+            with contextlib.suppress(OSError):
+                subprocess.run(["umount", "-l", path], capture_output=True, check=False)
+        try:
+            os.stat(path)
+        except OSError as exc:
+            raise StorageError(f"filter.mountpoint: cannot clear stale mount at {path}: "
+                               f"{res.stderr.strip() or exc.strerror}") from None
+    if not os.path.isdir(path):
+        raise StorageError(f"filter.mountpoint: {path} is not a directory")
+
+
+def _allow_other_permitted() -> bool:
+    if os.getuid() == 0:
+        return True
+    try:
+        with open("/etc/fuse.conf", encoding="utf-8") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def mount_options() -> set[str]:
+    # libfuse 3 negotiates max_write up to its buffer size (1 MiB with
+    # FUSE_MAX_PAGES); there is no mount option for it any more.
+    opts = set(pyfuse3.default_options)  # default_permissions
+    opts.add("fsname=cdp")
+    opts.add("subtype=cdp")
+    if _allow_other_permitted():
+        opts.add("allow_other")
+    return opts

@@ -1,0 +1,299 @@
+"""Ships one policy's journal to its source proxy and trims it on acks.
+
+Theory of operation
+-------------------
+The shipper follows the policy's current assignment (from the coordinator's
+watch, or the last one remembered on disk when the coordinator is down). For
+an assignment with a source proxy it opens `SourceProxy.Ship`, sends
+`ShipHello`, and waits for `ShipWelcome{resume_from_seq}` = the target's
+durable seq. It then streams the journal from resume_from_seq + 1 in batches
+of about `batch_bytes`, without gaps, sleeping on the policy's `appended`
+event when it has caught up. gRPC flow control bounds what is in flight:
+`await call.write()` blocks while the proxy does not read. Acks (`durable_seq`)
+trim the journal (images fdatasync'ed first) and release back-pressured
+writers.
+
+Resume rules (`plan_resume`, pure):
+- resume_from_seq within the journal           -> resend after it;
+- resume_from_seq > last captured seq           -> our journal tail was lost
+  (e.g. power loss before a flush): skip our seq counter past it so no seq
+  the target holds is reused;
+- resume_from_seq + 1 < oldest seq still kept   -> the records the target needs
+  were trimmed (the target lost acked data): cannot resend; report the error
+  and retry, a resync is needed.
+
+Any stream failure is logged once per distinct error, reported as the
+policy's `error` in heartbeats, and retried with backoff 0.2 s -> 2 s; the
+welcome of the new stream tells where to resume. A different assignment
+(epoch, endpoints or parameters) restarts the stream at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import json_format
+
+from cdp_common import rpc
+from cdp_common.config import TlsConfig
+from cdp_common.errors import CdpError, ProtocolError, UnavailableError
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
+from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
+from cdp_filter.journal import JournalGapError
+from cdp_filter.policy import PolicyRuntime
+
+log = logging.getLogger("filter.ship")
+
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 2.0
+WELCOME_TIMEOUT_S = 30.0
+
+
+class Resume(enum.Enum):
+    OK = "ok"
+    ADVANCE = "advance"
+    GAP = "gap"
+
+
+def plan_resume(resume_from_seq: int, oldest_seq: int, last_seq: int) -> Resume:
+    if resume_from_seq > last_seq:
+        return Resume.ADVANCE
+    if resume_from_seq + 1 < oldest_seq:
+        return Resume.GAP
+    return Resume.OK
+
+
+def assignment_key(a: cpb.Assignment) -> tuple[object, ...]:
+    """What, when it changes, requires a new stream."""
+    return (a.epoch, a.source_proxy.node_id, a.source_proxy.address, a.target_proxy.address,
+            a.target.address, a.rpo_interval_s, a.compression_level, a.encryption)
+
+
+def usable(a: cpb.Assignment | None) -> bool:
+    return a is not None and bool(a.source_proxy.address) and bool(a.target_proxy.address) \
+        and bool(a.target.address)
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, TimeoutError):
+        return "timed out waiting for the source proxy's welcome"
+    if isinstance(exc, CdpError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Shipper:
+    def __init__(self, rt: PolicyRuntime, filter_id: str, disks: Sequence[rpb.DiskInfo],
+                 tls: TlsConfig, max_message_bytes: int, batch_bytes: int,
+                 state_path: str) -> None:
+        self.rt = rt
+        self.filter_id = filter_id
+        self.disks = list(disks)
+        self.tls = tls
+        self.max_message_bytes = max_message_bytes
+        self.batch_bytes = batch_bytes
+        self.state_path = state_path
+        self.connected = False
+        self._assignment: cpb.Assignment | None = self._load()
+        self._changed = asyncio.Event()
+        self._welcomed = False
+        self._last_logged = ""
+        if self._assignment is not None:
+            log.info("resuming with remembered assignment epoch %d (source proxy %s)",
+                     self._assignment.epoch, self._assignment.source_proxy.address,
+                     extra=self._extra(epoch=self._assignment.epoch))
+
+    def _extra(self, **kw: object) -> dict[str, object]:
+        return {"policy": self.rt.name, **kw}
+
+    # ------------------------------------------------------------ assignment
+
+    @property
+    def assignment(self) -> cpb.Assignment | None:
+        return self._assignment
+
+    def _load(self) -> cpb.Assignment | None:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                a = json_format.Parse(f.read(), cpb.Assignment())
+        except FileNotFoundError:
+            return None
+        except (OSError, json_format.ParseError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.state_path, exc, extra=self._extra())
+            return None
+        return a if usable(a) else None
+
+    def _save(self, a: cpb.Assignment) -> None:
+        tmp = self.state_path + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json_format.MessageToJson(a))
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.state_path)
+        except OSError as exc:
+            log.warning("cannot remember assignment in %s: %s", self.state_path, exc.strerror,
+                        extra=self._extra())
+
+    def set_assignment(self, a: cpb.Assignment | None) -> None:
+        """Adopt the coordinator's current assignment for this policy (None = none)."""
+        old = self._assignment
+        if a is not None and not usable(a):
+            self.rt.error = f"unassigned: {a.reason}" if a.reason else ""
+            a = None
+        if a is None:
+            if old is not None:
+                log.info("policy unassigned; journaling only", extra=self._extra())
+                self._assignment = None
+                self._changed.set()
+            return
+        if old is not None and assignment_key(old) == assignment_key(a):
+            return
+        log.info("new assignment epoch %d: source proxy %s, target proxy %s, target %s",
+                 a.epoch, a.source_proxy.address, a.target_proxy.address, a.target.address,
+                 extra=self._extra(epoch=a.epoch))
+        self._assignment = a
+        self._save(a)
+        self._changed.set()
+
+    # ------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            self._changed.clear()
+            a = self._assignment
+            if a is None:
+                self.connected = False
+                await self._changed.wait()
+                continue
+            self._welcomed = False
+            stream = asyncio.create_task(self._stream(a), name=f"ship-{self.rt.name}")
+            changed = asyncio.create_task(self._changed.wait())
+            try:
+                await asyncio.wait({stream, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                if not stream.done():
+                    stream.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.gather(stream, return_exceptions=True)
+            self.connected = False
+            if self._changed.is_set():
+                backoff = BACKOFF_MIN_S
+                continue
+            exc = stream.exception() if not stream.cancelled() else None
+            self._record_error(exc or UnavailableError("source proxy ended the stream"))
+            if self._welcomed:
+                backoff = BACKOFF_MIN_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _record_error(self, exc: BaseException) -> None:
+        text = describe(exc)
+        self.rt.error = text
+        if text != self._last_logged:
+            self._last_logged = text
+            log.warning("shipping stream failed: %s", text, extra=self._extra())
+
+    def _hello(self, a: cpb.Assignment) -> rpb.ShipRequest:
+        return rpb.ShipRequest(hello=rpb.ShipHello(
+            policy=self.rt.name, filter_id=self.filter_id, epoch=a.epoch, disks=self.disks,
+            target_proxy_address=a.target_proxy.address, target_address=a.target.address,
+            rpo_interval_s=a.rpo_interval_s, compression_level=a.compression_level,
+            encryption=a.encryption, captured_seq=self.rt.journal.last_seq))
+
+    async def _stream(self, a: cpb.Assignment) -> None:
+        rt, journal = self.rt, self.rt.journal
+        channel = rpc.channel(a.source_proxy.address, self.tls, self.max_message_bytes)
+        call = rgrpc.SourceProxyStub(channel).Ship()
+        acks: asyncio.Task[None] | None = None
+        try:
+            await call.write(self._hello(a))
+            resp = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT_S)
+            if resp is grpc.aio.EOF:
+                raise UnavailableError("source proxy closed the stream before its welcome")
+            assert isinstance(resp, rpb.ShipResponse)
+            if resp.WhichOneof("body") != "welcome":
+                raise ProtocolError(f"source proxy sent {resp.WhichOneof('body')} "
+                                    "before its welcome")
+            resume = resp.welcome.resume_from_seq
+            plan = plan_resume(resume, journal.oldest_seq, journal.last_seq)
+            if plan is Resume.GAP:
+                raise JournalGapError(
+                    f"target is durable through seq {resume} but the journal only keeps "
+                    f"seqs from {journal.oldest_seq}: a resync of the policy is needed")
+            if plan is Resume.ADVANCE:
+                journal.advance_to(resume)
+            await rt.trim_through(resume)
+            self._welcomed = True
+            self.connected = True
+            if rt.error:
+                log.info("shipping to %s resumed after seq %d", a.source_proxy.address, resume,
+                         extra=self._extra(seq=resume, epoch=a.epoch))
+            else:
+                log.info("shipping to %s from seq %d", a.source_proxy.address, resume + 1,
+                         extra=self._extra(seq=resume, epoch=a.epoch))
+            rt.error = ""
+            self._last_logged = ""
+            acks = asyncio.create_task(self._read_acks(call))
+            await self._send_loop(call, resume, acks)
+        finally:
+            if acks is not None:
+                acks.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await acks
+            call.cancel()
+            await channel.close(grace=None)
+
+    async def _send_loop(self, call: grpc.aio.StreamStreamCall, sent: int,
+                         acks: asyncio.Task[None]) -> None:
+        rt, journal = self.rt, self.rt.journal
+        while True:
+            data, last = journal.read_batch(sent, self.batch_bytes)
+            if data:
+                await call.write(rpb.ShipRequest(batch=rpb.RecordBatch(
+                    records=data, captured_seq=journal.last_seq)))
+                sent = last
+                rt.m_shipped.inc(len(data))
+                if acks.done():
+                    self._ack_reader_ended(acks)
+                continue
+            rt.appended.clear()
+            if journal.last_seq > sent:
+                continue
+            if rt.closing:
+                raise UnavailableError("filter shutting down")
+            waiter = asyncio.create_task(rt.appended.wait())
+            try:
+                await asyncio.wait({waiter, acks}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if acks.done():
+                self._ack_reader_ended(acks)
+
+    @staticmethod
+    def _ack_reader_ended(acks: asyncio.Task[None]) -> None:
+        acks.result()  # raises the stream's error, if any
+        raise UnavailableError("source proxy ended the stream")
+
+    async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            resp = await call.read()
+            if resp is grpc.aio.EOF:
+                return
+            assert isinstance(resp, rpb.ShipResponse)
+            if resp.WhichOneof("body") != "ack":
+                raise ProtocolError(f"source proxy sent {resp.WhichOneof('body')} after "
+                                    "its welcome")
+            await self.rt.trim_through(resp.ack.durable_seq)

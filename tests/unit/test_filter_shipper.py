@@ -1,0 +1,260 @@
+"""Shipper against an in-process SourceProxy that follows the Ship contract:
+resume, batching, acks trimming the journal, reconnect after failures,
+assignment changes, lost-tail and trimmed-gap handling, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cdp_common import records, rpc
+from cdp_common.config import TlsConfig
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
+from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
+from cdp_filter.journal import Journal
+from cdp_filter.policy import Disk, PolicyRuntime
+from cdp_filter.shipper import Resume, Shipper, plan_resume
+
+pytestmark = pytest.mark.timeout(30)
+TLS = TlsConfig(insecure=True)
+H = records.HEADER_SIZE
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+class FakeProxy(rgrpc.SourceProxyServicer):
+    """Acks every batch as durable right away (unless `hold_acks`), checks order."""
+
+    def __init__(self) -> None:
+        self.durable = 0
+        self.hellos: list[rpb.ShipHello] = []
+        self.seqs: list[int] = []
+        self.batches = 0
+        self.fail_after_batches: int | None = None
+        self.hold_acks = False
+        self.errors: list[str] = []
+
+    async def Ship(self, request_iterator: AsyncIterator[rpb.ShipRequest],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.ShipResponse]:
+        it = request_iterator.__aiter__()
+        first = await it.__anext__()
+        self.hellos.append(first.hello)
+        yield rpb.ShipResponse(welcome=rpb.ShipWelcome(resume_from_seq=self.durable))
+        expect = self.durable + 1
+        async for req in it:
+            for rec in records.decode_all(req.batch.records):
+                if rec.seq != expect:
+                    self.errors.append(f"got seq {rec.seq}, expected {expect}")
+                expect = rec.seq + 1
+                self.seqs.append(rec.seq)
+            self.batches += 1
+            if self.fail_after_batches is not None and self.batches >= self.fail_after_batches:
+                self.fail_after_batches = None
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure")
+            if not self.hold_acks:
+                self.durable = expect - 1
+                yield rpb.ShipResponse(ack=rpb.ShipAck(durable_seq=self.durable))
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[tuple[FakeProxy, str]]:
+    fake = FakeProxy()
+    server = rpc.Server("127.0.0.1:0", TLS, 8 << 20)
+    rgrpc.add_SourceProxyServicer_to_server(fake, server.grpc)
+    await server.start()
+    yield fake, server.address
+    await server.stop(0)
+
+
+def assignment(address: str, epoch: int = 1) -> cpb.Assignment:
+    return cpb.Assignment(
+        policy="p", epoch=epoch, source_proxy=cpb.Endpoint(node_id="sp", address=address),
+        target_proxy=cpb.Endpoint(node_id="tp", address="127.0.0.1:9"),
+        target=cpb.Endpoint(node_id="t", address="127.0.0.1:8"), rpo_interval_s=2.0,
+        compression_level=1, encryption=True)
+
+
+class Rig:
+    def __init__(self, tmp: Path, seg_bytes: int = 10 * (H + 100), cap: int = 1 << 30) -> None:
+        self.tmp = tmp
+        img = tmp / "d.img"
+        fd = os.open(img, os.O_RDWR | os.O_CREAT)
+        os.ftruncate(fd, 1 << 20)
+        self.disk = Disk("d", "p", 0, 1 << 20, str(img), fd=fd)
+        self.journal = Journal.open(str(tmp / "journal"), seg_bytes, cap, policy="p")
+        self.rt = PolicyRuntime("p", self.journal, [self.disk])
+        self.shipper = self.new_shipper()
+        self.task: asyncio.Task[None] | None = None
+
+    def new_shipper(self) -> Shipper:
+        return Shipper(self.rt, "filter-1", [self.disk.info()], TLS, 8 << 20, 4 * (H + 100),
+                       str(self.tmp / "assignment.p.json"))
+
+    def write(self, count: int) -> None:
+        for _ in range(count):
+            seq = self.journal.last_seq + 1
+            self.journal.append(seq, 0, 0, bytes([seq % 256]) * 100)
+        self.rt.appended.set()
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.shipper.run())
+
+    async def close(self) -> None:
+        self.rt.close()
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.journal.close()
+        os.close(self.disk.fd)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    await r.close()
+
+
+def test_plan_resume() -> None:
+    assert plan_resume(5, 1, 10) is Resume.OK
+    assert plan_resume(0, 1, 0) is Resume.OK
+    assert plan_resume(10, 11, 10) is Resume.OK
+    assert plan_resume(11, 1, 10) is Resume.ADVANCE
+    assert plan_resume(3, 5, 10) is Resume.GAP
+
+
+async def test_ships_everything_in_order_and_trims(proxy: tuple[FakeProxy, str],
+                                                   rig: Rig) -> None:
+    fake, address = proxy
+    rig.write(25)
+    rig.shipper.set_assignment(assignment(address))
+    rig.start()
+    await eventually(lambda: fake.seqs[-1:] == [25])
+    rig.write(30)  # wakes the idle shipper
+    await eventually(lambda: fake.seqs[-1:] == [55])
+    assert fake.seqs == list(range(1, 56)) and not fake.errors
+    assert fake.batches >= 55 // 4  # batches of at most batch_bytes (4 records)
+    hello = fake.hellos[0]
+    assert hello.policy == "p" and hello.filter_id == "filter-1" and hello.epoch == 1
+    assert hello.target_address == "127.0.0.1:8" and hello.disks[0].name == "d"
+    assert hello.captured_seq == 25
+    await eventually(lambda: rig.rt.durable_seq == 55)
+    assert rig.journal.segment_count <= 1  # acked segments were deleted
+    assert rig.rt.error == "" and rig.shipper.connected
+
+
+async def test_reconnects_and_resumes_after_failure(proxy: tuple[FakeProxy, str],
+                                                    rig: Rig) -> None:
+    fake, address = proxy
+    fake.fail_after_batches = 2
+    fake.hold_acks = True  # the failed stream acked nothing: resend from 0
+    rig.write(20)
+    rig.shipper.set_assignment(assignment(address))
+    rig.start()
+    await eventually(lambda: len(fake.hellos) >= 2)
+    fake.hold_acks = False
+    rig.write(1)
+    await eventually(lambda: fake.durable == 21)
+    # second stream restarted at seq 1 (nothing was durable) and had no gaps
+    assert fake.seqs[-21:] == list(range(1, 22))
+    assert rig.rt.error == ""
+
+
+async def test_error_reported_while_proxy_down(tmp_path: Path, rig: Rig) -> None:
+    rig.write(3)
+    rig.shipper.set_assignment(assignment("127.0.0.1:1"))
+    rig.start()
+    await eventually(lambda: "UNAVAILABLE" in rig.rt.error)
+    assert rig.journal.last_seq == 3 and rig.rt.report().error == rig.rt.error
+
+
+async def test_new_assignment_restarts_stream(proxy: tuple[FakeProxy, str], rig: Rig) -> None:
+    fake, address = proxy
+    rig.write(5)
+    rig.shipper.set_assignment(assignment(address, epoch=1))
+    rig.start()
+    await eventually(lambda: fake.durable == 5)
+    rig.shipper.set_assignment(assignment(address, epoch=1))  # same: nothing happens
+    await asyncio.sleep(0.1)
+    assert len(fake.hellos) == 1
+    rig.shipper.set_assignment(assignment(address, epoch=2))
+    await eventually(lambda: len(fake.hellos) == 2)
+    assert fake.hellos[1].epoch == 2
+    rig.write(2)
+    await eventually(lambda: fake.durable == 7)
+    assert fake.seqs == list(range(1, 8))
+
+
+async def test_assignment_remembered_across_restart(proxy: tuple[FakeProxy, str],
+                                                    rig: Rig) -> None:
+    _fake, address = proxy
+    rig.shipper.set_assignment(assignment(address, epoch=7))
+    again = rig.new_shipper()
+    assert again.assignment is not None and again.assignment.epoch == 7
+    assert again.assignment.source_proxy.address == address
+
+
+async def test_unassigned_keeps_journaling(proxy: tuple[FakeProxy, str], rig: Rig) -> None:
+    fake, address = proxy
+    unassigned = cpb.Assignment(policy="p", epoch=3, reason="no source proxy on site a")
+    rig.shipper.set_assignment(unassigned)
+    rig.start()
+    rig.write(4)
+    await asyncio.sleep(0.2)
+    assert fake.hellos == [] and rig.journal.last_seq == 4
+    assert "no source proxy" in rig.rt.error
+    rig.shipper.set_assignment(assignment(address))
+    await eventually(lambda: fake.durable == 4)
+
+
+async def test_target_ahead_of_journal_advances_seq(proxy: tuple[FakeProxy, str],
+                                                    rig: Rig) -> None:
+    fake, address = proxy
+    fake.durable = 40  # the target has seqs our journal lost
+    rig.write(3)
+    rig.shipper.set_assignment(assignment(address))
+    rig.start()
+    await eventually(lambda: rig.shipper.connected)
+    assert rig.journal.last_seq == 40
+    rig.write(2)
+    await eventually(lambda: fake.durable == 42)
+    assert fake.seqs == [41, 42] and not fake.errors
+
+
+async def test_gap_is_reported(proxy: tuple[FakeProxy, str], rig: Rig) -> None:
+    fake, address = proxy
+    rig.write(25)
+    rig.journal.trim_through(20)  # segment 1..10 and 11..20 deleted
+    fake.durable = 5
+    rig.shipper.set_assignment(assignment(address))
+    rig.start()
+    await eventually(lambda: "resync" in rig.rt.error)
+    assert fake.seqs == []
+
+
+async def test_back_pressure_waits_for_trim(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, seg_bytes=2 * (H + 100), cap=4 * (H + 100))
+    try:
+        rig.write(4)
+        assert rig.journal.over_cap
+        waiter = asyncio.create_task(rig.rt.wait_space())
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await rig.rt.trim_through(2)
+        await asyncio.wait_for(waiter, 5)
+        assert not rig.journal.over_cap
+    finally:
+        await rig.close()
+
