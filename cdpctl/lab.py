@@ -163,11 +163,13 @@ def stop_processes(procs: list[dict[str, Any]], timeout_s: float = STOP_TIMEOUT_
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(p["pid"]), signal.SIGKILL)
     for p in left:
-        for _ in range(50):
+        # Identity was checked before SIGKILL; a dying process loses its cmdline
+        # before it is gone, so only the pid is watched from here on.
+        for _ in range(100):
             _reap(int(p["pid"]))
-            if not process_alive(int(p["pid"]), p.get("config")):
+            if not process_alive(int(p["pid"])):
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
     return [p["id"] for p in running]
 
 

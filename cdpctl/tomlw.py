@@ -7,7 +7,6 @@ same dict (the unit tests check the round trip).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
@@ -15,8 +14,24 @@ from typing import Any
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+            "\f": "\\f", "\r": "\\r"}
+
+
+def _string(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def _key(k: str) -> str:
-    return k if _BARE.match(k) else json.dumps(k)
+    return k if _BARE.match(k) else _string(k)
 
 
 def _scalar(v: Any) -> str:
@@ -29,8 +44,7 @@ def _scalar(v: Any) -> str:
             raise ValueError(f"cannot write {v!r} to TOML")
         return repr(v)
     if isinstance(v, str):
-        # JSON string escapes are valid TOML basic-string escapes.
-        return json.dumps(v, ensure_ascii=False)
+        return _string(v)
     if isinstance(v, list) and all(not isinstance(x, dict) for x in v):
         return "[" + ", ".join(_scalar(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -1,0 +1,118 @@
+"""The lab plan: every generated config loads with cdp_common.config, lab.json is complete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdp_common.config import (
+    CoordinatorConfig,
+    FilterConfig,
+    ProxyConfig,
+    TargetConfig,
+    load_config,
+)
+from cdpctl import labplan
+
+PORTS = list(range(20001, 20001 + labplan.PORTS_NEEDED))
+CLASSES = {"coordinator": CoordinatorConfig, "filter": FilterConfig, "source-proxy": ProxyConfig,
+           "target-proxy": ProxyConfig, "target": TargetConfig}
+
+
+def materialize(plan: labplan.LabPlan) -> None:
+    """Write configs and stand-in TLS files, as `lab up` would (validation wants them)."""
+    for d in plan.dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    for node in [*plan.nodes]:
+        node.config.write_text(node.config_text)
+        if not plan.insecure:
+            for name in ("ca.pem", f"{node.id}.pem", f"{node.id}.key"):
+                (plan.pki / name).touch()
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_configs_round_trip(tmp_path: Path, insecure: bool) -> None:
+    plan = labplan.plan_lab(tmp_path / "lab", 3, 256 << 20, PORTS, insecure)
+    materialize(plan)
+    loaded: dict[str, object] = {n.id: load_config(CLASSES[n.role], n.config) for n in plan.nodes}
+
+    coord = loaded["coordinator"]
+    assert isinstance(coord, CoordinatorConfig)
+    assert coord.node.listen == plan.coordinator
+    assert coord.coordinator.db_path == str(tmp_path / "lab/data/coordinator/state.db")
+    (policy,) = coord.policies
+    assert policy.name == "lab" and policy.target == "target-1"
+    assert [(d.filter, d.name, d.size_bytes) for d in policy.disks] == [
+        ("filter-1", f"disk{i}", 256 << 20) for i in range(3)]
+
+    filt = loaded["filter-1"]
+    assert isinstance(filt, FilterConfig)
+    assert filt.filter.mountpoint == str(tmp_path / "lab/mnt")
+    assert filt.filter.data_dir == str(tmp_path / "lab/data/filter-1")
+    assert [(d.name, d.policy) for d in filt.disks] == [(f"disk{i}", "lab") for i in range(3)]
+
+    src, dst = loaded["source-proxy-1"], loaded["target-proxy-1"]
+    assert isinstance(src, ProxyConfig) and isinstance(dst, ProxyConfig)
+    assert (src.proxy.role, dst.proxy.role) == ("source", "target")
+    assert src.proxy.key_file == dst.proxy.key_file == str(plan.key_file)
+
+    target = loaded["target-1"]
+    assert isinstance(target, TargetConfig)
+    assert target.target.data_dir == str(tmp_path / "lab/data/target-1")
+
+    for nid, cfg in loaded.items():
+        assert cfg.node.id == nid  # type: ignore[attr-defined]
+        assert cfg.tls.insecure is insecure  # type: ignore[attr-defined]
+        if nid != "coordinator":
+            assert cfg.node.coordinator == plan.coordinator  # type: ignore[attr-defined]
+        if not insecure:
+            assert cfg.tls.cert_file.endswith(f"/{nid}.pem")  # type: ignore[attr-defined]
+
+
+def test_ports_are_all_used_once(tmp_path: Path) -> None:
+    plan = labplan.plan_lab(tmp_path, 1, 4096, PORTS)
+    used = [a for n in plan.nodes for a in (n.address, n.metrics_address)]
+    assert sorted(int(a.rsplit(":", 1)[1]) for a in used) == PORTS
+    assert all(a.startswith("127.0.0.1:") for a in used)
+
+
+def test_lab_json(tmp_path: Path) -> None:
+    plan = labplan.plan_lab(tmp_path / "lab", 2, 1 << 30, PORTS)
+    pids = {nid: 100 + i for i, nid in enumerate(labplan.START_ORDER)}
+    doc = plan.lab_json(pids)
+    assert doc["coordinator"] == plan.coordinator
+    assert doc["tls"] == {"ca_file": str(tmp_path / "lab/pki/ca.pem"),
+                          "cert_file": str(tmp_path / "lab/pki/cdpctl.pem"),
+                          "key_file": str(tmp_path / "lab/pki/cdpctl.key")}
+    assert [p["id"] for p in doc["processes"]] == list(labplan.START_ORDER)
+    for p in doc["processes"]:
+        assert set(p) >= {"id", "role", "pid", "address", "metrics_address", "config", "log"}
+        assert p["log"] == str(tmp_path / f"lab/logs/{p['id']}.log")
+    d1 = doc["disks"][1]
+    assert d1 == {"name": "disk1", "policy": "lab", "path": str(tmp_path / "lab/mnt/disk1"),
+                  "image": str(tmp_path / "lab/data/filter-1/images/disk1.img"),
+                  "replica_path": str(tmp_path / "lab/data/target-1/lab/replicas/disk1.img"),
+                  "size_bytes": 1 << 30}
+    # Only started processes are listed (lab.json is rewritten during start-up).
+    partial = plan.lab_json({"coordinator": 1})
+    assert [p["id"] for p in partial["processes"]] == ["coordinator"]
+    assert plan.lab_json(pids)["tls"] != labplan.plan_lab(
+        tmp_path, 1, 4096, PORTS, insecure=True).lab_json(pids)["tls"]
+
+
+def test_stop_order_is_start_order_reversed() -> None:
+    assert labplan.START_ORDER[::-1] == labplan.STOP_ORDER
+    assert labplan.STOP_ORDER[0] == "filter-1" and labplan.STOP_ORDER[-1] == "coordinator"
+
+
+def test_bad_plans(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one disk"):
+        labplan.plan_lab(tmp_path, 0, 4096, PORTS)
+    with pytest.raises(ValueError, match="ports"):
+        labplan.plan_lab(tmp_path, 1, 4096, PORTS[:3])
+
+
+def test_valid_id() -> None:
+    assert labplan.valid_id("filter-1") and labplan.valid_id("a.b_c")
+    assert not labplan.valid_id("") and not labplan.valid_id("-x") and not labplan.valid_id("a/b")

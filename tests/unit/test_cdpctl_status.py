@@ -1,0 +1,108 @@
+"""Health verdicts and status rendering (pure: no coordinator needed)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+from cdpctl import status
+
+
+def reply() -> cpb.StatusReply:
+    nodes = [cpb.NodeStatus(info=cpb.NodeInfo(id=i, role=r, site="default",
+                                              address=f"127.0.0.1:{1000 + n}", pid=10 + n),
+                            state="up", last_seen_age_s=0.4)
+             for n, (i, r) in enumerate([("coordinator", cpb.ROLE_UNSPECIFIED),
+                                         ("filter-1", cpb.ROLE_FILTER),
+                                         ("source-proxy-1", cpb.ROLE_SOURCE_PROXY),
+                                         ("target-proxy-1", cpb.ROLE_TARGET_PROXY),
+                                         ("target-1", cpb.ROLE_TARGET)])]
+    policies = [cpb.PolicyStatus(name="lab", source_proxy="source-proxy-1",
+                                 target_proxy="target-proxy-1", target="target-1",
+                                 filter="filter-1", epoch=3, captured_seq=120, durable_seq=100,
+                                 applied_seq=90, rpo_lag_s=1.25, bytes_replicated=5 << 20,
+                                 journal_bytes=4096, state="ok", rpo_interval_s=2,
+                                 rpo_warning_s=15, rpo_error_s=60)]
+    return cpb.StatusReply(nodes=nodes, policies=policies, now_ns=123)
+
+
+@pytest.fixture
+def doc() -> dict[str, Any]:
+    return status.status_dict(reply())
+
+
+def test_status_dict_fields(doc: dict[str, Any]) -> None:
+    assert [n["role"] for n in doc["nodes"]] == [
+        "unspecified", "filter", "source-proxy", "target-proxy", "target"]
+    node = doc["nodes"][1]
+    assert node["id"] == "filter-1" and node["state"] == "up" and node["pid"] == 11
+    (p,) = doc["policies"]
+    assert p["source_proxy"] == "source-proxy-1" and p["target_proxy"] == "target-proxy-1"
+    assert (p["durable_seq"], p["rpo_lag_s"], p["bytes_replicated"]) == (100, 1.25, 5 << 20)
+    assert p["state"] == "ok" and doc["now_ns"] == 123
+
+
+def test_all_good_is_ok(doc: dict[str, Any]) -> None:
+    v = status.evaluate(doc)
+    assert (v.status, v.exit_code, v.problems) == ("ok", 0, [])
+    assert v.as_dict() == {"status": "ok", "problems": []}
+
+
+def test_nothing_registered_is_ok() -> None:
+    assert status.evaluate({"nodes": [], "policies": []}).exit_code == 0
+
+
+def test_warning_policy(doc: dict[str, Any]) -> None:
+    doc["policies"][0].update(state="warning", rpo_lag_s=20.0)
+    v = status.evaluate(doc)
+    assert (v.status, v.exit_code) == ("warning", 1)
+    assert v.problems[0]["severity"] == "warning"
+    assert "RPO lag 20.0s" in v.problems[0]["message"]
+
+
+@pytest.mark.parametrize("state", ["error", "unassigned", ""])
+def test_error_policy_states(doc: dict[str, Any], state: str) -> None:
+    doc["policies"][0].update(state=state or "unknown", reason="no healthy source proxy")
+    v = status.evaluate(doc)
+    assert (v.status, v.exit_code) == ("error", 2)
+    assert "no healthy source proxy" in v.problems[0]["message"]
+
+
+def test_node_down_is_error_and_beats_warning(doc: dict[str, Any]) -> None:
+    doc["policies"][0]["state"] = "warning"
+    doc["nodes"][2].update(state="down", last_seen_age_s=7.5)
+    v = status.evaluate(doc)
+    assert (v.status, v.exit_code) == ("error", 2)
+    kinds = {(p["kind"], p["severity"]) for p in v.problems}
+    assert kinds == {("node", "error"), ("policy", "warning")}
+    assert "source-proxy-1 is down (last seen 7.5s ago)" in v.problems[0]["message"]
+
+
+def test_evaluate_does_not_modify_input(doc: dict[str, Any]) -> None:
+    before = copy.deepcopy(doc)
+    status.evaluate(doc)
+    assert doc == before
+
+
+def test_render_status(doc: dict[str, Any]) -> None:
+    text = status.render_status(doc)
+    lines = text.splitlines()
+    assert lines[0].split() == ["NODE", "ROLE", "SITE", "STATE", "ADDRESS", "SEEN"]
+    assert any(line.startswith("filter-1") and " up " in line for line in lines)
+    policy_header = next(i for i, line in enumerate(lines) if line.startswith("POLICY"))
+    row = lines[policy_header + 1].split()
+    assert row[:4] == ["lab", "ok", "source-proxy-1", "target-proxy-1"]
+    assert "100" in row and "1.2s" in row and "5.0 MiB" in lines[policy_header + 1]
+
+
+def test_render_empty_and_health() -> None:
+    empty: dict[str, Any] = {"nodes": [], "policies": []}
+    assert status.render_status(empty) == "no nodes registered\n\nno policies configured"
+    doc = status.status_dict(reply())
+    doc["nodes"][4]["state"] = "down"
+    text = status.render_health(doc, status.evaluate(doc))
+    assert "ERROR: target target-1 is down" in text
+    assert text.endswith("health: ERROR")
