@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian/Ubuntu machine for cdp:
+#   1. system packages (installed only when missing, non-interactively),
+#   2. the virtualenv .venv with cdp installed editable with its dev extras
+#      (re-run only when pyproject.toml changed since the last install),
+#   3. the generated protobuf/gRPC modules (re-run only when a .proto changed).
+# Safe to run again at any time; `make setup`, `make lab` and `make test` do.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+say() { printf 'bootstrap: %s\n' "$*"; }
+
+# ---------------------------------------------------------------- 1. packages
+packages=(python3-venv fuse3 libfuse3-dev pkg-config e2fsprogs util-linux sqlite3 gcc python3-dev)
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]]; then
+        sudo=()
+    elif command -v sudo >/dev/null; then
+        sudo=(sudo)
+    else
+        say "missing packages ${missing[*]} and not root (no sudo): install them first" >&2
+        exit 1
+    fi
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+else
+    say "system packages present"
+fi
+
+# ---------------------------------------------------------------- 2. venv
+python="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+    say "creating .venv with $($python --version)"
+    "$python" -m venv .venv
+fi
+stamp=.venv/.cdp-installed
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]] || ! .venv/bin/python -c "import cdpctl" 2>/dev/null; then
+    say "installing cdp (editable) with dev extras into .venv"
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    echo "$want" >"$stamp"
+else
+    say ".venv up to date"
+fi
+
+# ---------------------------------------------------------------- 3. protos
+generated=cdp_common/pb/cdp/v1/coordinator_pb2.py
+if [[ ! -f $generated ]] || [[ -n "$(find proto -name '*.proto' -newer "$generated")" ]]; then
+    say "generating protobuf modules"
+    PYTHON=.venv/bin/python scripts/gen_proto.sh
+else
+    say "protobuf modules up to date"
+fi
+say "done"
