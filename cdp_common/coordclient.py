@@ -8,6 +8,7 @@ coordinator is down, nodes keep the last assignment they saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,10 +51,8 @@ class CoordinatorClient:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-            except (asyncio.CancelledError, Exception):
-                pass
         await self._channel.close(grace=None)
 
     async def _register(self) -> None:

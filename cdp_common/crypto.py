@@ -10,7 +10,8 @@ under one key. The frame header (policy, session, seq range, frame index, final
 flag, newest capture time) is the associated data, and the opener demands the
 exact next counter: a replayed, reordered, spliced or altered frame fails.
 
-    envelope (encrypted)  = 0x01 || counter u64 BE || AES-GCM(codec u8 || payload) (incl. 16-byte tag)
+    envelope (encrypted)  = 0x01 || counter u64 BE || AES-GCM(codec u8 || payload)
+                            (the AES-GCM output includes its 16-byte tag)
     envelope (plaintext)  = 0x00 || counter u64 BE || crc32c u32 LE || codec u8 || payload
 """
 
@@ -185,8 +186,8 @@ class FrameOpener(_Session):
                 params = zstandard.get_frame_parameters(payload)
             except zstandard.ZstdError as exc:
                 raise FormatError(f"bad zstd frame: {exc}") from None
-            if params.content_size in (zstandard.CONTENTSIZE_UNKNOWN,
-                                       zstandard.CONTENTSIZE_ERROR) or params.content_size > self._max:
+            if (params.content_size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR)
+                    or params.content_size > self._max):
                 raise FormatError(f"zstd frame content size {params.content_size} not allowed")
             try:
                 return self._zstd.decompress(payload, max_output_size=self._max)
