@@ -231,8 +231,12 @@ class Journal:
             head = os.pread(last.fd, records.HEADER_SIZE, last.offsets[-1])
             self._last_time_ns = records.HEADER.unpack(head)[5]
         self._last_seq = max(self._last_seq, self._trimmed_through)
-        log.info("journal open: seqs %d..%d, %d bytes in %d segments", self.oldest_seq,
-                 self._last_seq, self._size, len(self._segments), extra=self._extra())
+        if self._segments:
+            log.info("journal open: seqs %d..%d, %d bytes in %d segments", self.oldest_seq,
+                     self._last_seq, self._size, len(self._segments), extra=self._extra())
+        else:
+            log.info("journal open: empty, next seq %d", self._last_seq + 1,
+                     extra=self._extra())
 
     def _load_segment(self, first_seq: int, path: str) -> tuple[_Segment | None, bool]:
         """Scan one segment; cut its torn tail. Returns (segment or None if empty, torn)."""

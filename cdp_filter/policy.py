@@ -90,9 +90,13 @@ class PolicyRuntime:
             self.space.set()
 
     def report(self) -> cpb.PolicyReport:
+        error = self.error
+        if not error and self.journal.over_cap:
+            error = (f"journal full ({self.journal.size_bytes} bytes): writes are held back "
+                     "until the target acks")
         return cpb.PolicyReport(policy=self.name, captured_seq=self.journal.last_seq,
                                 captured_time_ns=self.journal.last_time_ns,
-                                journal_bytes=self.journal.size_bytes, error=self.error)
+                                journal_bytes=self.journal.size_bytes, error=error)
 
     def close(self) -> None:
         self.closing = True

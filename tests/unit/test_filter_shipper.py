@@ -258,3 +258,15 @@ async def test_back_pressure_waits_for_trim(tmp_path: Path) -> None:
     finally:
         await rig.close()
 
+
+
+async def test_report_says_when_journal_is_full(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, seg_bytes=2 * (H + 100), cap=2 * (H + 100))
+    try:
+        rig.write(1)
+        assert rig.rt.report().error == "" and rig.rt.report().captured_seq == 1
+        rig.write(1)
+        assert "journal full" in rig.rt.report().error
+        assert rig.rt.report().journal_bytes == 2 * (H + 100)
+    finally:
+        await rig.close()
