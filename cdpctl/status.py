@@ -5,8 +5,9 @@ turns `Coordinator.GetStatus` into plain dicts (`status_dict`), which is also
 the `--json` output. `evaluate` is a pure function from that dict to an
 overall verdict, a list of problems and the exit code:
 
-    0 ok       every node up, every policy "ok"
-    1 warning  some policy in "warning" (RPO lag above its warning threshold)
+    0 ok       every node up, every policy "ok" with no error reported
+    1 warning  some policy in "warning" (RPO lag above its warning threshold),
+               or "ok" while a node reports an error on it (its `reason`)
     2 error    a node down, a policy in "error" or "unassigned"
     3          the coordinator cannot be reached (raised by fetch_status)
 """
@@ -100,6 +101,11 @@ def evaluate(status: dict[str, Any]) -> Verdict:
     for p in status.get("policies", []):
         state = p.get("state", "unknown")
         if state == "ok":
+            if p.get("reason"):
+                # Within its RPO, but a node reports an error on it (wrong key,
+                # unreachable peer, ...): the lag will grow, say so now.
+                problems.append({"severity": "warning", "kind": "policy", "id": p["name"],
+                                 "message": f"policy {p['name']} reports errors: {p['reason']}"})
             continue
         severity = "warning" if state == "warning" else "error"
         reason = p.get("reason") or ""
@@ -138,7 +144,10 @@ def render_policies(status: dict[str, Any]) -> str:
 
 
 def render_status(status: dict[str, Any]) -> str:
-    return render_nodes(status) + "\n\n" + render_policies(status)
+    text = render_nodes(status) + "\n\n" + render_policies(status)
+    reasons = [f"policy {p['name']}: {p['reason']}"
+               for p in sorted(status["policies"], key=lambda p: p["name"]) if p.get("reason")]
+    return "\n".join([text, "", *reasons]) if reasons else text
 
 
 def render_health(status: dict[str, Any], verdict: Verdict) -> str:

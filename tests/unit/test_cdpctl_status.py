@@ -71,6 +71,16 @@ def test_error_policy_states(doc: dict[str, Any], state: str) -> None:
     assert "no healthy source proxy" in v.problems[0]["message"]
 
 
+def test_ok_policy_with_reported_error_is_a_warning(doc: dict[str, Any]) -> None:
+    doc["policies"][0]["reason"] = "target-proxy-1: frame authentication failed: wrong key"
+    v = status.evaluate(doc)
+    assert (v.status, v.exit_code) == ("warning", 1)
+    assert "reports errors: target-proxy-1: frame authentication failed" in \
+        v.problems[0]["message"]
+    assert status.render_status(doc).endswith(
+        "policy lab: target-proxy-1: frame authentication failed: wrong key")
+
+
 def test_node_down_is_error_and_beats_warning(doc: dict[str, Any]) -> None:
     doc["policies"][0]["state"] = "warning"
     doc["nodes"][2].update(state="down", last_seen_age_s=7.5)
