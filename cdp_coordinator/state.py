@@ -301,16 +301,24 @@ class CoordinatorState:
         t = self.reports.get((p.target, p.name), Report(policy=p.name))
         lag = rpo_lag(f.captured_seq, f.captured_time_ns, t.durable_seq, t.newest_time_ns, wall)
         reason = a.reason
+        errors = [f"{nid}: {r.error}" for (nid, pol), r in sorted(self.reports.items())
+                  if pol == p.name and r.error]
         if not reason:
-            errors = [f"{nid}: {r.error}" for (nid, pol), r in sorted(self.reports.items())
-                      if pol == p.name and r.error]
             reason = "; ".join(errors)
+        if a.reason:
+            state = "unassigned"
+        elif errors:
+            # a node says replication of this policy is failing (wrong key,
+            # fenced, unreachable peer): that is an error whatever the lag says
+            state = "error"
+        else:
+            state = rpo_state(lag, p)
         return PolicyStatus(
             name=p.name, source_proxy=a.source_proxy.node_id,
             target_proxy=a.target_proxy.node_id, target=p.target, filter=fid, epoch=a.epoch,
             captured_seq=f.captured_seq, durable_seq=t.durable_seq, applied_seq=t.applied_seq,
             rpo_lag_s=lag, bytes_replicated=t.bytes_replicated, journal_bytes=f.journal_bytes,
-            state="unassigned" if a.reason else rpo_state(lag, p), reason=reason,
+            state=state, reason=reason,
             rpo_interval_s=p.rpo_interval_s, rpo_warning_s=p.rpo_warning_s,
             rpo_error_s=p.rpo_error_s)
 
