@@ -1,0 +1,21 @@
+"""Prometheus metrics of cdp-proxy (process-wide, created once at import).
+
+`role` is "source" or "target": a proxy with role = both serves both.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+BYTES_IN = Counter("cdp_proxy_bytes_in", "Bytes received: record batches from the filter "
+                   "(source) or frame envelopes from the source proxy (target).", ["role"])
+BYTES_OUT = Counter("cdp_proxy_bytes_out", "Bytes sent: frame envelopes to the target proxy "
+                    "(source) or plaintext delta chunks to the target (target).", ["role"])
+RECORDS = Counter("cdp_proxy_records", "Journal records received from filters.")
+DELTAS = Counter("cdp_proxy_deltas", "Deltas cut (source) or forwarded complete (target).",
+                 ["role"])
+INFLIGHT = Gauge("cdp_proxy_inflight_bytes", "Encoded delta bytes sent to target proxies "
+                 "and not yet acked as durable, plus cut deltas waiting to be sent.")
+AUTH_FAILURES = Counter("cdp_proxy_auth_failures", "Frames that failed authentication "
+                        "(wrong key, tampering, replay).")
+SESSIONS = Gauge("cdp_proxy_sessions", "Open replication streams.", ["role"])
