@@ -7,7 +7,9 @@ every server.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -93,3 +95,57 @@ def sync_channel(address: str, tls: TlsConfig, max_message_bytes: int = 16 << 20
     if tls.insecure:
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, channel_credentials(tls), options=options)
+
+
+# ---------------------------------------------------------------- write, keeping the status
+#
+# grpc.aio bug (grpc/grpc#36066, fix proposed in grpc/grpc#43486): when the
+# server ends a stream (e.g. aborts with PERMISSION_DENIED) while a client
+# write is in progress, `_StreamRequestMixin._write` overwrites the status the
+# server delivered with INTERNAL "Internal error from Core". We would then
+# report a bad key as a transient error. `stream_write` below does what
+# `call.write` does but, when the send fails, first waits briefly for the
+# peer's status, which Core does deliver; only if none comes does it fall
+# back to grpc's INTERNAL. It uses grpc.aio internals, checked once here; if
+# they ever change it falls back to plain `call.write`.
+
+STATUS_WAIT_S = 1.0
+
+try:
+    from grpc._cython import cygrpc as _cygrpc
+
+    _CORE_ERROR: type[BaseException] | None = _cygrpc.InternalError
+except (ImportError, AttributeError):  # pragma: no cover - other grpc versions
+    _CORE_ERROR = None
+
+
+async def stream_write(call: Any, request: Any) -> None:
+    """`await call.write(request)`, keeping the peer's status if the stream ends meanwhile."""
+    cy = getattr(call, "_cython_call", None)
+    serializer = getattr(call, "_request_serializer", None)
+    sent = getattr(call, "_metadata_sent", None)
+    if (_CORE_ERROR is None or cy is None or serializer is None
+            or sent is None or not sent.is_set() or call.done()
+            or getattr(call, "_done_writing_flag", True)):
+        await call.write(request)
+        return
+    data = serializer(request)
+    try:
+        await cy.send_serialized_message(data)
+    except asyncio.CancelledError:
+        if not call.cancelled():
+            call.cancel()
+        raise
+    except Exception as exc:
+        if not isinstance(exc, _CORE_ERROR):
+            raise
+        try:
+            code = await asyncio.wait_for(asyncio.shield(call.code()), STATUS_WAIT_S)
+        except TimeoutError:
+            cy.set_internal_error(str(exc))
+            code = await call.code()
+        if code == grpc.StatusCode.OK:
+            raise asyncio.InvalidStateError("the RPC already finished") from None
+        raise grpc.aio.AioRpcError(code, await call.initial_metadata(),
+                                   await call.trailing_metadata(), await call.details(),
+                                   await call.debug_error_string()) from None

@@ -219,7 +219,7 @@ class Shipper:
         call = rgrpc.SourceProxyStub(channel).Ship()
         acks: asyncio.Task[None] | None = None
         try:
-            await call.write(self._hello(a))
+            await rpc.stream_write(call, self._hello(a))
             resp = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT_S)
             if resp is grpc.aio.EOF:
                 raise UnavailableError("source proxy closed the stream before its welcome")
@@ -262,7 +262,7 @@ class Shipper:
         while True:
             data, last = journal.read_batch(sent, self.batch_bytes)
             if data:
-                await call.write(rpb.ShipRequest(batch=rpb.RecordBatch(
+                await rpc.stream_write(call, rpb.ShipRequest(batch=rpb.RecordBatch(
                     records=data, captured_seq=journal.last_seq)))
                 sent = last
                 rt.m_shipped.inc(len(data))
