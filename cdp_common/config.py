@@ -10,6 +10,7 @@ render.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -138,6 +139,13 @@ class PolicyConfig:
     encryption: bool = doc("Encrypt payload between proxies (AES-256-GCM).", True)
     rpo_warning_s: float = doc("RPO lag that raises a warning.", 15.0)
     rpo_error_s: float = doc("RPO lag that raises an error.", 60.0)
+    bandwidth_limit_mbps: float = doc("Mbit/s the source proxy may send for this policy "
+                                      "(0 = unlimited).", 0.0)
+    pinned_source_proxy: str = doc("Id of the source proxy to use while it is healthy "
+                                   "('' = least loaded).", "")
+    pinned_target_proxy: str = doc("Id of the target proxy to use while it is healthy "
+                                   "('' = least loaded).", "")
+    enabled: bool = doc("A disabled policy gets no proxies; its filter keeps journaling.", True)
 
 
 @dataclass(frozen=True)
@@ -300,27 +308,69 @@ def _validate_coordinator(config: CoordinatorConfig) -> None:
     names: set[str] = set()
     for i, p in enumerate(config.policies):
         where = f"policies[{i}]"
-        if not _NAME.match(p.name):
-            raise ConfigError(f"{where}.name: {p.name!r} is not a valid policy name")
+        validate_policy(p, where)
         if p.name in names:
             raise ConfigError(f"{where}.name: policy {p.name!r} is defined twice")
         names.add(p.name)
-        if not p.disks:
-            raise ConfigError(f"{where}.disks: a policy needs at least one disk")
-        _positive(p.rpo_interval_s, f"{where}.rpo_interval_s")
-        _positive(p.rpo_warning_s, f"{where}.rpo_warning_s")
-        if p.rpo_error_s < p.rpo_warning_s:
-            raise ConfigError(f"{where}.rpo_error_s: must be at least rpo_warning_s")
-        if not 0 <= p.compression_level <= 22:
-            raise ConfigError(f"{where}.compression_level: must be 0..22, "
-                              f"got {p.compression_level}")
-        filters = {d.filter for d in p.disks}
-        if len(filters) != 1:
-            raise ConfigError(f"{where}.disks: all disks of a policy must be on one filter")
-        for j, d in enumerate(p.disks):
-            if d.size_bytes <= 0 or d.size_bytes % 4096:
-                raise ConfigError(f"{where}.disks[{j}].size_bytes: must be a positive multiple "
-                                  f"of 4096, got {d.size_bytes}")
+
+
+def _finite_positive(value: float, where: str) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where}: must be a number greater than 0, got {value}")
+
+
+def validate_policy(p: PolicyConfig, where: str = "") -> None:
+    """Semantic checks of one policy, shared by the config loader and the policy RPCs.
+
+    Raises ConfigError naming the field (`where` prefixes it, e.g. "policies[0]")."""
+    pre = f"{where}." if where else ""
+    if not _NAME.match(p.name):
+        raise ConfigError(f"{pre}name: {p.name!r} is not a valid policy name")
+    if not p.disks:
+        raise ConfigError(f"{pre}disks: a policy needs at least one disk")
+    seen: set[str] = set()
+    for j, d in enumerate(p.disks):
+        if not _NAME.match(d.filter):
+            raise ConfigError(f"{pre}disks[{j}].filter: {d.filter!r} is not a valid node id")
+        if not _NAME.match(d.name):
+            raise ConfigError(f"{pre}disks[{j}].name: {d.name!r} is not a valid disk name")
+        if d.name in seen:
+            raise ConfigError(f"{pre}disks[{j}].name: disk {d.name!r} is listed twice")
+        seen.add(d.name)
+        if d.size_bytes <= 0 or d.size_bytes % 4096:
+            raise ConfigError(f"{pre}disks[{j}].size_bytes: must be a positive multiple "
+                              f"of 4096, got {d.size_bytes}")
+    if len({d.filter for d in p.disks}) != 1:
+        raise ConfigError(f"{pre}disks: all disks of a policy must be on one filter")
+    if not _NAME.match(p.target):
+        raise ConfigError(f"{pre}target: {p.target!r} is not a valid node id")
+    for name in ("source_site", "target_site"):
+        if not _NAME.match(getattr(p, name)):
+            raise ConfigError(f"{pre}{name}: {getattr(p, name)!r} is not a valid site name")
+    _finite_positive(p.rpo_interval_s, f"{pre}rpo_interval_s")
+    if not 0 <= p.compression_level <= 22:
+        raise ConfigError(f"{pre}compression_level: must be 0..22, got {p.compression_level}")
+    _finite_positive(p.rpo_warning_s, f"{pre}rpo_warning_s")
+    _finite_positive(p.rpo_error_s, f"{pre}rpo_error_s")
+    if p.rpo_error_s < p.rpo_warning_s:
+        raise ConfigError(f"{pre}rpo_error_s: must be at least rpo_warning_s "
+                          f"({p.rpo_warning_s}), got {p.rpo_error_s}")
+    if not math.isfinite(p.bandwidth_limit_mbps) or p.bandwidth_limit_mbps < 0:
+        raise ConfigError(f"{pre}bandwidth_limit_mbps: must be 0 (unlimited) or more, "
+                          f"got {p.bandwidth_limit_mbps}")
+    for name in ("pinned_source_proxy", "pinned_target_proxy"):
+        value = getattr(p, name)
+        if value and not _NAME.match(value):
+            raise ConfigError(f"{pre}{name}: {value!r} is not a valid node id")
+
+
+def build_policy(data: dict[str, Any], where: str = "") -> PolicyConfig:
+    """A PolicyConfig from a TOML/JSON table: types, unknown keys, then validate_policy."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'policy'}: expected a table, got {data!r}")
+    policy = _build(PolicyConfig, data, where)
+    validate_policy(policy, where)
+    return policy
 
 
 def load_config(cls: type[T], path: str | Path) -> T:

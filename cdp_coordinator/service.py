@@ -10,21 +10,44 @@ watcher is bounded.
 
 Time: leases use `clock` (monotonic seconds); RPO lag uses `wall` (epoch
 seconds), because capture times come from the nodes' wall clocks.
+
+Policies: the store is authoritative; the config file's policies seed it
+(see store.py). The policy RPCs validate with the same code as the config
+loader (`cdp_common.config.build_policy`) and refuse bad input with
+INVALID_ARGUMENT naming the field, changing nothing.
+
+Unreachable reports: `ReportUnreachable` probes the named node with a
+grpc.health.v1 Check (PROBE_TIMEOUT_S, the coordinator's own TLS). A failed
+probe takes the node down at once (`CoordinatorState.mark_down`) and the
+flush pushes the new assignments; concurrent reports of one node share one
+probe, and a node that answered a probe is not probed again for
+PROBE_MIN_INTERVAL_S.
+
+RPO alarms: the ticker feeds each policy's alarm level to an `AlarmTracker`
+and appends its events to the store's event log. Alarms are evaluated only
+once every node had a lease period to report after a (re)start, so a
+coordinator restart does not clear alarms for lack of figures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cdp_common.config import CoordinatorConfig, PolicyConfig
-from cdp_common.errors import CdpError
+from cdp_common import rpc
+from cdp_common.config import CoordinatorConfig, PolicyConfig, build_policy
+from cdp_common.errors import CdpError, ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
+from cdp_coordinator.alarms import AlarmEvent, AlarmTracker, Level, level_of
 from cdp_coordinator.state import (
     Assignment,
     CoordinatorState,
@@ -34,11 +57,18 @@ from cdp_coordinator.state import (
     Role,
     Status,
 )
-from cdp_coordinator.store import StateStore
+from cdp_coordinator.store import StateStore, policy_to_json
 
 log = logging.getLogger("coord.service")
+plog = logging.getLogger("coord.policy")
+alarm_log = logging.getLogger("coord.alarm")
 
 TICK_S = 0.2
+PROBE_TIMEOUT_S = 1.0
+PROBE_MIN_INTERVAL_S = 1.0
+
+Probe = Callable[[str], Awaitable[str]]
+"""Probe(address) -> "" when the node answers SERVING, else why not."""
 
 
 def _endpoint(e: Endpoint) -> cpb.Endpoint:
@@ -53,7 +83,8 @@ def assignment_pb(a: Assignment, p: PolicyConfig) -> cpb.Assignment:
         disks=[cpb.PolicyDisk(disk_id=i, filter=d.filter, name=d.name, size_bytes=d.size_bytes)
                for i, d in enumerate(p.disks)],
         rpo_interval_s=p.rpo_interval_s, compression_level=p.compression_level,
-        encryption=p.encryption, reason=a.reason)
+        encryption=p.encryption, reason=a.reason,
+        bandwidth_limit_mbps=p.bandwidth_limit_mbps)
 
 
 def node_info_pb(n: NodeInfo) -> cpb.NodeInfo:
@@ -61,7 +92,8 @@ def node_info_pb(n: NodeInfo) -> cpb.NodeInfo:
                         capacity=n.capacity, metrics_address=n.metrics_address, pid=n.pid)
 
 
-def status_pb(status: Status, now_ns: int) -> cpb.StatusReply:
+def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | None = None,
+              alarms: dict[str, str] | None = None) -> cpb.StatusReply:
     return cpb.StatusReply(
         nodes=[cpb.NodeStatus(info=node_info_pb(n.info), state=n.state,
                               last_seen_age_s=n.last_seen_age_s) for n in status.nodes],
@@ -71,7 +103,11 @@ def status_pb(status: Status, now_ns: int) -> cpb.StatusReply:
             durable_seq=p.durable_seq, applied_seq=p.applied_seq, rpo_lag_s=p.rpo_lag_s,
             bytes_replicated=p.bytes_replicated, journal_bytes=p.journal_bytes, state=p.state,
             reason=p.reason, rpo_interval_s=p.rpo_interval_s, rpo_warning_s=p.rpo_warning_s,
-            rpo_error_s=p.rpo_error_s) for p in status.policies],
+            rpo_error_s=p.rpo_error_s,
+            enabled=(policies or {}).get(p.name, PolicyConfig("", [], "")).enabled,
+            bandwidth_limit_mbps=(policies or {}).get(
+                p.name, PolicyConfig("", [], "")).bandwidth_limit_mbps,
+            alarm=(alarms or {}).get(p.name, "")) for p in status.policies],
         now_ns=now_ns)
 
 
@@ -98,10 +134,16 @@ class _Watcher:
                 self.queue.get_nowait()
 
 
+def alarm_pb(e: AlarmEvent) -> cpb.AlarmEvent:
+    return cpb.AlarmEvent(id=e.id, time_ns=e.time_ns, policy=e.policy, kind=e.kind,
+                          level=e.level, rpo_lag_s=e.rpo_lag_s, message=e.message)
+
+
 class CoordinatorService(cgrpc.CoordinatorServicer):
     def __init__(self, config: CoordinatorConfig, store: StateStore,
                  clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 probe: Probe | None = None) -> None:
         self.config = config
         self.store = store
         self.clock = clock
@@ -112,11 +154,18 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self._watchers: set[_Watcher] = set()
         self._unsaved: set[str] = set()
         self._closed = False
+        self.probe: Probe = probe or self._health_probe
+        self._probes: dict[str, asyncio.Task[str]] = {}
+        self._probed_ok: dict[str, float] = {}
+        self.alarms = AlarmTracker()
+        self.alarms.restore(store.alarm_levels())
+        seeded = store.seed_policies(list(config.policies))
+        for p in seeded:
+            plog.info("policy seeded from the config file", extra={"policy": p.name})
         snap = store.load()
         now = clock()
         self.state.restore(snap.nodes, snap.policies, snap.assignments, now)
-        self.state.set_policies(config.policies, now)
-        store.save_policies(list(config.policies))
+        self._alarms_from = now + self.lease_ms / 1000
         self.flush()
         log.info("coordinator state loaded: %d nodes, %d policies",
                  len(self.state.nodes), len(self.state.policies))
@@ -155,13 +204,32 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             for a in self.state.assignments_for(node_id)])
 
     async def ticker(self, period_s: float = TICK_S) -> None:
-        """Expire leases and push changes until cancelled."""
+        """Expire leases, push changes and track alarms until cancelled."""
         while True:
             await asyncio.sleep(period_s)
             try:
                 self.flush()
+                self.check_alarms()
             except CdpError as exc:
                 log.error("%s", exc)
+
+    def check_alarms(self) -> list[AlarmEvent]:
+        """Feed every policy's alarm level to the tracker; log and store the events."""
+        if self.clock() < self._alarms_from:
+            return []
+        wall = self.wall()
+        levels = []
+        for p in self.state.status(self.clock(), wall).policies:
+            level, message = level_of(p.state, p.rpo_lag_s, p.reason, p.rpo_warning_s,
+                                      p.rpo_error_s)
+            levels.append(Level(p.name, level, p.rpo_lag_s, message))
+        events = self.alarms.update(levels, wall)
+        if events:
+            events = self.store.add_alarms(events)
+            for e in events:
+                (alarm_log.info if e.kind == "cleared" else alarm_log.warning)(
+                    "alarm %s (%s): %s", e.kind, e.level, e.message, extra={"policy": e.policy})
+        return events
 
     def close(self) -> None:
         """End every watch stream (used on shutdown)."""
@@ -198,7 +266,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     async def Heartbeat(self, request: cpb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> cpb.HeartbeatReply:
         known = self.state.heartbeat(request.node_id,
-                                     [report_from_pb(r) for r in request.policies], self.clock())
+                                     [report_from_pb(r) for r in request.policies], self.clock(),
+                                     bytes_per_s=request.bytes_per_s)
         if known:
             await self._flush_or_abort(context)
         return cpb.HeartbeatReply(known=known)
@@ -224,4 +293,160 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     async def GetStatus(self, request: cpb.StatusRequest,
                         context: grpc.aio.ServicerContext) -> cpb.StatusReply:
         wall = self.wall()
-        return status_pb(self.state.status(self.clock(), wall), int(wall * 1e9))
+        return status_pb(self.state.status(self.clock(), wall), int(wall * 1e9),
+                         self.state.policies, self.alarms.current)
+
+    # ------------------------------------------------------------ policies
+
+    async def _parse(self, context: grpc.aio.ServicerContext, text: str,
+                     what: str) -> dict[str, Any]:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: not JSON: {exc}")
+        if not isinstance(data, dict):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{what}: expected a JSON object")
+        return data  # type: ignore[no-any-return]
+
+    async def _build(self, context: grpc.aio.ServicerContext,
+                     data: dict[str, Any]) -> PolicyConfig:
+        try:
+            return build_policy(data)
+        except ConfigError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("unreachable")
+
+    async def _existing(self, context: grpc.aio.ServicerContext, name: str) -> PolicyConfig:
+        p = self.state.policies.get(name)
+        if p is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no policy named {name!r}")
+        assert p is not None
+        return p
+
+    async def _store_policy(self, context: grpc.aio.ServicerContext, p: PolicyConfig,
+                            what: str) -> cpb.PolicyReply:
+        try:
+            self.store.save_policy(p)
+        except CdpError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self.state.set_policy(p, self.clock())
+        plog.info("policy %s", what, extra={"policy": p.name})
+        await self._flush_or_abort(context)
+        return cpb.PolicyReply(policy_json=policy_to_json(p))
+
+    async def CreatePolicy(self, request: cpb.CreatePolicyRequest,
+                           context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        p = await self._build(context, await self._parse(context, request.policy_json, "policy"))
+        if p.name in self.state.policies:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"name: a policy named {p.name!r} already exists")
+        return await self._store_policy(context, p, "created")
+
+    async def UpdatePolicy(self, request: cpb.UpdatePolicyRequest,
+                           context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        old = await self._existing(context, request.name)
+        patch = await self._parse(context, request.patch_json, "patch")
+        if "name" in patch and patch["name"] != old.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "name: a policy cannot be renamed (create a new one)")
+        data = {**dataclasses.asdict(old), **patch}
+        p = await self._build(context, data)
+        return await self._store_policy(context, p, "updated")
+
+    async def SetPolicyEnabled(self, request: cpb.SetPolicyEnabledRequest,
+                               context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        old = await self._existing(context, request.name)
+        p = dataclasses.replace(old, enabled=request.enabled)
+        return await self._store_policy(context, p,
+                                        "enabled" if request.enabled else "disabled")
+
+    async def DeletePolicy(self, request: cpb.PolicyName,
+                           context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        old = await self._existing(context, request.name)
+        try:
+            self.store.delete_policy(old.name)
+        except CdpError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self.state.delete_policy(old.name, self.clock())
+        await self._flush_or_abort(context)
+        return cpb.PolicyReply(policy_json=policy_to_json(old))
+
+    async def GetPolicy(self, request: cpb.PolicyName,
+                        context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        return cpb.PolicyReply(policy_json=policy_to_json(
+            await self._existing(context, request.name)))
+
+    async def ListPolicies(self, request: cpb.ListPoliciesRequest,
+                           context: grpc.aio.ServicerContext) -> cpb.ListPoliciesReply:
+        return cpb.ListPoliciesReply(policies_json=[
+            policy_to_json(p) for _, p in sorted(self.state.policies.items())])
+
+    # ------------------------------------------------------------ unreachable
+
+    async def _health_probe(self, address: str) -> str:
+        channel = rpc.channel(address, self.config.tls, 1 << 20)
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return ""
+            return f"health status {reply.status} (not SERVING)"
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        finally:
+            await channel.close(grace=None)
+
+    async def report_unreachable(self, reporter: str, node_id: str, address: str,
+                                 policy: str, detail: str) -> cpb.ReportUnreachableReply:
+        nid = node_id or self.state.node_by_address(address)
+        node = self.state.nodes.get(nid)
+        if node is None:
+            return cpb.ReportUnreachableReply(detail=f"unknown node {node_id or address!r}")
+        now = self.clock()
+        if not self.state.is_up(nid, now):
+            return cpb.ReportUnreachableReply(detail=f"{nid} is already down")
+        if now - self._probed_ok.get(nid, -1e9) < PROBE_MIN_INTERVAL_S:
+            return cpb.ReportUnreachableReply(reachable=True,
+                                              detail=f"{nid} answered a probe just now")
+        log.info("%s reports %s unreachable: %s; probing", reporter or "a node", nid,
+                 detail or "-", extra={"node": nid, "policy": policy})
+        task = self._probes.get(nid)
+        if task is None:
+            task = asyncio.ensure_future(self.probe(node.info.address))
+            self._probes[nid] = task
+            task.add_done_callback(lambda _t: self._probes.pop(nid, None))
+        why = await asyncio.shield(task)
+        if not why:
+            self._probed_ok[nid] = self.clock()
+            log.info("probe: %s is reachable", nid, extra={"node": nid})
+            return cpb.ReportUnreachableReply(probed=True, reachable=True,
+                                              detail=f"{nid} answers its health check")
+        rebound = self.state.mark_down(nid, self.clock())
+        log.warning("probe: %s unreachable (%s); taken down", nid, why, extra={"node": nid})
+        self.flush()
+        return cpb.ReportUnreachableReply(probed=True, reachable=False, rebound=rebound,
+                                          detail=f"{nid}: {why}")
+
+    async def ReportUnreachable(self, request: cpb.ReportUnreachableRequest,
+                                context: grpc.aio.ServicerContext,
+                                ) -> cpb.ReportUnreachableReply:
+        if not request.node_id and not request.address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "node_id and address are both empty")
+        try:
+            return await self.report_unreachable(request.reporter, request.node_id,
+                                                 request.address, request.policy, request.detail)
+        except CdpError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        raise AssertionError("unreachable")
+
+    async def ListAlarms(self, request: cpb.ListAlarmsRequest,
+                         context: grpc.aio.ServicerContext) -> cpb.ListAlarmsReply:
+        limit = request.limit or 1000
+        try:
+            events = self.store.list_alarms(request.policy, min(limit, 100_000))
+        except CdpError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return cpb.ListAlarmsReply(events=[alarm_pb(e) for e in events],
+                                   active=dict(self.alarms.current))

@@ -14,10 +14,21 @@ endpoints = node id + address), an epoch and a reason when it is incomplete.
 `_recompute()` derives assignments from nodes and policies, policy by policy in
 name order, so the result is a function of the state alone:
 
-- A bound proxy is kept while it is up (or in grace) and still fits its slot
-  (role and site). Otherwise the healthy proxy that fits, has room
-  (`capacity`, 0 = unlimited) and carries the fewest policy slots is chosen,
-  ties broken by node id. No proxy -> empty endpoint + `reason`.
+- A disabled policy gets no proxies and no target (reason "disabled"); its
+  filter still gets the assignment, so it keeps journaling and stops shipping.
+- A pinned proxy (`pinned_source_proxy` / `pinned_target_proxy`) is used
+  whenever it is up and fits its slot, whatever its load or capacity: the
+  operator asked for it. A policy bound elsewhere because its pinned proxy was
+  down moves back when the pinned proxy is up again (the one exception to
+  I-b, and only towards the operator's choice).
+- Otherwise a bound proxy is kept while it is up (or in grace) and still fits
+  its slot (role and site). Otherwise the healthy proxy that fits, has room
+  (`capacity`, 0 = unlimited) and is least loaded is chosen: fewest policy
+  slots first, then fewest bytes/s (as the proxy reported in its last
+  heartbeat), ties broken by node id. No proxy -> empty endpoint + `reason`.
+- `mark_down(node)` (a filter reported the node unreachable and the
+  coordinator's probe failed) takes the node down at once, as an expired
+  lease would; its next heartbeat brings it up again.
 - Filter and target are named by the policy. A down filter changes nothing
   (the filter's journal keeps capturing; proxies keep their policy). A down or
   unknown target empties the target endpoint and sets `reason`.
@@ -134,6 +145,8 @@ class Node:
     up: bool = False
     grace_until: float = 0.0
     """A restored node holds its assignments until then, unless heard from."""
+    bytes_per_s: float = 0.0
+    """Payload bytes per second the node reported in its last heartbeat (proxies)."""
 
 
 @dataclass(frozen=True)
@@ -244,12 +257,14 @@ class CoordinatorState:
         self.nodes[info.id] = Node(info=info, last_seen=now, up=True)
         self._recompute(now)
 
-    def heartbeat(self, node_id: str, reports: Iterable[Report], now: float) -> bool:
+    def heartbeat(self, node_id: str, reports: Iterable[Report], now: float,
+                  bytes_per_s: float = 0.0) -> bool:
         """Renew the node's lease and store its reports; False if the node is unknown."""
         node = self.nodes.get(node_id)
         if node is None:
             return False
         node.last_seen = now
+        node.bytes_per_s = max(0.0, bytes_per_s) if bytes_per_s == bytes_per_s else 0.0
         for r in reports:
             self.reports[(node_id, r.policy)] = r
         if not node.up:
@@ -257,6 +272,47 @@ class CoordinatorState:
             log.info("node up (heartbeat)", extra={"node": node_id})
             self._recompute(now)
         return True
+
+    def mark_down(self, node_id: str, now: float) -> bool:
+        """Take a node down before its lease runs out (failed probe); True if it was up."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return False
+        was = node.up or (node.last_seen is None and now < node.grace_until)
+        node.up = False
+        node.grace_until = 0.0
+        if was:
+            log.warning("node down (probe failed)", extra={"node": node_id})
+            self._recompute(now)
+        return was
+
+    def set_policy(self, policy: PolicyConfig, now: float) -> None:
+        """Add or replace one policy (validated by the caller)."""
+        self.policies[policy.name] = policy
+        self._recompute(now)
+
+    def delete_policy(self, name: str, now: float) -> bool:
+        if name not in self.policies:
+            return False
+        del self.policies[name]
+        a = self.assignments.pop(name, None)
+        if a is not None:
+            self._epoch_floor[name] = max(self._epoch_floor.get(name, 0), a.epoch)
+        self._dirty.add(name)
+        alog.warning("policy deleted", extra={"policy": name})
+        self._recompute(now)
+        return True
+
+    def node_by_address(self, address: str) -> str:
+        for nid, node in sorted(self.nodes.items()):
+            if node.info.address == address:
+                return nid
+        return ""
+
+    def is_up(self, node_id: str, now: float) -> bool:
+        node = self.nodes.get(node_id)
+        return node is not None and (node.up or (node.last_seen is None
+                                                 and now < node.grace_until))
 
     def tick(self, now: float) -> list[str]:
         """Expire leases, recompute; return the policies changed since the last tick."""
@@ -305,7 +361,9 @@ class CoordinatorState:
                   if pol == p.name and r.error]
         if not reason:
             reason = "; ".join(errors)
-        if a.reason:
+        if not p.enabled:
+            state, lag = "disabled", 0.0
+        elif a.reason:
             state = "unassigned"
         elif errors:
             # a node says replication of this policy is failing (wrong key,
@@ -331,16 +389,17 @@ class CoordinatorState:
         return node.up or (node.last_seen is None and now < node.grace_until)
 
     def _choose(self, roles: tuple[Role, ...], site: str, loads: dict[str, int]) -> str:
-        best: tuple[int, str] | None = None
+        best: tuple[int, float, str] | None = None
         for nid, node in self.nodes.items():
             if not node.up or node.info.role not in roles or node.info.site != site:
                 continue
             load = loads.get(nid, 0)
             if node.info.capacity and load >= node.info.capacity:
                 continue
-            if best is None or (load, nid) < best:
-                best = (load, nid)
-        return best[1] if best else ""
+            key = (load, node.bytes_per_s, nid)
+            if best is None or key < best:
+                best = key
+        return best[2] if best else ""
 
     def _endpoint(self, node_id: str) -> Endpoint:
         if not node_id:
@@ -359,11 +418,25 @@ class CoordinatorState:
             old = self.assignments.get(name)
             reasons: list[str] = []
             slots: list[str] = []
-            for prev, roles, site, what in (
-                (old.source_proxy.node_id if old else "", SOURCE_ROLES, p.source_site, "source"),
-                (old.target_proxy.node_id if old else "", TARGET_ROLES, p.target_site, "target"),
+            for prev, pinned, roles, site, what in (
+                (old.source_proxy.node_id if old else "", p.pinned_source_proxy, SOURCE_ROLES,
+                 p.source_site, "source"),
+                (old.target_proxy.node_id if old else "", p.pinned_target_proxy, TARGET_ROLES,
+                 p.target_site, "target"),
             ):
-                chosen = prev if prev and self._holds(prev, roles, site, now) else ""
+                if not p.enabled:
+                    if prev:
+                        loads[prev] -= 1
+                    slots.append("")
+                    continue
+                if pinned and pinned != prev and self.nodes.get(pinned) is not None \
+                        and self.nodes[pinned].up and self._holds(pinned, roles, site, now):
+                    chosen = pinned
+                    if prev:
+                        loads[prev] -= 1
+                    loads[chosen] = loads.get(chosen, 0) + 1
+                else:
+                    chosen = prev if prev and self._holds(prev, roles, site, now) else ""
                 if not chosen:
                     if prev:
                         loads[prev] -= 1
@@ -373,7 +446,10 @@ class CoordinatorState:
                     else:
                         reasons.append(f"no healthy {what} proxy on site {site}")
                 slots.append(chosen)
-            if self._holds(p.target, (Role.TARGET,), self._site_of(p.target), now):
+            if not p.enabled:
+                target = NO_ENDPOINT
+                reasons = ["disabled"]
+            elif self._holds(p.target, (Role.TARGET,), self._site_of(p.target), now):
                 target = self._endpoint(p.target)
             else:
                 target = NO_ENDPOINT
@@ -390,7 +466,7 @@ class CoordinatorState:
                 target=target, reason="; ".join(reasons))
             old_binding = old.binding if old else (NO_ENDPOINT,) * 3
             if new.binding != old_binding:
-                if any(o.node_id and o.node_id != n.node_id
+                if p.enabled and any(o.node_id and o.node_id != n.node_id
                        for o, n in zip(old_binding, new.binding, strict=True)):
                     self.rebinds += 1
                 new = replace(new, epoch=new.epoch + 1)

@@ -13,6 +13,15 @@ Every write is one transaction; SQLite runs in WAL mode with
 power loss may lose the last few, and epochs then still only grow because the
 target refuses older epochs and the coordinator bumps on the next rebind).
 
+Policies are edited from the CLI (policy RPCs) and stored here; the config
+file's `[[policies]]` only *seed* the store: a config policy is added the
+first time its name is seen (the name goes into `seeded`), never again, so a
+policy edited or deleted from the CLI stays edited or deleted across
+restarts even though the config file still lists it.
+
+The RPO alarm event log (`alarms`) is append-only; the current alarm level
+per policy is the level of its newest event.
+
 SQLite is the embedded default; a distributed implementation (etcd) would
 implement the same `StateStore` protocol.
 """
@@ -29,6 +38,7 @@ from typing import Any, Protocol
 
 from cdp_common.config import PolicyConfig, PolicyDiskConfig
 from cdp_common.errors import StorageError
+from cdp_coordinator.alarms import AlarmEvent
 from cdp_coordinator.state import Assignment, Endpoint, NodeInfo
 
 log = logging.getLogger("coord.store")
@@ -43,7 +53,13 @@ CREATE TABLE IF NOT EXISTS nodes (
 CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, config TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS assignments (
     policy TEXT PRIMARY KEY, epoch INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS seeded (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS alarms (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time_ns INTEGER NOT NULL, policy TEXT NOT NULL,
+    kind TEXT NOT NULL, level TEXT NOT NULL, rpo_lag_s REAL NOT NULL, message TEXT NOT NULL);
 """
+
+MAX_ALARMS_KEPT = 100_000
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,23 @@ class StateStore(Protocol):
         """Upsert these policies and delete the others (their epochs are kept)."""
 
     def save_assignments(self, assignments: list[Assignment]) -> None: ...
+
+    def seed_policies(self, policies: list[PolicyConfig]) -> list[PolicyConfig]:
+        """Store the policies whose name was never seeded before; returns those."""
+
+    def save_policy(self, policy: PolicyConfig) -> None:
+        """Insert or replace one policy."""
+
+    def delete_policy(self, name: str) -> None: ...
+
+    def add_alarms(self, events: list[AlarmEvent]) -> list[AlarmEvent]:
+        """Append events; returns them with their ids."""
+
+    def list_alarms(self, policy: str = "", limit: int = 1000) -> list[AlarmEvent]:
+        """The newest `limit` events (of `policy`, if given), oldest first."""
+
+    def alarm_levels(self) -> dict[str, str]:
+        """Level of the newest event per policy."""
 
     def close(self) -> None: ...
 
@@ -168,6 +201,65 @@ class SqliteStore:
                     "INSERT INTO assignments VALUES (?, ?, ?) ON CONFLICT(policy) DO UPDATE SET "
                     "epoch = MAX(epoch, excluded.epoch), data = excluded.data",
                     (a.policy, a.epoch, assignment_to_json(a)))
+
+    def seed_policies(self, policies: list[PolicyConfig]) -> list[PolicyConfig]:
+        added = []
+        with self._tx() as db:
+            for p in policies:
+                if db.execute("SELECT 1 FROM seeded WHERE name = ?", (p.name,)).fetchone():
+                    continue
+                db.execute("INSERT INTO seeded VALUES (?)", (p.name,))
+                if db.execute("SELECT 1 FROM policies WHERE name = ?", (p.name,)).fetchone():
+                    continue
+                db.execute("INSERT INTO policies VALUES (?, ?)", (p.name, policy_to_json(p)))
+                added.append(p)
+        return added
+
+    def save_policy(self, policy: PolicyConfig) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO policies VALUES (?, ?)",
+                       (policy.name, policy_to_json(policy)))
+            db.execute("INSERT OR IGNORE INTO seeded VALUES (?)", (policy.name,))
+
+    def delete_policy(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM policies WHERE name = ?", (name,))
+
+    def add_alarms(self, events: list[AlarmEvent]) -> list[AlarmEvent]:
+        out = []
+        with self._tx() as db:
+            for e in events:
+                cur = db.execute(
+                    "INSERT INTO alarms (time_ns, policy, kind, level, rpo_lag_s, message) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (e.time_ns, e.policy, e.kind, e.level, e.rpo_lag_s, e.message))
+                out.append(dataclasses.replace(e, id=int(cur.lastrowid or 0)))
+            if out and out[-1].id > MAX_ALARMS_KEPT:
+                db.execute("DELETE FROM alarms WHERE id <= ?", (out[-1].id - MAX_ALARMS_KEPT,))
+        return out
+
+    def list_alarms(self, policy: str = "", limit: int = 1000) -> list[AlarmEvent]:
+        sql = "SELECT id, time_ns, policy, kind, level, rpo_lag_s, message FROM alarms"
+        args: tuple[Any, ...] = ()
+        if policy:
+            sql += " WHERE policy = ?"
+            args = (policy,)
+        sql += " ORDER BY id DESC LIMIT ?"
+        try:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: cannot read alarms: {exc}") from None
+        return [AlarmEvent(id=r[0], time_ns=r[1], policy=r[2], kind=r[3], level=r[4],
+                           rpo_lag_s=r[5], message=r[6]) for r in reversed(rows)]
+
+    def alarm_levels(self) -> dict[str, str]:
+        try:
+            rows = self._db.execute(
+                "SELECT policy, level FROM alarms WHERE id IN "
+                "(SELECT MAX(id) FROM alarms GROUP BY policy)").fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: cannot read alarms: {exc}") from None
+        return {r[0]: r[1] for r in rows}
 
     def close(self) -> None:
         self._db.close()

@@ -107,9 +107,11 @@ def test_restart_keeps_policies_epochs_assignments(tmp_path: Path) -> None:
     assert not svc2.state.heartbeat("stranger", [], clock.t)
     svc2.store.close()
 
-    # Third start: the store alone decides the epochs, even if state shrank meanwhile.
+    # Third start: the config only seeds policies (the store is authoritative once
+    # policies are edited from the CLI), so dropping p2/p3 from the file removes nothing;
+    # the store alone decides the epochs.
     svc3 = CoordinatorService(config(db, [pol("p1")]), SqliteStore(db), clock=clock)
-    assert set(svc3.state.policies) == {"p1"}
+    assert set(svc3.state.policies) == {"p1", "p2", "p3"}
     assert svc3.state.assignments["p1"].epoch == moved["p1"].epoch
     svc3.store.close()
 
