@@ -325,6 +325,55 @@ def lab_status(root: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]
     return state, rows
 
 
+def lab_kill(root: Path, node_id: str, wait_s: float = STOP_TIMEOUT_S,
+             say: Say = print) -> int:
+    """SIGKILL one lab process (a crash rehearsal) and wait until it is gone.
+
+    For the filter, its FUSE mount is left dead ("transport endpoint is not
+    connected") by the kill; it is lazily unmounted so the mountpoint is a
+    plain directory again and `lab start` can mount afresh. Returns the pid.
+    """
+    root = root.absolute()
+    state = load_state(root)
+    if state is None:
+        raise LabError(f"no lab in {root} (no lab.json)")
+    p = _lab_process(state, node_id)
+    pid = int(p["pid"])
+    if not process_alive(pid, p.get("config")):
+        raise LabError(f"{node_id} is not running (pid {pid} is gone); "
+                       f"start it with `cdpctl lab start --dir {root} {node_id}`")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    # Identity was checked before the kill; a dying process loses its
+    # cmdline before it is gone, so only the pid is watched from here on.
+    while True:
+        _reap(pid)
+        if not process_alive(pid):
+            break
+        if time.monotonic() > deadline:
+            raise LabError(f"{node_id} (pid {pid}) still exists {wait_s:.0f}s after SIGKILL "
+                           "(stuck in the kernel?)")
+        time.sleep(0.02)
+    say(f"killed {node_id} (pid {pid}, SIGKILL)")
+    if p["id"] == labplan.FILTER_ID:
+        mnt = Path(state.get("mountpoint") or root / "mnt")
+        if is_fuse_mount(mnt):
+            error = unmount_lazy(mnt)
+            if error:
+                raise LabError(error)
+            say(f"unmounted the dead FUSE mount {mnt}")
+    return pid
+
+
+def _lab_process(state: dict[str, Any], node_id: str) -> dict[str, Any]:
+    for p in state["processes"]:
+        if p["id"] == node_id:
+            return dict(p)
+    ids = ", ".join(p["id"] for p in state["processes"])
+    raise LabError(f"no process {node_id!r} in the lab (known: {ids})")
+
+
 def lab_restart(root: Path, node_id: str, timeout_s: float = 30.0, say: Say = print) -> int:
     """Start one lab process again with its recorded config (after a crash or a kill)."""
     root = root.absolute()
@@ -352,4 +401,21 @@ def lab_restart(root: Path, node_id: str, timeout_s: float = 30.0, say: Say = pr
                     log=Path(p["log"]), config_text="")
     say(f"started {node_id} (pid {pid})")
     _wait_ready(node, pid, tls, timeout_s)
+    if p["id"] == labplan.FILTER_ID:
+        _wait_disk_paths(node, pid, [Path(d["path"]) for d in state.get("disks", [])],
+                         timeout_s)
     return pid
+
+
+def _wait_disk_paths(node: NodePlan, pid: int, paths: list[Path], timeout_s: float) -> None:
+    """The filter serves gRPC before its mount is up: wait for the disk files too."""
+    deadline = time.monotonic() + timeout_s
+    while not all(path.exists() for path in paths):
+        _reap(pid)
+        if not process_alive(pid):
+            raise LabError(f"{node.id} (pid {pid}) exited before its disks appeared; "
+                           f"last lines of {node.log}:\n{log_tail(node.log)}")
+        if time.monotonic() > deadline:
+            raise LabError(f"the disks of {node.id} did not appear within {timeout_s:.0f}s; "
+                           f"last lines of {node.log}:\n{log_tail(node.log)}")
+        time.sleep(0.1)
