@@ -24,12 +24,14 @@ log = logging.getLogger("common.coordclient")
 
 ReportFn = Callable[[], Sequence[cpb.PolicyReport]]
 AssignFn = Callable[[cpb.AssignmentSet], Awaitable[None] | None]
+LoadFn = Callable[[], float]
+UNREACHABLE_TIMEOUT_S = 5.0
 
 
 class CoordinatorClient:
     def __init__(self, node: NodeConfig, tls: TlsConfig, role: int, address: str,
                  metrics_address: str, reports: ReportFn, on_assignments: AssignFn | None = None,
-                 ) -> None:
+                 load: LoadFn | None = None) -> None:
         self._info = cpb.NodeInfo(id=node.id, role=role, site=node.site, address=address,  # type: ignore[arg-type]
                                   capacity=node.capacity, metrics_address=metrics_address,
                                   pid=os.getpid())
@@ -37,6 +39,7 @@ class CoordinatorClient:
         self._stub = cgrpc.CoordinatorStub(self._channel)
         self._reports = reports
         self._on_assignments = on_assignments
+        self._load = load
         self._heartbeat_s = 1.0
         self._registered = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -70,7 +73,8 @@ class CoordinatorClient:
                 if not self._registered.is_set():
                     await self._register()
                 reply = await self._stub.Heartbeat(
-                    cpb.HeartbeatRequest(node_id=self._info.id, policies=list(self._reports())),
+                    cpb.HeartbeatRequest(node_id=self._info.id, policies=list(self._reports()),
+                                         bytes_per_s=self._load() if self._load else 0.0),
                     timeout=max(2.0, 2 * self._heartbeat_s))
                 if not reply.known:
                     self._registered.clear()
@@ -84,6 +88,21 @@ class CoordinatorClient:
                 self._registered.clear()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+    async def report_unreachable(self, node_id: str, address: str, policy: str,
+                                 detail: str) -> cpb.ReportUnreachableReply | None:
+        """Tell the coordinator a peer cannot be reached; None if the coordinator is down."""
+        try:
+            reply: cpb.ReportUnreachableReply = await self._stub.ReportUnreachable(
+                cpb.ReportUnreachableRequest(reporter=self._info.id, node_id=node_id,
+                                             address=address, policy=policy, detail=detail),
+                timeout=UNREACHABLE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("cannot report %s unreachable: %s", node_id or address, exc.details())
+            return None
+        log.info("reported %s unreachable: %s", node_id or address, reply.detail,
+                 extra={"policy": policy})
+        return reply
 
     async def _watch_loop(self) -> None:
         assert self._on_assignments is not None

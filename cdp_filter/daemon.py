@@ -164,6 +164,7 @@ class FilterDaemon:
                 metrics_address, self._reports, self._on_assignments)
             self.coord.start()
             for name, shipper in self.shippers.items():
+                shipper.on_unreachable = self.coord.report_unreachable
                 self._tasks.append(asyncio.create_task(shipper.run(), name=f"shipper-{name}"))
             log.info("cdp-filter %s serving on %s", node.id, self.server.address,
                      extra={"node": node.id})

@@ -26,6 +26,12 @@ Any stream failure is logged once per distinct error, reported as the
 policy's `error` in heartbeats, and retried with backoff 0.2 s -> 2 s; the
 welcome of the new stream tells where to resume. A different assignment
 (epoch, endpoints or parameters) restarts the stream at once.
+
+A stream that fails before the welcome with UNAVAILABLE from gRPC itself (no
+connection: the proxy is dead or cut off, not a proxy that refused us) is
+reported to the coordinator (`on_unreachable`, at most once per
+REPORT_INTERVAL_S), which probes the proxy and rebinds the policy at once if
+the probe fails too, instead of waiting for the proxy's lease to run out.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ import contextlib
 import enum
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf import json_format
@@ -54,6 +61,10 @@ log = logging.getLogger("filter.ship")
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 2.0
 WELCOME_TIMEOUT_S = 30.0
+REPORT_INTERVAL_S = 2.0
+
+UnreachableFn = Callable[[str, str, str, str], Awaitable[object]]
+"""on_unreachable(node_id, address, policy, detail)."""
 
 
 class Resume(enum.Enum):
@@ -73,7 +84,8 @@ def plan_resume(resume_from_seq: int, oldest_seq: int, last_seq: int) -> Resume:
 def assignment_key(a: cpb.Assignment) -> tuple[object, ...]:
     """What, when it changes, requires a new stream."""
     return (a.epoch, a.source_proxy.node_id, a.source_proxy.address, a.target_proxy.address,
-            a.target.address, a.rpo_interval_s, a.compression_level, a.encryption)
+            a.target.address, a.rpo_interval_s, a.compression_level, a.encryption,
+            a.bandwidth_limit_mbps)
 
 
 def usable(a: cpb.Assignment | None) -> bool:
@@ -107,6 +119,9 @@ class Shipper:
         self._changed = asyncio.Event()
         self._welcomed = False
         self._last_logged = ""
+        self.on_unreachable: UnreachableFn | None = None
+        self._last_report = -REPORT_INTERVAL_S
+        self._report_task: asyncio.Task[object] | None = None
         if self._assignment is not None:
             log.info("resuming with remembered assignment epoch %d (source proxy %s)",
                      self._assignment.epoch, self._assignment.source_proxy.address,
@@ -193,11 +208,28 @@ class Shipper:
                 continue
             exc = stream.exception() if not stream.cancelled() else None
             self._record_error(exc or UnavailableError("source proxy ended the stream"))
+            if not self._welcomed and exc is not None:
+                self._maybe_report(a, exc)
             if self._welcomed:
                 backoff = BACKOFF_MIN_S
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _maybe_report(self, a: cpb.Assignment, exc: BaseException) -> None:
+        """Report the source proxy unreachable when gRPC could not reach it at all."""
+        if self.on_unreachable is None or not isinstance(exc, grpc.aio.AioRpcError):
+            return
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or (exc.details() or "").startswith(
+                "policy "):
+            return  # the proxy answered (its own aborts name the policy)
+        now = time.monotonic()
+        if now - self._last_report < REPORT_INTERVAL_S or (
+                self._report_task is not None and not self._report_task.done()):
+            return
+        self._last_report = now
+        self._report_task = asyncio.ensure_future(self.on_unreachable(
+            a.source_proxy.node_id, a.source_proxy.address, self.rt.name, describe(exc)))
 
     def _record_error(self, exc: BaseException) -> None:
         text = describe(exc)
@@ -211,7 +243,8 @@ class Shipper:
             policy=self.rt.name, filter_id=self.filter_id, epoch=a.epoch, disks=self.disks,
             target_proxy_address=a.target_proxy.address, target_address=a.target.address,
             rpo_interval_s=a.rpo_interval_s, compression_level=a.compression_level,
-            encryption=a.encryption, captured_seq=self.rt.journal.last_seq))
+            encryption=a.encryption, captured_seq=self.rt.journal.last_seq,
+            bandwidth_limit_mbps=a.bandwidth_limit_mbps, target_proxy_id=a.target_proxy.node_id))
 
     async def _stream(self, a: cpb.Assignment) -> None:
         rt, journal = self.rt, self.rt.journal

@@ -24,6 +24,7 @@ from cdp_common.coordclient import CoordinatorClient
 from cdp_common.crypto import load_master_key
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
+from cdp_proxy import metrics
 from cdp_proxy.source import SourceProxy
 from cdp_proxy.stream import Channels, PolicyErrors
 from cdp_proxy.target_role import TargetProxy
@@ -57,6 +58,7 @@ class ProxyDaemon:
         self.metrics_address = ""
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
+        self._rate = metrics.ByteRate()
 
     def reports(self) -> list[cpb.PolicyReport]:
         return [cpb.PolicyReport(policy=p, error=m) for p, m in sorted(self.errors.items())]
@@ -75,7 +77,9 @@ class ProxyDaemon:
             if node.coordinator:
                 self.coordinator = CoordinatorClient(
                     node, self.config.tls, ROLES[self.config.proxy.role], self.address,
-                    self.metrics_address, self.reports)
+                    self.metrics_address, self.reports, load=self._rate.sample)
+                if self.source is not None:
+                    self.source.on_unreachable = self.coordinator.report_unreachable
                 self.coordinator.start()
             log.info("proxy (role %s) serving on %s (metrics %s)", self.config.proxy.role,
                      self.address, self.metrics_address or "off", extra={"node": node.id})

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+import time
+
+from prometheus_client import REGISTRY, Counter, Gauge
 
 BYTES_IN = Counter("cdp_proxy_bytes_in", "Bytes received: record batches from the filter "
                    "(source) or frame envelopes from the source proxy (target).", ["role"])
@@ -19,3 +21,22 @@ INFLIGHT = Gauge("cdp_proxy_inflight_bytes", "Encoded delta bytes sent to target
 AUTH_FAILURES = Counter("cdp_proxy_auth_failures", "Frames that failed authentication "
                         "(wrong key, tampering, replay).")
 SESSIONS = Gauge("cdp_proxy_sessions", "Open replication streams.", ["role"])
+
+
+class ByteRate:
+    """Payload bytes/s received (both roles) since the previous sample: the load a
+    proxy reports in its heartbeats, for the coordinator's least-loaded choice."""
+
+    def __init__(self) -> None:
+        self._last = (time.monotonic(), self._total())
+
+    @staticmethod
+    def _total() -> float:
+        return sum(REGISTRY.get_sample_value("cdp_proxy_bytes_in_total", {"role": r}) or 0.0
+                   for r in ("source", "target"))
+
+    def sample(self) -> float:
+        now, total = time.monotonic(), self._total()
+        then, before = self._last
+        self._last = (now, total)
+        return max(0.0, (total - before) / (now - then)) if now > then else 0.0

@@ -18,6 +18,15 @@ source and target proxy in separate processes on the 2-core machine: inline
 245-339 MiB/s at 2.6-3.2 ms CPU per MiB, offloaded 183-206 MiB/s at
 4.4-4.8 ms/MiB — the thread hand-offs cost more than the overlap gains.
 
+Bandwidth limit: when the hello carries `bandwidth_limit_mbps` > 0, the
+sender passes every frame through a `throttle.TokenBucket` and sleeps before
+writing it, so the policy never sends faster than its limit to the target
+proxy (the backlog then waits in the filter's journal, via back-pressure).
+
+A target proxy that cannot be reached at all (UNAVAILABLE from gRPC during
+the session open) is reported to the coordinator through `on_unreachable`,
+which probes it and rebinds at once if the probe fails.
+
 Back-pressure (I4): each cut delta's encoded size enters the in-flight
 account until the target acks its last seq; while the account is at or above
 `proxy.inflight_max_bytes` the reader stops reading from the filter, so gRPC
@@ -51,7 +60,7 @@ from cdp_common.config import ProxySection
 from cdp_common.errors import CdpError, FormatError, ProtocolError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_proxy import metrics, stream
+from cdp_proxy import metrics, stream, throttle
 from cdp_proxy.cutter import Delta, IntervalCutter
 from cdp_proxy.stream import (
     Channels,
@@ -78,6 +87,16 @@ class SourceProxy(rgrpc.SourceProxyServicer):
         self.master_key = master_key
         self.errors = errors if errors is not None else PolicyErrors()
         self.offload = offload
+        self.on_unreachable: Any = None
+        """async on_unreachable(node_id, address, policy, detail), set by the daemon."""
+        self._reports: set[asyncio.Task[object]] = set()
+
+    def report_unreachable(self, node_id: str, address: str, policy: str, detail: str) -> None:
+        if self.on_unreachable is None:
+            return
+        task = asyncio.ensure_future(self.on_unreachable(node_id, address, policy, detail))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     async def Ship(self, request_iterator: AsyncIterator[rpb.ShipRequest],
                    context: grpc.aio.ServicerContext) -> None:
@@ -152,6 +171,10 @@ class _ShipSession:
                 target_address=hello.target_address)))
             reply = await read_first(self.call)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and not (exc.details() or "").startswith(
+                    "policy "):
+                parent.report_unreachable(hello.target_proxy_id, hello.target_proxy_address,
+                                          hello.policy, f"{exc.code().name}: {exc.details()}")
             raise downstream_abort(exc, self.policy, self.peer) from None
         except TimeoutError:
             raise StreamAbort(grpc.StatusCode.UNAVAILABLE,
@@ -179,6 +202,8 @@ class _ShipSession:
         self._hello_checks(hello)
         self.peer = f"target proxy {hello.target_proxy_address}"
         self.captured_seq = hello.captured_seq
+        rate = throttle.rate_bytes_per_s(hello.bandwidth_limit_mbps)
+        self.bucket = throttle.TokenBucket(rate, time.monotonic()) if rate else None
         tasks: list[asyncio.Task[None]] = []
         metrics.SESSIONS.labels("source").inc()
         try:
@@ -308,6 +333,10 @@ class _ShipSession:
                          else next(frames, None))
                 if frame is None:
                     break
+                if self.bucket is not None:
+                    wait = self.bucket.reserve(len(frame.frame.envelope), time.monotonic())
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 await stream.write(self.call, frame)
                 metrics.BYTES_OUT.labels("source").inc(len(frame.frame.envelope))
 
