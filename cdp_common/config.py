@@ -45,6 +45,12 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    level: str = doc("Lowest level logged: 'debug', 'info', 'warning' or 'error'; '' = the "
+                     "--log-level option. Re-read on SIGHUP.", "")
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     id: str = doc("Unique node id, e.g. 'filter-1'.")
     site: str = doc("Site name; proxies are chosen on the policy's source/target site.", "default")
@@ -82,6 +88,7 @@ class FilterConfig:
     filter: FilterSection
     disks: list[DiskConfig] = doc("Protected disks.", default_factory=list)
     tls: TlsConfig = doc("TLS settings.", default_factory=TlsConfig)
+    log: LogConfig = doc("Logging settings.", default_factory=LogConfig)
 
 
 # ---------------------------------------------------------------- proxy
@@ -102,6 +109,7 @@ class ProxyConfig:
     node: NodeConfig
     proxy: ProxySection = doc("Proxy settings.", default_factory=ProxySection)
     tls: TlsConfig = doc("TLS settings.", default_factory=TlsConfig)
+    log: LogConfig = doc("Logging settings.", default_factory=LogConfig)
 
 
 # ---------------------------------------------------------------- target
@@ -116,6 +124,7 @@ class TargetConfig:
     node: NodeConfig
     target: TargetSection
     tls: TlsConfig = doc("TLS settings.", default_factory=TlsConfig)
+    log: LogConfig = doc("Logging settings.", default_factory=LogConfig)
 
 
 # ---------------------------------------------------------------- coordinator
@@ -161,6 +170,7 @@ class CoordinatorConfig:
     coordinator: CoordinatorSection
     policies: list[PolicyConfig] = doc("CDP policies.", default_factory=list)
     tls: TlsConfig = doc("TLS settings.", default_factory=TlsConfig)
+    log: LogConfig = doc("Logging settings.", default_factory=LogConfig)
 
 
 # ---------------------------------------------------------------- loader
@@ -251,6 +261,11 @@ def validate(config: Any) -> None:
             _address(node.coordinator, "node.coordinator")
         if node.max_message_bytes < 64 * 1024:
             raise ConfigError("node.max_message_bytes: must be at least 65536")
+    log_cfg = getattr(config, "log", None)
+    if isinstance(log_cfg, LogConfig) and log_cfg.level not in ("", "debug", "info", "warning",
+                                                                "error"):
+        raise ConfigError(f"log.level: expected 'debug', 'info', 'warning' or 'error', "
+                          f"got {log_cfg.level!r}")
     tls = getattr(config, "tls", None)
     if isinstance(tls, TlsConfig) and not tls.insecure:
         for name in ("ca_file", "cert_file", "key_file"):

@@ -48,5 +48,10 @@ def setup(fmt: str = "text", level: str = "info") -> None:
     logging.getLogger("grpc").setLevel(logging.WARNING)
 
 
+def set_level(level: str) -> None:
+    """Change the lowest level logged, e.g. on SIGHUP."""
+    logging.getLogger().setLevel(level.upper())
+
+
 def get(name: str) -> logging.Logger:
     return logging.getLogger(name)

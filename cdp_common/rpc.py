@@ -66,7 +66,10 @@ class Server:
         if tls.insecure:
             port = self.grpc.add_insecure_port(listen)
         else:
-            port = self.grpc.add_secure_port(listen, server_credentials(tls))
+            # reloadable on SIGHUP for new connections (cdp_common/tlsreload.py)
+            from cdp_common.tlsreload import ReloadableServerTls
+            self.tls_reloader = ReloadableServerTls(tls)
+            port = self.grpc.add_secure_port(listen, self.tls_reloader.credentials())
         if port == 0:
             raise ConfigError(f"node.listen: cannot bind {listen}")
         host = listen.rpartition(":")[0]

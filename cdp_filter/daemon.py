@@ -88,6 +88,7 @@ class FilterDaemon:
         self._fuse_task: asyncio.Task[None] | None = None
         self._mounted = False
         self.mountpoint = config.filter.mountpoint
+        self.ready = asyncio.Event()  # set once mounted and shipping (sd_notify READY=1)
 
     # ------------------------------------------------------------ setup
 
@@ -168,6 +169,7 @@ class FilterDaemon:
                 self._tasks.append(asyncio.create_task(shipper.run(), name=f"shipper-{name}"))
             log.info("cdp-filter %s serving on %s", node.id, self.server.address,
                      extra={"node": node.id})
+            self.ready.set()
             await self._stop.wait()
         finally:
             await self._cleanup()

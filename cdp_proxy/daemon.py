@@ -91,6 +91,21 @@ class ProxyDaemon:
     async def shutdown(self) -> None:
         self._stop.set()
 
+    def reload(self, config: ProxyConfig) -> None:
+        """SIGHUP: re-read proxy.key_file; sessions opened from now on use the new key
+        (open sessions keep theirs). A missing or bad key file raises ConfigError and
+        the old key stays."""
+        if not config.proxy.key_file:
+            return
+        key = load_master_key(config.proxy.key_file)
+        self.master_key = key
+        if self.source is not None:
+            self.source.master_key = key
+        if self.target is not None:
+            self.target.master_key = key
+        log.info("reloaded the master key from %s", config.proxy.key_file,
+                 extra={"node": self.config.node.id})
+
     async def _cleanup(self) -> None:
         if self.coordinator is not None:
             await self.coordinator.stop()
