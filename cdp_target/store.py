@@ -359,6 +359,11 @@ class PolicyStore:
         self._incoming: _Incoming | None = None
         self._fds: dict[int, int] = {}
         self._closed = False
+        self._pause = 0
+        self.frozen = False
+        """True after a committed failover: deltas are no longer applied."""
+        from cdp_target.undostore import UndoStore  # it builds on this module
+        self.undo = UndoStore(directory)
 
     # ------------------------------------------------------------ open / close
 
@@ -393,6 +398,7 @@ class PolicyStore:
             store.set_disks(disks or {})
             if not state_path.exists():
                 store._write_state()
+            store.undo.recover(store.state.applied_seq, store.state.newest_time_ns)
             if apply:
                 store.apply_pending()
         except BaseException:
@@ -676,12 +682,20 @@ class PolicyStore:
         is called after each delta (for metrics). A corrupt or missing delta
         raises StorageError and is left in place, not applied.
         """
+        user_stop = stop
+
+        def stop_now() -> bool:  # a restore pausing apply counts as a stop
+            return bool(self._pause) or (user_stop is not None and user_stop())
+
+        stop = stop_now
         with self._apply_lock:
             if self._closed:
                 raise StorageError(f"policy store {self.dir} is closed")
             with self._state_lock:
                 durable = self.state.durable_seq
                 applied = self.state.applied_seq
+            if self.frozen:
+                return applied
             for first, last, path in self._delta_files():
                 if last > durable:
                     break  # being committed right now
@@ -713,6 +727,13 @@ class PolicyStore:
         try:
             touched: dict[int, bool] = {}  # disk id -> hole punched (needs a full fsync)
             with DeltaReader(path) as reader:
+                lo, newest_ns = reader.info.first_seq - 1, reader.info.newest_time_ns
+
+                def extents() -> Iterator[Extent]:
+                    for chunk in reader.chunks():
+                        yield from decode_chunk(chunk, self.disk_sizes)
+                # Undo first (durable), then the replica (cdp_target.undostore).
+                undo_size = self.undo.before_apply(lo, last_seq, extents, self._fds)
                 for chunk in reader.chunks():
                     for ext in decode_chunk(chunk, self.disk_sizes):
                         fd = self._fds[ext.disk_id]
@@ -731,6 +752,11 @@ class PolicyStore:
                                f"not applied: {exc}") from None
         except OSError as exc:
             raise _storage(f"policy {self.dir.name}: applying {path.name}", exc) from None
+        try:
+            self.undo.after_apply(lo, last_seq, newest_ns, undo_size)
+        except OSError as exc:
+            raise _storage(f"policy {self.dir.name}: recording restore point {last_seq}",
+                           exc) from None
         with self._state_lock:
             self.state.applied_seq = last_seq
             self._write_state_locked()
@@ -739,3 +765,38 @@ class PolicyStore:
         except OSError as exc:
             log.warning("cannot delete applied delta %s: %s", path, exc,
                         extra={"policy": self.dir.name})
+        try:
+            self.undo.retain(self.disk_sizes)
+        except (OSError, FormatError) as exc:
+            # Retention is retried after the next delta; no point is lost meanwhile.
+            log.warning("retention failed: %s", exc, extra={"policy": self.dir.name})
+
+    # ------------------------------------------------------------ restore points
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold apply (and retention) still: the replica and undo segments do not change.
+
+        An apply in progress stops after its current delta. Receiving and
+        acking deltas goes on; they wait, durable, until the caller is done.
+        """
+        self._pause += 1
+        try:
+            with self._apply_lock:
+                if self._closed:
+                    raise StorageError(f"policy store {self.dir} is closed")
+                yield
+        finally:
+            self._pause -= 1
+
+    @property
+    def fds(self) -> Mapping[int, int]:
+        """Replica fds by disk id (use under `paused()`)."""
+        return self._fds
+
+    def reopen_replicas(self) -> None:
+        """Reopen every replica image (they were replaced by rename); call under `paused()`."""
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = {i: self._open_replica(spec) for i, spec in self.state.disks.items()}
