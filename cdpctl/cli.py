@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from cdp_common import crypto, pki
 from cdp_common.errors import CdpError, CoordinatorUnreachable
 from cdpctl import lab, labplan, resolve, status, table
+from cdpctl import policy as policy_cmd
 from cdpctl.state import UsageError
 from cdpctl.units import parse_size
 
@@ -115,9 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
             journal backlog). --json gives {"nodes": [...], "policies": [...]}."""),
         epilog=_epilog("""\
             cdpctl status
+            cdpctl status --watch
             cdpctl status --json | jq '.policies[] | {name, rpo_lag_s}'""", COORDINATOR_HELP))
     _add_coordinator_args(p)
+    p.add_argument("--watch", action="store_true",
+                   help="redraw the tables every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="refresh period of --watch (default 1)")
     p.set_defaults(func=cmd_status)
+
+    policy_cmd.add_parsers(sub, (_fmt, _epilog, _add_coordinator_args, _coordinator))
 
     # lab
     p = sub.add_parser(
@@ -147,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
             lab in DIR is kept and reused."""),
         epilog=_epilog("""\
             cdpctl lab up --dir ./lab
-            cdpctl lab up --dir /tmp/lab --disks 2 --disk-size 256M --insecure"""))
+            cdpctl lab up --dir /tmp/lab --disks 2 --disk-size 256M --insecure
+            cdpctl lab up --dir ./lab --source-proxies 2 --target-proxies 2"""))
     q.add_argument("--dir", required=True, help="lab directory (created if missing)")
     q.add_argument("--disk-size", default="1G", metavar="SIZE",
                    help="size of each disk, K/M/G/T binary units (default 1G)")
@@ -155,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of disks in the policy (default 1)")
     q.add_argument("--insecure", action="store_true",
                    help="plaintext gRPC between the daemons instead of mutual TLS")
+    q.add_argument("--source-proxies", type=int, default=1, metavar="N",
+                   help="source proxies source-proxy-1..N; spares take over when one "
+                        "dies (default 1)")
+    q.add_argument("--target-proxies", type=int, default=1, metavar="N",
+                   help="target proxies target-proxy-1..N (default 1)")
     q.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long each daemon may take to come up (default 30)")
     q.add_argument("--json", action="store_true", help="print lab.json instead of a summary")
@@ -276,6 +290,15 @@ def _print_json(doc: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        if args.json:
+            raise UsageError("--watch and --json do not go together")
+        if args.interval <= 0:
+            raise UsageError("--interval: must be greater than 0")
+        coord = _coordinator(args)
+        return policy_cmd.watch(
+            lambda: status.render_status(status.fetch_status(coord, args.timeout)),
+            args.interval)
     doc = status.fetch_status(_coordinator(args), args.timeout)
     if args.json:
         _print_json(doc)
@@ -300,8 +323,13 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
         raise UsageError(f"--disks: expected 1..64, got {args.disks}")
     if args.timeout <= 0:
         raise UsageError("--timeout: must be greater than 0")
+    for opt, n in (("--source-proxies", args.source_proxies),
+                   ("--target-proxies", args.target_proxies)):
+        if not 1 <= n <= labplan.MAX_PROXIES:
+            raise UsageError(f"{opt}: expected 1..{labplan.MAX_PROXIES}, got {n}")
     say = (lambda _msg: None) if args.json else print
-    state = lab.lab_up(Path(args.dir), args.disks, size, args.insecure, args.timeout, say=say)
+    state = lab.lab_up(Path(args.dir), args.disks, size, args.insecure, args.timeout, say=say,
+                       source_proxies=args.source_proxies, target_proxies=args.target_proxies)
     if args.json:
         _print_json(state)
     else:

@@ -174,8 +174,7 @@ def stop_processes(procs: list[dict[str, Any]], timeout_s: float = STOP_TIMEOUT_
 
 
 def _ordered(procs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rank = {nid: i for i, nid in enumerate(labplan.STOP_ORDER)}
-    return sorted(procs, key=lambda p: rank.get(p["id"], -1))
+    return sorted(procs, key=lambda p: (labplan.stop_rank(p.get("role", "")), p["id"]))
 
 
 # ---------------------------------------------------------------- commands
@@ -187,7 +186,7 @@ def _prepare(plan: LabPlan) -> None:
         ca_pem, ca_key = plan.pki / "ca.pem", plan.pki / "ca.key"
         if not (ca_pem.exists() and ca_key.exists()):
             pki.create_ca(plan.pki, name="cdp lab CA")
-        for nid in (*labplan.START_ORDER, labplan.CLI_CERT):
+        for nid in (*(n.id for n in plan.nodes), labplan.CLI_CERT):
             if not (plan.pki / f"{nid}.pem").exists() or not (plan.pki / f"{nid}.key").exists():
                 pki.create_node_cert(ca_pem, ca_key, plan.pki, nid, [labplan.HOST, "localhost"])
     if not plan.key_file.exists():
@@ -230,7 +229,8 @@ def _wait_disks(plan: LabPlan, pid: int, timeout_s: float) -> None:
 
 
 def lab_up(root: Path, disks: int, disk_size_bytes: int, insecure: bool,
-           timeout_s: float = 30.0, say: Say = print) -> dict[str, Any]:
+           timeout_s: float = 30.0, say: Say = print, source_proxies: int = 1,
+           target_proxies: int = 1) -> dict[str, Any]:
     root = root.absolute()
     old = load_state(root)
     if old is not None:
@@ -244,8 +244,9 @@ def lab_up(root: Path, disks: int, disk_size_bytes: int, insecure: bool,
     if is_fuse_mount(root / "mnt"):
         unmount_lazy(root / "mnt")
 
-    plan = labplan.plan_lab(root, disks, disk_size_bytes, free_ports(labplan.PORTS_NEEDED),
-                            insecure)
+    plan = labplan.plan_lab(root, disks, disk_size_bytes,
+                            free_ports(labplan.ports_needed(source_proxies, target_proxies)),
+                            insecure, source_proxies, target_proxies)
     _prepare(plan)
     cli_tls = TlsConfig(**plan.tls(labplan.CLI_CERT))
     pids: dict[str, int] = {}

@@ -38,6 +38,28 @@ HOST = "127.0.0.1"
 START_ORDER = (COORDINATOR_ID, TARGET_ID, TARGET_PROXY_ID, SOURCE_PROXY_ID, FILTER_ID)
 STOP_ORDER = (FILTER_ID, SOURCE_PROXY_ID, TARGET_PROXY_ID, TARGET_ID, COORDINATOR_ID)
 PORTS_NEEDED = 2 * len(START_ORDER)
+ROLE_STOP_RANK = {"filter": 0, "source-proxy": 1, "target-proxy": 2, "target": 3,
+                  "coordinator": 4}
+MAX_PROXIES = 16
+
+
+def proxy_ids(kind: str, n: int) -> list[str]:
+    """`source-proxy-1..n` or `target-proxy-1..n`."""
+    return [f"{kind}-{i}" for i in range(1, n + 1)]
+
+
+def start_order(source_proxies: int = 1, target_proxies: int = 1) -> tuple[str, ...]:
+    return (COORDINATOR_ID, TARGET_ID, *proxy_ids("target-proxy", target_proxies),
+            *proxy_ids("source-proxy", source_proxies), FILTER_ID)
+
+
+def ports_needed(source_proxies: int = 1, target_proxies: int = 1) -> int:
+    return 2 * len(start_order(source_proxies, target_proxies))
+
+
+def stop_rank(role: str) -> int:
+    """`lab down` stops data producers first: filter, source proxies, ..., coordinator."""
+    return ROLE_STOP_RANK.get(role, -1)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")   # as node ids in cdp_common.config
 
 
@@ -121,15 +143,20 @@ class LabPlan:
 
 
 def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
-             insecure: bool = False) -> LabPlan:
+             insecure: bool = False, source_proxies: int = 1,
+             target_proxies: int = 1) -> LabPlan:
     """Everything about a lab in `root` (absolute) using `ports` (PORTS_NEEDED free ports)."""
     if disks < 1:
         raise ValueError("a lab needs at least one disk")
-    if len(ports) < PORTS_NEEDED:
-        raise ValueError(f"need {PORTS_NEEDED} ports, got {len(ports)}")
+    for what, n in (("source", source_proxies), ("target", target_proxies)):
+        if not 1 <= n <= MAX_PROXIES:
+            raise ValueError(f"{what} proxies: expected 1..{MAX_PROXIES}, got {n}")
+    order = start_order(source_proxies, target_proxies)
+    if len(ports) < 2 * len(order):
+        raise ValueError(f"need {2 * len(order)} ports, got {len(ports)}")
     root = root.absolute()
     free = iter(ports)
-    addr = {nid: (f"{HOST}:{next(free)}", f"{HOST}:{next(free)}") for nid in START_ORDER}
+    addr = {nid: (f"{HOST}:{next(free)}", f"{HOST}:{next(free)}") for nid in order}
     coordinator = addr[COORDINATOR_ID][0]
     config_dir, data, logs, mnt = root / "config", root / "data", root / "logs", root / "mnt"
     filter_data, target_data = data / FILTER_ID, data / TARGET_ID
@@ -181,7 +208,12 @@ def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
                        "image": str(d.image)} for d in disk_plans],
         }),
     }
-    for nid in START_ORDER:
+    for kind, n in (("target-proxy", target_proxies), ("source-proxy", source_proxies)):
+        role_doc = docs[f"{kind}-1"]
+        for nid in proxy_ids(kind, n)[1:]:
+            docs[nid] = (role_doc[0], role_doc[1], {
+                "node": node_section(nid), "proxy": dict(role_doc[2]["proxy"])})
+    for nid in order:
         role, module, doc = docs[nid]
         doc["tls"] = plan.tls(nid)
         plan.nodes.append(NodePlan(

@@ -9,6 +9,7 @@ overall verdict, a list of problems and the exit code:
     1 warning  some policy in "warning" (RPO lag above its warning threshold),
                or "ok" while a node reports an error on it (its `reason`)
     2 error    a node down, a policy in "error" or "unassigned"
+               (a "disabled" policy is the operator's choice, not a problem)
     3          the coordinator cannot be reached (raised by fetch_status)
 """
 
@@ -56,7 +57,8 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
         "applied_seq": p.applied_seq, "rpo_lag_s": round(p.rpo_lag_s, 3),
         "bytes_replicated": p.bytes_replicated, "journal_bytes": p.journal_bytes,
         "rpo_interval_s": p.rpo_interval_s, "rpo_warning_s": p.rpo_warning_s,
-        "rpo_error_s": p.rpo_error_s,
+        "rpo_error_s": p.rpo_error_s, "enabled": p.enabled,
+        "bandwidth_limit_mbps": p.bandwidth_limit_mbps, "alarm": p.alarm,
     } for p in reply.policies]
     return {"now_ns": reply.now_ns, "nodes": nodes, "policies": policies}
 
@@ -100,6 +102,8 @@ def evaluate(status: dict[str, Any]) -> Verdict:
                                         "ago)"})
     for p in status.get("policies", []):
         state = p.get("state", "unknown")
+        if state == "disabled":
+            continue  # the operator's choice; `cdpctl status` shows it
         if state == "ok":
             if p.get("reason"):
                 # Within its RPO, but a node reports an error on it (wrong key,

@@ -230,10 +230,12 @@ def lab() -> Iterator[Callable[..., LabHandle]]:
     started: list[LabHandle] = []
 
     def start_lab(tmp_dir: Path | str, disks: int = 1, disk_size: str = "256M",
-                  insecure: bool = False) -> LabHandle:
+                  insecure: bool = False, source_proxies: int = 1,
+                  target_proxies: int = 1) -> LabHandle:
         directory = Path(tmp_dir).absolute()
         args = ["lab", "up", "--dir", str(directory), "--disks", str(disks),
-                "--disk-size", disk_size]
+                "--disk-size", disk_size, "--source-proxies", str(source_proxies),
+                "--target-proxies", str(target_proxies)]
         if insecure:
             args.append("--insecure")
         try:
