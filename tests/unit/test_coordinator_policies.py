@@ -1,0 +1,273 @@
+"""Policy validation (every field), policy CRUD and ReportUnreachable over real gRPC,
+seed-if-absent across restarts, alarms through the service (injected clocks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cdp_common import rpc
+from cdp_common.config import (
+    CoordinatorConfig,
+    CoordinatorSection,
+    NodeConfig,
+    PolicyConfig,
+    PolicyDiskConfig,
+    TlsConfig,
+    build_policy,
+)
+from cdp_common.errors import ConfigError
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
+from cdp_coordinator.service import CoordinatorService
+from cdp_coordinator.state import NodeInfo, Report, Role
+from cdp_coordinator.store import SqliteStore
+
+pytestmark = pytest.mark.timeout(30)
+
+GOOD: dict[str, Any] = {"name": "db", "target": "target-1",
+                        "disks": [{"filter": "filter-1", "name": "disk0", "size_bytes": 1 << 20}]}
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"name": "bad name"}, "name"),
+    ({"name": ""}, "name"),
+    ({"disks": []}, "disks"),
+    ({"disks": [{"filter": "f 1", "name": "d", "size_bytes": 4096}]}, "disks[0].filter"),
+    ({"disks": [{"filter": "f", "name": "d/x", "size_bytes": 4096}]}, "disks[0].name"),
+    ({"disks": [{"filter": "f", "name": "d", "size_bytes": 4097}]}, "disks[0].size_bytes"),
+    ({"disks": [{"filter": "f", "name": "d", "size_bytes": 0}]}, "disks[0].size_bytes"),
+    ({"disks": [{"filter": "f", "name": "d", "size_bytes": 4096},
+                {"filter": "f", "name": "d", "size_bytes": 4096}]}, "disks[1].name"),
+    ({"disks": [{"filter": "f", "name": "d", "size_bytes": 4096},
+                {"filter": "g", "name": "e", "size_bytes": 4096}]}, "disks"),
+    ({"disks": [{"filter": "f", "name": "d"}]}, "disks[0].size_bytes"),
+    ({"disks": "disk0"}, "disks"),
+    ({"target": ""}, "target"),
+    ({"target": 7}, "target"),
+    ({"source_site": ""}, "source_site"),
+    ({"target_site": "a b"}, "target_site"),
+    ({"rpo_interval_s": 0}, "rpo_interval_s"),
+    ({"rpo_interval_s": "fast"}, "rpo_interval_s"),
+    ({"rpo_interval_s": float("nan")}, "rpo_interval_s"),
+    ({"compression_level": 23}, "compression_level"),
+    ({"compression_level": -1}, "compression_level"),
+    ({"compression_level": 1.5}, "compression_level"),
+    ({"encryption": "yes"}, "encryption"),
+    ({"rpo_warning_s": 0}, "rpo_warning_s"),
+    ({"rpo_warning_s": float("inf")}, "rpo_warning_s"),
+    ({"rpo_warning_s": 10, "rpo_error_s": 5}, "rpo_error_s"),
+    ({"bandwidth_limit_mbps": -1}, "bandwidth_limit_mbps"),
+    ({"bandwidth_limit_mbps": float("nan")}, "bandwidth_limit_mbps"),
+    ({"pinned_source_proxy": "sp 1"}, "pinned_source_proxy"),
+    ({"pinned_target_proxy": "tp/1"}, "pinned_target_proxy"),
+    ({"enabled": 1}, "enabled"),
+    ({"colour": "red"}, "colour"),
+])
+def test_every_field_is_validated(patch: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_policy({**GOOD, **patch})
+    assert str(err.value).startswith(f"{field}:"), str(err.value)
+
+
+def test_valid_policy_with_every_field() -> None:
+    p = build_policy({**GOOD, "source_site": "east", "target_site": "west",
+                      "rpo_interval_s": 1, "rpo_warning_s": 5, "rpo_error_s": 5,
+                      "compression_level": 0, "encryption": False,
+                      "bandwidth_limit_mbps": 100, "pinned_source_proxy": "sp-2",
+                      "pinned_target_proxy": "tp-2", "enabled": False})
+    assert p.bandwidth_limit_mbps == 100.0 and not p.enabled and p.rpo_interval_s == 1.0
+    assert build_policy(GOOD).enabled and build_policy(GOOD).bandwidth_limit_mbps == 0
+
+
+# ---------------------------------------------------------------- service
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def config(db: Path, policies: list[PolicyConfig]) -> CoordinatorConfig:
+    return CoordinatorConfig(node=NodeConfig(id="coordinator"),
+                             coordinator=CoordinatorSection(db_path=str(db), heartbeat_ms=100,
+                                                            lease_ms=300),
+                             policies=policies, tls=TlsConfig(insecure=True))
+
+
+def seed() -> PolicyConfig:
+    return PolicyConfig(name="lab", target="target-1",
+                        disks=[PolicyDiskConfig("filter-1", "disk0", 1 << 20)])
+
+
+NODES = [NodeInfo("filter-1", int(Role.FILTER), "default", "127.0.0.1:1"),
+         NodeInfo("sp-1", int(Role.SOURCE_PROXY), "default", "127.0.0.1:2"),
+         NodeInfo("sp-2", int(Role.SOURCE_PROXY), "default", "127.0.0.1:5"),
+         NodeInfo("tp-1", int(Role.TARGET_PROXY), "default", "127.0.0.1:3"),
+         NodeInfo("target-1", int(Role.TARGET), "default", "127.0.0.1:4")]
+
+
+class Served:
+    def __init__(self, svc: CoordinatorService) -> None:
+        self.svc = svc
+
+    async def __aenter__(self) -> cgrpc.CoordinatorStub:
+        self.server = rpc.Server("127.0.0.1:0", TlsConfig(insecure=True), 1 << 20)
+        cgrpc.add_CoordinatorServicer_to_server(self.svc, self.server.grpc)
+        await self.server.start()
+        self.channel = rpc.channel(self.server.address, TlsConfig(insecure=True), 1 << 20)
+        return cgrpc.CoordinatorStub(self.channel)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+        await self.server.stop(0)
+
+
+async def test_policy_crud_over_grpc_and_seed_if_absent(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    clock = Clock()
+    svc = CoordinatorService(config(db, [seed()]), SqliteStore(db), clock=clock)
+    for n in NODES:
+        svc.register(n)
+    async with Served(svc) as stub:
+        names = [json.loads(t)["name"] for t in (await stub.ListPolicies(
+            cpb.ListPoliciesRequest())).policies_json]
+        assert names == ["lab"]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreatePolicy(cpb.CreatePolicyRequest(policy_json=json.dumps(
+                {**GOOD, "rpo_warning_s": 9, "rpo_error_s": 3})))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("rpo_error_s:")
+        assert "db" not in svc.state.policies            # refused: nothing changed
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreatePolicy(cpb.CreatePolicyRequest(policy_json="{not json"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        made = json.loads((await stub.CreatePolicy(cpb.CreatePolicyRequest(
+            policy_json=json.dumps(GOOD)))).policy_json)
+        assert made["name"] == "db" and made["enabled"] is True
+        assert svc.state.assignments["db"].source_proxy.node_id in ("sp-1", "sp-2")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreatePolicy(cpb.CreatePolicyRequest(policy_json=json.dumps(GOOD)))
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        # update merges; a bad patch changes nothing; rename refused
+        up = json.loads((await stub.UpdatePolicy(cpb.UpdatePolicyRequest(
+            name="db", patch_json='{"pinned_source_proxy": "sp-2", '
+                                  '"bandwidth_limit_mbps": 50}'))).policy_json)
+        assert up["pinned_source_proxy"] == "sp-2" and up["target"] == "target-1"
+        a = svc.state.assignments["db"]
+        assert a.source_proxy.node_id == "sp-2"
+        pb = svc.assignment_set("filter-1")
+        assert {x.policy: x.bandwidth_limit_mbps for x in pb.assignments}["db"] == 50
+        for patch, code in (('{"compression_level": 99}', grpc.StatusCode.INVALID_ARGUMENT),
+                            ('{"name": "other"}', grpc.StatusCode.INVALID_ARGUMENT),
+                            ('[1]', grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.UpdatePolicy(cpb.UpdatePolicyRequest(name="db", patch_json=patch))
+            assert err.value.code() == code
+        assert svc.state.policies["db"].compression_level == 1
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetPolicy(cpb.PolicyName(name="nope"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # disable / enable
+        await stub.SetPolicyEnabled(cpb.SetPolicyEnabledRequest(name="db", enabled=False))
+        assert svc.state.assignments["db"].reason == "disabled"
+        status = await stub.GetStatus(cpb.StatusRequest())
+        st = {p.name: p for p in status.policies}["db"]
+        assert st.state == "disabled" and not st.enabled and st.bandwidth_limit_mbps == 50
+        await stub.SetPolicyEnabled(cpb.SetPolicyEnabledRequest(name="db", enabled=True))
+        assert svc.state.assignments["db"].reason == ""
+        # delete the seeded policy: a restart with the same config does not bring it back
+        await stub.DeletePolicy(cpb.PolicyName(name="lab"))
+    svc.store.close()
+    svc2 = CoordinatorService(config(db, [seed()]), SqliteStore(db), clock=clock)
+    assert set(svc2.state.policies) == {"db"}
+    assert svc2.state.policies["db"].pinned_source_proxy == "sp-2"
+    svc2.store.close()
+
+
+async def test_report_unreachable_probes_then_rebinds(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    clock = Clock()
+    answers = {"127.0.0.1:2": "UNAVAILABLE: connection refused"}
+    probed: list[str] = []
+
+    async def probe(address: str) -> str:
+        probed.append(address)
+        return answers.get(address, "")
+
+    svc = CoordinatorService(config(db, [seed()]), SqliteStore(db), clock=clock, probe=probe)
+    for n in NODES:
+        svc.register(n)
+    assert svc.state.assignments["lab"].source_proxy.node_id == "sp-1"
+    epoch = svc.state.assignments["lab"].epoch
+    async with Served(svc) as stub:
+        # a reachable node is not taken down, and not probed again right away
+        r = await stub.ReportUnreachable(cpb.ReportUnreachableRequest(
+            reporter="filter-1", node_id="tp-1", policy="lab"))
+        assert r.probed and r.reachable and not r.rebound
+        r = await stub.ReportUnreachable(cpb.ReportUnreachableRequest(
+            reporter="filter-1", node_id="tp-1", policy="lab"))
+        assert not r.probed and r.reachable
+        # by address (as a source proxy knows its target proxy): probe fails -> rebind
+        r = await stub.ReportUnreachable(cpb.ReportUnreachableRequest(
+            reporter="filter-1", address="127.0.0.1:2", policy="lab", detail="refused"))
+        assert r.probed and not r.reachable and r.rebound, r
+        a = svc.state.assignments["lab"]
+        assert a.source_proxy.node_id == "sp-2" and a.epoch == epoch + 1
+        # already down: nothing more
+        r = await stub.ReportUnreachable(cpb.ReportUnreachableRequest(node_id="sp-1"))
+        assert not r.probed and "already down" in r.detail
+        r = await stub.ReportUnreachable(cpb.ReportUnreachableRequest(node_id="ghost"))
+        assert not r.probed and "unknown" in r.detail
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ReportUnreachable(cpb.ReportUnreachableRequest())
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert probed == ["127.0.0.1:3", "127.0.0.1:2"]
+    svc.store.close()
+
+
+async def test_alarms_raised_cleared_and_listed(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    clock, wall = Clock(), Clock(1_700_000_000.0)
+    p = PolicyConfig(name="lab", target="target-1", rpo_warning_s=2, rpo_error_s=4,
+                     disks=[PolicyDiskConfig("filter-1", "disk0", 1 << 20)])
+    svc = CoordinatorService(config(db, [p]), SqliteStore(db), clock=clock, wall=wall)
+    for n in NODES:
+        svc.register(n)
+    assert svc.check_alarms() == []          # within the start-up grace: not judged
+    clock.t += 1
+    t0 = int(wall.t * 1e9)
+
+    def beat(captured: int, durable: int) -> None:
+        for n in NODES:
+            reports = []
+            if n.id == "filter-1":
+                reports = [Report("lab", captured_seq=captured, captured_time_ns=t0)]
+            if n.id == "target-1":
+                reports = [Report("lab", durable_seq=durable, newest_time_ns=t0)]
+            svc.state.heartbeat(n.id, reports, clock.t)
+
+    beat(10, 10)
+    assert svc.check_alarms() == []
+    beat(20, 10)
+    wall.t += 3
+    assert [(e.kind, e.level) for e in svc.check_alarms()] == [("raised", "warning")]
+    assert svc.check_alarms() == []
+    wall.t += 2
+    assert [(e.kind, e.level) for e in svc.check_alarms()] == [("raised", "error")]
+    beat(20, 20)
+    assert [(e.kind, e.level) for e in svc.check_alarms()] == [("cleared", "ok")]
+    async with Served(svc) as stub:
+        reply = await stub.ListAlarms(cpb.ListAlarmsRequest())
+        assert [(e.kind, e.level) for e in reply.events] == [
+            ("raised", "warning"), ("raised", "error"), ("cleared", "ok")]
+        assert dict(reply.active) == {}
+        assert "error threshold 4s" in reply.events[1].message
+        assert len((await stub.ListAlarms(cpb.ListAlarmsRequest(limit=1))).events) == 1
+    svc.store.close()
