@@ -117,6 +117,12 @@ class ProxyConfig:
 @dataclass(frozen=True)
 class TargetSection:
     data_dir: str = doc("Directory holding replicas, deltas and restore points.")
+    short_term_retention_s: float = doc("Overrides every policy's short-term retention "
+                                        "(0 = the policy's; for tests and labs).", 0.0)
+    long_term_interval_s: float = doc("Overrides every policy's long-term interval "
+                                      "(0 = the policy's).", 0.0)
+    long_term_retention_s: float = doc("Overrides every policy's long-term retention "
+                                       "(0 = the policy's).", 0.0)
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,10 @@ class PolicyConfig:
     pinned_target_proxy: str = doc("Id of the target proxy to use while it is healthy "
                                    "('' = least loaded).", "")
     enabled: bool = doc("A disabled policy gets no proxies; its filter keeps journaling.", True)
+    short_term_retention_s: float = doc("Seconds a short-term restore point (one per RPO "
+                                        "interval) is kept.", 14400.0)
+    long_term_interval_s: float = doc("Seconds between long-term restore points.", 28800.0)
+    long_term_retention_s: float = doc("Seconds a long-term restore point is kept.", 604800.0)
 
 
 @dataclass(frozen=True)
@@ -363,6 +373,8 @@ def validate_policy(p: PolicyConfig, where: str = "") -> None:
         if not _NAME.match(getattr(p, name)):
             raise ConfigError(f"{pre}{name}: {getattr(p, name)!r} is not a valid site name")
     _finite_positive(p.rpo_interval_s, f"{pre}rpo_interval_s")
+    for name in ("short_term_retention_s", "long_term_interval_s", "long_term_retention_s"):
+        _finite_positive(getattr(p, name), f"{pre}{name}")
     if not 0 <= p.compression_level <= 22:
         raise ConfigError(f"{pre}compression_level: must be 0..22, got {p.compression_level}")
     _finite_positive(p.rpo_warning_s, f"{pre}rpo_warning_s")

@@ -84,7 +84,10 @@ def assignment_pb(a: Assignment, p: PolicyConfig) -> cpb.Assignment:
                for i, d in enumerate(p.disks)],
         rpo_interval_s=p.rpo_interval_s, compression_level=p.compression_level,
         encryption=p.encryption, reason=a.reason,
-        bandwidth_limit_mbps=p.bandwidth_limit_mbps)
+        bandwidth_limit_mbps=p.bandwidth_limit_mbps,
+        short_term_retention_s=p.short_term_retention_s,
+        long_term_interval_s=p.long_term_interval_s,
+        long_term_retention_s=p.long_term_retention_s)
 
 
 def node_info_pb(n: NodeInfo) -> cpb.NodeInfo:

@@ -21,7 +21,10 @@ from cdp_common.config import TargetConfig
 from cdp_common.coordclient import CoordinatorClient
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
+from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
+from cdp_target.restore_service import RestoreService
 from cdp_target.service import TargetService
+from cdp_target.undostore import set_global_override
 
 log = logging.getLogger("target.daemon")
 
@@ -32,6 +35,11 @@ class TargetDaemon:
     def __init__(self, config: TargetConfig) -> None:
         self.config = config
         self.service = TargetService(config.target.data_dir)
+        self.restore = RestoreService(self.service)
+        t = config.target
+        set_global_override({"short_term_retention_s": t.short_term_retention_s,
+                             "long_term_interval_s": t.long_term_interval_s,
+                             "long_term_retention_s": t.long_term_retention_s})
         self.server: rpc.Server | None = None
         self.coordinator: CoordinatorClient | None = None
         self.address = ""
@@ -47,22 +55,26 @@ class TargetDaemon:
             out.append(cpb.PolicyReport(policy=name, durable_seq=s.durable_seq,
                                         applied_seq=s.applied_seq,
                                         newest_time_ns=s.newest_time_ns,
-                                        bytes_replicated=s.bytes_replicated, error=rt.error))
+                                        bytes_replicated=s.bytes_replicated,
+                                        error=rt.refusal or rt.error))
         return out
 
     async def run(self) -> None:
         node = self.config.node
         try:
             await self.service.open_existing()
+            await self.restore.attach()
             self.server = rpc.Server(node.listen, self.config.tls, node.max_message_bytes)
             rgrpc.add_TargetServicer_to_server(self.service, self.server.grpc)
+            pgrpc.add_RestorePointsServicer_to_server(self.restore, self.server.grpc)
             await self.server.start()
             self.address = self.server.address
             self.metrics_address = cdaemon.start_metrics(node.metrics_listen)
             if node.coordinator:
                 self.coordinator = CoordinatorClient(
                     node, self.config.tls, cpb.ROLE_TARGET, node.advertise or self.address,
-                    self.metrics_address, self.reports)
+                    self.metrics_address, self.reports,
+                    on_assignments=self.restore.on_assignments(node.id))
                 self.coordinator.start()
             log.info("target serving on %s (data dir %s, metrics %s)", self.address,
                      self.config.target.data_dir, self.metrics_address or "off",
@@ -76,6 +88,7 @@ class TargetDaemon:
         self._stop.set()
 
     async def _cleanup(self) -> None:
+        await self.restore.close()
         if self.coordinator is not None:
             await self.coordinator.stop()
         if self.server is not None:

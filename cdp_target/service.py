@@ -109,6 +109,8 @@ class PolicyRuntime:
     stop: threading.Event = field(default_factory=threading.Event)
     worker: asyncio.Task[None] | None = None
     error: str = ""
+    refusal: str = ""
+    """Why Apply streams are refused (a failover; cdp_target.restore_service)."""
 
     def state(self) -> rpb.PolicyState:
         s = self.store.snapshot()
@@ -267,6 +269,8 @@ class TargetService(rgrpc.TargetServicer):
                                    f"policy {req.policy}: disk id {d.disk_id} listed twice")
             disks[d.disk_id] = DiskSpec(d.name, d.size_bytes)
         rt = await self._runtime(req.policy, disks)
+        if rt.refusal:
+            raise _StreamError(grpc.StatusCode.FAILED_PRECONDITION, rt.refusal)
         async with rt.takeover:
             if req.epoch < rt.store.state.epoch:
                 raise FencedError(f"policy {req.policy}: epoch {req.epoch} is older than "
@@ -299,6 +303,8 @@ class TargetService(rgrpc.TargetServicer):
                 await asyncio.wait({nxt, replaced}, return_when=asyncio.FIRST_COMPLETED)
                 if replaced.done():
                     nxt.cancel()
+                    if rt.refusal:
+                        raise _StreamError(grpc.StatusCode.FAILED_PRECONDITION, rt.refusal)
                     if self._closed:
                         raise _StreamError(grpc.StatusCode.UNAVAILABLE,
                                            f"policy {rt.name}: target is shutting down")

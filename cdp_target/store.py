@@ -716,6 +716,7 @@ class PolicyStore:
             if applied < durable and (stop is None or not stop()):
                 raise StorageError(f"policy {self.dir.name}: deltas for seqs "
                                    f"{applied + 1}..{durable} are missing")
+            self._retain()   # also when idle: expired points go even without new data
             return applied
 
     def _apply_one(self, path: Path, last_seq: int) -> None:
@@ -765,10 +766,13 @@ class PolicyStore:
         except OSError as exc:
             log.warning("cannot delete applied delta %s: %s", path, exc,
                         extra={"policy": self.dir.name})
+        self._retain()
+
+    def _retain(self) -> None:
         try:
             self.undo.retain(self.disk_sizes)
         except (OSError, FormatError) as exc:
-            # Retention is retried after the next delta; no point is lost meanwhile.
+            # Retried after the next delta; no listed point is lost meanwhile.
             log.warning("retention failed: %s", exc, extra={"policy": self.dir.name})
 
     # ------------------------------------------------------------ restore points

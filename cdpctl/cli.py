@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from cdp_common import crypto, pki
 from cdp_common.errors import CdpError, CoordinatorUnreachable
-from cdpctl import lab, labplan, resolve, status, table
+from cdpctl import lab, labplan, resolve, restore, status, table
 from cdpctl import policy as policy_cmd
 from cdpctl.state import UsageError
 from cdpctl.units import parse_size
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long it may take to come up (default 30)")
     q.add_argument("node_id", metavar="NODE_ID", help="process id from lab.json, e.g. filter-1")
     q.set_defaults(func=cmd_lab_restart)
+
+    restore.add_parsers(sub, _fmt(), _epilog, _add_coordinator_args, COORDINATOR_HELP,
+                        _coordinator)
 
     # pki
     p = sub.add_parser(

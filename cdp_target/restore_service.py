@@ -1,0 +1,281 @@
+"""gRPC shell of restore points: the `RestorePoints` service of cdp-target.
+
+Theory of operation: a thin layer over `cdp_target.restore` and each
+policy's `UndoStore`. Blocking work (copies, undo replay, renames) runs in
+threads through `in_thread`; progress of a restore is handed from its thread
+to the stream through an asyncio queue, at most every PROGRESS_EVERY_S.
+Failover state is kept per policy (`Failover`) and mirrored into the
+runtime's `refusal`, which the `Target` servicer checks when an Apply stream
+opens and which ends the running stream.
+
+Status codes: NOT_FOUND (unknown policy or point), INVALID_ARGUMENT (bad
+request), FAILED_PRECONDITION (failover state forbids it, no point yet),
+UNAVAILABLE (storage failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cdp_common.errors import CdpError, FormatError, StorageError
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+from cdp_common.pb.cdp.v1 import restore_pb2 as pb
+from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
+from cdp_target import points as P
+from cdp_target.restore import (
+    Failover,
+    FailoverStateError,
+    PointNotFound,
+    Restored,
+    pick_point,
+    restore_images,
+)
+from cdp_target.service import _POLICY_NAME, PolicyRuntime, TargetService, in_thread
+from cdp_target.undostore import save_retention
+
+log = logging.getLogger("target.restore")
+
+PROGRESS_EVERY_S = 0.25
+RETENTION_TICK_S = 5.0
+
+
+def point_pb(cat: P.Catalog, p: P.Point) -> pb.PointInfo:
+    return pb.PointInfo(id=p.id, kind=p.kind, time_ns=p.time_ns, last_seq=p.last_seq,
+                        size_bytes=cat.size_of(p), on_demand=p.on_demand)
+
+
+def _code(exc: CdpError) -> grpc.StatusCode:
+    if isinstance(exc, PointNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, FailoverStateError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, FormatError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, StorageError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+class RestoreService(pgrpc.RestorePointsServicer):
+    def __init__(self, target: TargetService) -> None:
+        self.target = target
+        self.failovers: dict[str, Failover] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def attach(self) -> None:
+        """Load the failover state of every open policy (after `open_existing`) and
+        start the retention tick (expired points go even while a policy is idle)."""
+        for name, rt in self.target.policies.items():
+            await self._failover(name, rt)
+        self._ticker = asyncio.create_task(self._tick(), name="retention-tick")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(RETENTION_TICK_S)
+            for rt in list(self.target.policies.values()):
+                rt.kick.set()
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    async def _failover(self, name: str, rt: PolicyRuntime) -> Failover:
+        fo = self.failovers.get(name)
+        if fo is None or fo.store is not rt.store:
+            fo = Failover(rt.store)
+            await in_thread(fo.recover)
+            self.failovers[name] = fo
+            self._mirror(rt, fo)
+        return fo
+
+    def _mirror(self, rt: PolicyRuntime, fo: Failover) -> None:
+        rt.refusal = fo.refusal()
+        if rt.refusal and rt.stream is not None:
+            rt.stream.replaced.set()   # ends the running Apply stream with the refusal
+        if not rt.refusal:
+            rt.kick.set()
+
+    async def _runtime(self, policy: str, context: grpc.aio.ServicerContext) -> PolicyRuntime:
+        rt = self.target.policies.get(policy)
+        if rt is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"policy {policy!r} is not known to this target")
+        assert rt is not None
+        return rt
+
+    # ------------------------------------------------------------ retention
+
+    def on_assignments(self, node_id: str) -> Callable[[cpb.AssignmentSet], Awaitable[None]]:
+        """The CoordinatorClient callback: persist each policy's retention as assigned."""
+        async def update(aset: cpb.AssignmentSet) -> None:
+            for a in aset.assignments:
+                if a.target.node_id != node_id or not a.short_term_retention_s:
+                    continue
+                r = P.Retention(a.short_term_retention_s, a.long_term_interval_s,
+                                a.long_term_retention_s)
+                try:
+                    await in_thread(self._set_retention, a.policy, r)
+                except (CdpError, OSError) as exc:
+                    log.warning("cannot record retention: %s", exc, extra={"policy": a.policy})
+        return update
+
+    def _set_retention(self, policy: str, r: P.Retention) -> None:
+        rt = self.target.policies.get(policy)
+        if rt is None:
+            if _POLICY_NAME.match(policy):
+                save_retention(self.target.data_dir / policy, r)
+            return
+        with rt.store.paused():
+            if rt.store.undo.set_retention(r):
+                log.info("retention: short-term %.0f s, long-term every %.0f s for %.0f s",
+                         r.short_term_retention_s, r.long_term_interval_s,
+                         r.long_term_retention_s, extra={"policy": policy})
+        rt.kick.set()
+
+    # ------------------------------------------------------------ List / Create
+
+    async def List(self, request: pb.ListPointsRequest,
+                   context: grpc.aio.ServicerContext) -> pb.ListPointsReply:
+        rt = await self._runtime(request.policy, context)
+        fo = await self._failover(request.policy, rt)
+        cat = rt.store.undo.catalog
+        return pb.ListPointsReply(points=[point_pb(cat, p) for p in cat.points],
+                                  failover_state=fo.state, total_bytes=cat.total_bytes())
+
+    async def Create(self, request: pb.CreatePointRequest,
+                     context: grpc.aio.ServicerContext) -> pb.PointInfo:
+        rt = await self._runtime(request.policy, context)
+        store = rt.store
+
+        def create() -> P.Point:
+            store.apply_pending()
+            with store.paused():
+                newest = store.undo.catalog.newest
+                if newest is None:
+                    raise FailoverStateError(f"policy {request.policy} has no restore point "
+                                             f"yet (nothing replicated)")
+                return store.undo.mark_long(newest.id)
+        try:
+            p = await in_thread(create)
+        except CdpError as exc:
+            await context.abort(_code(exc), str(exc))
+        log.info("on-demand long-term point %d", p.id, extra={"policy": request.policy})
+        return point_pb(store.undo.catalog, p)
+
+    # ------------------------------------------------------------ Restore / Failover
+
+    def _selector(self, rt: PolicyRuntime, req: pb.RestoreRequest) -> Callable[[], P.Point]:
+        given = sum((bool(req.point_id), bool(req.time_ns), req.latest))
+        if given != 1:
+            raise FormatError("give exactly one of point_id, time_ns, latest")
+        return lambda: pick_point(rt.store, req.point_id, req.time_ns, req.latest)
+
+    async def _stream(self, run: Callable[[Callable[[str, int, int], None]], Restored],
+                      ) -> AsyncIterator[pb.RestoreProgress]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[pb.RestoreProgress] = asyncio.Queue()
+        last = [0.0]
+
+        def progress(phase: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if phase != "done" and now - last[0] < PROGRESS_EVERY_S:
+                return
+            last[0] = now
+            msg = pb.RestoreProgress(phase=phase, bytes_done=done, bytes_total=total)
+            loop.call_soon_threadsafe(queue.put_nowait, msg)
+
+        started = time.monotonic()
+        task = asyncio.ensure_future(in_thread(run, progress))
+        while not task.done() or not queue.empty():
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                msg = getter.result()
+                if msg.phase != "done":
+                    yield msg
+            else:
+                getter.cancel()
+        restored = task.result()
+        seconds = time.monotonic() - started
+        yield pb.RestoreProgress(phase="done", done=pb.RestoreDone(
+            point=pb.PointInfo(id=restored.point.id, kind=restored.point.kind,
+                               time_ns=restored.point.time_ns,
+                               last_seq=restored.point.last_seq),
+            images=[pb.RestoredImage(disk=n, path=str(p), size_bytes=p.stat().st_size)
+                    for n, p in sorted(restored.images.items())],
+            method=restored.method, seconds=seconds))
+
+    async def Restore(self, request: pb.RestoreRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:
+        rt = await self._runtime(request.policy, context)
+        try:
+            select = self._selector(rt, request)
+            out = Path(request.out_dir)
+            if not request.out_dir or not out.is_absolute():
+                raise FormatError(f"out_dir {request.out_dir!r}: an absolute path on the target "
+                                  f"host is needed")
+            async for msg in self._stream(lambda prog: restore_images(rt.store, select, out,
+                                                                      prog)):
+                yield msg
+        except CdpError as exc:
+            await context.abort(_code(exc), str(exc))
+
+    async def Failover(self, request: pb.RestoreRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:
+        rt = await self._runtime(request.policy, context)
+        fo = await self._failover(request.policy, rt)
+        try:
+            select = self._selector(rt, request)
+            if fo.state:
+                raise FailoverStateError(f"policy {request.policy} is already failed over "
+                                         f"({fo.state})")
+            # refuse new deltas first, so the failover is a clean cut of the stream
+            rt.refusal = f"policy {request.policy} is failed over"
+            if rt.stream is not None:
+                rt.stream.replaced.set()
+            try:
+                async for msg in self._stream(lambda prog: fo.start(select, prog)):
+                    yield msg
+            finally:
+                self._mirror(rt, fo)
+            log.warning("failed over to point %s", fo.doc and fo.doc.get("point_id"),
+                        extra={"policy": request.policy})
+        except CdpError as exc:
+            await context.abort(_code(exc), str(exc))
+
+    async def _finish(self, request: pb.FailoverRequest, context: grpc.aio.ServicerContext,
+                      what: str) -> pb.FailoverReply:
+        rt = await self._runtime(request.policy, context)
+        fo = await self._failover(request.policy, rt)
+        try:
+            doc: dict[str, Any] = await in_thread(fo.undo if what == "undo" else fo.commit)
+        except CdpError as exc:
+            await context.abort(_code(exc), str(exc))
+        self._mirror(rt, fo)
+        log.warning("failover %s", "undone: replication resumes" if what == "undo"
+                    else "committed: production moved to DR", extra={"policy": request.policy})
+        return pb.FailoverReply(
+            state=fo.state,
+            point=pb.PointInfo(id=int(doc.get("point_id", 0)),
+                               last_seq=int(doc.get("last_seq", 0)),
+                               time_ns=int(doc.get("time_ns", 0))),
+            images=[pb.RestoredImage(disk=n, path=p)
+                    for n, p in sorted(doc.get("disks", {}).items())])
+
+    async def FailoverUndo(self, request: pb.FailoverRequest,
+                           context: grpc.aio.ServicerContext) -> pb.FailoverReply:
+        return await self._finish(request, context, "undo")
+
+    async def FailoverCommit(self, request: pb.FailoverRequest,
+                             context: grpc.aio.ServicerContext) -> pb.FailoverReply:
+        return await self._finish(request, context, "commit")

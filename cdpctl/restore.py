@@ -1,0 +1,404 @@
+"""`cdpctl restore-points`, `cdpctl restore` and `cdpctl failover`.
+
+Theory of operation: these commands talk to the policy's *target* (the
+`RestorePoints` service of cdp-target), found through the coordinator's
+GetStatus (the policy's target node, else the one node with role target) or
+given with --target HOST:PORT; TLS credentials are the coordinator's. The
+target writes the images on its own host, so operators run restore and
+failover where the target's files are reachable (in the lab: this host).
+Loop devices (--loop) are attached by cdpctl itself with losetup.
+
+Pure helpers (`parse_time`, `point_dict`, `render_points`) are tested
+without a target; the rest is a thin gRPC + losetup shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cdp_common import rpc
+from cdp_common.errors import CdpError
+from cdp_common.pb.cdp.v1 import restore_pb2 as pb
+from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
+from cdpctl import status, table
+from cdpctl.resolve import Coordinator
+from cdpctl.state import UsageError
+from cdpctl.units import format_bytes
+
+PROGRESS_EVERY_S = 0.5
+RESTORE_TIMEOUT_S = 3600.0
+
+
+class TargetError(CdpError):
+    """The target refused or failed a restore-point request."""
+
+    exit_code = 2
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def parse_time(text: str) -> int:
+    """ISO 8601 -> ns since the epoch; without a zone the time is UTC."""
+    try:
+        t = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"--time {text!r}: expected ISO 8601, e.g. 2024-05-01T12:30:00Z") \
+            from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    delta = t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+def iso(time_ns: int) -> str:
+    """ns since the epoch -> ISO 8601 UTC with milliseconds, e.g. 2024-05-01T12:30:00.123Z."""
+    t = dt.datetime.fromtimestamp(time_ns / 1e9, tz=dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def point_dict(p: pb.PointInfo) -> dict[str, Any]:
+    return {"id": p.id, "kind": p.kind, "time": iso(p.time_ns), "last_seq": p.last_seq,
+            "size_bytes": p.size_bytes}
+
+
+def render_points(points: list[dict[str, Any]]) -> str:
+    if not points:
+        return "no restore points"
+    return table.render(("ID", "KIND", "TIME (UTC)", "LAST SEQ", "SIZE"),
+                        [(p["id"], p["kind"], p["time"], p["last_seq"],
+                          format_bytes(p["size_bytes"])) for p in points],
+                        right=("ID", "LAST SEQ", "SIZE"))
+
+
+# ---------------------------------------------------------------- finding the target
+
+def target_address(coord: Coordinator, policy: str, given: str | None, timeout_s: float) -> str:
+    if given:
+        host, sep, port = given.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise UsageError(f"--target: expected HOST:PORT, got {given!r}")
+        return given
+    doc = status.fetch_status(coord, timeout_s)
+    nodes = {n["id"]: n for n in doc["nodes"]}
+    pol = next((p for p in doc["policies"] if p["name"] == policy), None)
+    if pol is None:
+        raise TargetError(f"the coordinator knows no policy {policy!r}")
+    if pol.get("target") and pol["target"] in nodes:
+        return str(nodes[pol["target"]]["address"])
+    targets = [n for n in doc["nodes"] if n["role"] == "target"]
+    if len(targets) == 1:
+        return str(targets[0]["address"])
+    raise TargetError(f"cannot tell which target keeps policy {policy}; pass --target HOST:PORT")
+
+
+class TargetClient:
+    def __init__(self, coord: Coordinator, address: str) -> None:
+        self.address = address
+        self.channel = rpc.sync_channel(address, coord.tls)
+        self.stub = pgrpc.RestorePointsStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except grpc.RpcError as exc:
+            raise self._error(what, exc) from None
+
+    def _error(self, what: str, exc: grpc.RpcError) -> CdpError:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return TargetError(f"target at {self.address} unreachable ({what}): {details}")
+        return TargetError(f"{what}: {details}")
+
+    def stream(self, what: str, it: Any, quiet: bool) -> pb.RestoreDone:
+        shown = 0.0
+        started = time.monotonic()
+        try:
+            for msg in it:
+                if msg.HasField("done"):
+                    if shown and not quiet:
+                        print(file=sys.stderr)
+                    return msg.done
+                now = time.monotonic()
+                if not quiet and now - started > 1.0 and now - shown > PROGRESS_EVERY_S:
+                    shown = now
+                    pct = 100.0 * msg.bytes_done / msg.bytes_total if msg.bytes_total else 0.0
+                    end = "\r" if sys.stderr.isatty() else "\n"
+                    print(f"{what}: {msg.phase} {format_bytes(msg.bytes_done)} of "
+                          f"{format_bytes(msg.bytes_total)} ({pct:.0f}%)", end=end,
+                          file=sys.stderr, flush=True)
+        except grpc.RpcError as exc:
+            raise self._error(what, exc) from None
+        raise TargetError(f"{what}: the target ended the stream without a result")
+
+
+# ---------------------------------------------------------------- loop devices
+
+def attach_loop(path: str, read_only: bool) -> str:
+    base = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
+    for extra in (["--direct-io=on"], []):
+        done = subprocess.run([*base, *extra, path], capture_output=True, text=True,
+                              check=False)
+        if done.returncode == 0:
+            return done.stdout.strip()
+    raise CdpError(f"losetup {path}: {done.stderr.strip() or 'failed'} (needs root)")
+
+
+def detach_loops(path: str) -> list[str]:
+    """Detach every loop device backed by `path`; returns them."""
+    done = subprocess.run(["losetup", "-j", path, "-O", "NAME", "-n"], capture_output=True,
+                          text=True, check=False)
+    devs = [d.strip() for d in done.stdout.splitlines() if d.strip()]
+    for d in devs:
+        subprocess.run(["losetup", "-d", d], capture_output=True, check=False)
+    return devs
+
+
+# ---------------------------------------------------------------- commands
+
+def _request(args: argparse.Namespace, out_dir: str = "") -> pb.RestoreRequest:
+    given = [n for n, v in (("--point", args.point), ("--time", args.time),
+                            ("--latest", getattr(args, "latest", False))) if v]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)}: give only one")
+    req = pb.RestoreRequest(policy=args.policy, out_dir=out_dir)
+    if args.point:
+        req.point_id = args.point
+    elif args.time:
+        req.time_ns = parse_time(args.time)
+    else:
+        req.latest = True
+    return req
+
+
+def _images(done: pb.RestoreDone, loop: bool, read_only: bool) -> list[dict[str, Any]]:
+    out = []
+    for img in done.images:
+        d: dict[str, Any] = {"disk": img.disk, "path": img.path, "size_bytes": img.size_bytes}
+        if loop:
+            d["loop"] = attach_loop(img.path, read_only)
+        out.append(d)
+    return out
+
+
+def _client(args: argparse.Namespace, coord: Coordinator) -> TargetClient:
+    return TargetClient(coord, target_address(coord, args.policy, args.target, args.timeout))
+
+
+def cmd_points(args: argparse.Namespace, coord: Coordinator) -> int:
+    words = args.words
+    if len(words) == 2 and words[0] == "create":
+        args.policy = words[1]
+        client = _client(args, coord)
+        try:
+            p = client.call("create", client.stub.Create,
+                            pb.CreatePointRequest(policy=args.policy), timeout=args.timeout * 12)
+        finally:
+            client.close()
+        d = {**point_dict(p), "on_demand": True}
+        if args.json:
+            print(json.dumps(d, indent=2))
+        else:
+            print(f"long-term restore point {d['id']} at {d['time']} (last seq {d['last_seq']})")
+        return 0
+    if len(words) != 1:
+        raise UsageError("expected `restore-points POLICY` or `restore-points create POLICY`")
+    args.policy = words[0]
+    client = _client(args, coord)
+    try:
+        reply = client.call("list", client.stub.List, pb.ListPointsRequest(policy=args.policy),
+                            timeout=args.timeout)
+    finally:
+        client.close()
+    points = [point_dict(p) for p in reply.points]
+    if args.json:
+        print(json.dumps(points, indent=2))
+    else:
+        print(render_points(points))
+        extra = f"{len(points)} points, {format_bytes(reply.total_bytes)} of undo data"
+        if reply.failover_state:
+            extra += f"; policy failover: {reply.failover_state}"
+        print(extra)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, coord: Coordinator) -> int:
+    out = Path(args.out).absolute()
+    req = _request(args, str(out))
+    client = _client(args, coord)
+    try:
+        done = client.stream("restore", client.stub.Restore(req, timeout=RESTORE_TIMEOUT_S),
+                             args.json)
+    finally:
+        client.close()
+    images = _images(done, args.loop, read_only=True)
+    doc = {"policy": args.policy, "point": point_dict(done.point), "images": images,
+           "method": done.method, "seconds": round(done.seconds, 3)}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        p = doc["point"]
+        print(f"restored point {p['id']} ({p['time']}, last seq {p['last_seq']}) of policy "
+              f"{args.policy} in {done.seconds:.2f}s ({done.method} copy):")
+        for img in images:
+            print(f"  {img['disk']}: {img['path']}" + (f" -> {img['loop']} (read-only)"
+                                                       if "loop" in img else ""))
+        if args.loop:
+            print("detach with: losetup -d " + " ".join(i["loop"] for i in images))
+    return 0
+
+
+def cmd_failover(args: argparse.Namespace, coord: Coordinator) -> int:
+    words = args.words
+    if len(words) == 2 and words[0] in ("undo", "commit"):
+        action, args.policy = words
+    elif len(words) == 1:
+        action, args.policy = "start", words[0]
+    else:
+        raise UsageError("expected `failover POLICY`, `failover undo POLICY` or "
+                         "`failover commit POLICY`")
+    if action != "start" and (args.point or args.time or args.loop):
+        raise UsageError(f"failover {action}: --point, --time and --loop go with "
+                         f"`failover POLICY`")
+    client = _client(args, coord)
+    try:
+        if action == "start":
+            done = client.stream("failover", client.stub.Failover(
+                _request(args), timeout=RESTORE_TIMEOUT_S), args.json)
+            images = _images(done, args.loop, read_only=False)
+            doc: dict[str, Any] = {"policy": args.policy, "state": "active",
+                                   "point": point_dict(done.point), "images": images,
+                                   "seconds": round(done.seconds, 3)}
+        else:
+            fn = client.stub.FailoverUndo if action == "undo" else client.stub.FailoverCommit
+            reply = client.call(f"failover {action}", fn,
+                                pb.FailoverRequest(policy=args.policy), timeout=300)
+            # undo: a loop device would keep the deleted image alive, detach it; commit:
+            # its loop devices now write to the replica, which is production now
+            detached = [d for img in reply.images for d in detach_loops(img.path)] \
+                if action == "undo" else []
+            doc = {"policy": args.policy, "state": reply.state or "none",
+                   "point": {"id": reply.point.id, "last_seq": reply.point.last_seq,
+                             "time": iso(reply.point.time_ns)},
+                   "images": [{"disk": i.disk, "path": i.path} for i in reply.images],
+                   "detached": detached}
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    if action == "start":
+        p = doc["point"]
+        print(f"policy {args.policy} is failed over to point {p['id']} ({p['time']}, last seq "
+              f"{p['last_seq']}); replication is stopped, the source keeps journaling.")
+        print("writable disks:")
+        for img in doc["images"]:
+            print(f"  {img['disk']}: {img['path']}" + (f" -> {img['loop']}" if "loop" in img
+                                                       else ""))
+        print(f"discard: cdpctl failover undo {args.policy}   make permanent: "
+              f"cdpctl failover commit {args.policy}")
+    elif action == "undo":
+        print(f"failover of policy {args.policy} undone: images deleted, replication resumes")
+    else:
+        print(f"failover of policy {args.policy} committed: the replicas now hold the failover "
+              f"disks; replication stays stopped (production moved to DR)")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def add_parsers(sub: Any, fmt: Any, epilog: Any, add_coordinator_args: Any,
+                coordinator_help: str, coordinator: Any) -> None:
+    """Register the three commands on cdpctl's subparsers (see cdpctl.cli)."""
+    target_help = ("the target is found through the coordinator (the policy's target node);\n"
+                   "--target HOST:PORT names it directly. Images are written BY THE TARGET, on\n"
+                   "its host: run restore and failover where the target's files are reachable\n"
+                   "(in the lab: this host).")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        add_coordinator_args(p)
+        p.add_argument("--target", metavar="HOST:PORT", help="the target's gRPC address")
+
+    p = sub.add_parser(
+        "restore-points", formatter_class=fmt, help="list restore points, or create one",
+        description=(
+            "List the restore points of POLICY, oldest first: id, kind (short: one per\n"
+            "RPO interval, kept for the policy's short-term retention; long: every\n"
+            "long_term_interval_s or on demand, kept for the long-term retention), the\n"
+            "capture time of its newest write (UTC), its last seq and the undo bytes it\n"
+            "holds. --json prints a list of {id, kind, time, last_seq, size_bytes}.\n\n"
+            "`restore-points create POLICY` makes the newest point (after every durable\n"
+            "delta is applied) a long-term point, kept like scheduled ones."),
+        epilog=epilog("""\
+            cdpctl restore-points lab
+            cdpctl restore-points lab --json | jq '.[-1].id'
+            cdpctl restore-points create lab""", coordinator_help + "\n\n" + target_help))
+    p.add_argument("words", nargs="+", metavar="[create] POLICY", help="policy name")
+    common(p)
+    p.set_defaults(func=lambda a: cmd_points(a, coordinator(a)))
+
+    p = sub.add_parser(
+        "restore", formatter_class=fmt, help="write the disks of a restore point",
+        description=(
+            "Write each disk of POLICY as it was at a restore point to DIR/<disk>.img\n"
+            "(sparse; a reflink when the file system has it). --point picks a point by\n"
+            "id, --time the newest point at or before an ISO 8601 time (UTC when no\n"
+            "zone is given), --latest (the default) the newest. --loop also attaches\n"
+            "each image as a read-only loop device and prints it; detach with\n"
+            "`losetup -d DEVICE`. Progress goes to stderr for long copies. DIR must not\n"
+            "hold the images already. Replication goes on meanwhile; applying new\n"
+            "deltas to the replica pauses during the copy."),
+        epilog=epilog("""\
+            cdpctl restore lab --latest --out /srv/restore
+            cdpctl restore lab --point 1234 --out /srv/restore --loop
+            cdpctl restore lab --time 2024-05-01T12:30:00Z --out /srv/r --json""",
+                      coordinator_help + "\n\n" + target_help))
+    p.add_argument("policy", metavar="POLICY")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--point", type=int, metavar="ID", help="restore point id")
+    g.add_argument("--time", metavar="ISO8601", help="newest point at or before this time")
+    g.add_argument("--latest", action="store_true", help="the newest point (default)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="directory on the target host for the images")
+    p.add_argument("--loop", action="store_true", help="attach read-only loop devices")
+    common(p)
+    p.set_defaults(func=lambda a: cmd_restore(a, coordinator(a)))
+
+    p = sub.add_parser(
+        "failover", formatter_class=fmt, help="fail over to a restore point, undo or commit",
+        description=(
+            "`failover POLICY [--point ID | --time ISO8601] [--loop]` stops replication\n"
+            "of POLICY (the target refuses its deltas; the source keeps journaling) and\n"
+            "presents writable disks at the point (default: the newest) under\n"
+            "<target data_dir>/<policy>/failover/, plus loop devices with --loop.\n"
+            "Writes to them are kept aside from the replicas:\n"
+            "  `failover undo POLICY` detaches their loop devices, deletes them and\n"
+            "     resumes replication from the durable seq;\n"
+            "  `failover commit POLICY` makes them the replicas' content for good; the\n"
+            "     policy stays stopped (production moved to DR) and its older restore\n"
+            "     points are dropped. `cdpctl status` shows the policy's failover."),
+        epilog=epilog("""\
+            cdpctl failover lab --loop
+            cdpctl failover lab --time 2024-05-01T12:30:00Z --json
+            cdpctl failover undo lab
+            cdpctl failover commit lab""", coordinator_help + "\n\n" + target_help))
+    p.add_argument("words", nargs="+", metavar="[undo|commit] POLICY",
+                   help="policy name, after `undo` or `commit` for those actions")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--point", type=int, metavar="ID", help="restore point id")
+    g.add_argument("--time", metavar="ISO8601", help="newest point at or before this time")
+    p.add_argument("--loop", action="store_true", help="attach writable loop devices")
+    common(p)
+    p.set_defaults(func=lambda a: cmd_failover(a, coordinator(a)))
