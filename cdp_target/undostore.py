@@ -73,6 +73,21 @@ FLAG_UNDO = 1
 CHUNK_BYTES = 1 << 20
 _SEG_NAME = re.compile(r"^(\d{20})-(\d{20})\.undo$")
 
+_GLOBAL_OVERRIDE: dict[str, float] = {}
+
+
+def set_global_override(values: Mapping[str, float]) -> None:
+    """Target-wide retention overrides from the [target] config (non-zero values only)."""
+    _GLOBAL_OVERRIDE.clear()
+    _GLOBAL_OVERRIDE.update({k: float(v) for k, v in values.items() if v})
+
+
+def save_retention(policy_dir: Path, r: P.Retention) -> None:
+    """Persist a policy's retention while its store is not open."""
+    r.check()
+    policy_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(policy_dir / RETENTION_FILE, r.to_json())
+
 
 def write_json_atomic(path: Path, doc: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -201,8 +216,8 @@ class UndoStore:
 
     def effective_retention(self) -> P.Retention:
         r = self.retention
-        if self.override:
-            r = P.Retention(**{**r.to_json(), **self.override})
+        if self.override or _GLOBAL_OVERRIDE:
+            r = P.Retention(**{**r.to_json(), **_GLOBAL_OVERRIDE, **self.override})
         return r
 
     # ------------------------------------------------------------ apply steps
