@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from cdp_common import crypto, pki
 from cdp_common.errors import CdpError, CoordinatorUnreachable
-from cdpctl import lab, labplan, resolve, restore, status, table
+from cdpctl import completion, lab, labplan, resolve, restore, status, table
 from cdpctl import policy as policy_cmd
 from cdpctl.state import UsageError
 from cdpctl.units import parse_size
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog("cdpctl keygen /etc/cdp/master.key"))
     p.add_argument("file", metavar="FILE", help="key file to create")
     p.set_defaults(func=cmd_keygen)
+
+    completion.register(sub, _fmt(), _epilog)
     return parser
 
 
