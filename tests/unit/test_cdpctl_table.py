@@ -72,3 +72,28 @@ def test_toml_rejects_what_it_cannot_write() -> None:
         tomlw.dumps({"x": float("nan")})
     with pytest.raises(TypeError):
         tomlw.dumps({"x": object()})
+
+
+def test_table_on_a_terminal_is_coloured_but_aligns_like_plain() -> None:
+    import re
+
+    rows = [("lab", 7, "ok"), ("db", 12345, "error"), ("x", 1, "warning")]
+    plain = table.render(("NAME", "SEQ", "STATE"), rows, right=("SEQ",), color=False)
+    tty = table.render(("NAME", "SEQ", "STATE"), rows, right=("SEQ",), color=True)
+    assert table.BOLD + "NAME" in tty
+    assert table.GREEN + "ok" + table.RESET in tty
+    assert table.RED + "error" + table.RESET in tty
+    assert re.sub(r"\x1b\[[0-9;]*m", "", tty) == plain
+
+
+def test_colour_only_on_a_terminal_without_no_color() -> None:
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert table.use_color(Tty(), {}) is True
+    assert table.use_color(Tty(), {"NO_COLOR": "1"}) is False
+    assert table.use_color(Tty(), {"TERM": "dumb"}) is False
+    assert table.use_color(io.StringIO(), {}) is False
