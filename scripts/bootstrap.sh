@@ -13,6 +13,10 @@ say() { printf 'bootstrap: %s\n' "$*"; }
 
 # ---------------------------------------------------------------- 1. packages
 packages=(python3-venv fuse3 libfuse3-dev pkg-config e2fsprogs util-linux sqlite3 gcc python3-dev)
+# the compose test bed (tests/integration/test_compose.py) and the systemd unit
+# check (systemd-analyze): a Docker engine started by the test, compose v1,
+# debootstrap for the locally built base image
+packages+=(docker.io docker-compose debootstrap systemd)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The compose test bed in one command: build the image, bring up the two sites,
+# write through the filter inside its container, wait until the target's
+# replica has the same sha256 as the protected disk, and tear everything down
+# (containers, networks, volumes), whatever happened.
+#
+#   deploy/compose/run-testbed.sh                  # uses $DOCKER_HOST or the default engine
+#   BASE_IMAGE=cdp-base:bookworm deploy/compose/run-testbed.sh
+#   KEEP=1 deploy/compose/run-testbed.sh           # leave it running to look around
+#
+# Environment: BASE_IMAGE (default python:3.11-slim-bookworm), COMPOSE
+# (default: docker-compose, else "docker compose"), WRITE_MIB (default 8),
+# TIMEOUT_S for replication (default 90), WHEELS=1 to build wheels of the
+# project and its dependencies on this host first (offline image build).
+# Exit codes: 0 replica matches, 1 mismatch or timeout, 2 set-up failed.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+project=${PROJECT:-cdp-testbed}
+write_mib=${WRITE_MIB:-8}
+timeout_s=${TIMEOUT_S:-90}
+if [ -z "${COMPOSE:-}" ]; then
+    if command -v docker-compose >/dev/null; then COMPOSE=docker-compose; else COMPOSE="docker compose"; fi
+fi
+export BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim-bookworm}
+dc() { $COMPOSE -p "$project" -f "$here/compose.yaml" "$@"; }
+say() { printf '[testbed] %s\n' "$*"; }
+
+teardown() {
+    if [ "${KEEP:-0}" = 1 ]; then say "KEEP=1: left running; stop with: $COMPOSE -p $project -f $here/compose.yaml down -v"; return; fi
+    say "tearing down"
+    dc logs --no-color >"${LOG_DIR:-/tmp}/cdp-testbed.log" 2>&1 || true
+    dc down -v --remove-orphans >/dev/null 2>&1 || true
+}
+
+if [ "${WHEELS:-0}" = 1 ]; then
+    say "building wheels into deploy/compose/wheels"
+    py=${PYTHON:-$root/.venv/bin/python}
+    "$py" -m pip wheel -q --wheel-dir "$here/wheels" "$root" setuptools wheel >/dev/null
+fi
+
+say "building the image (BASE_IMAGE=$BASE_IMAGE)"
+dc build -q >/dev/null || { echo "image build failed" >&2; exit 2; }
+trap teardown EXIT
+say "starting coordinator, filter, source proxy, target proxy, target"
+dc up -d >/dev/null || { dc logs --no-color | tail -40 >&2; exit 2; }
+
+# wait until the filter's disk exists and the policy has both proxies assigned
+conn="--coordinator 198.51.100.5:7000 --ca /etc/cdp/secrets/pki/ca.pem \
+      --cert /etc/cdp/secrets/pki/cdpctl.pem --key /etc/cdp/secrets/pki/cdpctl.key"
+deadline=$((SECONDS + 60))
+until dc exec -T coordinator sh -c "cdpctl status --json $conn" 2>/dev/null \
+        | python3 -c 'import json,sys; d=json.load(sys.stdin); p=[x for x in d["policies"] if x["name"]=="testbed"]; sys.exit(0 if p and p[0].get("source_proxy") and p[0].get("target_proxy") else 1)' 2>/dev/null \
+      && dc exec -T filter test -e /run/cdp/disks/disk0; do
+    if [ $SECONDS -ge $deadline ]; then
+        echo "the test bed did not come up within 60 s" >&2
+        dc ps >&2; dc logs --no-color --tail 30 >&2; exit 2
+    fi
+    sleep 1
+done
+say "up: policy testbed assigned; writing ${write_mib} MiB through the filter"
+want=$(dc exec -T filter sh -c "head -c $((write_mib * 1048576)) /dev/urandom > /tmp/data && \
+    dd if=/tmp/data of=/run/cdp/disks/disk0 bs=1M seek=3 oflag=direct conv=notrunc,fsync status=none && \
+    sha256sum /run/cdp/disks/disk0" | awk '{print $1}')
+say "source disk sha256 $want"
+deadline=$((SECONDS + timeout_s))
+while :; do
+    got=$(dc exec -T target sh -c 'sha256sum /var/lib/cdp/target/testbed/replicas/disk0.img 2>/dev/null' \
+          | awk '{print $1}') || true
+    if [ "$got" = "$want" ]; then
+        say "replica sha256 $got: matches"
+        dc exec -T coordinator sh -c "cdpctl health $conn" || true
+        exit 0
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+        echo "replica sha256 ${got:-<none>} != source $want after ${timeout_s} s" >&2
+        dc logs --no-color --tail 30 >&2
+        exit 1
+    fi
+    sleep 1
+done
