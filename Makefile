@@ -5,7 +5,7 @@ DISK_SIZE ?= 1G
 DISKS ?= 1
 CDPCTL := .venv/bin/python -m cdpctl
 
-.PHONY: help setup lab lab-down lab-status test lint proto clean
+.PHONY: help setup lab lab-down lab-status test lint proto clean install-systemd testbed
 
 help:
 	@echo "make lab        set up, then start a local lab in $(LAB_DIR) ($(DISKS) disk of $(DISK_SIZE))"
@@ -15,6 +15,8 @@ help:
 	@echo "make setup      only the idempotent set-up (apt packages, .venv, protos)"
 	@echo "make lint       ruff and mypy only"
 	@echo "make proto      regenerate cdp_common/pb from proto/"
+	@echo "make install-systemd  install to /opt/cdp with systemd units (root; docs/OPERATIONS.md)"
+	@echo "make testbed    docker-compose test bed: up, replicate a write, check, down"
 
 setup:
 	scripts/bootstrap.sh
@@ -37,6 +39,12 @@ lint: setup
 
 proto:
 	PYTHON=.venv/bin/python scripts/gen_proto.sh
+
+install-systemd:
+	deploy/install-systemd.sh
+
+testbed: setup
+	WHEELS=1 deploy/compose/run-testbed.sh
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis
