@@ -265,8 +265,12 @@ class CoordinatorState:
             return False
         node.last_seen = now
         node.bytes_per_s = max(0.0, bytes_per_s) if bytes_per_s == bytes_per_s else 0.0
-        for r in reports:
-            self.reports[(node_id, r.policy)] = r
+        # A heartbeat carries the node's complete report: a policy it no longer
+        # reports (e.g. a proxy whose error cleared) must not keep a stale entry.
+        fresh = {(node_id, r.policy): r for r in reports}
+        for key in [k for k in self.reports if k[0] == node_id and k not in fresh]:
+            del self.reports[key]
+        self.reports.update(fresh)
         if not node.up:
             node.up = True
             log.info("node up (heartbeat)", extra={"node": node_id})
