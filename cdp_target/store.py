@@ -759,8 +759,15 @@ class PolicyStore:
             raise _storage(f"policy {self.dir.name}: recording restore point {last_seq}",
                            exc) from None
         with self._state_lock:
+            before = self.state.applied_seq
             self.state.applied_seq = last_seq
-            self._write_state_locked()
+            try:
+                self._write_state_locked()
+            except StorageError:
+                # e.g. ENOSPC: keep the delta (redo is idempotent) and do not let
+                # the next pass delete it as "applied" while state.json says otherwise.
+                self.state.applied_seq = before
+                raise
         try:
             path.unlink()
         except OSError as exc:
