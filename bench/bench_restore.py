@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cdp_common.delta import Extent, encode_chunks  # noqa: E402
-from cdp_target.restore import restore_images  # noqa: E402
-from cdp_target.store import DiskSpec, PolicyStore  # noqa: E402
+from cdp_common.delta import Extent, encode_chunks
+from cdp_target.restore import restore_images
+from cdp_target.store import DiskSpec, PolicyStore
 
 MiB = 1 << 20
 

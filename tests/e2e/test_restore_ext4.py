@@ -66,20 +66,19 @@ def test_every_restored_point_of_ext4_and_sqlite_checks_clean(lab: Any, tmp_path
                                             check=True).stdout) if p["last_seq"] > ready]
     assert len(pts) >= 4, pts
     step = max(1, len(pts) // MAX_POINTS)
-    chosen = pts[::step][:MAX_POINTS - 1] + [pts[-1]]
+    chosen = [*pts[::step][:MAX_POINTS - 1], pts[-1]]
     for p in chosen:
         out = tmp_path / f"r{p['id']}"
         doc = json.loads(handle.cli("restore", "lab", "--point", str(p["id"]), "--out",
                                     str(out), "--json", check=True).stdout)
         image = Path(doc["images"][0]["path"])
         where = tmp_path / f"m{p['id']}"
-        with loop_device(image) as dev:
-            # a crash image: mounting replays the ext4 journal, as after a power cut
-            with mounted(dev, where):
-                shutil.copy(where / "app.db", out / "app.db")
-                for suffix in ("-wal", "-shm"):
-                    if (where / f"app.db{suffix}").exists():
-                        shutil.copy(where / f"app.db{suffix}", out / f"app.db{suffix}")
+        # a crash image: mounting replays the ext4 journal, as after a power cut
+        with loop_device(image) as dev, mounted(dev, where):
+            shutil.copy(where / "app.db", out / "app.db")
+            for suffix in ("-wal", "-shm"):
+                if (where / f"app.db{suffix}").exists():
+                    shutil.copy(where / f"app.db{suffix}", out / f"app.db{suffix}")
         fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True,
                               check=False, timeout=120)
         assert fsck.returncode == 0, f"point {p['id']}: {fsck.stdout}{fsck.stderr}"

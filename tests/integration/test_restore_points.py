@@ -14,6 +14,7 @@ CLI against the running lab.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -163,7 +164,7 @@ def test_points_restore_to_the_oracle_and_retention_frees_space(lab: Any,
     assert [p["last_seq"] for p in pts] == sorted(p["last_seq"] for p in pts)
     assert pts[-1]["last_seq"] == writer.seq
     assert set(pts[0]) == {"id", "kind", "time", "last_seq", "size_bytes"}
-    gaps = [b["time"] > a["time"] for a, b in zip(pts, pts[1:], strict=False)]
+    gaps = [b["time"] > a["time"] for a, b in itertools.pairwise(pts)]
     assert all(gaps)
     restore_and_compare(handle, tmp_path, pts, oracle)
 
