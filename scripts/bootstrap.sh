@@ -17,6 +17,8 @@ packages=(python3-venv fuse3 libfuse3-dev pkg-config e2fsprogs util-linux sqlite
 # check (systemd-analyze): a Docker engine started by the test, compose v1,
 # debootstrap for the locally built base image
 packages+=(docker.io docker-compose debootstrap systemd)
+# the two-site network fault tests (tests/integration/test_netns_faults.py)
+packages+=(iproute2 iptables)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
