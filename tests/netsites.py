@@ -42,10 +42,9 @@ def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def netns_skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "network namespaces need root"
+    dirs = [*os.environ.get("PATH", "/usr/bin").split(os.pathsep), "/usr/sbin", "/sbin"]
     for tool in ("ip", "iptables", "tc", "nsenter"):
-        if not any(os.access(os.path.join(d, tool), os.X_OK)
-                   for d in os.environ.get("PATH", "/usr/sbin:/usr/bin").split(os.pathsep)
-                   + ["/usr/sbin", "/sbin"]):
+        if not any(os.access(os.path.join(d, tool), os.X_OK) for d in dirs):
             return f"{tool} is missing (scripts/bootstrap.sh installs iproute2 and iptables)"
     return None
 
@@ -216,7 +215,7 @@ class TwoSites:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for node_id, pid in self.pids.items():
+        for pid in self.pids.values():
             while time.monotonic() < deadline:
                 with contextlib.suppress(ChildProcessError):
                     if os.waitpid(pid, os.WNOHANG)[0] == pid:
