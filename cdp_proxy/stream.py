@@ -87,11 +87,21 @@ class PolicyErrors:
 
     def __init__(self) -> None:
         self._errors: dict[str, tuple[str, float]] = {}
+        # start time of the newest session that opened successfully, per policy
+        self._owner_started: dict[str, float] = {}
 
-    def set(self, policy: str, message: str) -> None:
+    def set(self, policy: str, message: str, session_started: float | None = None) -> None:
+        """Record `message`, unless a session newer than the failing one already
+        succeeded: an old stream ending late must not mask a healthy new one."""
+        if (session_started is not None
+                and session_started < self._owner_started.get(policy, float("-inf"))):
+            return
         self._errors[policy] = (message, time.monotonic())
 
-    def clear(self, policy: str) -> None:
+    def clear(self, policy: str, session_started: float | None = None) -> None:
+        if session_started is not None:
+            self._owner_started[policy] = max(session_started,
+                                              self._owner_started.get(policy, float("-inf")))
         self._errors.pop(policy, None)
 
     def items(self, max_age_s: float = 300.0) -> list[tuple[str, str]]:
