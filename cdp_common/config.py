@@ -80,6 +80,11 @@ class FilterSection:
     journal_segment_bytes: int = doc("Size of one journal segment file.", 64 * MiB)
     batch_bytes: int = doc("Target size of one shipped record batch.", 1 * MiB)
     fsync_journal: bool = doc("fsync the journal when the application flushes.", True)
+    dirty_tracking: bool = doc("When the journal reaches journal_cap_bytes or its volume is "
+                               "full, track dirty blocks and resync them later (a gap) "
+                               "instead of holding writers back.", True)
+    dirty_block_bytes: int = doc("Block size of the dirty-block bitmap (multiple of 4096).",
+                                 64 * 1024)
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,9 @@ def _validate_filter(config: FilterConfig) -> None:
     _positive(f.batch_bytes, "filter.batch_bytes")
     if f.journal_segment_bytes > f.journal_cap_bytes:
         raise ConfigError("filter.journal_segment_bytes: must not exceed filter.journal_cap_bytes")
+    if f.dirty_block_bytes <= 0 or f.dirty_block_bytes % 4096:
+        raise ConfigError(f"filter.dirty_block_bytes: must be a positive multiple of 4096, "
+                          f"got {f.dirty_block_bytes}")
     if f.batch_bytes > config.node.max_message_bytes // 2:
         raise ConfigError("filter.batch_bytes: must be at most half of node.max_message_bytes")
     seen: set[str] = set()

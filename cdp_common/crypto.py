@@ -89,13 +89,27 @@ class FrameHeader:
     index: int
     final: bool
     newest_time_ns: int
+    # Gap bookkeeping (docs/FORMAT.md "Gaps"); appended to the AAD only when nonzero,
+    # so frames without a gap authenticate exactly as before.
+    gap_begin_time_ns: int = 0
+    gap_after_seq: int = 0
+    gap_end_seq: int = 0
+    gap_end_time_ns: int = 0
+
+
+_AAD_GAP = struct.Struct("<QQQQ")
 
 
 def _aad(policy: str, session_id: bytes, header: FrameHeader) -> bytes:
     name = policy.encode()
-    return (b"cdp-frame-v1" + len(name).to_bytes(2, "little") + name + session_id
-            + _AAD.pack(header.first_seq, header.last_seq, header.index, int(header.final),
-                        header.newest_time_ns))
+    aad = (b"cdp-frame-v1" + len(name).to_bytes(2, "little") + name + session_id
+           + _AAD.pack(header.first_seq, header.last_seq, header.index, int(header.final),
+                       header.newest_time_ns))
+    gap = (header.gap_begin_time_ns, header.gap_after_seq, header.gap_end_seq,
+           header.gap_end_time_ns)
+    if any(gap):
+        aad += b"gap" + _AAD_GAP.pack(*gap)
+    return aad
 
 
 class _Session:

@@ -25,6 +25,12 @@ HEADER = struct.Struct("<IBBHQQQII")
 HEADER_SIZE = HEADER.size  # 40
 MAX_RECORD_DATA = 16 * 1024 * 1024  # a single FUSE write is at most 1 MiB; be generous
 
+# Record flags (docs/FORMAT.md "Journal record"). Unknown bits are carried, not rejected.
+FLAG_RESYNC = 0x01   # data read back from the image by a dirty-block resync or initial sync
+FLAG_GAP_END = 0x02  # marker, no disk write: the gap that began at an overflow ends here;
+                     # data = GAP_END payload (below), disk_id = offset = 0
+GAP_END_PAYLOAD = struct.Struct("<QQ")  # gap_begin_time_ns || lost_after_seq
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -33,10 +39,16 @@ class Record:
     disk_id: int
     offset: int
     data: bytes
+    flags: int = 0
 
     @property
     def length(self) -> int:
         return len(self.data)
+
+    @property
+    def is_marker(self) -> bool:
+        """A marker record carries metadata for the stream, never bytes for a disk."""
+        return bool(self.flags & FLAG_GAP_END)
 
 
 def crc32c(*parts: bytes | memoryview) -> int:
@@ -46,17 +58,18 @@ def crc32c(*parts: bytes | memoryview) -> int:
     return value
 
 
-def encode(seq: int, time_ns: int, disk_id: int, offset: int, data: bytes | memoryview) -> bytes:
+def encode(seq: int, time_ns: int, disk_id: int, offset: int, data: bytes | memoryview,
+           flags: int = 0) -> bytes:
     """Encode one record; returns header || data as one bytes object."""
-    head = HEADER.pack(MAGIC, VERSION, 0, disk_id, seq, time_ns, offset, len(data), 0)
+    head = HEADER.pack(MAGIC, VERSION, flags, disk_id, seq, time_ns, offset, len(data), 0)
     crc = crc32c(memoryview(head)[: HEADER_SIZE - 4], data)
     return head[: HEADER_SIZE - 4] + crc.to_bytes(4, "little") + bytes(data)
 
 
 def encode_header(seq: int, time_ns: int, disk_id: int, offset: int,
-                  data: bytes | memoryview) -> bytes:
+                  data: bytes | memoryview, flags: int = 0) -> bytes:
     """Header only (with the CRC over data), for writev-style appends."""
-    head = HEADER.pack(MAGIC, VERSION, 0, disk_id, seq, time_ns, offset, len(data), 0)
+    head = HEADER.pack(MAGIC, VERSION, flags, disk_id, seq, time_ns, offset, len(data), 0)
     crc = crc32c(memoryview(head)[: HEADER_SIZE - 4], data)
     return head[: HEADER_SIZE - 4] + crc.to_bytes(4, "little")
 
@@ -71,7 +84,7 @@ def decode_one(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     if len(view) - pos < HEADER_SIZE:
         raise TornRecordError(f"record at byte {pos}: header cut short "
                               f"({len(view) - pos} of {HEADER_SIZE} bytes)")
-    magic, version, _flags, disk_id, seq, time_ns, offset, length, crc = HEADER.unpack_from(
+    magic, version, flags, disk_id, seq, time_ns, offset, length, crc = HEADER.unpack_from(
         view, pos)
     if magic != MAGIC:
         raise FormatError(f"record at byte {pos}: bad magic {magic:#010x}")
@@ -86,7 +99,7 @@ def decode_one(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     data = view[pos + HEADER_SIZE:end]
     if crc32c(view[pos:pos + HEADER_SIZE - 4], data) != crc:
         raise FormatError(f"record at byte {pos} (seq {seq}): checksum mismatch")
-    return Record(seq, time_ns, disk_id, offset, bytes(data)), end
+    return Record(seq, time_ns, disk_id, offset, bytes(data), flags), end
 
 
 def decode_all(buf: bytes | memoryview) -> Iterator[Record]:

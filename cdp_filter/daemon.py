@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 
 import pyfuse3
 import pyfuse3.asyncio
@@ -31,6 +32,7 @@ from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_filter import fs
 from cdp_filter.journal import Journal
 from cdp_filter.policy import Disk, PolicyRuntime
+from cdp_filter.resync import Tracker
 from cdp_filter.shipper import Shipper
 
 pyfuse3.asyncio.enable()
@@ -73,6 +75,11 @@ def replay(rt: PolicyRuntime) -> int:
         os.pwrite(d.fd, rec.data, rec.offset)
         n += 1
     return n
+
+
+def _link_of(shipper: Shipper) -> Callable[[], int]:
+    """0 while the shipper has no welcomed stream, else which stream it is."""
+    return lambda: shipper.welcomes if shipper.connected else 0
 
 
 class FilterDaemon:
@@ -118,6 +125,12 @@ class FilterDaemon:
                 rt, self.config.node.id, [d.info() for d in rt.disks], self.config.tls,
                 self.config.node.max_message_bytes, self.config.filter.batch_bytes,
                 os.path.join(self.config.filter.data_dir, f"assignment.{name}.json"))
+        if self.config.filter.dirty_tracking:
+            for name, rt in self.runtimes.items():
+                shipper = self.shippers[name]
+                rt.tracker = Tracker(rt, os.path.join(self.config.filter.data_dir, "dirty", name),
+                                     self.config.filter.dirty_block_bytes,
+                                     link=_link_of(shipper))
 
     def _mount(self) -> None:
         fs.prepare_mountpoint(self.mountpoint)
@@ -167,6 +180,9 @@ class FilterDaemon:
             for name, shipper in self.shippers.items():
                 shipper.on_unreachable = self.coord.report_unreachable
                 self._tasks.append(asyncio.create_task(shipper.run(), name=f"shipper-{name}"))
+                tracker = self.runtimes[name].tracker
+                if tracker is not None:
+                    self._tasks.append(asyncio.create_task(tracker.run(), name=f"resync-{name}"))
             log.info("cdp-filter %s serving on %s", node.id, self.server.address,
                      extra={"node": node.id})
             self.ready.set()
@@ -204,6 +220,8 @@ class FilterDaemon:
             except (OSError, StorageError) as exc:
                 log.error("final sync failed: %s", exc, extra={"policy": rt.name})
             rt.journal.close()
+            if rt.tracker is not None:
+                rt.tracker.close()
         for d in self.disks:
             if d.fd >= 0:
                 with contextlib.suppress(OSError):

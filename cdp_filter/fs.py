@@ -173,11 +173,15 @@ class FilterFs(pyfuse3.Operations):
         rt = self.runtimes[d.policy]
         journal = rt.journal
         try:
-            if journal.over_cap:
-                await rt.wait_space()
-            # No await from here to the return: journal order == image order.
-            journal.append(time.time_ns(), d.disk_id, off, buf)
-            os.pwrite(d.fd, buf, off)
+            if rt.tracker is not None:
+                # Journals, or tracks dirty blocks when the journal is full (no await).
+                rt.tracker.capture(d, off, buf)
+            else:
+                if journal.over_cap:
+                    await rt.wait_space()
+                # No await from here to the return: journal order == image order.
+                journal.append(time.time_ns(), d.disk_id, off, buf)
+                os.pwrite(d.fd, buf, off)
         except CdpError as exc:
             log.error("write to %s at %d failed: %s", d.name, off, exc,
                       extra={"disk": d.name, "policy": d.policy})

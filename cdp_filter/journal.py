@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -322,22 +323,24 @@ class Journal:
     # ------------------------------------------------------------ append / sync
 
     def append(self, time_ns: int, disk_id: int, offset: int,
-               data: bytes | memoryview) -> int:
+               data: bytes | memoryview, flags: int = 0) -> int:
         """Append one record with the next seq; returns that seq.
 
         One pwritev of header and data, no fsync. On failure the segment is cut
-        back to its previous end and StorageError is raised: no seq is used.
+        back to its previous end and StorageError is raised (with the OSError's
+        errno as `__cause__`): no seq is used.
         """
         seq = self._last_seq + 1
         seg = self._segments[-1] if self._segments else None
         if seg is None or seg.size >= self.segment_bytes or seg.last_seq != seq - 1:
             seg = self._new_segment(seq)
-        head = records.encode_header(seq, time_ns, disk_id, offset, data)
+        head = records.encode_header(seq, time_ns, disk_id, offset, data, flags)
         want = records.HEADER_SIZE + len(data)
         try:
             n = os.pwritev(seg.fd, (head, data), seg.size)
             if n != want:
-                raise OSError(0, f"short write ({n} of {want} bytes)")
+                # A short write to a regular file means the volume is full.
+                raise OSError(errno.ENOSPC, f"short write ({n} of {want} bytes)")
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(seg.fd, seg.size)
@@ -464,6 +467,64 @@ class Journal:
                 return
             yield from records.decode_all(data)
             after = last
+
+    def extents_after(self, seq: int) -> Iterator[tuple[int, int, int, int]]:
+        """(disk_id, offset, length, flags) of every kept record with seq > `seq`.
+
+        Reads only the 40-byte headers (through the in-memory index), so the
+        dirty-block tracker can mark what a dropped journal covered cheaply.
+        """
+        for seg in self._segments:
+            if seg.last_seq <= seq:
+                continue
+            start = max(0, seq + 1 - seg.first_seq)
+            for i in range(start, seg.count):
+                head = os.pread(seg.fd, records.HEADER_SIZE, seg.offsets[i])
+                if len(head) < records.HEADER_SIZE:
+                    raise StorageError(f"journal {self.directory}: short header read")
+                _m, _v, flags, disk_id, _s, _t, offset, length, _c = records.HEADER.unpack(head)
+                yield disk_id, offset, length, flags
+
+    def drop_all(self) -> int:
+        """Forget every record (journal overflow: the dirty-block bitmap covers them).
+
+        Like trim_through(last_seq), J1 holds: the seq counter goes on after
+        last_seq. The caller's duty is J3's (images fdatasync'ed first) and to
+        have recorded what the records covered. Returns the last seq dropped.
+        """
+        last = self._last_seq
+        if not self._segments:
+            self._trimmed_through = max(self._trimmed_through, last)
+            return last
+        if self.before_delete is not None:
+            self.before_delete()
+        # On a full volume the state file cannot be written before space is
+        # freed: delete every segment but the last first (the last one keeps
+        # last_seq known, J1), then persist trimmed_through, then the last.
+        try:
+            for seg in self._segments[:-1]:
+                self._dirty.discard(seg)
+                os.close(seg.fd)
+                seg.fd = -1
+                os.unlink(seg.path)
+                self._size -= seg.size
+            self._segments = self._segments[-1:]
+            self._first_seqs = self._first_seqs[-1:]
+            self._trimmed_through = last
+            self._write_state(last)
+            seg = self._segments[0]
+            self._dirty.discard(seg)
+            os.close(seg.fd)
+            seg.fd = -1
+            os.unlink(seg.path)
+            self._size -= seg.size
+        except OSError as exc:
+            raise StorageError(f"journal {self.directory}: dropping the journal failed "
+                               f"({exc.strerror})") from exc
+        finally:
+            self._segments = [s for s in self._segments if s.fd >= 0]
+            self._first_seqs = [s.first_seq for s in self._segments]
+        return last
 
     # ------------------------------------------------------------ trimming
 

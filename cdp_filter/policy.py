@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from cdp_common.errors import UnavailableError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
@@ -48,6 +49,8 @@ class PolicyRuntime:
         self.error = ""
         self.closing = False
         self.durable_seq = journal.trimmed_through
+        # Dirty-block tracking (cdp_filter.resync.Tracker), when enabled.
+        self.tracker: Any = None
         self.m_writes = metrics.WRITES.labels(name)
         self.m_write_bytes = metrics.WRITE_BYTES.labels(name)
         self.m_shipped = metrics.SHIPPED_BYTES.labels(name)
@@ -73,6 +76,8 @@ class PolicyRuntime:
 
     async def flush(self, disk: Disk) -> None:
         """What an application fsync/flush promises: journal and image durable."""
+        if self.tracker is not None:
+            await asyncio.to_thread(self.tracker.sync_bitmaps)
         if self.fsync_journal:
             await asyncio.gather(self.journal.sync_async(), asyncio.to_thread(os.fdatasync,
                                                                                disk.fd))
@@ -84,6 +89,8 @@ class PolicyRuntime:
         if seq > self.durable_seq:
             self.durable_seq = seq
             self.m_durable.set(seq)
+        if self.tracker is not None:
+            self.tracker.on_durable(seq)
         if self.journal.would_delete(seq):
             await self.sync_images()
         if self.journal.trim_through(seq):
@@ -91,12 +98,22 @@ class PolicyRuntime:
 
     def report(self) -> cpb.PolicyReport:
         error = self.error
-        if not error and self.journal.over_cap:
+        if not error and self.journal.over_cap and self.tracker is None:
             error = (f"journal full ({self.journal.size_bytes} bytes): writes are held back "
                      "until the target acks")
-        return cpb.PolicyReport(policy=self.name, captured_seq=self.journal.last_seq,
-                                captured_time_ns=self.journal.last_time_ns,
-                                journal_bytes=self.journal.size_bytes, error=error)
+        report = cpb.PolicyReport(policy=self.name, captured_seq=self.journal.last_seq,
+                                  captured_time_ns=self.journal.last_time_ns,
+                                  journal_bytes=self.journal.size_bytes, error=error)
+        if self.tracker is not None:
+            st = self.tracker.status()
+            report.capture_mode = st["mode"]
+            report.dirty_bytes = st["dirty_bytes"]
+            report.gap_begin_time_ns = st["gap_begin_time_ns"]
+            report.sync_done_bytes = st["sync_done_bytes"]
+            report.sync_total_bytes = st["sync_total_bytes"]
+            report.sync_rate_bps = st["sync_rate_bps"]
+            report.sync_eta_s = st["sync_eta_s"]
+        return report
 
     def close(self) -> None:
         self.closing = True

@@ -115,6 +115,7 @@ class Shipper:
         self.batch_bytes = batch_bytes
         self.state_path = state_path
         self.connected = False
+        self.welcomes = 0  # streams welcomed so far (a new link for the resync worker)
         self._assignment: cpb.Assignment | None = self._load()
         self._changed = asyncio.Event()
         self._welcomed = False
@@ -262,7 +263,14 @@ class Shipper:
                                     "before its welcome")
             resume = resp.welcome.resume_from_seq
             plan = plan_resume(resume, journal.oldest_seq, journal.last_seq)
-            if plan is Resume.GAP:
+            skip = False
+            if plan is Resume.GAP and rt.tracker is not None \
+                    and rt.tracker.m.hole_ok(resume, journal.oldest_seq):
+                # Seqs dropped at a journal overflow: the dirty-block resync covers them.
+                skip = True
+                log.info("resuming after a journal overflow: seqs %d..%d were dropped",
+                         resume + 1, journal.oldest_seq - 1, extra=self._extra(seq=resume))
+            elif plan is Resume.GAP:
                 raise JournalGapError(
                     f"target is durable through seq {resume} but the journal only keeps "
                     f"seqs from {journal.oldest_seq}: a resync of the policy is needed")
@@ -270,6 +278,7 @@ class Shipper:
                 journal.advance_to(resume)
             await rt.trim_through(resume)
             self._welcomed = True
+            self.welcomes += 1
             self.connected = True
             if rt.error:
                 log.info("shipping to %s resumed after seq %d", a.source_proxy.address, resume,
@@ -280,7 +289,7 @@ class Shipper:
             rt.error = ""
             self._last_logged = ""
             acks = asyncio.create_task(self._read_acks(call))
-            await self._send_loop(call, resume, acks)
+            await self._send_loop(call, journal.oldest_seq - 1 if skip else resume, acks, skip)
         finally:
             if acks is not None:
                 acks.cancel()
@@ -290,19 +299,27 @@ class Shipper:
             await channel.close(grace=None)
 
     async def _send_loop(self, call: grpc.aio.StreamStreamCall, sent: int,
-                         acks: asyncio.Task[None]) -> None:
+                         acks: asyncio.Task[None], skip: bool = False) -> None:
         rt, journal = self.rt, self.rt.journal
         while True:
             data, last = journal.read_batch(sent, self.batch_bytes)
             if data:
+                gap_ns, gap_after = (rt.tracker.gap_fields() if rt.tracker is not None
+                                     else (0, 0))
                 await rpc.stream_write(call, rpb.ShipRequest(batch=rpb.RecordBatch(
-                    records=data, captured_seq=journal.last_seq)))
+                    records=data, captured_seq=journal.last_seq, skips_lost_seqs=skip,
+                    gap_begin_time_ns=gap_ns, gap_after_seq=gap_after)))
+                skip = False
                 sent = last
                 rt.m_shipped.inc(len(data))
                 if acks.done():
                     self._ack_reader_ended(acks)
                 continue
             rt.appended.clear()
+            if sent + 1 < journal.oldest_seq:
+                # The journal was dropped under this stream (overflow to dirty
+                # tracking): start a new stream, which may jump the hole.
+                raise JournalGapError(f"journal dropped after seq {sent} (overflow)")
             if journal.last_seq > sent:
                 continue
             if rt.closing:

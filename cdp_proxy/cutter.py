@@ -19,7 +19,14 @@ with that record) and closes when
 
 An interval with no records emits nothing. Records must arrive with
 consecutive seqs starting right after `start_after_seq`; anything else is a
-`ProtocolError`.
+`ProtocolError` -- except a jump the filter announced (`skip_ok`: seqs it
+dropped at a journal overflow, covered by its dirty-block resync); the delta
+then still starts right after the previous one, covering the lost seqs.
+
+Gap bookkeeping (journal overflow, docs/FORMAT.md "Gaps"): `note_gap` marks
+the open interval as lying inside a gap that began at `begin_time_ns` after
+seq `after_seq`; a GAP_END marker record ends the gap at its seq. Markers
+never touch the extents.
 
 Coalescing keeps, per disk, a sorted list of non-overlapping extents
 (``starts`` / ``ends`` / ``bufs``), found by bisection. A write replaces the
@@ -51,7 +58,7 @@ from typing import cast
 
 from cdp_common.delta import EXTENT_HEADER_SIZE, Extent
 from cdp_common.errors import FormatError, ProtocolError
-from cdp_common.records import Record
+from cdp_common.records import FLAG_GAP_END, GAP_END_PAYLOAD, Record
 
 BLOCK = 4096
 _ZERO_BLOCK = bytes(BLOCK)
@@ -71,6 +78,13 @@ class Delta:
     record_bytes: int = 0
     encoded_bytes: int = field(default=0)
     """Size of the extents in the delta wire format (headers + data)."""
+    gap_begin_time_ns: int = 0
+    """Nonzero: the delta lies in a gap (overflow or sync) that began at this time."""
+    gap_after_seq: int = 0
+    """With gap_begin_time_ns: restore points after this seq are inconsistent."""
+    gap_end_seq: int = 0
+    """Nonzero: the gap ends at this seq (points at or after it are consistent)."""
+    gap_end_time_ns: int = 0
 
 
 class ExtentMap:
@@ -193,6 +207,16 @@ class IntervalCutter:
         self._bytes = 0
         self._count = 0
         self._newest_ns = 0
+        self._gap_begin_ns = 0
+        self._gap_after = 0
+        self._gap_end_seq = 0
+        self._gap_end_ns = 0
+
+    def note_gap(self, begin_time_ns: int, after_seq: int) -> None:
+        """The records fed next lie in a gap that began at begin_time_ns after after_seq."""
+        if begin_time_ns and (not self._gap_begin_ns or begin_time_ns < self._gap_begin_ns):
+            self._gap_begin_ns = begin_time_ns
+            self._gap_after = after_seq
 
     @property
     def pending_bytes(self) -> int:
@@ -203,11 +227,16 @@ class IntervalCutter:
     def pending_records(self) -> int:
         return self._count
 
-    def feed(self, record: Record, now: float) -> Delta | None:
-        """Add one record; returns a delta if this record closed the interval."""
+    def feed(self, record: Record, now: float, skip_ok: bool = False) -> Delta | None:
+        """Add one record; returns a delta if this record closed the interval.
+
+        `skip_ok`: the filter announced that seqs before this record were lost
+        (journal overflow); a jump forward is accepted once."""
         expected = self.last_seq + 1
-        if record.seq != expected:
+        if record.seq != expected and not (skip_ok and record.seq > expected):
             raise ProtocolError(f"record seq {record.seq} out of order, expected {expected}")
+        if record.flags & FLAG_GAP_END:
+            return self._marker(record, now)
         if self.disk_sizes is not None:
             size = self.disk_sizes.get(record.disk_id)
             if size is None:
@@ -228,6 +257,22 @@ class IntervalCutter:
         if record.time_ns > self._newest_ns:
             self._newest_ns = record.time_ns
         if self._bytes >= self.interval_max_bytes or now - self._start >= self.rpo_interval_s:
+            return self.cut()
+        return None
+
+    def _marker(self, record: Record, now: float) -> Delta | None:
+        if len(record.data) != GAP_END_PAYLOAD.size:
+            raise FormatError(f"record seq {record.seq}: GAP_END marker of {len(record.data)} "
+                              f"bytes, expected {GAP_END_PAYLOAD.size}")
+        begin_ns, after = GAP_END_PAYLOAD.unpack(record.data)
+        self.note_gap(begin_ns, after)
+        if self._start is None:
+            self._start = now
+        self._gap_end_seq = record.seq
+        self._gap_end_ns = record.time_ns
+        self.last_seq = record.seq
+        self._count += 1
+        if now - self._start >= self.rpo_interval_s:
             return self.cut()
         return None
 
@@ -256,6 +301,7 @@ class IntervalCutter:
                 extents.extend(split_zero_blocks(disk_id, start, buf))
         encoded = sum(EXTENT_HEADER_SIZE + (0 if e.data is None else e.length) for e in extents)
         delta = Delta(self._first_seq, self.last_seq, self._newest_ns, extents,
-                      self._count, self._bytes, encoded)
+                      self._count, self._bytes, encoded, self._gap_begin_ns, self._gap_after,
+                      self._gap_end_seq, self._gap_end_ns)
         self.reset(self.last_seq)
         return delta

@@ -105,7 +105,7 @@ class SourceProxy(rgrpc.SourceProxyServicer):
             await session.run(request_iterator)
         except StreamAbort as exc:
             if session.policy:
-                self.errors.set(session.policy, exc.message)
+                self.errors.set(session.policy, exc.message, session.started)
             log.warning("ship stream ended: %s", exc.message,
                         extra={"policy": session.policy, "peer": context.peer()})
             await context.abort(exc.code, exc.message)
@@ -116,6 +116,7 @@ class _ShipSession:
         self.parent = parent
         self.context = context
         self.policy = ""
+        self.started = time.monotonic()
         self.peer = ""
         self.call: Any = None
         self.cutter: IntervalCutter | None = None
@@ -128,6 +129,7 @@ class _ShipSession:
         self.space.set()
         self.all_acked = asyncio.Event()
         self.all_acked.set()
+        self.skipped = False
 
     # ------------------------------------------------------------ handshake
 
@@ -215,7 +217,7 @@ class _ShipSession:
                                          disk_sizes={d.disk_id: d.size_bytes for d in hello.disks})
             await self.context.write(rpb.ShipResponse(
                 welcome=rpb.ShipWelcome(resume_from_seq=durable)))
-            self.parent.errors.clear(self.policy)
+            self.parent.errors.clear(self.policy, self.started)
             log.info("session open, resuming after seq %d", durable,
                      extra={"policy": self.policy, "peer": self.peer, "epoch": hello.epoch,
                             "seq": durable})
@@ -293,8 +295,14 @@ class _ShipSession:
                                   ) from None
             metrics.RECORDS.inc(len(recs))
             now = time.monotonic()
+            skip = batch.skips_lost_seqs and not self.skipped
+            if skip:
+                self.skipped = True  # one jump per stream (replication.proto)
             for rec in recs:
-                self._emit(cutter.feed(rec, now))
+                if batch.gap_begin_time_ns:
+                    cutter.note_gap(batch.gap_begin_time_ns, batch.gap_after_seq)
+                self._emit(cutter.feed(rec, now, skip))
+                skip = False
         # The filter half-closed: ship what is left and wait for its acks.
         self._emit(cutter.cut())
         await self.all_acked.wait()
@@ -313,11 +321,15 @@ class _ShipSession:
         while True:
             nxt = next(chunks, None)
             final = nxt is None
-            header = crypto.FrameHeader(d.first_seq, d.last_seq, index, final, d.newest_time_ns)
+            header = crypto.FrameHeader(d.first_seq, d.last_seq, index, final, d.newest_time_ns,
+                                        d.gap_begin_time_ns, d.gap_after_seq, d.gap_end_seq,
+                                        d.gap_end_time_ns)
             yield rpb.ReplicateRequest(frame=rpb.DeltaFrame(
                 first_seq=d.first_seq, last_seq=d.last_seq, index=index, final=final,
                 newest_time_ns=d.newest_time_ns, envelope=self.sealer.seal(header, cur),
-                captured_seq=self.captured_seq))
+                captured_seq=self.captured_seq, gap_begin_time_ns=d.gap_begin_time_ns,
+                gap_after_seq=d.gap_after_seq, gap_end_seq=d.gap_end_seq,
+                gap_end_time_ns=d.gap_end_time_ns))
             if nxt is None:
                 return
             cur = nxt

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -77,7 +78,7 @@ class TargetProxy(rgrpc.TargetProxyServicer):
             await session.run(request_iterator)
         except StreamAbort as exc:
             if session.policy:
-                self.errors.set(session.policy, exc.message)
+                self.errors.set(session.policy, exc.message, session.started)
             log.warning("replicate stream ended: %s", exc.message,
                         extra={"policy": session.policy, "peer": context.peer()})
             await context.abort(exc.code, exc.message)
@@ -88,6 +89,7 @@ class _ReplicateSession:
         self.parent = parent
         self.context = context
         self.policy = ""
+        self.started = time.monotonic()
         self.peer = ""
         self.call: Any = None
         self.queue: asyncio.Queue[rpb.ApplyRequest | None] = asyncio.Queue(QUEUE_FRAMES)
@@ -155,7 +157,7 @@ class _ReplicateSession:
             self.prev_last = reply.opened.durable_seq
             await self.context.write(rpb.ReplicateResponse(
                 accepted=rpb.SessionAccepted(durable_seq=self.prev_last)))
-            self.parent.errors.clear(self.policy)
+            self.parent.errors.clear(self.policy, self.started)
             log.info("session open for source proxy %s, target durable seq %d",
                      o.source_proxy_id, self.prev_last,
                      extra={"policy": self.policy, "peer": self.peer, "epoch": o.epoch,
@@ -207,7 +209,9 @@ class _ReplicateSession:
             self.next_index = f.index + 1
 
     def _open_frame(self, f: rpb.DeltaFrame) -> bytes:
-        header = crypto.FrameHeader(f.first_seq, f.last_seq, f.index, f.final, f.newest_time_ns)
+        header = crypto.FrameHeader(f.first_seq, f.last_seq, f.index, f.final, f.newest_time_ns,
+                                    f.gap_begin_time_ns, f.gap_after_seq, f.gap_end_seq,
+                                    f.gap_end_time_ns)
         plain = self.opener.open(header, f.envelope)
         delta.decode_chunk(plain, self.disk_sizes)  # bounds and format check only
         return plain
@@ -232,7 +236,9 @@ class _ReplicateSession:
                                 f"{exc}") from None
             await self.queue.put(rpb.ApplyRequest(chunk=rpb.DeltaChunk(
                 first_seq=f.first_seq, last_seq=f.last_seq, index=f.index, final=f.final,
-                newest_time_ns=f.newest_time_ns, extents=plain, captured_seq=f.captured_seq)))
+                newest_time_ns=f.newest_time_ns, extents=plain, captured_seq=f.captured_seq,
+                gap_begin_time_ns=f.gap_begin_time_ns, gap_after_seq=f.gap_after_seq,
+                gap_end_seq=f.gap_end_seq, gap_end_time_ns=f.gap_end_time_ns)))
         await self.queue.put(None)
 
     async def _writer(self) -> None:

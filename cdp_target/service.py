@@ -47,6 +47,7 @@ from cdp_common.errors import (
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_target import metrics
+from cdp_target.gaps import GapBook
 from cdp_target.store import STATE_FILE, DiskMismatchError, DiskSpec, PolicyStore
 
 log = logging.getLogger("target.service")
@@ -111,6 +112,22 @@ class PolicyRuntime:
     error: str = ""
     refusal: str = ""
     """Why Apply streams are refused (a failover; cdp_target.restore_service)."""
+    gap_book: GapBook | None = None
+
+    @property
+    def gaps(self) -> GapBook:
+        if self.gap_book is None:
+            self.gap_book = GapBook.load(self.store.dir)
+        return self.gap_book
+
+    def note_gap(self, c: rpb.DeltaChunk) -> None:
+        if self.gaps.note(c.first_seq, c.last_seq, c.gap_begin_time_ns, c.gap_after_seq,
+                          c.gap_end_seq, c.gap_end_time_ns):
+            self.gaps.save()
+
+    def gap_messages(self) -> list[rpb.Gap]:
+        return [rpb.Gap(begin_seq=g.begin_seq, end_seq=g.end_seq, begin_time_ns=g.begin_time_ns,
+                        end_time_ns=g.end_time_ns, reason=g.reason) for g in self.gaps.gaps]
 
     def state(self) -> rpb.PolicyState:
         s = self.store.snapshot()
@@ -119,7 +136,8 @@ class PolicyRuntime:
             newest_time_ns=s.newest_time_ns, bytes_replicated=s.bytes_replicated,
             epoch=s.epoch, captured_seq=s.captured_seq,
             disks=[rpb.DiskInfo(disk_id=i, name=d.name, size_bytes=d.size_bytes)
-                   for i, d in sorted(s.disks.items())])
+                   for i, d in sorted(s.disks.items())],
+            gaps=self.gap_messages())
 
 
 class TargetService(rgrpc.TargetServicer):
@@ -339,6 +357,8 @@ class TargetService(rgrpc.TargetServicer):
                 if not c.final:
                     continue
                 before = rt.store.state.durable_seq
+                if (c.gap_begin_time_ns or c.gap_end_seq) and c.last_seq > before:
+                    await in_thread(rt.note_gap, c)  # durable before the ack (gaps.py)
                 durable = await in_thread(rt.store.commit, c.newest_time_ns)
                 if durable > before:
                     metrics.DELTAS.inc()

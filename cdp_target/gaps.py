@@ -1,0 +1,135 @@
+"""Per-policy record of gaps: ranges of restore points that are not consistent.
+
+Theory of operation
+-------------------
+When the filter's journal overflows it stops journaling, tracks dirty blocks
+and later resyncs them (cdp_filter.overflow); an initial or operator sync
+does the same from a digest comparison. Restore points cut while that goes
+on hold a mix of old and new blocks: they are *not consistent*. The data
+path carries the gap's bounds in every delta it touches (DeltaChunk gap_*
+fields, docs/FORMAT.md "Gaps"); this book keeps them per policy:
+
+    gap = (begin_seq, end_seq, begin_time_ns, end_time_ns, reason)
+
+Restore points with ``begin_seq <= last_seq < end_seq`` are inconsistent;
+``end_seq == 0`` means the gap is still open (every point from begin_seq on).
+``begin_seq`` is ``gap_after_seq + 1``: the last point before it holds only
+writes the filter had journaled and the target acked.
+
+`note` is pure bookkeeping (idempotent: a resent delta changes nothing);
+`save` writes ``<policy dir>/gaps.json`` atomically (tmp + fsync + rename +
+dir fsync). The service notes and saves *before* it commits the delta, so a
+gap is never missing for an acked delta (a crash between the two at worst
+records a gap for a delta that is then resent and noted again).
+
+File: ``{"version": 1, "gaps": [{"begin_seq", "end_seq", "begin_time_ns",
+"end_time_ns", "reason"}]}``, oldest first. At most MAX_GAPS are kept (the
+oldest are merged), so the file stays small (I4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cdp_common.errors import StorageError
+
+GAPS_FILE = "gaps.json"
+VERSION = 1
+MAX_GAPS = 256
+
+
+@dataclass
+class GapRecord:
+    begin_seq: int
+    end_seq: int = 0
+    begin_time_ns: int = 0
+    end_time_ns: int = 0
+    reason: str = "overflow"
+
+    @property
+    def open(self) -> bool:
+        return self.end_seq == 0
+
+    def covers(self, last_seq: int) -> bool:
+        """Is the restore point ending at last_seq inside this gap (inconsistent)?"""
+        return self.begin_seq <= last_seq and (self.open or last_seq < self.end_seq)
+
+
+class GapBook:
+    def __init__(self, directory: Path, gaps: list[GapRecord] | None = None) -> None:
+        self.path = directory / GAPS_FILE
+        self.gaps: list[GapRecord] = gaps or []
+
+    @classmethod
+    def load(cls, directory: Path) -> GapBook:
+        path = directory / GAPS_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls(directory)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"{path}: unreadable gap file ({exc})") from None
+        try:
+            gaps = [GapRecord(int(g["begin_seq"]), int(g["end_seq"]), int(g["begin_time_ns"]),
+                              int(g["end_time_ns"]), str(g.get("reason", "overflow")))
+                    for g in data["gaps"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StorageError(f"{path}: malformed gap file ({exc})") from None
+        return cls(directory, gaps)
+
+    @property
+    def open_gap(self) -> GapRecord | None:
+        return self.gaps[-1] if self.gaps and self.gaps[-1].open else None
+
+    def note(self, first_seq: int, last_seq: int, begin_time_ns: int, after_seq: int,
+             end_seq: int, end_time_ns: int) -> bool:
+        """Record what one delta [first_seq, last_seq] says about gaps; True if changed."""
+        if not begin_time_ns and not end_seq:
+            return False
+        changed = False
+        g = self.open_gap
+        if g is None and begin_time_ns:
+            begin = after_seq + 1 if after_seq else first_seq
+            # A resent delta of a gap already closed must not open it again.
+            if not any(x.begin_seq == begin and not x.open for x in self.gaps):
+                g = GapRecord(begin, 0, begin_time_ns, 0)
+                self.gaps.append(g)
+                changed = True
+        if end_seq and first_seq <= end_seq <= last_seq:
+            if g is None:
+                begin = after_seq + 1 if after_seq else first_seq
+                if any(x.begin_seq == begin and x.end_seq == end_seq for x in self.gaps):
+                    return changed
+                g = GapRecord(begin, 0, begin_time_ns, 0)
+                self.gaps.append(g)
+            g.end_seq = end_seq
+            g.end_time_ns = end_time_ns
+            changed = True
+        if len(self.gaps) > MAX_GAPS:
+            a, b = self.gaps[0], self.gaps[1]
+            self.gaps[:2] = [GapRecord(a.begin_seq, b.end_seq, a.begin_time_ns, b.end_time_ns,
+                                       "merged")]
+        return changed
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        body = json.dumps({"version": VERSION, "gaps": [asdict(g) for g in self.gaps]})
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.path)
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot save gaps ({exc.strerror})") from None
+
+    def inconsistent(self, last_seq: int) -> bool:
+        return any(g.covers(last_seq) for g in self.gaps)
