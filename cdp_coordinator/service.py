@@ -49,13 +49,16 @@ from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdp_coordinator.alarms import AlarmEvent, AlarmTracker, Level, level_of
 from cdp_coordinator.state import (
+    NO_PROGRESS,
     Assignment,
     CoordinatorState,
     Endpoint,
+    Gap,
     NodeInfo,
     Report,
     Role,
     Status,
+    SyncProgress,
 )
 from cdp_coordinator.store import StateStore, policy_to_json
 
@@ -75,7 +78,7 @@ def _endpoint(e: Endpoint) -> cpb.Endpoint:
     return cpb.Endpoint(node_id=e.node_id, address=e.address)
 
 
-def assignment_pb(a: Assignment, p: PolicyConfig) -> cpb.Assignment:
+def assignment_pb(a: Assignment, p: PolicyConfig, sync_request_id: int = 0) -> cpb.Assignment:
     return cpb.Assignment(
         policy=a.policy, epoch=a.epoch, filter=_endpoint(a.filter),
         source_proxy=_endpoint(a.source_proxy), target_proxy=_endpoint(a.target_proxy),
@@ -87,7 +90,7 @@ def assignment_pb(a: Assignment, p: PolicyConfig) -> cpb.Assignment:
         bandwidth_limit_mbps=p.bandwidth_limit_mbps,
         short_term_retention_s=p.short_term_retention_s,
         long_term_interval_s=p.long_term_interval_s,
-        long_term_retention_s=p.long_term_retention_s)
+        long_term_retention_s=p.long_term_retention_s, sync_request_id=sync_request_id)
 
 
 def node_info_pb(n: NodeInfo) -> cpb.NodeInfo:
@@ -110,7 +113,18 @@ def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | N
             enabled=(policies or {}).get(p.name, PolicyConfig("", [], "")).enabled,
             bandwidth_limit_mbps=(policies or {}).get(
                 p.name, PolicyConfig("", [], "")).bandwidth_limit_mbps,
-            alarm=(alarms or {}).get(p.name, "")) for p in status.policies],
+            alarm=(alarms or {}).get(p.name, ""),
+            capture_mode=p.progress.capture_mode, dirty_bytes=p.progress.dirty_bytes,
+            gap_begin_time_ns=p.progress.gap_begin_time_ns,
+            sync_done_bytes=p.progress.sync_done_bytes,
+            sync_total_bytes=p.progress.sync_total_bytes,
+            sync_rate_bps=p.progress.sync_rate_bps, sync_eta_s=p.progress.sync_eta_s,
+            gaps=[cpb.GapInfo(begin_seq=g.begin_seq, end_seq=g.end_seq,
+                              begin_time_ns=g.begin_time_ns, end_time_ns=g.end_time_ns,
+                              reason=g.reason) for g in p.gaps],
+            sync_phase=p.progress.sync_phase, sync_id=p.progress.sync_id,
+            sync_done_id=p.progress.sync_done_id, sync_reason=p.progress.sync_reason,
+            sync_request_id=p.sync_request_id) for p in status.policies],
         now_ns=now_ns)
 
 
@@ -118,7 +132,17 @@ def report_from_pb(r: cpb.PolicyReport) -> Report:
     return Report(policy=r.policy, captured_seq=r.captured_seq,
                   captured_time_ns=r.captured_time_ns, durable_seq=r.durable_seq,
                   newest_time_ns=r.newest_time_ns, bytes_replicated=r.bytes_replicated,
-                  journal_bytes=r.journal_bytes, error=r.error, applied_seq=r.applied_seq)
+                  journal_bytes=r.journal_bytes, error=r.error, applied_seq=r.applied_seq,
+                  progress=SyncProgress(
+                      capture_mode=r.capture_mode, dirty_bytes=r.dirty_bytes,
+                      gap_begin_time_ns=r.gap_begin_time_ns, sync_phase=r.sync_phase,
+                      sync_id=r.sync_id, sync_done_id=r.sync_done_id,
+                      sync_reason=r.sync_reason, sync_done_bytes=r.sync_done_bytes,
+                      sync_total_bytes=r.sync_total_bytes, sync_rate_bps=r.sync_rate_bps,
+                      sync_eta_s=r.sync_eta_s) if r.capture_mode or r.sync_phase
+                  or r.sync_done_id else NO_PROGRESS,
+                  gaps=tuple(Gap(g.begin_seq, g.end_seq, g.begin_time_ns, g.end_time_ns,
+                                 g.reason) for g in r.gaps))
 
 
 class _Watcher:
@@ -203,7 +227,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     def assignment_set(self, node_id: str) -> cpb.AssignmentSet:
         return cpb.AssignmentSet(assignments=[
-            assignment_pb(a, self.state.policies[a.policy])
+            assignment_pb(a, self.state.policies[a.policy],
+                          self.state.sync_requests.get(a.policy, 0))
             for a in self.state.assignments_for(node_id)])
 
     async def ticker(self, period_s: float = TICK_S) -> None:
@@ -443,6 +468,14 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         except CdpError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         raise AssertionError("unreachable")
+
+    async def RequestSync(self, request: cpb.PolicyName,
+                          context: grpc.aio.ServicerContext) -> cpb.RequestSyncReply:
+        p = await self._existing(context, request.name)
+        rid = self.state.request_sync(p.name, time.time_ns())
+        plog.info("digest sync %d requested", rid, extra={"policy": p.name})
+        self._notify()
+        return cpb.RequestSyncReply(sync_request_id=rid)
 
     async def ListAlarms(self, request: cpb.ListAlarmsRequest,
                          context: grpc.aio.ServicerContext) -> cpb.ListAlarmsReply:

@@ -92,6 +92,37 @@ class NodeInfo:
 
 
 @dataclass(frozen=True)
+class Gap:
+    """Restore points with last_seq in [begin_seq, end_seq) are not consistent (0: open)."""
+
+    begin_seq: int
+    end_seq: int
+    begin_time_ns: int = 0
+    end_time_ns: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SyncProgress:
+    """Capture mode and sync progress a filter reports (all zero: nothing to say)."""
+
+    capture_mode: str = ""
+    dirty_bytes: int = 0
+    gap_begin_time_ns: int = 0
+    sync_phase: str = ""
+    sync_id: int = 0
+    sync_done_id: int = 0
+    sync_reason: str = ""
+    sync_done_bytes: int = 0
+    sync_total_bytes: int = 0
+    sync_rate_bps: float = 0.0
+    sync_eta_s: float = 0.0
+
+
+NO_PROGRESS = SyncProgress()
+
+
+@dataclass(frozen=True)
 class Report:
     """What one node said about one policy in its latest heartbeat."""
 
@@ -104,6 +135,8 @@ class Report:
     journal_bytes: int = 0
     error: str = ""
     applied_seq: int = 0
+    progress: SyncProgress = NO_PROGRESS   # filter
+    gaps: tuple[Gap, ...] = ()             # target
 
 
 @dataclass(frozen=True)
@@ -176,6 +209,9 @@ class PolicyStatus:
     rpo_interval_s: float
     rpo_warning_s: float
     rpo_error_s: float
+    progress: SyncProgress = NO_PROGRESS
+    gaps: tuple[Gap, ...] = ()
+    sync_request_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -213,6 +249,9 @@ class CoordinatorState:
     nodes: dict[str, Node] = field(default_factory=dict)
     policies: dict[str, PolicyConfig] = field(default_factory=dict)
     assignments: dict[str, Assignment] = field(default_factory=dict)
+    # Latest `cdpctl sync` request id per policy (in memory: a request the filter
+    # has not seen before a coordinator restart is dropped; the operator retries).
+    sync_requests: dict[str, int] = field(default_factory=dict)
     reports: dict[tuple[str, str], Report] = field(default_factory=dict)
     rebinds: int = 0
     """Times a bound proxy or target was lost or replaced (metrics)."""
@@ -294,6 +333,13 @@ class CoordinatorState:
         """Add or replace one policy (validated by the caller)."""
         self.policies[policy.name] = policy
         self._recompute(now)
+
+    def request_sync(self, name: str, now_ns: int) -> int:
+        """A new sync request id for the policy: larger than any before (ns-based, so
+        it still grows after a coordinator restart)."""
+        rid = max(now_ns, self.sync_requests.get(name, 0) + 1)
+        self.sync_requests[name] = rid
+        return rid
 
     def delete_policy(self, name: str, now: float) -> bool:
         if name not in self.policies:
@@ -382,7 +428,8 @@ class CoordinatorState:
             rpo_lag_s=lag, bytes_replicated=t.bytes_replicated, journal_bytes=f.journal_bytes,
             state=state, reason=reason,
             rpo_interval_s=p.rpo_interval_s, rpo_warning_s=p.rpo_warning_s,
-            rpo_error_s=p.rpo_error_s)
+            rpo_error_s=p.rpo_error_s, progress=f.progress, gaps=t.gaps,
+            sync_request_id=self.sync_requests.get(p.name, 0))
 
     # ------------------------------------------------------------ assignment
 

@@ -34,6 +34,7 @@ from cdp_filter.journal import Journal
 from cdp_filter.policy import Disk, PolicyRuntime
 from cdp_filter.resync import Tracker
 from cdp_filter.shipper import Shipper
+from cdp_filter.sync import Syncer, load_core
 
 pyfuse3.asyncio.enable()
 log = logging.getLogger("filter.daemon")
@@ -128,9 +129,15 @@ class FilterDaemon:
         if self.config.filter.dirty_tracking:
             for name, rt in self.runtimes.items():
                 shipper = self.shippers[name]
-                rt.tracker = Tracker(rt, os.path.join(self.config.filter.data_dir, "dirty", name),
-                                     self.config.filter.dirty_block_bytes,
-                                     link=_link_of(shipper))
+                directory = os.path.join(self.config.filter.data_dir, "dirty", name)
+                core = load_core(directory)
+                rt.tracker = Tracker(rt, directory, self.config.filter.dirty_block_bytes,
+                                     link=_link_of(shipper), hold=core.comparing)
+                rt.syncer = Syncer(rt, rt.tracker, core, directory, self.config.tls,
+                                   self.config.node.max_message_bytes,
+                                   assignment=shipper.current_assignment,
+                                   connected=shipper.is_connected)
+                shipper.on_welcome = rt.syncer.on_welcome
 
     def _mount(self) -> None:
         fs.prepare_mountpoint(self.mountpoint)
@@ -161,6 +168,9 @@ class FilterDaemon:
                 if a.policy in self.shippers and a.filter.node_id in ("", self.config.node.id)}
         for name, shipper in self.shippers.items():
             shipper.set_assignment(mine.get(name))
+            syncer = self.runtimes[name].syncer
+            if syncer is not None:
+                syncer.on_assignment(mine.get(name))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -183,6 +193,9 @@ class FilterDaemon:
                 tracker = self.runtimes[name].tracker
                 if tracker is not None:
                     self._tasks.append(asyncio.create_task(tracker.run(), name=f"resync-{name}"))
+                syncer = self.runtimes[name].syncer
+                if syncer is not None:
+                    self._tasks.append(asyncio.create_task(syncer.run(), name=f"sync-{name}"))
             log.info("cdp-filter %s serving on %s", node.id, self.server.address,
                      extra={"node": node.id})
             self.ready.set()

@@ -51,6 +51,8 @@ class PolicyRuntime:
         self.durable_seq = journal.trimmed_through
         # Dirty-block tracking (cdp_filter.resync.Tracker), when enabled.
         self.tracker: Any = None
+        # Digest sync (cdp_filter.sync.Syncer), when dirty tracking is enabled.
+        self.syncer: Any = None
         self.m_writes = metrics.WRITES.labels(name)
         self.m_write_bytes = metrics.WRITE_BYTES.labels(name)
         self.m_shipped = metrics.SHIPPED_BYTES.labels(name)
@@ -113,6 +115,8 @@ class PolicyRuntime:
             report.sync_total_bytes = st["sync_total_bytes"]
             report.sync_rate_bps = st["sync_rate_bps"]
             report.sync_eta_s = st["sync_eta_s"]
+        if self.syncer is not None:
+            self.syncer.fill(report)
         return report
 
     def close(self) -> None:

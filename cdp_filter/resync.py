@@ -72,8 +72,13 @@ class Tracker:
 
     def __init__(self, rt: PolicyRuntime, directory: str, block_bytes: int,
                  link: Callable[[], int] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 hold: Callable[[], bool] | None = None) -> None:
         self.rt = rt
+        # True while a digest sync compares (cdp_filter/sync.py): its marks are
+        # bits with a reason, and a scan must not end (GAP_END) before it is done.
+        self.hold = hold or (lambda: False)
+        self.gap_end_seq = 0  # seq of the last GAP_END marker appended (0: none yet)
         self.directory = directory
         self.block_bytes = block_bytes
         self.link = link or (lambda: 0)
@@ -113,7 +118,7 @@ class Tracker:
         except (TypeError, ValueError, IndexError) as exc:
             raise StorageError(f"{path}: malformed resync state ({exc})") from None
         dirty = self.dirty_blocks
-        if mode is Mode.JOURNALING and dirty and not self.settle_seq:
+        if mode is Mode.JOURNALING and dirty and not self.settle_seq and not self.hold():
             mode = Mode.TRACKING  # bits without a reason: resync them to be safe
         if mode is not Mode.JOURNALING:
             # A restart resumes tracking; the scan starts again once the link is up.
@@ -286,6 +291,8 @@ class Tracker:
                 continue
             for _ in range(STEP_BLOCKS):
                 if not self._step():
+                    if m.mode is Mode.RESYNCING:
+                        await self._nap()  # held at the end while a digest sync compares
                     return
                 if j.size_bytes >= self.low_water:
                     break
@@ -305,6 +312,9 @@ class Tracker:
                 break
             di, blk = di + 1, 0
         if di >= len(self.bitmaps):
+            if self.hold():
+                m.cursor = (0, 0)  # a comparison may still mark blocks anywhere: go round
+                return False
             m.cursor = (di, 0)
             self._finish()
             return False
@@ -338,12 +348,33 @@ class Tracker:
             self.overflow(f"journal volume full at the end of a resync: {exc}")
             return
         m.handle(Event.SCAN_DONE)
+        self.gap_end_seq = seq
         self.settle_seq = seq if self.dirty_blocks else 0
         self._persist()
         self.rt.appended.set()
         p = m.progress
         log.info("resync done: %d blocks, %d bytes; the gap ends at seq %d", p.sent_blocks,
                  p.sent_bytes, seq, extra=self._extra(seq=seq))
+
+    # ------------------------------------------------------------ digest sync hooks
+
+    def open_sync_gap(self, reason: str) -> None:
+        """A digest sync begins: restore points after the target's durable seq are not
+        consistent until the sync's GAP_END (an open overflow gap is kept as it is)."""
+        self.m.open_gap(time.time_ns(), self.rt.durable_seq, 0, reason)
+        self._persist()
+        self.rt.appended.set()
+
+    def start_sync_scan(self) -> None:
+        """A digest sync compared every disk: ship the marked blocks, then GAP_END.
+        In TRACKING or RESYNCING the running overflow resync does it."""
+        if self.m.mode is Mode.JOURNALING:
+            self.m.handle(Event.SYNC_REQUEST)
+            self.m.start_scan(self.dirty_blocks, self.clock())
+            self._persist()
+            log.info("sync: resending %d dirty blocks of %d bytes", self.dirty_blocks,
+                     self.block_bytes, extra=self._extra())
+        self.wake.set()
 
     # ------------------------------------------------------------ reporting
 

@@ -121,6 +121,8 @@ class Shipper:
         self._welcomed = False
         self._last_logged = ""
         self.on_unreachable: UnreachableFn | None = None
+        # Called with resume_from_seq at every welcome, before trimming (digest sync).
+        self.on_welcome: Callable[[int], None] | None = None
         self._last_report = -REPORT_INTERVAL_S
         self._report_task: asyncio.Task[object] | None = None
         if self._assignment is not None:
@@ -136,6 +138,12 @@ class Shipper:
     @property
     def assignment(self) -> cpb.Assignment | None:
         return self._assignment
+
+    def current_assignment(self) -> cpb.Assignment | None:
+        return self._assignment
+
+    def is_connected(self) -> bool:
+        return self.connected
 
     def _load(self) -> cpb.Assignment | None:
         try:
@@ -276,6 +284,8 @@ class Shipper:
                     f"seqs from {journal.oldest_seq}: a resync of the policy is needed")
             if plan is Resume.ADVANCE:
                 journal.advance_to(resume)
+            if self.on_welcome is not None:
+                self.on_welcome(resume)
             await rt.trim_through(resume)
             self._welcomed = True
             self.welcomes += 1

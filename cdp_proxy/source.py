@@ -60,7 +60,7 @@ from cdp_common.config import ProxySection
 from cdp_common.errors import CdpError, FormatError, ProtocolError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_proxy import metrics, stream, throttle
+from cdp_proxy import digests, metrics, stream, throttle
 from cdp_proxy.cutter import Delta, IntervalCutter
 from cdp_proxy.stream import (
     Channels,
@@ -109,6 +109,13 @@ class SourceProxy(rgrpc.SourceProxyServicer):
             log.warning("ship stream ended: %s", exc.message,
                         extra={"policy": session.policy, "peer": context.peer()})
             await context.abort(exc.code, exc.message)
+
+    async def GetDigests(self, request: rpb.DigestRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.DigestReply]:
+        """Relay to the target proxy (cdp_proxy/digests.py)."""
+        async for reply in digests.relay(self.channels, request.target_proxy_address,
+                                         "target proxy", request, context):
+            yield reply
 
 
 class _ShipSession:

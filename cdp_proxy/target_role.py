@@ -46,7 +46,7 @@ from cdp_common import crypto, delta
 from cdp_common.errors import AuthenticationError, FormatError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_proxy import metrics, stream
+from cdp_proxy import digests, metrics, stream
 from cdp_proxy.stream import (
     Channels,
     PolicyErrors,
@@ -82,6 +82,13 @@ class TargetProxy(rgrpc.TargetProxyServicer):
             log.warning("replicate stream ended: %s", exc.message,
                         extra={"policy": session.policy, "peer": context.peer()})
             await context.abort(exc.code, exc.message)
+
+    async def GetDigests(self, request: rpb.DigestRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.DigestReply]:
+        """Relay to the target (cdp_proxy/digests.py)."""
+        async for reply in digests.relay(self.channels, request.target_address, "target",
+                                         request, context):
+            yield reply
 
 
 class _ReplicateSession:

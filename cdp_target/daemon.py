@@ -56,7 +56,13 @@ class TargetDaemon:
                                         applied_seq=s.applied_seq,
                                         newest_time_ns=s.newest_time_ns,
                                         bytes_replicated=s.bytes_replicated,
-                                        error=rt.refusal or rt.error))
+                                        error=rt.refusal or rt.error,
+                                        gaps=[cpb.GapInfo(begin_seq=g.begin_seq,
+                                                          end_seq=g.end_seq,
+                                                          begin_time_ns=g.begin_time_ns,
+                                                          end_time_ns=g.end_time_ns,
+                                                          reason=g.reason)
+                                              for g in rt.gaps.gaps]))
         return out
 
     async def run(self) -> None:

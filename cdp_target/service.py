@@ -46,7 +46,7 @@ from cdp_common.errors import (
 )
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_target import metrics
+from cdp_target import digests, metrics
 from cdp_target.gaps import GapBook
 from cdp_target.store import STATE_FILE, DiskMismatchError, DiskSpec, PolicyStore
 
@@ -379,3 +379,11 @@ class TargetService(rgrpc.TargetServicer):
             return rpb.PolicyStateReply(policies=[rt.state()] if rt is not None else [])
         return rpb.PolicyStateReply(
             policies=[self.policies[name].state() for name in sorted(self.policies)])
+
+    # ------------------------------------------------------------ GetDigests
+
+    async def GetDigests(self, request: rpb.DigestRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.DigestReply]:
+        """Region digests of a replica (cdp_target/digests.py)."""
+        async for reply in digests.serve(self.policies, request, context):
+            yield reply

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from cdp_common import crypto, pki
 from cdp_common.errors import CdpError, CoordinatorUnreachable
-from cdpctl import completion, lab, labplan, resolve, restore, status, table
+from cdpctl import completion, lab, labplan, resolve, restore, status, sync, table
 from cdpctl import policy as policy_cmd
 from cdpctl.state import UsageError
 from cdpctl.units import parse_size
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     restore.add_parsers(sub, _fmt(), _epilog, _add_coordinator_args, COORDINATOR_HELP,
                         _coordinator)
+    sync.add_parser(sub, _fmt(), _epilog, _add_coordinator_args, COORDINATOR_HELP, _coordinator)
 
     # pki
     p = sub.add_parser(

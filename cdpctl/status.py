@@ -15,6 +15,7 @@ overall verdict, a list of problems and the exit code:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,15 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
         "rpo_interval_s": p.rpo_interval_s, "rpo_warning_s": p.rpo_warning_s,
         "rpo_error_s": p.rpo_error_s, "enabled": p.enabled,
         "bandwidth_limit_mbps": p.bandwidth_limit_mbps, "alarm": p.alarm,
+        "capture_mode": p.capture_mode, "dirty_bytes": p.dirty_bytes,
+        "gap_begin_time_ns": p.gap_begin_time_ns,
+        "sync_phase": p.sync_phase, "sync_reason": p.sync_reason, "sync_id": p.sync_id,
+        "sync_done_id": p.sync_done_id, "sync_request_id": p.sync_request_id,
+        "sync_done_bytes": p.sync_done_bytes, "sync_total_bytes": p.sync_total_bytes,
+        "sync_rate_bps": round(p.sync_rate_bps, 1), "sync_eta_s": round(p.sync_eta_s, 1),
+        "gaps": [{"begin_seq": g.begin_seq, "end_seq": g.end_seq,
+                  "begin_time_ns": g.begin_time_ns, "end_time_ns": g.end_time_ns,
+                  "reason": g.reason} for g in p.gaps],
     } for p in reply.policies]
     return {"now_ns": reply.now_ns, "nodes": nodes, "policies": policies}
 
@@ -151,7 +161,46 @@ def render_status(status: dict[str, Any]) -> str:
     text = render_nodes(status) + "\n\n" + render_policies(status)
     reasons = [f"policy {p['name']}: {p['reason']}"
                for p in sorted(status["policies"], key=lambda p: p["name"]) if p.get("reason")]
+    reasons += [line for p in sorted(status["policies"], key=lambda p: p["name"])
+                for line in capture_lines(p)]
     return "\n".join([text, "", *reasons]) if reasons else text
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) if ns else "?"
+
+
+def capture_lines(p: dict[str, Any]) -> list[str]:
+    """What the filter is doing besides journaling, and the policy's gaps (pure)."""
+    name, out = p["name"], []
+    mode = p.get("capture_mode") or ""
+    if mode and mode != "journaling":
+        out.append(f"policy {name}: {mode}, {format_bytes(p.get('dirty_bytes', 0))} dirty"
+                   + (f", gap open since {_when(p['gap_begin_time_ns'])}"
+                      if p.get("gap_begin_time_ns") else ""))
+    if p.get("sync_phase"):
+        out.append(f"policy {name}: sync {p.get('sync_reason') or ''} "
+                   f"{sync_progress_text(p)}".replace("  ", " "))
+    for g in p.get("gaps", []):
+        end = (f"seq {g['end_seq']} ({_when(g['end_time_ns'])})" if g["end_seq"]
+               else "still open")
+        out.append(f"policy {name}: gap ({g.get('reason') or 'overflow'}): restore points "
+                   f"from seq {g['begin_seq']} ({_when(g['begin_time_ns'])}) to {end} are "
+                   "not consistent")
+    return out
+
+
+def sync_progress_text(p: dict[str, Any]) -> str:
+    """`compare 42% 120 MiB of 256 MiB, 310 MiB/s, ETA 0.4s` (pure)."""
+    phase = p.get("sync_phase") or "-"
+    done, total = int(p.get("sync_done_bytes", 0)), int(p.get("sync_total_bytes", 0))
+    pct = f"{100 * done / total:.0f}% " if total else ""
+    rate = float(p.get("sync_rate_bps", 0.0))
+    eta = float(p.get("sync_eta_s", 0.0))
+    text = f"{phase} {pct}{format_bytes(done)} of {format_bytes(total)}"
+    if rate > 0:
+        text += f", {format_bytes(int(rate))}/s, ETA {format_seconds(eta)}"
+    return text
 
 
 def render_health(status: dict[str, Any], verdict: Verdict) -> str:
