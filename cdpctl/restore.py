@@ -27,6 +27,8 @@ import grpc
 
 from cdp_common import rpc
 from cdp_common.errors import CdpError
+from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
+from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_common.pb.cdp.v1 import restore_pb2 as pb
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
 from cdpctl import status, table
@@ -65,18 +67,47 @@ def iso(time_ns: int) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
-def point_dict(p: pb.PointInfo) -> dict[str, Any]:
+def gap_dict(g: Any) -> dict[str, Any]:
+    return {"begin_seq": g.begin_seq, "end_seq": g.end_seq,
+            "begin_time": iso(g.begin_time_ns) if g.begin_time_ns else "",
+            "end_time": iso(g.end_time_ns) if g.end_time_ns else "",
+            "reason": g.reason or "overflow"}
+
+
+def gap_of(last_seq: int, gaps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The gap a point ending at `last_seq` lies in (docs/FORMAT.md §1b:
+    begin_seq <= last_seq < end_seq, end_seq 0 = open), or None: consistent."""
+    for g in gaps:
+        if g["begin_seq"] <= last_seq and (not g["end_seq"] or last_seq < g["end_seq"]):
+            return g
+    return None
+
+
+def point_dict(p: pb.PointInfo, gaps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    g = gap_of(p.last_seq, gaps or [])
     return {"id": p.id, "kind": p.kind, "time": iso(p.time_ns), "last_seq": p.last_seq,
-            "size_bytes": p.size_bytes}
+            "size_bytes": p.size_bytes, "consistent": g is None,
+            "gap": None if g is None else g["reason"]}
 
 
 def render_points(points: list[dict[str, Any]]) -> str:
     if not points:
         return "no restore points"
-    return table.render(("ID", "KIND", "TIME (UTC)", "LAST SEQ", "SIZE"),
+    return table.render(("ID", "KIND", "TIME (UTC)", "LAST SEQ", "SIZE", "CONSISTENT"),
                         [(p["id"], p["kind"], p["time"], p["last_seq"],
-                          format_bytes(p["size_bytes"])) for p in points],
+                          format_bytes(p["size_bytes"]),
+                          "yes" if p.get("consistent", True)
+                          else f"NO (in a gap: {p.get('gap') or 'overflow'})")
+                         for p in points],
                         right=("ID", "LAST SEQ", "SIZE"))
+
+
+def render_gaps(gaps: list[dict[str, Any]]) -> list[str]:
+    return [f"gap ({g['reason']}): points with last seq {g['begin_seq']}"
+            + (f"..{g['end_seq'] - 1}" if g["end_seq"] else " and later (still open)")
+            + f", from {g['begin_time'] or '?'}"
+            + (f" to {g['end_time']}" if g["end_time"] else "")
+            + ", are not consistent" for g in gaps]
 
 
 # ---------------------------------------------------------------- finding the target
@@ -108,6 +139,12 @@ class TargetClient:
 
     def close(self) -> None:
         self.channel.close()
+
+    def gaps(self, policy: str, timeout_s: float) -> list[dict[str, Any]]:
+        """The policy's gaps, from Target.GetPolicyState (same address and TLS)."""
+        reply = self.call("policy state", rgrpc.TargetStub(self.channel).GetPolicyState,
+                          rpb.PolicyStateRequest(policy=policy), timeout=timeout_s)
+        return [gap_dict(g) for s in reply.policies if s.policy == policy for g in s.gaps]
 
     def call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
         try:
@@ -220,13 +257,16 @@ def cmd_points(args: argparse.Namespace, coord: Coordinator) -> int:
     try:
         reply = client.call("list", client.stub.List, pb.ListPointsRequest(policy=args.policy),
                             timeout=args.timeout)
+        gaps = client.gaps(args.policy, args.timeout)
     finally:
         client.close()
-    points = [point_dict(p) for p in reply.points]
+    points = [point_dict(p, gaps) for p in reply.points]
     if args.json:
         print(json.dumps(points, indent=2))
     else:
         print(render_points(points))
+        for line in render_gaps(gaps):
+            print(line)
         extra = f"{len(points)} points, {format_bytes(reply.total_bytes)} of undo data"
         if reply.failover_state:
             extra += f"; policy failover: {reply.failover_state}"
@@ -338,7 +378,10 @@ def add_parsers(sub: Any, fmt: Any, epilog: Any, add_coordinator_args: Any,
             "RPO interval, kept for the policy's short-term retention; long: every\n"
             "long_term_interval_s or on demand, kept for the long-term retention), the\n"
             "capture time of its newest write (UTC), its last seq and the undo bytes it\n"
-            "holds. --json prints a list of {id, kind, time, last_seq, size_bytes}.\n\n"
+            "holds, and whether it is consistent: a point inside a *gap* (the filter's\n"
+            "journal overflowed, or a sync was running: see `cdpctl sync`) holds a mix\n"
+            "of old and new blocks; the gaps are listed below the table. --json prints\n"
+            "a list of {id, kind, time, last_seq, size_bytes, consistent, gap}.\n\n"
             "`restore-points create POLICY` makes the newest point (after every durable\n"
             "delta is applied) a long-term point, kept like scheduled ones."),
         epilog=epilog("""\

@@ -91,6 +91,15 @@ def test_seeding_sends_only_the_differing_regions(lab: Any, tmp_path: Path) -> N
     assert "initial sync by digests" in handle.log("filter-1")
     gaps = p["gaps"]
     assert len(gaps) == 1 and gaps[0]["end_seq"] > gaps[0]["begin_seq"], gaps
+    # Restore points cut during the sync are flagged; the newest one is consistent.
+    listed = handle.cli("restore-points", handle.disks[0]["policy"], "--json", check=True)
+    points = json.loads(listed.stdout)
+    assert points and points[-1]["consistent"] and points[-1]["last_seq"] >= gaps[0]["end_seq"]
+    for pt in points:
+        inside = gaps[0]["begin_seq"] <= pt["last_seq"] < gaps[0]["end_seq"]
+        assert pt["consistent"] is not inside, (pt, gaps)
+    human = handle.cli("restore-points", handle.disks[0]["policy"], check=True).stdout
+    assert "are not consistent" in human, human
 
 
 def test_operator_sync_repairs_a_diverged_replica(lab: Any, tmp_path: Path) -> None:

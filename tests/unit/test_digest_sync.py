@@ -92,3 +92,21 @@ def test_status_lines_show_mode_sync_and_gaps() -> None:
     assert "tracking, 2.0 MiB dirty" in lines[0] or "tracking" in lines[0]
     assert "sync initial send 0%" in lines[1]
     assert "from seq 5" in lines[2] and "still open" in lines[2]
+
+
+def test_restore_points_inside_a_gap_are_flagged() -> None:
+    from cdpctl import restore
+
+    gaps = [{"begin_seq": 10, "end_seq": 20, "begin_time": "", "end_time": "",
+             "reason": "overflow"},
+            {"begin_seq": 30, "end_seq": 0, "begin_time": "", "end_time": "",
+             "reason": "overflow"}]
+    assert restore.gap_of(9, gaps) is None
+    assert restore.gap_of(10, gaps) is gaps[0] and restore.gap_of(19, gaps) is gaps[0]
+    assert restore.gap_of(20, gaps) is None
+    assert restore.gap_of(10**9, gaps) is gaps[1]
+    lines = restore.render_gaps(gaps)
+    assert "last seq 10..19" in lines[0] and "still open" in lines[1]
+    table = restore.render_points([{"id": 1, "kind": "short", "time": "t", "last_seq": 12,
+                                    "size_bytes": 0, "consistent": False, "gap": "overflow"}])
+    assert "NO (in a gap: overflow)" in table
