@@ -25,7 +25,8 @@ then still starts right after the previous one, covering the lost seqs.
 
 Gap bookkeeping (journal overflow, docs/FORMAT.md "Gaps"): `note_gap` marks
 the open interval as lying inside a gap that began at `begin_time_ns` after
-seq `after_seq`; a GAP_END marker record ends the gap at its seq. Markers
+seq `after_seq`; a GAP_END marker record ends the gap at its seq and closes the
+interval at once (the point ending there is consistent again). Markers
 never touch the extents.
 
 Coalescing keeps, per disk, a sorted list of non-overlapping extents
@@ -272,9 +273,9 @@ class IntervalCutter:
         self._gap_end_ns = record.time_ns
         self.last_seq = record.seq
         self._count += 1
-        if now - self._start >= self.rpo_interval_s:
-            return self.cut()
-        return None
+        # Cut at once: the point ending at the marker is the first consistent one
+        # again, and a sync is done only once it is durable (no RPO-interval wait).
+        return self.cut()
 
     def feed_all(self, records: Iterable[Record], now: float) -> list[Delta]:
         out = []

@@ -78,9 +78,8 @@ def test_cutter_accepts_an_announced_jump_and_carries_gap_bounds() -> None:
     c.note_gap(555, 10)
     assert c.feed(rec(15, b"a"), 0.0, skip_ok=True) is None
     c.feed(rec(16, b"b", 1), 0.0)
-    c.feed(rec(17, GAP_END_PAYLOAD.pack(555, 10), flags=FLAG_GAP_END), 0.0)
-    d = c.cut()
-    assert d is not None
+    d = c.feed(rec(17, GAP_END_PAYLOAD.pack(555, 10), flags=FLAG_GAP_END), 0.0)
+    assert d is not None and c.cut() is None  # a GAP_END marker closes its interval
     assert (d.first_seq, d.last_seq) == (11, 17)
     assert (d.gap_begin_time_ns, d.gap_after_seq, d.gap_end_seq) == (555, 10, 17)
     assert [(e.offset, bytes(e.data or b"")) for e in d.extents] == [(0, b"ab")]
