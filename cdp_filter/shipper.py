@@ -62,6 +62,7 @@ BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 2.0
 WELCOME_TIMEOUT_S = 30.0
 REPORT_INTERVAL_S = 2.0
+SETTLE_S = 5.0  # a welcomed stream this old (or one that got an ack) is healthy
 
 UnreachableFn = Callable[[str, str, str, str], Awaitable[object]]
 """on_unreachable(node_id, address, policy, detail)."""
@@ -260,6 +261,7 @@ class Shipper:
         channel = rpc.channel(a.source_proxy.address, self.tls, self.max_message_bytes)
         call = rgrpc.SourceProxyStub(channel).Ship()
         acks: asyncio.Task[None] | None = None
+        settle: asyncio.TimerHandle | None = None
         try:
             await rpc.stream_write(call, self._hello(a))
             resp = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT_S)
@@ -296,11 +298,16 @@ class Shipper:
             else:
                 log.info("shipping to %s from seq %d", a.source_proxy.address, resume + 1,
                          extra=self._extra(seq=resume, epoch=a.epoch))
-            rt.error = ""
+            # The error clears once the stream proves healthy (an ack, or SETTLE_S
+            # up), not at the welcome: a stream that dies on its first delta
+            # (wrong key downstream) must not make the error flap.
+            settle = asyncio.get_running_loop().call_later(SETTLE_S, self._clear_error)
             self._last_logged = ""
             acks = asyncio.create_task(self._read_acks(call))
             await self._send_loop(call, journal.oldest_seq - 1 if skip else resume, acks, skip)
         finally:
+            if settle is not None:
+                settle.cancel()
             if acks is not None:
                 acks.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -347,6 +354,9 @@ class Shipper:
         acks.result()  # raises the stream's error, if any
         raise UnavailableError("source proxy ended the stream")
 
+    def _clear_error(self) -> None:
+        self.rt.error = ""
+
     async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
         while True:
             resp = await call.read()
@@ -356,4 +366,5 @@ class Shipper:
             if resp.WhichOneof("body") != "ack":
                 raise ProtocolError(f"source proxy sent {resp.WhichOneof('body')} after "
                                     "its welcome")
+            self._clear_error()
             await self.rt.trim_through(resp.ack.durable_seq)

@@ -63,6 +63,7 @@ from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_proxy import digests, metrics, stream, throttle
 from cdp_proxy.cutter import Delta, IntervalCutter
 from cdp_proxy.stream import (
+    SESSION_SETTLE_S,
     Channels,
     PolicyErrors,
     StreamAbort,
@@ -214,6 +215,7 @@ class _ShipSession:
         rate = throttle.rate_bytes_per_s(hello.bandwidth_limit_mbps)
         self.bucket = throttle.TokenBucket(rate, time.monotonic()) if rate else None
         tasks: list[asyncio.Task[None]] = []
+        settle: asyncio.TimerHandle | None = None
         metrics.SESSIONS.labels("source").inc()
         try:
             durable = await self._handshake(hello)
@@ -224,7 +226,8 @@ class _ShipSession:
                                          disk_sizes={d.disk_id: d.size_bytes for d in hello.disks})
             await self.context.write(rpb.ShipResponse(
                 welcome=rpb.ShipWelcome(resume_from_seq=durable)))
-            self.parent.errors.clear(self.policy, self.started)
+            settle = asyncio.get_running_loop().call_later(
+                SESSION_SETTLE_S, self.parent.errors.clear, self.policy, self.started)
             log.info("session open, resuming after seq %d", durable,
                      extra={"policy": self.policy, "peer": self.peer, "epoch": hello.epoch,
                             "seq": durable})
@@ -249,6 +252,8 @@ class _ShipSession:
                     else grpc.StatusCode.UNAVAILABLE)
             raise StreamAbort(code, f"policy {self.policy!r}: {exc}") from None
         finally:
+            if settle is not None:
+                settle.cancel()
             for t in tasks:
                 t.cancel()
             for t in tasks:
@@ -369,6 +374,7 @@ class _ShipSession:
                                   f"policy {self.policy!r}: {self.peer} sent an unexpected "
                                   "message")
             durable = resp.ack.durable_seq
+            self.parent.errors.clear(self.policy, self.started)
             self._release(durable)
             if durable > self.acked_seq:
                 self.acked_seq = durable

@@ -82,6 +82,13 @@ class Channels:
                 await ch.close(grace=None)
 
 
+# A session counts as healthy, and clears its policy's last error, once data
+# has gone through it (a verified frame, an ack) or it has stayed up this long.
+# Clearing at the handshake alone would let a stream that fails on its first
+# frame (wrong key) make the error flap in and out of the reports.
+SESSION_SETTLE_S = 5.0
+
+
 class PolicyErrors:
     """Last error per policy, reported with heartbeats (and cleared on success)."""
 

@@ -48,6 +48,7 @@ from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_proxy import digests, metrics, stream
 from cdp_proxy.stream import (
+    SESSION_SETTLE_S,
     Channels,
     PolicyErrors,
     StreamAbort,
@@ -145,6 +146,7 @@ class _ReplicateSession:
         self.opener = crypto.FrameOpener(o.policy, o.session_id, key)
         self.disk_sizes = {d.disk_id: d.size_bytes for d in o.disks}
         tasks: list[asyncio.Task[None]] = []
+        settle: asyncio.TimerHandle | None = None
         metrics.SESSIONS.labels("target").inc()
         try:
             stub = rgrpc.TargetStub(self.parent.channels.get(o.target_address))
@@ -164,7 +166,8 @@ class _ReplicateSession:
             self.prev_last = reply.opened.durable_seq
             await self.context.write(rpb.ReplicateResponse(
                 accepted=rpb.SessionAccepted(durable_seq=self.prev_last)))
-            self.parent.errors.clear(self.policy, self.started)
+            settle = asyncio.get_running_loop().call_later(
+                SESSION_SETTLE_S, self.parent.errors.clear, self.policy, self.started)
             log.info("session open for source proxy %s, target durable seq %d",
                      o.source_proxy_id, self.prev_last,
                      extra={"policy": self.policy, "peer": self.peer, "epoch": o.epoch,
@@ -184,6 +187,8 @@ class _ReplicateSession:
         except asyncio.InvalidStateError:
             raise await ended_call_abort(self.call, self.policy, self.peer) from None
         finally:
+            if settle is not None:
+                settle.cancel()
             # Cancel the Apply call first: the target then drops any delta
             # whose final chunk it has not received.
             if self.call is not None:
@@ -221,6 +226,7 @@ class _ReplicateSession:
                                     f.gap_end_time_ns)
         plain = self.opener.open(header, f.envelope)
         delta.decode_chunk(plain, self.disk_sizes)  # bounds and format check only
+        self.parent.errors.clear(self.policy, self.started)
         return plain
 
     async def _pump(self, it: AsyncIterator[rpb.ReplicateRequest]) -> None:
