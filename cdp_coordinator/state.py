@@ -331,6 +331,10 @@ class CoordinatorState:
 
     def set_policy(self, policy: PolicyConfig, now: float) -> None:
         """Add or replace one policy (validated by the caller)."""
+        if self.policies.get(policy.name) != policy:
+            # new parameters (RPO, retention, bandwidth...) travel in the
+            # assignment: push it even when the endpoints stay the same
+            self._dirty.add(policy.name)
         self.policies[policy.name] = policy
         self._recompute(now)
 

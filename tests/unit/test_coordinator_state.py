@@ -299,3 +299,15 @@ def test_status_node_ages() -> None:
     s = lab()
     st = {n.info.id: n for n in s.status(2.0).nodes}
     assert st["sp-1"].state == "up" and st["sp-1"].last_seen_age_s == 2.0
+
+
+def test_edited_policy_parameters_are_pushed_to_watchers() -> None:
+    """An edit that keeps the endpoints still changes what the nodes must run."""
+    s = lab()
+    assert s.tick(0.0) == ["p1"]
+    epoch = s.assignments["p1"].epoch
+    s.set_policy(policy("p1", rpo_interval_s=5.0), 0.1)
+    assert s.tick(0.2) == ["p1"]
+    assert s.assignments["p1"].epoch == epoch  # same endpoints: no rebind
+    s.set_policy(policy("p1", rpo_interval_s=5.0), 0.3)  # no change: nothing to push
+    assert s.tick(0.4) == []
