@@ -33,6 +33,7 @@ from cdp_filter import fs
 from cdp_filter.journal import Journal
 from cdp_filter.policy import Disk, PolicyRuntime
 from cdp_filter.resync import Tracker
+from cdp_filter.salvage import CutRepair
 from cdp_filter.shipper import Shipper
 from cdp_filter.sync import Syncer, load_core
 
@@ -111,9 +112,16 @@ class FilterDaemon:
             disks.append(d)
             self.disks.append(d)
         for policy, disks in by_policy.items():
+            # A corrupt journal tail is marked for a resync from the images before it
+            # is cut (cdp_filter.salvage).
+            repair = CutRepair(policy, os.path.join(f.data_dir, "dirty", policy),
+                               f.dirty_block_bytes, [(d.name, d.size) for d in disks],
+                               enabled=f.dirty_tracking)
             journal = Journal.open(os.path.join(f.data_dir, "journal", policy),
-                                   f.journal_segment_bytes, f.journal_cap_bytes, policy=policy)
+                                   f.journal_segment_bytes, f.journal_cap_bytes, policy=policy,
+                                   on_cut=repair)
             rt = PolicyRuntime(policy, journal, disks, fsync_journal=f.fsync_journal)
+            rt.set_notice(repair.summary())
             self.runtimes[policy] = rt
             n = replay(rt)
             if n:

@@ -17,7 +17,11 @@ Invariants:
   with `records.scan_valid_prefix`; the first torn, corrupt or out-of-sequence
   record and everything after it (the rest of its segment and any later
   segment) is cut and logged. `read_from` therefore only hands out records
-  that passed their CRC at open or were written by this process.
+  that passed their CRC at open or were written by this process. Before any
+  cut byte is truncated or unlinked, `on_cut(bytes, expected_seq,
+  whole_segment)` (if set) is called with them, so the writes they held can
+  be marked for a resync from the images (cdp_filter.salvage); if it raises,
+  the open fails and nothing is cut.
 - J3 a segment is deleted only when the last seq it holds has been trimmed
   (acked durable by the target) and, through `before_delete` or the caller,
   the disk images have been fdatasync'ed, so the records are certainly in the
@@ -108,8 +112,10 @@ class Journal:
     """One policy's journal; see the module docstring for the invariants."""
 
     def __init__(self, directory: str, segment_bytes: int, cap_bytes: int,
-                 policy: str = "", before_delete: Callable[[], None] | None = None) -> None:
+                 policy: str = "", before_delete: Callable[[], None] | None = None,
+                 on_cut: Callable[[memoryview, int, bool], None] | None = None) -> None:
         # Use Journal.open(); the constructor only sets fields.
+        self.on_cut = on_cut
         self.directory = directory
         self.segment_bytes = segment_bytes
         self.cap_bytes = cap_bytes
@@ -133,9 +139,10 @@ class Journal:
 
     @classmethod
     def open(cls, directory: str, segment_bytes: int, cap_bytes: int, *, policy: str = "",
-             before_delete: Callable[[], None] | None = None) -> Journal:
+             before_delete: Callable[[], None] | None = None,
+             on_cut: Callable[[memoryview, int, bool], None] | None = None) -> Journal:
         """Open (creating if needed) and recover the journal in `directory`."""
-        j = cls(directory, segment_bytes, cap_bytes, policy, before_delete)
+        j = cls(directory, segment_bytes, cap_bytes, policy, before_delete, on_cut)
         try:
             os.makedirs(directory, exist_ok=True)
             j._recover()
@@ -199,6 +206,7 @@ class Journal:
                               "every later segment", name, expected_next,
                               extra=self._extra(seq=first_seq))
                 cut = True
+                self._cut_whole(first_seq, path)
                 os.unlink(path)
                 changed_dir = True
                 continue
@@ -263,6 +271,8 @@ class Journal:
                     valid_end = start
                     break
                 offsets.append(start)
+            if valid_end < got and self.on_cut is not None:
+                self.on_cut(view[valid_end:got], first_seq + len(offsets), False)
             del view
             torn = valid_end < size
             if torn:
@@ -280,6 +290,14 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.close(fd)
             raise
+
+    def _cut_whole(self, first_seq: int, path: str) -> None:
+        """A whole segment is about to be dropped: show its bytes to on_cut first."""
+        if self.on_cut is None:
+            return
+        with open(path, "rb") as f:
+            data = f.read()
+        self.on_cut(memoryview(data), first_seq, True)
 
     def _add_segment(self, seg: _Segment) -> None:
         self._segments.append(seg)

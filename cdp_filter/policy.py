@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_filter import metrics
 from cdp_filter.journal import Journal
+
+NOTICE_S = 60.0  # how long a notice (set_notice) is reported
 
 
 @dataclass(eq=False)
@@ -47,6 +50,10 @@ class PolicyRuntime:
         self.appended = asyncio.Event()
         self.space = asyncio.Event()
         self.error = ""
+        # An event the operator must see for a while (e.g. journal corruption
+        # repaired from the images), reported as the error when there is none.
+        self.notice = ""
+        self.notice_until = 0.0
         self.closing = False
         self.durable_seq = journal.trimmed_through
         # Dirty-block tracking (cdp_filter.resync.Tracker), when enabled.
@@ -98,8 +105,14 @@ class PolicyRuntime:
         if self.journal.trim_through(seq):
             self.space.set()
 
+    def set_notice(self, text: str, seconds: float = NOTICE_S) -> None:
+        if text:
+            self.notice, self.notice_until = text, time.monotonic() + seconds
+
     def report(self) -> cpb.PolicyReport:
         error = self.error
+        if not error and self.notice and time.monotonic() < self.notice_until:
+            error = self.notice
         if not error and self.journal.over_cap and self.tracker is None:
             error = (f"journal full ({self.journal.size_bytes} bytes): writes are held back "
                      "until the target acks")
