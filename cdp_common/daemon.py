@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 
 import uvloop
 
-from cdp_common import log, sdnotify, tlsreload
+from cdp_common import log, memtune, sdnotify, tlsreload
 from cdp_common.config import load_config
 from cdp_common.errors import CdpError
 
@@ -195,6 +195,7 @@ def main(prog: str, description: str, config_cls: type[C],
         level = getattr(getattr(config, "log", None), "level", "")
         if level:
             log.set_level(level)
+        memtune.tune_malloc()  # recycle MiB-sized buffers instead of page-faulting them in
         async def start() -> None:
             made = make_daemon(config)
             daemon: Any = await made if asyncio.iscoroutine(made) else made
