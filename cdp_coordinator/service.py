@@ -142,7 +142,8 @@ def report_from_pb(r: cpb.PolicyReport) -> Report:
                       sync_eta_s=r.sync_eta_s) if r.capture_mode or r.sync_phase
                   or r.sync_done_id else NO_PROGRESS,
                   gaps=tuple(Gap(g.begin_seq, g.end_seq, g.begin_time_ns, g.end_time_ns,
-                                 g.reason) for g in r.gaps))
+                                 g.reason) for g in r.gaps),
+                  resync_request_id=r.resync_request_id)
 
 
 class _Watcher:
@@ -293,11 +294,18 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def Heartbeat(self, request: cpb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> cpb.HeartbeatReply:
-        known = self.state.heartbeat(request.node_id,
-                                     [report_from_pb(r) for r in request.policies], self.clock(),
+        reports = [report_from_pb(r) for r in request.policies]
+        known = self.state.heartbeat(request.node_id, reports, self.clock(),
                                      bytes_per_s=request.bytes_per_s)
         if known:
+            asked = self.state.resyncs_asked(request.node_id, reports)
+            for name in asked:
+                rid = self.state.request_sync(name, time.time_ns())
+                plog.warning("target %s asks for a digest resync (corrupt delta): sync %d "
+                             "requested", request.node_id, rid, extra={"policy": name})
             await self._flush_or_abort(context)
+            if asked:
+                self._notify()
         return cpb.HeartbeatReply(known=known)
 
     async def WatchAssignments(self, request: cpb.WatchRequest,

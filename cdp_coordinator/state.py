@@ -137,6 +137,7 @@ class Report:
     applied_seq: int = 0
     progress: SyncProgress = NO_PROGRESS   # filter
     gaps: tuple[Gap, ...] = ()             # target
+    resync_request_id: int = 0             # target: a corrupt delta needs a resync
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,9 @@ class CoordinatorState:
     # Latest `cdpctl sync` request id per policy (in memory: a request the filter
     # has not seen before a coordinator restart is dropped; the operator retries).
     sync_requests: dict[str, int] = field(default_factory=dict)
+    # Highest resync_request_id seen from each policy's target (in memory: after a
+    # coordinator restart the next heartbeat asks once more; a sync is idempotent).
+    target_resyncs: dict[str, int] = field(default_factory=dict)
     reports: dict[tuple[str, str], Report] = field(default_factory=dict)
     rebinds: int = 0
     """Times a bound proxy or target was lost or replaced (metrics)."""
@@ -344,6 +348,19 @@ class CoordinatorState:
         rid = max(now_ns, self.sync_requests.get(name, 0) + 1)
         self.sync_requests[name] = rid
         return rid
+
+    def resyncs_asked(self, node_id: str, reports: Iterable[Report]) -> list[str]:
+        """Policies whose target (this node) asks for a digest resync it has not asked
+        for before (a corrupt committed delta, cdp_target/repair.py)."""
+        out = []
+        for r in reports:
+            p = self.policies.get(r.policy)
+            if p is None or p.target != node_id or not r.resync_request_id:
+                continue
+            if r.resync_request_id > self.target_resyncs.get(r.policy, 0):
+                self.target_resyncs[r.policy] = r.resync_request_id
+                out.append(r.policy)
+        return out
 
     def delete_policy(self, name: str, now: float) -> bool:
         if name not in self.policies:

@@ -56,7 +56,10 @@ class TargetDaemon:
                                         applied_seq=s.applied_seq,
                                         newest_time_ns=s.newest_time_ns,
                                         bytes_replicated=s.bytes_replicated,
-                                        error=rt.refusal or rt.error,
+                                        error=rt.refusal or rt.error
+                                        or (rt.repair.text() if rt.repair else ""),
+                                        resync_request_id=rt.repair.request_id
+                                        if rt.repair else 0,
                                         gaps=[cpb.GapInfo(begin_seq=g.begin_seq,
                                                           end_seq=g.end_seq,
                                                           begin_time_ns=g.begin_time_ns,

@@ -114,6 +114,15 @@ class GapBook:
                                        "merged")]
         return changed
 
+    def hold_open(self, begin_seq: int, time_ns: int, reason: str = "corrupt") -> None:
+        """Make every point from begin_seq on inconsistent until the next gap end
+        (a corrupt delta, cdp_target.repair): widen the open gap or open one."""
+        g = self.open_gap
+        if g is not None:
+            g.begin_seq = min(g.begin_seq, begin_seq)
+            return
+        self.gaps.append(GapRecord(begin_seq, 0, time_ns, 0, reason))
+
     def save(self) -> None:
         tmp = self.path.with_suffix(".json.tmp")
         body = json.dumps({"version": VERSION, "gaps": [asdict(g) for g in self.gaps]})

@@ -48,6 +48,7 @@ from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_target import digests, metrics
 from cdp_target.gaps import GapBook
+from cdp_target.repair import Repairer
 from cdp_target.store import STATE_FILE, DiskMismatchError, DiskSpec, PolicyStore
 
 log = logging.getLogger("target.service")
@@ -113,6 +114,9 @@ class PolicyRuntime:
     refusal: str = ""
     """Why Apply streams are refused (a failover; cdp_target.restore_service)."""
     gap_book: GapBook | None = None
+    gap_lock: threading.Lock = field(default_factory=threading.Lock)
+    repair: Repairer | None = None
+    """Corrupt committed deltas and their resync from the source (cdp_target.repair)."""
 
     @property
     def gaps(self) -> GapBook:
@@ -121,9 +125,15 @@ class PolicyRuntime:
         return self.gap_book
 
     def note_gap(self, c: rpb.DeltaChunk) -> None:
-        if self.gaps.note(c.first_seq, c.last_seq, c.gap_begin_time_ns, c.gap_after_seq,
-                          c.gap_end_seq, c.gap_end_time_ns):
-            self.gaps.save()
+        with self.gap_lock:
+            changed = self.gaps.note(c.first_seq, c.last_seq, c.gap_begin_time_ns,
+                                     c.gap_after_seq, c.gap_end_seq, c.gap_end_time_ns)
+            if self.repair is not None and c.gap_end_seq \
+                    and c.first_seq <= c.gap_end_seq <= c.last_seq:
+                changed = self.repair.gap_end(c.gap_begin_time_ns, c.gap_after_seq,
+                                              c.gap_end_seq) or changed
+            if changed:
+                self.gaps.save()
 
     def gap_messages(self) -> list[rpb.Gap]:
         return [rpb.Gap(begin_seq=g.begin_seq, end_seq=g.end_seq, begin_time_ns=g.begin_time_ns,
@@ -188,6 +198,9 @@ class TargetService(rgrpc.TargetServicer):
 
     def _add(self, name: str, store: PolicyStore) -> PolicyRuntime:
         rt = PolicyRuntime(name, store)
+        rt.repair = Repairer(store.dir, lambda: rt.gaps, rt.gap_lock,
+                             lambda: store.state.durable_seq)
+        store.on_corrupt = rt.repair.corrupt
         self.policies[name] = rt
         s = store.snapshot()
         metrics.DURABLE_SEQ.labels(name).set(s.durable_seq)
@@ -219,6 +232,8 @@ class TargetService(rgrpc.TargetServicer):
         def on_applied(seq: int, seconds: float) -> None:
             metrics.APPLY_SECONDS.observe(seconds)
             metrics.APPLIED_SEQ.labels(rt.name).set(seq)
+            if rt.repair is not None:
+                rt.repair.applied(seq)
 
         while not rt.stop.is_set():
             await rt.kick.wait()

@@ -119,6 +119,13 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 
+QUARANTINE_DIR = "quarantine"
+
+
+class CorruptDeltaError(StorageError):
+    """A committed delta failed its check at apply (never applied)."""
+
+
 class DiskMismatchError(ProtocolError):
     """The disks announced for a policy contradict the disks its replicas were made for."""
 
@@ -362,6 +369,11 @@ class PolicyStore:
         self._pause = 0
         self.frozen = False
         """True after a committed failover: deltas are no longer applied."""
+        self.on_corrupt: Callable[[int, int, str], None] | None = None
+        """Repair hook (cdp_target.repair): when set, a committed delta that fails its
+        check is reported to it (it must persist the need for a resync and the gap),
+        moved to quarantine/ and applied as an empty delta; when None, apply stops
+        at it with CorruptDeltaError."""
         from cdp_target.undostore import UndoStore  # it builds on this module
         self.undo = UndoStore(directory)
 
@@ -706,13 +718,22 @@ class PolicyStore:
                 if stop is not None and stop():
                     break
                 if first != applied + 1:
+                    applied = self._skip_quarantined(applied, first - 1)
+                if first != applied + 1:
                     raise StorageError(f"policy {self.dir.name}: delta for seqs "
                                        f"{applied + 1}..{first - 1} is missing")
                 started = time.monotonic()
-                self._apply_one(path, last)
+                try:
+                    self._apply_one(path, last)
+                except CorruptDeltaError as exc:
+                    if self.on_corrupt is None:
+                        raise
+                    self._quarantine(path, first, last, str(exc))
                 applied = last
                 if on_applied is not None:
                     on_applied(last, time.monotonic() - started)
+            if applied < durable and (stop is None or not stop()):
+                applied = self._skip_quarantined(applied, durable)
             if applied < durable and (stop is None or not stop()):
                 raise StorageError(f"policy {self.dir.name}: deltas for seqs "
                                    f"{applied + 1}..{durable} are missing")
@@ -749,8 +770,8 @@ class PolicyStore:
             for disk_id, punched in touched.items():
                 (os.fsync if punched else os.fdatasync)(self._fds[disk_id])
         except FormatError as exc:
-            raise StorageError(f"policy {self.dir.name}: committed delta is corrupt, "
-                               f"not applied: {exc}") from None
+            raise CorruptDeltaError(f"policy {self.dir.name}: committed delta is corrupt, "
+                                    f"not applied: {exc}") from None
         except OSError as exc:
             raise _storage(f"policy {self.dir.name}: applying {path.name}", exc) from None
         try:
@@ -774,6 +795,57 @@ class PolicyStore:
             log.warning("cannot delete applied delta %s: %s", path, exc,
                         extra={"policy": self.dir.name})
         self._retain()
+
+    # ------------------------------------------------------------ corrupt deltas
+
+    def _quarantine(self, path: Path, first: int, last: int, why: str) -> None:
+        """Report (durably, through on_corrupt), move aside, apply as empty. Each step
+        is redone after a crash: the file is still in deltas/ (corrupt again) or
+        already in quarantine/ (`_skip_quarantined`)."""
+        assert self.on_corrupt is not None
+        self.on_corrupt(first, last, why)
+        qdir = self.dir / QUARANTINE_DIR
+        try:
+            qdir.mkdir(exist_ok=True)
+            os.rename(path, qdir / path.name)
+            fsync_dir(qdir)
+            fsync_dir(self.deltas_dir)
+        except OSError as exc:
+            raise _storage(f"policy {self.dir.name}: cannot quarantine {path.name}",
+                           exc) from None
+        self._apply_empty(first, last)
+
+    def _skip_quarantined(self, applied: int, upto: int) -> int:
+        """Apply as empty every quarantined delta that follows applied (through upto)."""
+        qdir = self.dir / QUARANTINE_DIR
+        if not qdir.is_dir():
+            return applied
+        spans = sorted((int(m.group(1)), int(m.group(2))) for m in
+                       (_DELTA_NAME.match(p.name) for p in qdir.iterdir()) if m)
+        for first, last in spans:
+            if first == applied + 1 and last <= upto:
+                self._apply_empty(first, last)
+                applied = last
+        return applied
+
+    def _apply_empty(self, first: int, last: int) -> None:
+        """A quarantined delta: the replica is not touched; the restore-point chain
+        and applied_seq go on (the gap marks the points inconsistent)."""
+        lo = first - 1
+        try:
+            size = self.undo.before_apply(lo, last, lambda: iter(()), self._fds)
+            self.undo.after_apply(lo, last, 0, size)
+        except OSError as exc:
+            raise _storage(f"policy {self.dir.name}: recording restore point {last}",
+                           exc) from None
+        with self._state_lock:
+            before = self.state.applied_seq
+            self.state.applied_seq = max(before, last)
+            try:
+                self._write_state_locked()
+            except StorageError:
+                self.state.applied_seq = before
+                raise
 
     def _retain(self) -> None:
         try:

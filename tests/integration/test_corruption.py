@@ -1,39 +1,31 @@
 """Corruption (issue 5, item 7): a flipped byte in a journal segment or in a
-stored delta is detected by its checksum, reported, and never shipped or
-applied.
-
-Repair from the source is designed below; the tests that demand it are
-marked xfail (not run) until it exists.
+stored delta is detected by its checksum, reported, never shipped or applied,
+and repaired from the source.
 
 Journal segment (filter stopped). Recovery (cdp_filter.journal J2) cuts the
-first record whose CRC fails and everything after it, logs it, and the seqs
-are reused. The image still holds every one of those writes, the target
-none, so the replica silently lacks them. Repair: before cutting, parse the
-cut tail record by record; a record whose header is intact gives (disk,
-offset, length) even when its data is bad, a later record that passes its
-CRC gives its extent; mark those blocks in the dirty-block bitmap (part A,
-cdp_filter/dirty.py) so the resync sends them from the image. When a
-header itself is unreadable the range is unknown: mark every disk of the
-policy for a digest resync (part A item 2: only differing regions move).
+first record whose CRC fails and everything after it, and the seqs are
+reused; the image still holds every one of those writes. Before cutting,
+cdp_filter.salvage decodes the cut tail (a record whose header is intact
+gives its extent even when its data is bad; an unreadable header makes the
+rest unknown: digest sync of every disk), marks those blocks in the dirty
+bitmap (fsynced) and puts the resync state into tracking with a "corrupt"
+gap; the resync then sends the image's bytes for them as RESYNC records.
+The filter reports "journal corruption at seq N ..." for a while.
 
-Stored delta (target). Today a corrupt committed delta is detected on apply
-(DeltaReader CRC), reported as the policy's error (health not ok), left in
-place and retried, so apply stops at it and later deltas wait behind it;
-the replica is never touched by it. The source cannot resend it: it is
-acked, so the filter trimmed it. Repair: move the file aside
-(deltas/corrupt-<first>-<last>.delta, kept for forensics), persist in
-state.json a `resync_needed` mark with the seq range, let apply go on past
-it (later deltas are whole), record a restore-point gap from its first seq
-to the end of the resync, and ask the source for a digest resync of the
-policy's disks (a field in ApplyOpened or the heartbeat reply); the mark is
-cleared when that resync is durable. Acked data is never rolled back:
-durable_seq does not go back.
+Stored delta (target). A committed delta that fails its CRC at apply is
+reported to cdp_target.repair (repair.json: resync_needed + seq range, an
+open "corrupt" gap), moved to <policy>/quarantine/ and applied as an empty
+delta, so apply goes on and durable_seq never goes back. The target reports
+a resync_request_id in its heartbeat; the coordinator requests a digest sync
+of the policy; the filter resends the differing regions; once the sync's
+GAP_END is applied the target clears resync_needed and the gap is closed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -162,8 +154,11 @@ def immutable(path: Path) -> Any:
         subprocess.run(["chattr", "-i", str(path)], check=False)
 
 
-def delta_case(lab: Any, tmp_path: Path) -> tuple[Any, bytearray, str, dict[str, Any]]:
-    """A committed, not yet applied delta whose file gets one flipped byte."""
+def delta_case(lab: Any, tmp_path: Path, stop_filter: bool = False,
+               ) -> tuple[Any, bytearray, str, dict[str, Any]]:
+    """A committed, not yet applied delta whose file gets one flipped byte.
+
+    `stop_filter`: the filter is stopped first, so no resync can repair it."""
     handle = lab(tmp_path / "lab", disk_size="64M")
     oracle = bytearray(DISK)
     write_chunks(handle.disk_path(), oracle, 8, 0)
@@ -183,31 +178,54 @@ def delta_case(lab: Any, tmp_path: Path) -> tuple[Any, bytearray, str, dict[str,
     deltas = sorted((replica.parents[1] / "deltas").glob("*.delta"))
     assert deltas, "no committed delta is waiting"
     flip(deltas[-1], deltas[-1].stat().st_size // 2)
+    if stop_filter:
+        handle.kill("filter-1", signal.SIGTERM, wait_s=30)
     handle.restart("target-1")
     return handle, oracle, before, p
 
 
 def test_flipped_delta_byte_is_detected_and_never_applied(lab: Any, tmp_path: Path) -> None:
-    handle, _oracle, before, p = delta_case(lab, tmp_path)
+    # the filter is down: nothing can repair the replica, so what apply did is visible
+    handle, _oracle, before, p = delta_case(lab, tmp_path, stop_filter=True)
 
     def reported() -> dict[str, Any]:
         q = policy(handle)
-        assert "corrupt" in q["reason"], q
+        assert "corrupt" in q["reason"] and "quarantined" in q["reason"], q
         assert handle.cli("health").returncode != 0
+        # apply goes on past it (as an empty delta); durable never goes back
+        assert q["applied_seq"] == q["durable_seq"] == p["durable_seq"], q
         return q
-    q = assert_eventually(reported, 30, 0.5, "the corrupt delta was not reported")
+    assert_eventually(reported, 30, 0.5, "the corrupt delta was not reported")
     assert "checksum mismatch" in handle.log("target-1")
-    assert q["applied_seq"] < q["durable_seq"] == p["durable_seq"], q
-    replica = handle.disks[0]["replica_path"]
+    replica = Path(handle.disks[0]["replica_path"])
     assert sha256_file(replica) == before, "a corrupt delta changed the replica"
+    policy_dir = replica.parents[1]
+    assert list((policy_dir / "quarantine").glob("*.delta")), "the delta was not kept aside"
+    assert not list((policy_dir / "deltas").glob("*.delta"))
+    state = json.loads((policy_dir / "repair.json").read_text())
+    assert state["resync_needed"] and state["ranges"], state
+    # restore points from the corrupt delta on are flagged inconsistent (an open gap)
+    gaps = json.loads((policy_dir / "gaps.json").read_text())["gaps"]
+    assert gaps and gaps[-1]["end_seq"] == 0 and gaps[-1]["reason"] == "corrupt", gaps
 
 
-@pytest.mark.xfail(reason="repair needs the target to quarantine the delta and a digest "
-                          "resync of the disk from the source (module docstring)",
-                   strict=False, run=False)
 def test_flipped_delta_byte_is_repaired_from_the_source(lab: Any, tmp_path: Path) -> None:
-    handle, oracle, _before, _p = delta_case(lab, tmp_path)
+    handle, oracle, _before, p = delta_case(lab, tmp_path)
     expected = hashlib.sha256(oracle).hexdigest()
-    replica = handle.disks[0]["replica_path"]
-    assert_eventually(lambda: sha256_file(replica) == expected, 30, 1.0,
+    replica = Path(handle.disks[0]["replica_path"])
+    assert_eventually(lambda: sha256_file(replica) == expected, 60, 1.0,
                       "the corrupt delta was not repaired from the source")
+    policy_dir = replica.parents[1]
+
+    def cleared() -> dict[str, Any]:
+        q = policy(handle)
+        state = json.loads((policy_dir / "repair.json").read_text())
+        assert not state["resync_needed"] and state["repaired"] == 1, state
+        assert "corrupt" not in q["reason"], q
+        assert q["durable_seq"] > p["durable_seq"], q     # the resync came as new seqs
+        return q
+    assert_eventually(cleared, 30, 0.5, "resync_needed was not cleared")
+    assert list((policy_dir / "quarantine").glob("*.delta")), "the quarantined delta is kept"
+    gaps = json.loads((policy_dir / "gaps.json").read_text())["gaps"]
+    assert gaps and all(g["end_seq"] for g in gaps), gaps   # the gap closed at the resync
+    assert sha256_file(replica) == expected
