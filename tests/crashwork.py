@@ -15,6 +15,30 @@ read into the oracle. So at any quiet moment `oracle == source image`, and an
 acknowledged write is never forgiven: if the source lost one, the final
 comparison fails.
 
+Seqs, for restore points (invariant I2). With a `seq_probe` (the filter's
+`cdp_filter_captured_seq` metric, i.e. the journal's last seq), the writer
+also keeps the *write log*: every change it made to the disk, in order, with
+the seq window it got. The writer is the only application writer and issues
+one pwrite at a time, so between two probes the only seqs taken are its own
+write's and those of records the filter makes itself (RESYNC records, the
+GAP_END marker). After each write it probes again: a write made between
+probes `known` and `S` holds a seq in `(known, S]` -- exactly `S` when
+`S == known + 1`, the normal case (a 1 MiB O_DIRECT pwrite is one FUSE
+request, one seq). When `S == known` the write took no seq: the journal had
+overflowed and the filter only marked the blocks dirty; such a write belongs
+to every point at or after `known + 1` (any *consistent* one of those lies
+after the gap's GAP_END marker, so the resync carried it). A failed write
+that the restarted source kept (wholly or in part) is logged with what was
+read back, in the window `(known, S]` probed after the restart (the journal
+record made before the kill survives SIGKILL and is replayed; a torn one was
+cut, and its seq is then free for the next write, never shipped).
+
+`prefix_shas` replays the log once: the image at restore point `P` is the
+disk's first state plus every logged change with seq window at or below `P`;
+a point that falls strictly inside a wider window (`lo <= P < hi`) cannot be
+told apart and is reported as `None` (ambiguous, skipped by the caller, and
+counted).
+
 `throttle_bytes_per_s` bounds the write rate so the pipeline can catch up
 in a test-sized time even on a 2-core machine.
 """
@@ -24,11 +48,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import http.client
 import mmap
 import os
 import random
+import re
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from workload import mixed_data
@@ -37,6 +66,7 @@ BLOCK = 4096
 SIZES = (4096, 4096, 8192, 16384, 65536, 262144, 1024 * 1024)
 MAX_WRITE = 1024 * 1024
 _DOWN_ERRNOS = (errno.EIO, errno.ENOTCONN, errno.ENOENT, errno.ENODEV, errno.ECONNABORTED)
+PROBE_GIVE_UP_S = 120.0
 
 
 def _close(fd: int) -> None:
@@ -44,13 +74,39 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
+def captured_seq(metrics_address: str, policy: str, timeout_s: float = 2.0) -> int:
+    """The filter's `cdp_filter_captured_seq{policy=...}` (its journal's last seq).
+
+    Raises OSError (or http.client.HTTPException) when the filter does not answer.
+    """
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=timeout_s) as r:
+        text = r.read().decode()
+    m = re.search(r'^cdp_filter_captured_seq\{policy="' + re.escape(policy)
+                  + r'"\}\s+(\S+)$', text, re.M)
+    if m is None:
+        raise OSError(f"no cdp_filter_captured_seq for policy {policy} at {metrics_address}")
+    return int(float(m.group(1)))
+
+
+@dataclass(frozen=True)
+class Logged:
+    """One change to the disk: `data` at `offset`, made with a seq in [lo, hi]."""
+
+    lo: int
+    hi: int
+    offset: int
+    data: bytes
+
+
 class CrashWriter:
     def __init__(self, path: str | Path, size_bytes: int, seed: int,
-                 throttle_bytes_per_s: int = 4 * 1024 * 1024) -> None:
+                 throttle_bytes_per_s: int = 4 * 1024 * 1024,
+                 seq_probe: Callable[[], int] | None = None) -> None:
         self.path = str(path)
         self.size = size_bytes
         self.rng = random.Random(seed)
         self.oracle = bytearray(size_bytes)
+        self.base = b""                  # the disk before the first logged write
         self.throttle = throttle_bytes_per_s
         self.filter_up = threading.Event()
         self.filter_up.set()
@@ -60,12 +116,21 @@ class CrashWriter:
         self.acked_bytes = 0
         self.unacked = 0          # writes that failed because the filter died
         self.unacked_landed = 0   # ... of which the source had kept every block
+        self.unacked_partly = 0   # ... of which the source had kept some blocks
+        self.seq_probe = seq_probe
+        self.known = 0            # last probed captured seq
+        self.log: list[Logged] = []
+        self.seqless = 0          # acked writes that took no seq (dirty tracking)
+        self.wide = 0             # logged changes whose seq is not known exactly
         self._buf = mmap.mmap(-1, MAX_WRITE)  # page aligned, as O_DIRECT wants
         self._thread = threading.Thread(target=self._run, name="crash-writer", daemon=True)
 
     # ------------------------------------------------------------ control
 
     def start(self) -> None:
+        if self.seq_probe is not None:
+            self.known = self._probe()
+        self.base = bytes(self.oracle)
         self._thread.start()
 
     def finish(self, timeout_s: float = 60.0) -> None:
@@ -80,6 +145,55 @@ class CrashWriter:
 
     def oracle_sha256(self) -> str:
         return hashlib.sha256(self.oracle).hexdigest()
+
+    def prefix_shas(self, seqs: list[int]) -> dict[int, str | None]:
+        """sha256 of the oracle image at each restore point seq (None: ambiguous)."""
+        img = bytearray(self.base)
+        out: dict[int, str | None] = {}
+        i = 0
+        for p in sorted(set(seqs)):
+            while i < len(self.log) and self.log[i].hi <= p:
+                w = self.log[i]
+                img[w.offset:w.offset + len(w.data)] = w.data
+                i += 1
+            ambiguous = i < len(self.log) and self.log[i].lo <= p
+            out[p] = None if ambiguous else hashlib.sha256(img).hexdigest()
+        return out
+
+    # ------------------------------------------------------------ seqs
+
+    def _probe(self) -> int:
+        """The filter's captured seq; waits (filter_up) while the filter is down."""
+        assert self.seq_probe is not None
+        deadline = time.monotonic() + PROBE_GIVE_UP_S
+        while True:
+            try:
+                seq = self.seq_probe()
+                break
+            except (OSError, http.client.HTTPException):
+                if time.monotonic() > deadline:
+                    raise
+                self.filter_up.wait(PROBE_GIVE_UP_S)
+                time.sleep(0.05)
+        if seq < self.known:
+            raise AssertionError(f"the filter's captured seq went back from {self.known} "
+                                 f"to {seq}: a seq would be reused")
+        return seq
+
+    def _logged(self, offset: int, data: bytes) -> None:
+        """Log a change just made to the disk with the seq window the probe gives."""
+        if self.seq_probe is None:
+            return
+        seq = self._probe()
+        if seq == self.known:
+            self.seqless += 1
+            lo = hi = seq + 1          # no seq: in every point after `known`
+        else:
+            lo, hi = self.known + 1, seq
+            if hi > lo:
+                self.wide += 1
+        self.log.append(Logged(lo, hi, offset, data))
+        self.known = seq
 
     # ------------------------------------------------------------ thread
 
@@ -121,6 +235,7 @@ class CrashWriter:
                     self.oracle[offset:offset + length] = data
                     self.acked += 1
                     self.acked_bytes += length
+                    self._logged(offset, data)
                     if self.throttle:
                         time.sleep(length / self.throttle)
             finally:
@@ -153,5 +268,11 @@ class CrashWriter:
                     f"the unacknowledged write's bytes")
         if all_new:
             self.unacked_landed += 1
+        elif got != old:
+            self.unacked_partly += 1
         self.oracle[offset:offset + len(new)] = got
+        if got != old:
+            self._logged(offset, bytes(got))
+        elif self.seq_probe is not None:
+            self.known = self._probe()   # seqs the filter took meanwhile belong to no write
         return fd

@@ -1,6 +1,7 @@
-"""Crash matrix (invariant I3): SIGKILL every process of a lab, in turn, at
-random moments while an O_DIRECT workload writes, and prove that nothing
-acknowledged was lost and nothing was applied twice.
+"""Crash matrix (invariants I3, I1, I2): SIGKILL every process of a lab, in
+turn, at random moments while an O_DIRECT workload writes, and prove that
+nothing acknowledged was lost, nothing was applied twice, and every restore
+point still equals its oracle prefix image.
 
 Each round kills the five processes (filter, source proxy, target proxy,
 target, coordinator) in a random order with `cdpctl lab kill` (which also
@@ -16,18 +17,32 @@ At the end:
   applied seqs equal the filter's captured seq (nothing missing, nothing
   beyond the source's stream), with `bytes_replicated` no larger than what
   was written (a delta applied or counted twice would show here);
-- every process is alive and `cdpctl health` is ok again.
+- every process is alive and `cdpctl health` is ok again;
+- restore points (I2): the writer learns the seq of every change it made
+  (tests/crashwork.py: the filter's captured-seq metric probed after each
+  write), so the oracle image at a point is base + every change with seq <=
+  its last_seq. Points the target flags as not consistent (inside a gap:
+  overflow or sync, whose range holds RESYNC records) and points that fall
+  inside a change whose seq is only known to a window are skipped, and both
+  counts are asserted small. Every other point restored through
+  `cdpctl restore` must equal its oracle prefix byte for byte: in the CI
+  variant a sample (the first and last points, and for every kill the last
+  point before it and the first after the restart, so points on both sides of
+  a kill of each process); in the full variant every consistent point.
 
 The CI variant makes 10 kills (about a minute). The full matrix (25 kills,
-a few minutes) runs with one command:
+every restore point, a few minutes) runs with one command:
 
     CDP_CRASH_KILLS=25 .venv/bin/pytest tests/integration/test_crash_matrix.py
+
+(`CDP_CRASH_ALL_POINTS=1|0` forces restoring every point or the sample.)
 
 `CDP_CRASH_SEED=N` replays one schedule (the seed is printed on failure).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -37,13 +52,15 @@ from typing import Any
 
 import pytest
 from conftest import assert_eventually, cdpctl
-from crashwork import CrashWriter
+from crashwork import CrashWriter, captured_seq
 from workload import MiB, sha256_file
 
 KILLS = int(os.environ.get("CDP_CRASH_KILLS", "10"))
 SEED = int(os.environ.get("CDP_CRASH_SEED", str(random.randrange(1 << 30))))
 NODES = ("filter-1", "source-proxy-1", "target-proxy-1", "target-1", "coordinator")
+ALL_POINTS = os.environ.get("CDP_CRASH_ALL_POINTS", "1" if KILLS >= 20 else "0") == "1"
 DISK = 64 * MiB
+POLICY = "lab"
 
 pytestmark = pytest.mark.timeout(180 + 20 * KILLS)
 
@@ -64,19 +81,70 @@ def schedule(rng: random.Random, kills: int) -> list[str]:
     return out[:kills]
 
 
+def list_points(handle: Any) -> list[dict[str, Any]]:
+    done = handle.cli("restore-points", POLICY, "--json")
+    assert done.returncode == 0, done.stderr
+    return sorted(json.loads(done.stdout), key=lambda p: p["last_seq"])
+
+
+def probe(metrics: str) -> int:
+    """The filter's captured seq, as an assertion (for assert_eventually)."""
+    try:
+        return captured_seq(metrics, POLICY)
+    except (OSError, http.client.HTTPException) as exc:
+        raise AssertionError(f"filter metrics at {metrics}: {exc}") from None
+
+
+def sample(points: list[dict[str, Any]],
+           kills: list[tuple[str, int, int]]) -> tuple[list[dict[str, Any]], set[str]]:
+    """The first and last points, and around every kill (node, seq before the
+    kill, seq after the restart) the last point at or before it and the first
+    at or after the restart. Returns the sample and the nodes with a sampled
+    point on both sides of one of their kills."""
+    chosen = {points[0]["id"]: points[0], points[-1]["id"]: points[-1]}
+    covered: set[str] = set()
+    for node, before, after in kills:
+        pre = [p for p in points if p["last_seq"] <= before]
+        post = [p for p in points if p["last_seq"] >= after]
+        for p in pre[-1:] + post[:1]:
+            chosen[p["id"]] = p
+        if pre and post:
+            covered.add(node)
+    return sorted(chosen.values(), key=lambda p: p["last_seq"]), covered
+
+
+def restore_matches(handle: Any, tmp: Path, point: dict[str, Any], want: str) -> None:
+    out = tmp / f"restore-{point['id']}"
+    done = handle.cli("restore", POLICY, "--point", str(point["id"]), "--out", str(out),
+                      "--json", check=True)
+    doc = json.loads(done.stdout)
+    assert doc["point"]["last_seq"] == point["last_seq"], (doc, point)
+    [img] = doc["images"]
+    try:
+        got = sha256_file(img["path"])
+    finally:
+        os.unlink(img["path"])
+    assert got == want, (f"seed {SEED}: restore point {point['id']} (last seq "
+                         f"{point['last_seq']}) differs from its oracle prefix image")
+
+
 def test_crash_matrix(lab: Any, tmp_path: Path) -> None:
     rng = random.Random(SEED)
     print(f"crash matrix: {KILLS} kills, CDP_CRASH_SEED={SEED}")
     handle = lab(tmp_path / "lab", disk_size="64M")
     lab_dir = str(handle.dir)
-    writer = CrashWriter(handle.disk_path(), DISK, seed=SEED)
+    metrics = handle.process("filter-1")["metrics_address"]
+    writer = CrashWriter(handle.disk_path(), DISK, seed=SEED,
+                         seq_probe=lambda: captured_seq(metrics, POLICY))
     writer.start()
     killed: list[str] = []
+    kills: list[tuple[str, int, int]] = []   # (node, seq before the kill, seq after restart)
     try:
         assert_eventually(lambda: policy(handle)["durable_seq"] > 0, 60, 0.3,
                           "nothing became durable before the first kill")
-        for node in schedule(rng, KILLS):
+        for i, node in enumerate(schedule(rng, KILLS)):
             time.sleep(rng.uniform(0.2, 2.0))
+            before = probe(metrics)
             if node == "filter-1":
                 writer.filter_up.clear()
             cdpctl("lab", "kill", "--dir", lab_dir, node, check=True, timeout=30)
@@ -84,6 +152,17 @@ def test_crash_matrix(lab: Any, tmp_path: Path) -> None:
             time.sleep(rng.uniform(0.0, 1.0))
             cdpctl("lab", "start", "--dir", lab_dir, node, check=True, timeout=60)
             writer.filter_up.set()
+            after = assert_eventually(lambda: probe(metrics), 30, 0.1,
+                                      f"filter metrics did not answer after restarting {node}")
+            kills.append((node, before, after))
+            if i < len(NODES):
+                # First round: let a restore point past the restart exist before the
+                # next kill, so every process has points on both sides of a kill.
+                # Later rounds kill again at once, while the last one recovers.
+                def point_after(seq: int = after) -> bool:
+                    return any(q["last_seq"] >= seq for q in list_points(handle))
+                assert_eventually(point_after, 60, 0.5,
+                                  f"seed {SEED}: no restore point after restarting {node}")
             assert writer.failure is None, (f"seed {SEED}, after killing {killed}",
                                             writer.failure)
         time.sleep(1.0)
@@ -116,6 +195,32 @@ def test_crash_matrix(lab: Any, tmp_path: Path) -> None:
         cdpctl("lab", "status", "--dir", lab_dir, "--json").stdout)["processes"])
     assert_eventually(lambda: handle.cli("health").returncode == 0, 30, 1.0,
                       "health did not return to ok")
+
+    # I2 across the kills: restore points equal their oracle prefix images
+    assert writer.known <= p["captured_seq"], (writer.known, p)
+    points = list_points(handle)
+    assert len(points) >= 6, points
+    consistent = [q for q in points if q["consistent"]]
+    shas = writer.prefix_shas([q["last_seq"] for q in consistent])
+    exact = [q for q in consistent if shas[q["last_seq"]] is not None]
+    inconsistent = len(points) - len(consistent)
+    ambiguous = len(consistent) - len(exact)
+    assert inconsistent <= 2 + len(points) // 10, (f"seed {SEED}: {inconsistent} of "
+                                                   f"{len(points)} points in a gap", points)
+    assert ambiguous <= 2 + len(points) // 10, (f"seed {SEED}: {ambiguous} points inside a "
+                                                "write whose seq is not known exactly")
+    if ALL_POINTS:
+        chosen = exact
+    else:
+        chosen, covered = sample(exact, kills)
+        assert len(chosen) >= 6, (chosen, kills)
+        assert covered >= set(killed), (f"seed {SEED}: no sampled points on both sides of "
+                                        f"a kill of {set(killed) - covered}", kills, exact)
+    for q in chosen:
+        restore_matches(handle, tmp_path, q, str(shas[q["last_seq"]]))
     print(f"crash matrix ok: {len(killed)} kills, {writer.acked} acked writes "
           f"({writer.acked_bytes // MiB} MiB), {writer.unacked} unacked "
-          f"({writer.unacked_landed} landed whole), seq {p['captured_seq']}")
+          f"({writer.unacked_landed} landed whole, {writer.unacked_partly} in part), "
+          f"seq {p['captured_seq']}; {len(points)} restore points, {inconsistent} in a gap, "
+          f"{ambiguous} ambiguous, {len(chosen)} restored and equal to the oracle "
+          f"({writer.seqless} writes without a seq, {writer.wide} with a seq window)")
