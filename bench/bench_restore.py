@@ -2,20 +2,26 @@
 with many restore points behind it (goal: <= 1 s per GiB).
 
     .venv/bin/python bench/bench_restore.py [--dir /var/tmp] [--size-mib 1024] \
-        [--fill-mib 768] [--points 200]
+        [--fill-mib 768] [--points 200] [--repeat 3] [--cold]
 
-Builds a PolicyStore directly (no daemons): a first delta fills --fill-mib of
+Builds a PolicyStore directly (no daemons): first deltas fill --fill-mib of
 the disk with data, then --points deltas of 32 random 4 KiB..64 KiB writes
 each; then restores the oldest, a middle and the newest point with
-`cdp_target.restore.restore_images` (the code path of `cdpctl restore`) and
-prints the seconds each took, the copy method and the per-GiB figure.
+`cdp_target.restore.restore_images` (the code path of `cdpctl restore`),
+--repeat times each, and prints the median seconds, the copy method, the
+bytes copied from the replica and written from undo, and the per-GiB figure.
+--cold drops the store's own files (replica, undo segments) from the page
+cache before each run (fsync + POSIX_FADV_DONTNEED), so every byte is read
+from the disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cdp_common.delta import Extent, encode_chunks
+from cdp_target.points import Point
 from cdp_target.restore import restore_images
 from cdp_target.store import DiskSpec, PolicyStore
 
@@ -38,6 +45,18 @@ def send(store: PolicyStore, first: int, last: int, extents: list[Extent]) -> No
     store.apply_pending()
 
 
+def drop_cache(directory: Path) -> None:
+    """Write back and drop the page cache of the files under `directory` (ours only)."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +64,9 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--fill-mib", type=int, default=768)
     ap.add_argument("--points", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the store's files from the page cache before each run")
     args = ap.parse_args()
     size = args.size_mib * MiB
     rng = random.Random(1)
@@ -69,17 +91,36 @@ def main() -> None:
         cat = store.undo.catalog
         print(f"built {len(cat.points)} points, {cat.total_bytes() / MiB:.1f} MiB of undo, "
               f"in {built:.1f}s")
-        print("| point | segments replayed | seconds | method | s per GiB of disk |")
-        print("|---|---:|---:|---|---:|")
+        print(f"page cache: {'cold (dropped before each run)' if args.cold else 'warm'}; "
+              f"median of {args.repeat} runs")
+        print("| point | segments behind | seconds (median) | method | MiB copied from replica "
+              "| MiB written from undo | s per GiB of disk |")
+        print("|---|---:|---:|---|---:|---:|---:|")
         for label, p in (("oldest", cat.points[0]), ("middle", cat.points[len(cat.points) // 2]),
                          ("newest", cat.points[-1])):
-            out = root / f"out-{label}"
-            t = time.monotonic()
-            r = restore_images(store, lambda p=p: p, out)
-            dt = time.monotonic() - t
+            times = []
+            for i in range(args.repeat):
+                if args.cold:
+                    drop_cache(root / "pol")
+                out = root / f"out-{label}-{i}"
+                phases: dict[str, int] = {}
+
+                def note(phase: str, done: int, _total: int,
+                         phases: dict[str, int] = phases) -> None:
+                    phases[phase] = done
+
+                def pick(p: Point = p) -> Point:
+                    return p
+                t = time.monotonic()
+                r = restore_images(store, pick, out, note)
+                times.append(time.monotonic() - t)
+                shutil.rmtree(out)
+            copied = phases.get("copy", 0)
+            from_undo = phases.get("undo", copied) - copied
+            dt = statistics.median(times)
             print(f"| {label} (seq {p.last_seq}) | {len(cat.segments_above(p))} | {dt:.3f} | "
-                  f"{r.method} | {dt / (size / (1 << 30)):.3f} |")
-            shutil.rmtree(out)
+                  f"{r.method} | {copied / MiB:.1f} | {from_undo / MiB:.1f} | "
+                  f"{dt / (size / (1 << 30)):.3f} |")
         store.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)

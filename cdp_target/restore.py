@@ -5,14 +5,21 @@ Theory of operation
 `restore_images` writes each disk's image at a point as a sparse file:
 
 1. under `PolicyStore.paused()` (apply and retention hold still; receiving
-   and acking deltas goes on), each replica is copied to
-   ``<out>/<disk>.img.partial``: a reflink (FICLONE) when the file system
-   has it, else a sparse copy that visits only the data regions
-   (SEEK_DATA/SEEK_HOLE) with `os.copy_file_range`;
-2. the undo segments above the point are replayed over the copies, newest
-   first (`UndoStore.replay`), the copies fsynced;
-3. each ``.partial`` is renamed to ``<disk>.img`` and the directory fsynced.
-   A crash leaves only ``.partial`` files, never a wrong ``.img``.
+   and acking deltas goes on), the undo segments above the point are read
+   once, sequentially, and verified (CRC, framing, bounds), and resolved
+   into one final map per disk (`UndoStore.resolve`, `undo.resolve`): for
+   each byte the earliest later segment that holds it, else the replica;
+2. each ``<out>/<disk>.img.partial`` is made from the replica: a reflink
+   (FICLONE) when the file system has it, else a sparse file into which only
+   the replica's data regions (SEEK_DATA/SEEK_HOLE) that the map does *not*
+   cover are copied with `os.copy_file_range` (pread/pwrite across file
+   systems that refuse it). Zero pieces stay holes (punched after a reflink);
+3. the map's data pieces are written, segment by segment in file order,
+   read in spans of up to READ_BLOCK bytes; so every byte of the image is
+   written once, whatever the number of points behind it;
+4. one fsync per image, then each ``.partial`` is renamed to
+   ``<disk>.img`` and the directory fsynced. A crash or a corrupt segment
+   leaves only ``.partial`` files (deleted), never a wrong ``.img``.
 
 Failover (`Failover`) is a restore into ``<policy>/failover/`` plus a
 persisted state file ``<policy>/failover.json``:
@@ -48,9 +55,10 @@ from pathlib import Path
 from typing import Any
 
 from cdp_common.errors import CdpError, FormatError, StorageError
+from cdp_target import undo
 from cdp_target.points import Point
-from cdp_target.store import PolicyStore, fsync_dir
-from cdp_target.undostore import write_json_atomic
+from cdp_target.store import PolicyStore, _punch_hole, _write_zeros, fsync_dir
+from cdp_target.undostore import READ_BLOCK, write_json_atomic
 
 log = logging.getLogger("target.restore")
 
@@ -58,6 +66,8 @@ FICLONE = 0x40049409
 FAILOVER_DIR = "failover"
 FAILOVER_FILE = "failover.json"
 COPY_STEP = 64 << 20
+SPAN_GAP = 256 << 10
+"""Pieces of one segment this close in its file are read with one pread."""
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, bytes_done, bytes_total)."""
@@ -94,29 +104,158 @@ def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def copy_sparse(src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> str:
-    """Copy src to a new file dst keeping holes; returns the method ('reflink' or 'sparse')."""
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        size = os.fstat(fi.fileno()).st_size
-        try:
-            fcntl.ioctl(fo.fileno(), FICLONE, fi.fileno())
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int,
+               progress: Callable[[int], None] | None = None) -> None:
+    """Copy [offset, offset + length) between two files at the same offset.
+
+    copy_file_range first (in-kernel); pread/pwrite where the kernel or the
+    pair of file systems refuses it (EXDEV, EINVAL, EOPNOTSUPP, ENOSYS).
+    """
+    end = offset + length
+    pos = offset
+    kernel = True
+    while pos < end:
+        n = min(COPY_STEP, end - pos)
+        if kernel:
+            try:
+                got = os.copy_file_range(src_fd, dst_fd, n, pos, pos)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP,
+                                     errno.ENOSYS):
+                    raise
+                kernel = False
+                continue
+        else:
+            data = os.pread(src_fd, min(n, READ_BLOCK), pos)
+            _pwrite_all(dst_fd, data, pos)
+            got = len(data)
+        if got <= 0:
+            raise StorageError(f"copy stopped at byte {pos} of {end}: source too short")
+        pos += got
+        if progress is not None:
+            progress(got)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _pread_exact(fd: int, length: int, offset: int, what: Path) -> bytes:
+    parts = []
+    while length > 0:
+        b = os.pread(fd, length, offset)
+        if not b:
+            raise FormatError(f"{what}: ends before byte {offset + length}")
+        parts.append(b)
+        length -= len(b)
+        offset += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def write_pieces(seg_path: Path, items: list[tuple[int, int, int, int]], fds: dict[int, int],
+                 progress: Callable[[int], None] | None = None) -> None:
+    """Write data pieces of one segment file: items are (src, length, disk_id, offset).
+
+    Sorted by src and read in spans (neighbours closer than SPAN_GAP, at most
+    READ_BLOCK bytes), so the file is read sequentially in large blocks.
+    """
+    items.sort()
+    fd = os.open(seg_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        i, n = 0, len(items)
+        while i < n:
+            start = items[i][0]
+            stop = start + items[i][1]
+            j = i + 1
+            while j < n:
+                src, length = items[j][0], items[j][1]
+                if src - stop > SPAN_GAP or src + length - start > READ_BLOCK:
+                    break
+                stop = max(stop, src + length)
+                j += 1
+            view = memoryview(_pread_exact(fd, stop - start, start, seg_path))
+            for src, length, disk_id, offset in items[i:j]:
+                _pwrite_all(fds[disk_id], view[src - start:src - start + length], offset)
             if progress is not None:
-                progress(size)
-            return "reflink"
-        except OSError:
-            pass
-        fo.truncate(size)
-        for off, length in _data_regions(fi.fileno(), size):
-            done = 0
-            while done < length:
-                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(COPY_STEP, length - done),
-                                       off + done, off + done)
-                if n <= 0:
-                    raise StorageError(f"{src}: copy stopped at byte {off + done}")
+                progress(sum(it[1] for it in items[i:j]))
+            i = j
+    finally:
+        os.close(fd)
+
+
+def write_point(store: PolicyStore, point: Point, partial: dict[int, Path],
+                progress: Progress | None = None) -> tuple[str, int]:
+    """Write the images at `point` into new files `partial[disk_id]`, fsynced.
+
+    Steps 1-4 of the module docstring; the caller holds `store.paused()`.
+    Returns the copy method ('reflink' or 'sparse') and the bytes written.
+    """
+    sizes = store.disk_sizes
+    chain, pieces = store.undo.resolve(point, sizes)
+    fds: dict[int, int] = {}
+    srcs: dict[int, int] = {}
+    method = "sparse"
+    try:
+        copies: dict[int, list[tuple[int, int]]] = {}
+        for disk_id in sorted(partial):
+            srcs[disk_id] = os.open(store.replica_path(disk_id), os.O_RDONLY | os.O_CLOEXEC)
+            fds[disk_id] = os.open(partial[disk_id],
+                                   os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            size = sizes[disk_id]
+            try:
+                fcntl.ioctl(fds[disk_id], FICLONE, srcs[disk_id])
+                method = "reflink"
+                copies[disk_id] = []
+                os.ftruncate(fds[disk_id], size)
+                for p in pieces.get(disk_id, []):
+                    if p.src < 0 and not _punch_hole(fds[disk_id], p.offset, p.length):
+                        _write_zeros(fds[disk_id], p.offset, p.length)
+            except OSError:
+                os.ftruncate(fds[disk_id], size)
+                have = _data_regions(srcs[disk_id], min(size, os.fstat(srcs[disk_id]).st_size))
+                copies[disk_id] = undo.intersect(undo.gaps(pieces.get(disk_id, []), size), have)
+        by_seg: dict[int, list[tuple[int, int, int, int]]] = {}
+        for disk_id, ps in pieces.items():
+            for p in ps:
+                if p.src < 0:
+                    continue
+                items = by_seg.setdefault(p.seg, [])
+                for k in range(0, p.length, READ_BLOCK):
+                    items.append((p.src + k, min(READ_BLOCK, p.length - k), disk_id,
+                                  p.offset + k))
+        total = (sum(n for c in copies.values() for _, n in c)
+                 + sum(it[1] for items in by_seg.values() for it in items))
+        done = 0
+
+        def step(phase: str) -> Callable[[int], None]:
+            def inner(n: int) -> None:
+                nonlocal done
                 done += n
                 if progress is not None:
-                    progress(n)
-        return "sparse"
+                    progress(phase, done, total)
+            return inner
+        copy_step = step("copy")
+        for disk_id, ranges in sorted(copies.items()):
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(srcs[disk_id], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            for off, length in ranges:
+                copy_range(srcs[disk_id], fds[disk_id], off, length, copy_step)
+        undo_step = step("undo")
+        for seg in sorted(by_seg):
+            write_pieces(store.undo.seg_path(chain[seg]), by_seg[seg], fds, undo_step)
+        for fd in fds.values():
+            os.fsync(fd)
+        return method, total
+    finally:
+        for fd in [*fds.values(), *srcs.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 # ---------------------------------------------------------------- choosing a point
@@ -167,31 +306,12 @@ def restore_images(store: PolicyStore, select: Callable[[], Point], out_dir: Pat
     if exists:
         raise StorageError(f"{exists[0]} exists; restore into an empty directory")
     partial = {name: p.with_name(p.name + ".partial") for name, p in targets.items()}
-    method = "sparse"
-    fds: dict[int, int] = {}
     try:
         with store.paused():
             point = select()
-            segs = store.undo.catalog.segments_above(point)
-            total = sum(store.replica_path(i).stat().st_blocks * 512 for i in disks)
-            total += sum(s.size_bytes for s in segs)
-            done = 0
-
-            def step(phase: str) -> Callable[[int], None]:
-                def inner(n: int) -> None:
-                    nonlocal done
-                    done += n
-                    if progress is not None:
-                        progress(phase, done, total)
-                return inner
-            for disk_id, spec in sorted(disks.items()):
-                method = copy_sparse(store.replica_path(disk_id), partial[spec.name],
-                                     step("copy"))
-            for disk_id, spec in disks.items():
-                fds[disk_id] = os.open(partial[spec.name], os.O_RDWR | os.O_CLOEXEC)
-            store.undo.replay(point, fds, store.disk_sizes, step("undo"))
-            for fd in fds.values():
-                os.fsync(fd)
+            method, total = write_point(store, point,
+                                        {i: partial[d.name] for i, d in disks.items()},
+                                        progress)
         for name, p in partial.items():
             os.rename(p, targets[name])
         fsync_dir(out_dir)
@@ -200,9 +320,6 @@ def restore_images(store: PolicyStore, select: Callable[[], Point], out_dir: Pat
     except OSError as exc:
         raise StorageError(f"restore into {out_dir}: {exc.strerror or exc}") from None
     finally:
-        for fd in fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
         for p in partial.values():
             with contextlib.suppress(OSError):
                 p.unlink()

@@ -46,7 +46,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from cdp_common.delta import Extent, decode_chunk, encode_chunks
+from cdp_common.delta import (
+    EXTENT,
+    EXTENT_HEADER_SIZE,
+    KIND_DATA,
+    KIND_ZERO,
+    MAX_EXTENT_LENGTH,
+    Extent,
+    decode_chunk,
+    encode_chunks,
+)
 from cdp_common.errors import FormatError, StorageError
 from cdp_common.records import crc32c
 from cdp_target import points as P
@@ -56,8 +65,11 @@ from cdp_target.store import (
     DELTA_MAGIC,
     DELTA_VERSION,
     HEADER,
+    HEADER_SIZE,
+    MAX_CHUNK_BYTES,
     TRAILER,
     TRAILER_MAGIC,
+    TRAILER_SIZE,
     DeltaReader,
     _crc_continue,
     _pwrite_all,
@@ -133,6 +145,94 @@ def read_segment(path: Path, disk_sizes: Mapping[int, int]) -> Iterator[Extent]:
     with DeltaReader(path) as reader:
         for chunk in reader.chunks():
             yield from decode_chunk(chunk, disk_sizes)
+
+
+READ_BLOCK = 8 << 20
+
+
+def index_segment(path: Path, lo: int, hi: int,
+                  disk_sizes: Mapping[int, int]) -> list[undo.Ref]:
+    """The extents of undo segment (lo, hi] by reference to their data in `path`.
+
+    One sequential pass (large buffered reads) checks everything a replay
+    would: header (magic, version, undo flag, seq range), chunk framing,
+    every extent's kind, length and disk bounds, the trailer's counts and the
+    file's CRC. Raises FormatError for a file that fails any of them.
+    """
+    with open(path, "rb", buffering=READ_BLOCK) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < HEADER_SIZE + TRAILER_SIZE:
+            raise FormatError(f"{path}: undo segment cut short ({size} bytes)")
+        head = f.read(HEADER_SIZE)
+        magic, version, flags, _res, first, last = HEADER.unpack(head)
+        if magic != DELTA_MAGIC:
+            raise FormatError(f"{path}: not an undo segment (bad magic)")
+        if version != DELTA_VERSION or flags != FLAG_UNDO:
+            raise FormatError(f"{path}: unsupported undo segment (version {version}, "
+                              f"flags {flags})")
+        if (first, last) != (lo + 1, hi):
+            raise FormatError(f"{path}: holds seqs [{first}, {last}], expected "
+                              f"[{lo + 1}, {hi}]")
+        crc = crc32c(head)
+        refs: list[undo.Ref] = []
+        pos, end = HEADER_SIZE, size - TRAILER_SIZE
+        chunks = payload = 0
+        while pos < end:
+            raw = f.read(CHUNK_LEN.size)
+            if end - pos < CHUNK_LEN.size or len(raw) != CHUNK_LEN.size:
+                raise FormatError(f"{path}: chunk length cut short at byte {pos}")
+            (length,) = CHUNK_LEN.unpack(raw)
+            if length > MAX_CHUNK_BYTES or pos + CHUNK_LEN.size + length > end:
+                raise FormatError(f"{path}: bad chunk length {length} at byte {pos}")
+            chunk = f.read(length)
+            if len(chunk) != length:
+                raise FormatError(f"{path}: chunk cut short at byte {pos}")
+            crc = _crc_continue(_crc_continue(crc, raw), chunk)
+            _index_chunk(chunk, pos + CHUNK_LEN.size, disk_sizes, refs, path)
+            pos += CHUNK_LEN.size + length
+            chunks += 1
+            payload += length
+        tail = f.read(TRAILER_SIZE)
+        if len(tail) != TRAILER_SIZE:
+            raise FormatError(f"{path}: undo segment shrank while reading")
+        tmagic, count, tpayload, _newest, stored = TRAILER.unpack(tail)
+        crc = _crc_continue(crc, tail[:-4])
+        if tmagic != TRAILER_MAGIC:
+            raise FormatError(f"{path}: not an undo segment (bad trailer magic)")
+        if crc != stored:
+            raise FormatError(f"{path}: undo segment checksum mismatch")
+        if (count, tpayload) != (chunks, payload):
+            raise FormatError(f"{path}: trailer says {count} chunks / {tpayload} bytes, "
+                              f"file holds {chunks} / {payload}")
+    return refs
+
+
+def _index_chunk(chunk: bytes, base: int, disk_sizes: Mapping[int, int],
+                 out: list[undo.Ref], path: Path) -> None:
+    """Append the extents of one chunk (at file offset `base`), checked as decode_chunk does."""
+    pos, n = 0, len(chunk)
+    while pos < n:
+        if n - pos < EXTENT_HEADER_SIZE:
+            raise FormatError(f"{path}: extent header cut short at byte {base + pos}")
+        disk_id, kind, _res, offset, length = EXTENT.unpack_from(chunk, pos)
+        pos += EXTENT_HEADER_SIZE
+        size = disk_sizes.get(disk_id)
+        if size is None:
+            raise FormatError(f"{path}: unknown disk id {disk_id}")
+        if length == 0 or length > MAX_EXTENT_LENGTH:
+            raise FormatError(f"{path}: bad extent length {length}")
+        if offset + length > size:
+            raise FormatError(f"{path}: extent [{offset}, {offset + length}) is outside "
+                              f"disk {disk_id} of {size} bytes")
+        if kind == KIND_ZERO:
+            out.append(undo.Ref(disk_id, offset, length, -1))
+        elif kind == KIND_DATA:
+            if n - pos < length:
+                raise FormatError(f"{path}: extent data cut short at byte {base + pos}")
+            out.append(undo.Ref(disk_id, offset, length, base + pos))
+            pos += length
+        else:
+            raise FormatError(f"{path}: unknown extent kind {kind}")
 
 
 def pread_all(fd: int, length: int, offset: int) -> bytes:
@@ -313,17 +413,23 @@ class UndoStore:
                 out.append(P.Segment(newest.last_seq, int(m.group(2)), p.stat().st_size))
         return out
 
-    def replay(self, point: P.Point, fds: Mapping[int, int], disk_sizes: Mapping[int, int],
-               progress: Callable[[int], None] | None = None) -> None:
-        """Write the segments above `point` over the images in `fds`, newest first."""
-        from cdp_target.store import _punch_hole, _write_zeros
-        for seg in [*self.pending(), *self.catalog.segments_above(point)]:
-            for ext in read_segment(self.seg_path(seg), disk_sizes):
-                fd = fds[ext.disk_id]
-                if ext.data is not None:
-                    _pwrite_all(fd, ext.data, ext.offset)
-                elif not _punch_hole(fd, ext.offset, ext.length):
-                    _write_zeros(fd, ext.offset, ext.length)
-            if progress is not None:
-                progress(seg.size_bytes)
+    def chain_above(self, point: P.Point) -> list[P.Segment]:
+        """The segments between `point` and the replica, OLDEST first.
+
+        A pending segment (`pending`) is the newest: it is last.
+        """
+        return [*reversed(self.catalog.segments_above(point)),
+                *sorted(self.pending(), key=lambda s: s.hi)]
+
+    def resolve(self, point: P.Point,
+                disk_sizes: Mapping[int, int]) -> tuple[list[P.Segment],
+                                                        dict[int, list[undo.Piece]]]:
+        """The final map of the images at `point` (`undo.resolve`), every segment verified.
+
+        Returns the segments (oldest first; `Piece.seg` indexes this list)
+        and, per disk, the sorted pieces that do not come from the replica.
+        """
+        chain = self.chain_above(point)
+        refs = [index_segment(self.seg_path(s), s.lo, s.hi, disk_sizes) for s in chain]
+        return chain, undo.resolve(refs)
 

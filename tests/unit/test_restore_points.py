@@ -328,3 +328,48 @@ def test_restore_refuses_a_non_empty_target(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="exists"):
         restore_images(run.store, lambda: run.store.undo.catalog.points[0], out)
     assert (out / "vda.img").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("where", [-1, -40, 0.5, 30])
+def test_a_corrupt_undo_segment_fails_the_restore_and_leaves_nothing(
+        tmp_path: Path, where: float) -> None:
+    run = Run(tmp_path / "pol")
+    run.step(6)
+    seg = run.store.undo.catalog.segments[2]
+    path = run.store.undo.seg_path(seg)
+    raw = bytearray(path.read_bytes())
+    raw[int(len(raw) * where) if isinstance(where, float) else int(where)] ^= 0x40
+    path.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    from cdp_common.errors import FormatError
+    with pytest.raises(FormatError, match=path.name):
+        restore_images(run.store, lambda: run.store.undo.catalog.points[0], out)
+    assert list(out.iterdir()) == []
+    # points the corrupt segment is not needed for still restore
+    newer = run.store.undo.catalog.points[4]
+    restore_images(run.store, lambda: newer, out)
+    assert (out / "vda.img").read_bytes() == run.prefix[newer.last_seq][0]
+
+
+def test_restore_over_a_reflinked_copy_zeroes_what_the_undo_zeroes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reflink branch (not on this ext4): a simulated clone, then the map on top."""
+    import fcntl
+
+    from cdp_target import restore as R
+
+    def fake_clone(fd: int, request: int, src: int) -> int:
+        assert request == R.FICLONE
+        size = os.fstat(src).st_size
+        os.ftruncate(fd, size)
+        off = 0
+        while off < size:
+            off += os.copy_file_range(src, fd, size - off, off, off)
+        return 0
+    monkeypatch.setattr(fcntl, "ioctl", fake_clone)
+    run = Run(tmp_path / "pol", seed=3)
+    run.step(12)
+    assert run.check_all(tmp_path) == 12
+    out = tmp_path / "one"
+    r = restore_images(run.store, lambda: run.store.undo.catalog.points[0], out)
+    assert r.method == "reflink"
