@@ -20,7 +20,11 @@ phases against its disk (DESIGN.md section 7):
    (DESIGN section 4: now - capture time of the newest write in the newest
    durable restore point, 0 when caught up) gives p50 / p99 / max. The lag
    is the coordinator's view, so it includes up to one heartbeat (1 s) of
-   report staleness, as an operator would see it.
+   report staleness, as an operator would see it. The first
+   `--paced-warmup` seconds are reported apart: when writes resume after an
+   idle spell, the coordinator's lag starts from the capture time of the
+   last write *before* the idle spell (cdp_coordinator/state.py `rpo_lag`),
+   a transient that says nothing about the sustained lag.
 
 `--pin ID=CPUS` (repeatable) pins a lab process (its id in lab.json, all its
 threads, `taskset -a -p`) or the benchmark writer (`bench`) to a CPU list.
@@ -197,6 +201,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30, help="throughput phase length")
     ap.add_argument("--paced-seconds", type=float, default=30, help="paced phase length")
     ap.add_argument("--paced-mbps", type=float, default=50, help="paced write rate, MB/s")
+    ap.add_argument("--paced-warmup", type=float, default=5,
+                    help="seconds of the paced phase left out of the lag percentiles")
     ap.add_argument("--disk-mib", type=int, default=2048, help="lab disk size (writes wrap)")
     ap.add_argument("--pin", action="append", default=[], metavar="ID=CPUS",
                     help="pin a lab process (id from lab.json) or 'bench' to CPUs")
@@ -260,13 +266,16 @@ def main() -> None:
 
         # ---- phase 2: paced, RPO lag
         lags: list[float] = []
+        warm: list[float] = []
         stop = threading.Event()
 
         def sampler() -> None:
             nxt_t = time.monotonic()
+            steady = nxt_t + args.paced_warmup
             while not stop.is_set():
                 with contextlib.suppress(Exception):  # a missed sample is not a result
-                    lags.append(float(status.policy()["rpo_lag_s"]))
+                    lag = float(status.policy()["rpo_lag_s"])
+                    (lags if time.monotonic() >= steady else warm).append(lag)
                 nxt_t += SAMPLE_S
                 stop.wait(max(0.0, nxt_t - time.monotonic()))
 
@@ -284,6 +293,9 @@ def main() -> None:
             "rpo_lag_p50_s": round(statistics.median(lags), 2) if lags else None,
             "rpo_lag_p99_s": round(percentile(lags, 0.99), 2),
             "rpo_lag_max_s": round(max(lags, default=0.0), 2),
+            "warmup_s": args.paced_warmup,
+            "warmup_lag_max_s": round(max(warm, default=0.0), 2),
+            "rpo_lag_series_s": [round(x, 2) for x in lags] if args.json else [],
         }
         results["pinned"] = args.pin
     finally:
@@ -305,7 +317,8 @@ def main() -> None:
     p = results["paced"]
     print(f"paced {p['target_mb_s']} MB/s (achieved {p['achieved_mb_s']}): RPO lag p50 "
           f"{p['rpo_lag_p50_s']} s, p99 {p['rpo_lag_p99_s']} s, max {p['rpo_lag_max_s']} s "
-          f"({p['samples']} samples)")
+          f"({p['samples']} samples after a {p['warmup_s']:g} s warm-up, whose max was "
+          f"{p['warmup_lag_max_s']} s)")
     for proc, frames in results.get("profile", {}).items():
         print(f"profile {proc}:")
         for f, share in frames:

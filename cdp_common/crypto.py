@@ -167,8 +167,10 @@ class FrameOpener(_Session):
             if counter != self._expected:
                 raise AuthenticationError(f"frame counter {counter}, expected {self._expected} "
                                           "(replayed or reordered frame)")
+            body: bytes | memoryview
             try:
-                body = self._aead.decrypt(b"\0\0\0\0" + counter_bytes, envelope[9:],
+                body = self._aead.decrypt(b"\0\0\0\0" + counter_bytes,
+                                          memoryview(envelope)[9:],  # no copy
                                           _aad(self.policy, self.session_id, header))
             except InvalidTag:
                 raise AuthenticationError(
@@ -181,16 +183,16 @@ class FrameOpener(_Session):
                 raise FormatError(f"frame counter {counter}, expected {self._expected}")
             if len(envelope) < 14:
                 raise FormatError("plaintext envelope too short")
-            body = envelope[13:]
+            body = memoryview(envelope)[13:]
             if crc32c(counter_bytes, body) != int.from_bytes(envelope[9:13], "little"):
                 raise FormatError("plaintext frame checksum mismatch")
         self._expected += 1
         return self._decode_body(body)
 
-    def _decode_body(self, body: bytes) -> bytes:
+    def _decode_body(self, body: bytes | memoryview) -> bytes:
         if not body:
             raise FormatError("frame body empty")
-        codec, payload = body[0], body[1:]
+        codec, payload = body[0], memoryview(body)[1:]  # a view: no copy of the payload
         if codec == CODEC_NONE:
             if len(payload) > self._max:
                 raise FormatError(f"frame of {len(payload)} bytes exceeds {self._max}")

@@ -81,10 +81,10 @@ def encode_chunks(extents: Iterable[Extent], chunk_bytes: int) -> Iterator[bytes
         yield b"".join(parts)
 
 
-def decode_chunk(buf: bytes | memoryview, disk_sizes: Mapping[int, int]) -> list[Extent]:
-    """Decode one chunk, checking kinds, lengths and disk bounds."""
-    view = memoryview(buf)
-    out: list[Extent] = []
+def _walk(view: memoryview, disk_sizes: Mapping[int, int]
+          ) -> Iterator[tuple[int, int, int, int, int]]:
+    """Yield (disk_id, kind, offset, length, data_pos) of each extent, checking
+    kinds, lengths and disk bounds before anything is sliced."""
     pos = 0
     while pos < len(view):
         if len(view) - pos < EXTENT_HEADER_SIZE:
@@ -99,12 +99,25 @@ def decode_chunk(buf: bytes | memoryview, disk_sizes: Mapping[int, int]) -> list
             raise FormatError(f"delta extent: [{offset}, {offset + length}) is outside disk "
                               f"{disk_id} of {disk_sizes[disk_id]} bytes")
         if kind == KIND_ZERO:
-            out.append(Extent(disk_id, offset, length, None))
+            yield disk_id, kind, offset, length, pos
         elif kind == KIND_DATA:
             if len(view) - pos < length:
                 raise FormatError(f"delta extent at offset {offset}: data cut short")
-            out.append(Extent(disk_id, offset, length, bytes(view[pos:pos + length])))
+            yield disk_id, kind, offset, length, pos
             pos += length
         else:
             raise FormatError(f"delta extent: unknown kind {kind}")
-    return out
+
+
+def decode_chunk(buf: bytes | memoryview, disk_sizes: Mapping[int, int]) -> list[Extent]:
+    """Decode one chunk, checking kinds, lengths and disk bounds."""
+    view = memoryview(buf)
+    return [Extent(disk_id, offset, length,
+                   bytes(view[pos:pos + length]) if kind == KIND_DATA else None)
+            for disk_id, kind, offset, length, pos in _walk(view, disk_sizes)]
+
+
+def check_chunk(buf: bytes | memoryview, disk_sizes: Mapping[int, int]) -> int:
+    """Check one chunk exactly as `decode_chunk` does, without copying any data;
+    returns the number of extents (FormatError on the same defects)."""
+    return sum(1 for _ in _walk(memoryview(buf), disk_sizes))

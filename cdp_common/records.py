@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import crc32c as _crc32c
 
@@ -74,11 +75,14 @@ def encode_header(seq: int, time_ns: int, disk_id: int, offset: int,
     return head[: HEADER_SIZE - 4] + crc.to_bytes(4, "little")
 
 
-def decode_one(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
+def decode_one(buf: bytes | memoryview, pos: int = 0, copy: bool = True) -> tuple[Record, int]:
     """Decode the record at `pos`; returns it and the position after it.
 
     Raises TornRecordError when the buffer ends inside the record and
     FormatError when the record is malformed or its checksum is wrong.
+    `copy=False`: the record's data is a read-only memoryview into `buf`
+    instead of a copy (it keeps `buf` alive; for consumers that copy or drop
+    the data before `buf` changes, such as the source proxy's cutter).
     """
     view = memoryview(buf)
     if len(view) - pos < HEADER_SIZE:
@@ -99,14 +103,18 @@ def decode_one(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     data = view[pos + HEADER_SIZE:end]
     if crc32c(view[pos:pos + HEADER_SIZE - 4], data) != crc:
         raise FormatError(f"record at byte {pos} (seq {seq}): checksum mismatch")
-    return Record(seq, time_ns, disk_id, offset, bytes(data), flags), end
+    return Record(seq, time_ns, disk_id, offset,
+                  bytes(data) if copy else cast(bytes, data.toreadonly()), flags), end
 
 
-def decode_all(buf: bytes | memoryview) -> Iterator[Record]:
-    """Decode a batch of concatenated records; any defect raises FormatError."""
+def decode_all(buf: bytes | memoryview, copy: bool = True) -> Iterator[Record]:
+    """Decode a batch of concatenated records; any defect raises FormatError.
+
+    `copy=False` as for `decode_one` (no per-record copy of the data)."""
+    view = buf if copy else memoryview(buf)  # one view for the batch, not one per record
     pos = 0
-    while pos < len(buf):
-        record, pos = decode_one(buf, pos)
+    while pos < len(view):
+        record, pos = decode_one(view, pos, copy)
         yield record
 
 

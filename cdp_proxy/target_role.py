@@ -225,7 +225,7 @@ class _ReplicateSession:
                                     f.gap_begin_time_ns, f.gap_after_seq, f.gap_end_seq,
                                     f.gap_end_time_ns)
         plain = self.opener.open(header, f.envelope)
-        delta.decode_chunk(plain, self.disk_sizes)  # bounds and format check only
+        delta.check_chunk(plain, self.disk_sizes)  # bounds and format check, no copy
         self.parent.errors.clear(self.policy, self.started)
         return plain
 
