@@ -22,6 +22,7 @@ import random
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import pytest
 from conftest import assert_eventually
 from workload import MiB, sha256_file
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(120)
 
 DISK = 16 * MiB
 BLOCK = 4096
@@ -121,18 +122,40 @@ def caught_up(handle: Any, seq: int) -> None:
 
 def restore_and_compare(handle: Any, tmp: Path, pts: list[dict[str, Any]],
                         oracle: Oracle) -> None:
-    shas = oracle.shas_at([p["last_seq"] for p in pts])
-    for p in pts:
+    """`cdpctl restore` of every point (a few CLI processes at a time), each image
+    compared byte for byte with the oracle's prefix image at its last_seq."""
+    def restore(p: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         out = tmp / f"restore-{p['id']}-{time.monotonic_ns()}"
         done = handle.cli("restore", "lab", "--point", str(p["id"]), "--out", str(out),
                           "--json", check=True)
-        doc = json.loads(done.stdout)
-        assert doc["point"]["last_seq"] == p["last_seq"]
-        for disk, img in enumerate(sorted(doc["images"], key=lambda i: i["disk"])):
-            assert sha256_file(img["path"]) == shas[p["last_seq"]][disk], (
-                f"point {p['id']} (seq {p['last_seq']}), disk {img['disk']} differs from the "
-                f"oracle prefix image")
-            os.unlink(img["path"])
+        return p, json.loads(done.stdout)
+
+    ordered = sorted(pts, key=lambda p: p["last_seq"])
+    imgs = [bytearray(DISK) for _ in range(oracle.disks)]
+    i = 0
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for p, doc in pool.map(restore, ordered):
+            assert doc["point"]["last_seq"] == p["last_seq"]
+            while i < len(oracle.writes) and oracle.writes[i][0] <= p["last_seq"]:
+                _, disk, off, data = oracle.writes[i]
+                imgs[disk][off:off + len(data)] = data
+                i += 1
+            for disk, img in enumerate(sorted(doc["images"], key=lambda i: i["disk"])):
+                got = Path(img["path"]).read_bytes()
+                assert got == imgs[disk], (
+                    f"point {p['id']} (seq {p['last_seq']}), disk {img['disk']} differs from "
+                    f"the oracle prefix image")
+                os.unlink(img["path"])
+
+
+def undo_segments(handle: Any) -> list[tuple[int, int]]:
+    """(lo, hi] of every undo segment file (docs/FORMAT.md 4a names)."""
+    d = Path(handle.disks[0]["replica_path"]).parent.parent / "undo"
+    out = []
+    for p in d.glob("*.undo"):
+        lo, hi = p.stem.split("-")
+        out.append((int(lo), int(hi)))
+    return sorted(out)
 
 
 def undo_bytes(handle: Any) -> int:
@@ -150,42 +173,86 @@ def set_target_retention(handle: Any, **values: float) -> None:
     handle.restart("target-1")
 
 
+RPO_S = 0.5
+"""The policy's RPO interval in this test: 20+ points from ~13 s of writes."""
+
+
+class Clock:
+    """Phase timings, printed at the end (pytest -s) to keep the test's budget visible."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.monotonic()
+        self.phases: list[tuple[str, float]] = []
+
+    def lap(self, what: str) -> None:
+        now = time.monotonic()
+        self.phases.append((what, now - self.last))
+        self.last = now
+
+    def report(self) -> str:
+        return ", ".join(f"{w} {dt:.1f}s" for w, dt in self.phases) + (
+            f"; total {time.monotonic() - self.t0:.1f}s")
+
+
+def shorten_rpo(handle: Any, seconds: float) -> None:
+    """`cdpctl policy edit` pushes the new interval to the nodes at once."""
+    handle.cli("policy", "edit", "lab", "--set", f"rpo_interval_s={seconds}", "--json",
+               check=True)
+
+    def pushed() -> None:
+        p = handle.status()["policies"][0]
+        assert p["rpo_interval_s"] == seconds, p
+    assert_eventually(pushed, 30, 0.2, "the shorter RPO interval was not taken up")
+
+
 def test_points_restore_to_the_oracle_and_retention_frees_space(lab: Any,
                                                                 tmp_path: Path) -> None:
+    clock = Clock()
     handle = lab(tmp_path / "lab", disks=2, disk_size="16M")
+    shorten_rpo(handle, RPO_S)
+    clock.lap("lab up")
     oracle = Oracle(2)
-    writer = Writer([handle.disk_path(0), handle.disk_path(1)], oracle, seconds=44)
+    writer = Writer([handle.disk_path(0), handle.disk_path(1)], oracle, seconds=26 * RPO_S)
     writer.start()
     writer.join(120)
     assert writer.error is None, writer.error
     caught_up(handle, writer.seq)
+    clock.lap("writes")
     pts = points(handle)
     assert len(pts) >= 20, pts
     assert [p["last_seq"] for p in pts] == sorted(p["last_seq"] for p in pts)
     assert pts[-1]["last_seq"] == writer.seq
-    assert set(pts[0]) == {"id", "kind", "time", "last_seq", "size_bytes"}
+    assert {"id", "kind", "time", "last_seq", "size_bytes"} <= set(pts[0])
     gaps = [b["time"] > a["time"] for a, b in itertools.pairwise(pts)]
     assert all(gaps)
     restore_and_compare(handle, tmp_path, pts, oracle)
+    clock.lap(f"{len(pts)} restores")
 
     # short retention: expired points go, their space returns; long-term points
     # survive with compacted undo and still restore exactly
     before = undo_bytes(handle)
-    set_target_retention(handle, short_term_retention_s=10.0, long_term_interval_s=8.0,
+    set_target_retention(handle, short_term_retention_s=4.0, long_term_interval_s=3.0,
                          long_term_retention_s=3600.0)
 
     def trimmed() -> list[dict[str, Any]]:
         now = points(handle)
         assert len(now) < len(pts), now
         return now
-    kept = assert_eventually(trimmed, 30, 1.0, "retention dropped nothing")
+    kept = assert_eventually(trimmed, 30, 0.5, "retention dropped nothing")
     assert {p["kind"] for p in kept[:-1]} == {"long"}, kept
+    assert len(kept) >= 3, kept
     assert undo_bytes(handle) < before
     assert {p["id"] for p in kept} <= {p["id"] for p in pts}
+    # compacted: some segment now spans dropped points (oldest data won the merge)
+    dropped = {p["last_seq"] for p in pts} - {p["last_seq"] for p in kept}
+    assert any(lo < seq < hi for lo, hi in undo_segments(handle) for seq in dropped), (
+        undo_segments(handle), kept)
     restore_and_compare(handle, tmp_path, kept, oracle)
+    clock.lap(f"retention + {len(kept)} restores")
 
     # new writes after the compaction: old long-term points still restore exactly
-    writer2 = Writer([handle.disk_path(0), handle.disk_path(1)], oracle, seconds=6, seed=9)
+    writer2 = Writer([handle.disk_path(0), handle.disk_path(1)], oracle, seconds=4 * RPO_S,
+                     seed=9)
     writer2.start()
     writer2.join(60)
     assert writer2.error is None, writer2.error
@@ -194,6 +261,7 @@ def test_points_restore_to_the_oracle_and_retention_frees_space(lab: Any,
     old = [p for p in now if p["last_seq"] <= kept[-1]["last_seq"]]
     assert old, now
     restore_and_compare(handle, tmp_path, [*old, now[-1]], oracle)
+    clock.lap(f"more writes + {len(old) + 1} restores")
 
     # on demand: a long-term point that survives the short retention
     done = handle.cli("restore-points", "create", "lab", "--json", check=True)
@@ -201,18 +269,22 @@ def test_points_restore_to_the_oracle_and_retention_frees_space(lab: Any,
     assert created["last_seq"] == writer2.seq
     latest = [p for p in points(handle) if p["id"] == created["id"]]
     assert latest and latest[0]["kind"] == "long"
+    clock.lap("on-demand point")
+    print(f"\ntiming: {clock.report()}")
 
 
 def test_failover_undo_and_commit_from_the_cli(lab: Any, tmp_path: Path) -> None:
     handle = lab(tmp_path / "lab", disks=2, disk_size="16M")
+    shorten_rpo(handle, RPO_S)
     oracle = Oracle(2)
     disks = [handle.disk_path(0), handle.disk_path(1)]
-    w = Writer(disks, oracle, seconds=8)
+    w = Writer(disks, oracle, seconds=8 * RPO_S)
     w.start()
     w.join(60)
     assert w.error is None, w.error
     caught_up(handle, w.seq)
     pts = points(handle)
+    assert len(pts) >= 3, pts
     chosen = pts[len(pts) // 2]
 
     done = handle.cli("failover", "lab", "--point", str(chosen["id"]), "--json", check=True)
