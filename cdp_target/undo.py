@@ -236,7 +236,8 @@ def _sweep(entries: list[tuple[int, int, int, int, int]]) -> list[Piece]:
                 last[1] = b1
                 continue
         out.append([b0, b1, seg, psrc])
-    return [Piece(a, b - a, seg, src) for a, b, seg, src in out]
+    make = Piece._make   # tuple.__new__: no Python-level __new__ per piece
+    return [make((a, b - a, seg, src)) for a, b, seg, src in out]
 
 
 def gaps(pieces: Iterable[Piece], size: int) -> list[tuple[int, int]]:
