@@ -138,6 +138,9 @@ def test_data_plane_runs_without_coordinator(lab: Any, tmp_path: Path) -> None:
     captured = metric(filter_metrics, "cdp_filter_captured_seq")
     assert_eventually(lambda: metric(target_metrics, "cdp_target_durable_seq") == captured,
                       60, 0.2, "replica did not catch up without the coordinator")
+    # durable is acked before apply: wait for the replica itself to catch up
+    assert_eventually(lambda: metric(target_metrics, "cdp_target_applied_seq") == captured,
+                      30, 0.2, "the target did not apply what it made durable")
     assert sha256_file(handle.disks[0]["replica_path"]) == load.work.oracle_sha256()
     handle.restart("coordinator")
 
