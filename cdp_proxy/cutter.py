@@ -15,7 +15,13 @@ with that record) and closes when
   which the shell calls on a timer so an idle stream still cuts on time; or
 * the payload bytes of its records reach `interval_max_bytes` (memory bound,
   I4) — checked after each record, so the cap is exceeded by at most one
-  record.
+  record; or
+* the next record was *captured* ``rpo_interval_s`` or more after the
+  interval's first record — so a backlog shipped after an outage (or a
+  proxy rebind) still yields restore points ``rpo_interval_s`` apart in
+  capture time, instead of one point per arrival interval. The interval is
+  closed before that record is added (unless the record alone would reach
+  the size cap, which closes it right after).
 
 An interval with no records emits nothing. Records must arrive with
 consecutive seqs starting right after `start_after_seq`; anything else is a
@@ -195,6 +201,7 @@ class IntervalCutter:
         if interval_max_bytes <= 0:
             raise ValueError("interval_max_bytes must be > 0")
         self.rpo_interval_s = rpo_interval_s
+        self._rpo_ns = int(rpo_interval_s * 1e9)
         self.interval_max_bytes = interval_max_bytes
         self.disk_sizes = dict(disk_sizes) if disk_sizes is not None else None
         self.reset(start_after_seq)
@@ -208,6 +215,7 @@ class IntervalCutter:
         self._bytes = 0
         self._count = 0
         self._newest_ns = 0
+        self._first_time_ns = 0
         self._gap_begin_ns = 0
         self._gap_after = 0
         self._gap_end_seq = 0
@@ -246,8 +254,13 @@ class IntervalCutter:
                 raise FormatError(f"record seq {record.seq}: write [{record.offset}, "
                                   f"{record.offset + record.length}) is outside disk "
                                   f"{record.disk_id} of {size} bytes")
+        early: Delta | None = None
+        if (self._count and record.time_ns - self._first_time_ns >= self._rpo_ns
+                and record.length < self.interval_max_bytes):
+            early = self.cut()  # capture-time boundary: this record opens the next interval
         if self._start is None:
             self._start = now
+            self._first_time_ns = record.time_ns
         m = self._maps.get(record.disk_id)
         if m is None:
             m = self._maps[record.disk_id] = ExtentMap()
@@ -257,6 +270,8 @@ class IntervalCutter:
         self._bytes += record.length
         if record.time_ns > self._newest_ns:
             self._newest_ns = record.time_ns
+        if early is not None:
+            return early  # a one-record interval: below the cap, and its clock just started
         if self._bytes >= self.interval_max_bytes or now - self._start >= self.rpo_interval_s:
             return self.cut()
         return None
@@ -269,6 +284,7 @@ class IntervalCutter:
         self.note_gap(begin_ns, after)
         if self._start is None:
             self._start = now
+            self._first_time_ns = record.time_ns
         self._gap_end_seq = record.seq
         self._gap_end_ns = record.time_ns
         self.last_seq = record.seq

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -192,3 +193,23 @@ def test_all_zero_write_becomes_zero_extent() -> None:
     assert d is not None
     assert d.extents == [Extent(0, 0, 2 * BLOCK, None)]
     assert d.encoded_bytes == 16
+
+
+def test_backlog_is_cut_by_capture_time() -> None:
+    """Records captured over 10 s but arriving at once (a backlog after an outage)
+    still give restore points rpo_interval_s apart in capture time."""
+    cutter = IntervalCutter(2.0, 1 << 30)
+    deltas = []
+    for i in range(1, 41):  # one write every 0.25 s of capture time
+        r = Record(seq=i, time_ns=i * 250_000_000, disk_id=0, offset=i * 4096, data=b"x" * 4096)
+        d = cutter.feed(r, now=100.0)
+        if d is not None:
+            deltas.append(d)
+    last = cutter.cut()
+    assert last is not None
+    deltas.append(last)
+    # exact, gap-free seq ranges
+    assert deltas[0].first_seq == 1 and deltas[-1].last_seq == 40
+    assert all(a.last_seq + 1 == b.first_seq for a, b in itertools.pairwise(deltas))
+    # each closed interval spans less than 2 s of capture time: 8 writes of 0.25 s
+    assert [d.last_seq - d.first_seq + 1 for d in deltas] == [8, 8, 8, 8, 8]
