@@ -2,11 +2,13 @@
 with many restore points behind it (goal: <= 1 s per GiB).
 
     .venv/bin/python bench/bench_restore.py [--dir /var/tmp] [--size-mib 1024] \
-        [--fill-mib 768] [--points 200] [--repeat 3] [--cold]
+        [--fill-mib 768] [--points 200] [--hot-mib 0] [--repeat 3] [--cold]
 
 Builds a PolicyStore directly (no daemons): first deltas fill --fill-mib of
 the disk with data, then --points deltas of 32 random 4 KiB..64 KiB writes
-each; then restores the oldest, a middle and the newest point with
+each (inside the first --hot-mib MiB when given: the same blocks are
+overwritten again and again, so the undo behind an old point holds many
+copies of them); then restores the oldest, a middle and the newest point with
 `cdp_target.restore.restore_images` (the code path of `cdpctl restore`),
 --repeat times each, and prints the median seconds, the copy method, the
 bytes copied from the replica and written from undo, and the per-GiB figure.
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--fill-mib", type=int, default=768)
     ap.add_argument("--points", type=int, default=200)
+    ap.add_argument("--hot-mib", type=int, default=0,
+                    help="confine the random writes to the first N MiB (0: the whole disk)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cold", action="store_true",
                     help="drop the store's files from the page cache before each run")
@@ -82,7 +86,7 @@ def main() -> None:
                                    for i in range(0, 64 * MiB, 4 * MiB)])
         for _ in range(args.points):
             ext = []
-            for blk in sorted(rng.sample(range(size // (64 * 1024)), 32)):
+            for blk in sorted(rng.sample(range((args.hot_mib * MiB or size) // (64 * 1024)), 32)):
                 n = rng.choice((4096, 16384, 65536))
                 ext.append(Extent(0, blk * 65536, n, rng.randbytes(n)))
             seq += 1
