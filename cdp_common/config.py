@@ -190,7 +190,7 @@ class CoordinatorConfig:
 
 # ---------------------------------------------------------------- loader
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def _type_name(tp: Any) -> str:

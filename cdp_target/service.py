@@ -55,7 +55,7 @@ log = logging.getLogger("target.service")
 
 T = TypeVar("T")
 
-_POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 APPLY_RETRY_MAX_S = 30.0
 
 

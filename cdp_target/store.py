@@ -111,8 +111,8 @@ STATE_VERSION = 1
 STATE_FILE = "state.json"
 STATE_TMP = "state.json.tmp"
 INCOMING_PREFIX = "incoming"
-_DELTA_NAME = re.compile(r"^(\d{20})-(\d{20})\.delta$")
-_DISK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DELTA_NAME = re.compile(r"^(\d{20})-(\d{20})\.delta\Z")
+_DISK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _ZERO_BLOCK = bytes(1 << 20)
 
 FALLOC_FL_KEEP_SIZE = 0x01

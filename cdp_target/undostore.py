@@ -83,7 +83,7 @@ RETENTION_FILE = "retention.json"
 UNDO_DIR = "undo"
 FLAG_UNDO = 1
 CHUNK_BYTES = 1 << 20
-_SEG_NAME = re.compile(r"^(\d{20})-(\d{20})\.undo$")
+_SEG_NAME = re.compile(r"^(\d{20})-(\d{20})\.undo\Z")
 
 _GLOBAL_OVERRIDE: dict[str, float] = {}
 

@@ -36,6 +36,8 @@ GOOD: dict[str, Any] = {"name": "db", "target": "target-1",
 @pytest.mark.parametrize(("patch", "field"), [
     ({"name": "bad name"}, "name"),
     ({"name": ""}, "name"),
+    ({"name": "db\n"}, "name"),  # a trailing newline must not pass as a name
+    ({"disks": [{"filter": "f", "name": "d\n", "size_bytes": 4096}]}, "disks[0].name"),
     ({"disks": []}, "disks"),
     ({"disks": [{"filter": "f 1", "name": "d", "size_bytes": 4096}]}, "disks[0].filter"),
     ({"disks": [{"filter": "f", "name": "d/x", "size_bytes": 4096}]}, "disks[0].name"),
