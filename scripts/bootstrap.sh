@@ -19,6 +19,8 @@ packages=(python3-venv fuse3 libfuse3-dev pkg-config e2fsprogs util-linux sqlite
 packages+=(docker.io docker-compose debootstrap systemd)
 # the two-site network fault tests (tests/integration/test_netns_faults.py)
 packages+=(iproute2 iptables)
+# shell completion tests check the generated zsh script with zsh itself
+packages+=(zsh)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
