@@ -30,6 +30,7 @@ import re
 import struct
 
 from cdp_common.errors import StorageError
+from cdp_common.fsutil import fsync_dir
 
 MAGIC = 0x42504443  # b"CDPB" little-endian
 VERSION = 1
@@ -113,11 +114,7 @@ class DirtyBitmap:
                 os.pwrite(fd, HEADER.pack(MAGIC, VERSION, 0, 0, block_bytes, 0, disk_size, 0), 0)
                 os.fsync(fd)
                 os.rename(tmp, path)
-                dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                fsync_dir(os.path.dirname(os.path.abspath(path)))
             except BaseException:
                 os.close(fd)
                 raise

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 from cdp_common import records
 from cdp_common.errors import CdpError, StorageError
+from cdp_common.fsutil import fsync_dir, write_file_atomic
 
 log = logging.getLogger("filter.journal")
 
@@ -88,21 +89,13 @@ def segment_name(first_seq: int) -> str:
     return f"{first_seq:020d}{SEGMENT_SUFFIX}"
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_fds(fds: list[int], dir_path: str | None) -> None:
     """Worker-thread half of sync_async: fsync dup'ed fds and close them."""
     try:
         for fd in fds:
             os.fsync(fd)
         if dir_path is not None:
-            _fsync_dir(dir_path)
+            fsync_dir(dir_path)
     finally:
         for fd in fds:
             os.close(fd)
@@ -170,17 +163,8 @@ class Journal:
         return value
 
     def _write_state(self, trimmed_through: int) -> None:
-        path = os.path.join(self.directory, STATE_FILE)
-        tmp = path + ".tmp"
         body = json.dumps({"version": STATE_VERSION, "trimmed_through": trimmed_through})
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, body.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        _fsync_dir(self.directory)
+        write_file_atomic(os.path.join(self.directory, STATE_FILE), body.encode(), 0o644)
         self._persisted_trim = trimmed_through
 
     def _recover(self) -> None:
@@ -228,7 +212,7 @@ class Journal:
             if torn:
                 cut = True
         if changed_dir:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         if self._segments:
             first = self._segments[0].first_seq
             if first > self._trimmed_through + 1:
@@ -395,7 +379,7 @@ class Journal:
                 if seg.fd >= 0:
                     os.fsync(seg.fd)
             if dir_dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError as exc:
             raise StorageError(f"journal {self.directory}: fsync failed ({exc.strerror})") \
                 from exc

@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 
 from cdp_common.errors import StorageError
+from cdp_common.fsutil import write_file_atomic
 from cdp_common.records import FLAG_GAP_END, FLAG_RESYNC, GAP_END_PAYLOAD
 from cdp_filter.dirty import DirtyBitmap
 from cdp_filter.overflow import Event, Gap, Mode, OverflowMachine
@@ -142,20 +143,8 @@ class Tracker:
             "loss": list(self.m.loss) if self.m.loss is not None else None,
             "settle_seq": self.settle_seq})
         path = os.path.join(self.directory, STATE_FILE)
-        tmp = path + ".tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, body.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-            dfd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_file_atomic(path, body.encode())
         except OSError as exc:
             raise StorageError(f"{path}: cannot save resync state ({exc.strerror})") from None
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from cdp_common import records
 from cdp_common.errors import StorageError
+from cdp_common.fsutil import write_file_atomic
 from cdp_filter import resync, sync
 from cdp_filter.dirty import DirtyBitmap
 
@@ -121,20 +122,8 @@ def salvage(buf: bytes | memoryview, expected_seq: int, disk_sizes: Sequence[int
 
 
 def _write_json_atomic(path: str, data: dict[str, object]) -> None:
-    tmp = path + ".tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(data).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_file_atomic(path, json.dumps(data).encode())
     except OSError as exc:
         raise StorageError(f"{path}: cannot save resync state ({exc.strerror})") from None
 

@@ -58,6 +58,7 @@ import grpc
 from cdp_common import digest, rpc
 from cdp_common.config import TlsConfig
 from cdp_common.errors import CdpError, ProtocolError, StorageError
+from cdp_common.fsutil import write_file_atomic
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
@@ -170,21 +171,9 @@ def load_core(directory: str) -> SyncCore:
 
 def save_core(directory: str, core: SyncCore) -> None:
     path = os.path.join(directory, SYNC_FILE)
-    tmp = path + ".tmp"
     try:
         os.makedirs(directory, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(core.to_json()).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_file_atomic(path, json.dumps(core.to_json()).encode())
     except OSError as exc:
         raise StorageError(f"{path}: cannot save sync state ({exc.strerror})") from None
 

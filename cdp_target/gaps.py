@@ -30,11 +30,11 @@ oldest are merged), so the file stays small (I4).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cdp_common.errors import StorageError
+from cdp_common.fsutil import write_file_atomic
 
 GAPS_FILE = "gaps.json"
 VERSION = 1
@@ -124,19 +124,9 @@ class GapBook:
         self.gaps.append(GapRecord(begin_seq, 0, time_ns, 0, reason))
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
         body = json.dumps({"version": VERSION, "gaps": [asdict(g) for g in self.gaps]})
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.path)
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_file_atomic(self.path, body.encode(), 0o644)
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot save gaps ({exc.strerror})") from None
 

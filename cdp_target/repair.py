@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp_common.errors import StorageError
+from cdp_common.fsutil import write_file_atomic
 from cdp_target.gaps import GapBook
 
 log = logging.getLogger("target.repair")
@@ -151,18 +151,8 @@ class Repairer:
             raise StorageError(f"{self.path}: unreadable repair state ({exc})") from None
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(self.core.to_json()))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.path)
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_file_atomic(self.path, json.dumps(self.core.to_json()).encode(), 0o644)
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot save repair state ({exc.strerror})") \
                 from None

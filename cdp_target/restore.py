@@ -55,9 +55,10 @@ from pathlib import Path
 from typing import Any
 
 from cdp_common.errors import CdpError, FormatError, StorageError
+from cdp_common.fsutil import fsync_dir, pwrite_all
 from cdp_target import undo
 from cdp_target.points import Point
-from cdp_target.store import PolicyStore, _punch_hole, _write_zeros, fsync_dir
+from cdp_target.store import PolicyStore, _punch_hole, _write_zeros
 from cdp_target.undostore import READ_BLOCK, write_json_atomic
 
 log = logging.getLogger("target.restore")
@@ -127,7 +128,7 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int,
                 continue
         else:
             data = os.pread(src_fd, min(n, READ_BLOCK), pos)
-            _pwrite_all(dst_fd, data, pos)
+            pwrite_all(dst_fd, data, pos)
             got = len(data)
         if got <= 0:
             raise StorageError(f"copy stopped at byte {pos} of {end}: source too short")
@@ -135,13 +136,6 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int,
         if progress is not None:
             progress(got)
 
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _pread_exact(fd: int, length: int, offset: int, what: Path) -> bytes:
@@ -181,7 +175,7 @@ def write_pieces(seg_path: Path, items: list[tuple[int, int, int, int]], fds: di
                 j += 1
             view = memoryview(_pread_exact(fd, stop - start, start, seg_path))
             for src, length, disk_id, offset in items[i:j]:
-                _pwrite_all(fds[disk_id], view[src - start:src - start + length], offset)
+                pwrite_all(fds[disk_id], view[src - start:src - start + length], offset)
             if progress is not None:
                 progress(sum(it[1] for it in items[i:j]))
             i = j

@@ -93,6 +93,7 @@ import crc32c as _crc32c
 
 from cdp_common.delta import Extent, decode_chunk
 from cdp_common.errors import FencedError, FormatError, ProtocolError, StorageError
+from cdp_common.fsutil import fsync_dir, pwrite_all, write_file_atomic
 from cdp_common.records import crc32c
 
 log = logging.getLogger("target.store")
@@ -195,14 +196,6 @@ def delta_name(first_seq: int, last_seq: int) -> str:
 
 # ---------------------------------------------------------------- small file helpers
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _storage(what: str, exc: OSError) -> StorageError:
     return StorageError(f"{what}: {exc.strerror or exc}")
 
@@ -234,14 +227,6 @@ def _write_zeros(fd: int, offset: int, length: int) -> None:
     end = offset + length
     while offset < end:
         n = os.pwrite(fd, memoryview(_ZERO_BLOCK)[: min(len(_ZERO_BLOCK), end - offset)], offset)
-        offset += n
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
         offset += n
 
 
@@ -535,17 +520,9 @@ class PolicyStore:
             self._write_state_locked()
 
     def _write_state_locked(self) -> None:
-        tmp = self.dir / STATE_TMP
         data = json.dumps(self.state.to_json(), indent=1).encode()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                _pwrite_all(fd, data, 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.dir / STATE_FILE)
-            fsync_dir(self.dir)
+            write_file_atomic(self.dir / STATE_FILE, data, tmp=self.dir / STATE_TMP)
         except OSError as exc:
             raise _storage(f"{self.dir / STATE_FILE}: cannot write state", exc) from None
 
@@ -760,7 +737,7 @@ class PolicyStore:
                     for ext in decode_chunk(chunk, self.disk_sizes):
                         fd = self._fds[ext.disk_id]
                         if ext.data is not None:
-                            _pwrite_all(fd, ext.data, ext.offset)
+                            pwrite_all(fd, ext.data, ext.offset)
                             touched.setdefault(ext.disk_id, False)
                         elif _punch_hole(fd, ext.offset, ext.length):
                             touched[ext.disk_id] = True

@@ -57,6 +57,7 @@ from cdp_common.delta import (
     encode_chunks,
 )
 from cdp_common.errors import FormatError, StorageError
+from cdp_common.fsutil import fsync_dir, write_file_atomic
 from cdp_common.records import crc32c
 from cdp_target import points as P
 from cdp_target import undo
@@ -72,8 +73,6 @@ from cdp_target.store import (
     TRAILER_SIZE,
     DeltaReader,
     _crc_continue,
-    _pwrite_all,
-    fsync_dir,
 )
 
 log = logging.getLogger("target.undo")
@@ -102,16 +101,7 @@ def save_retention(policy_dir: Path, r: P.Retention) -> None:
 
 
 def write_json_atomic(path: Path, doc: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    data = json.dumps(doc, separators=(",", ":")).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        _pwrite_all(fd, data, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_file_atomic(path, json.dumps(doc, separators=(",", ":")).encode())
 
 
 def write_segment(path: Path, lo: int, hi: int, extents: Iterable[Extent]) -> int:

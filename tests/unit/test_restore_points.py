@@ -16,9 +16,10 @@ import pytest
 
 from cdp_common.delta import Extent, encode_chunks
 from cdp_common.errors import StorageError
+from cdp_common.fsutil import pwrite_all
 from cdp_target import points as P
 from cdp_target.restore import Failover, FailoverStateError, pick_point, restore_images
-from cdp_target.store import DeltaReader, DiskSpec, PolicyStore, _pwrite_all, delta_name
+from cdp_target.store import DeltaReader, DiskSpec, PolicyStore, delta_name
 from cdp_target.undostore import UNDO_DIR
 
 pytestmark = pytest.mark.timeout(60)
@@ -180,7 +181,7 @@ def half_apply(run: Run) -> tuple[int, int]:
         store.undo.before_apply(first - 1, last, extents, store.fds)
     for e in ext[: len(ext) // 2 + 1]:
         if e.data is not None:
-            _pwrite_all(store.fds[e.disk_id], e.data, e.offset)
+            pwrite_all(store.fds[e.disk_id], e.data, e.offset)
     return first, last
 
 
@@ -201,7 +202,7 @@ def test_crash_during_apply(tmp_path: Path, step: str) -> None:
     if step != "undo-written":
         for e in ext:
             if e.data is not None:
-                _pwrite_all(store.fds[e.disk_id], e.data, e.offset)
+                pwrite_all(store.fds[e.disk_id], e.data, e.offset)
     if step == "catalog-updated":
         store.undo.after_apply(first - 1, last, run.now, size)
     run.crash_reopen()                  # state.json still says applied = first - 1
