@@ -11,40 +11,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-StrPath = str | os.PathLike[str]
+from cdp_common.fileio import OS_IO, FileIO, StrPath
 
 
-def fsync_dir(path: StrPath) -> None:
+def fsync_dir(path: StrPath, io: FileIO = OS_IO) -> None:
     """fsync a directory, so renames and unlinks in it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    io.fsync_dir(path)
 
 
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int, io: FileIO = OS_IO) -> None:
     """pwrite until every byte is written (pwrite may write less than asked)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+    io.pwrite(fd, data, offset)
 
 
 def write_file_atomic(path: StrPath, data: bytes, mode: int = 0o600,
-                      tmp: StrPath | None = None) -> None:
+                      tmp: StrPath | None = None, io: FileIO = OS_IO) -> None:
     """Durably replace `path` with `data` (tmp + fsync + rename + directory fsync).
 
     `tmp` defaults to `<path>.tmp`. Raises OSError; the old content stays on failure.
     """
     target = Path(path)
     tmp_path = Path(tmp) if tmp is not None else target.with_name(target.name + ".tmp")
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd = io.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        pwrite_all(fd, data, 0)
-        os.fsync(fd)
+        io.pwrite(fd, data, 0)
+        io.fsync(fd)
     finally:
-        os.close(fd)
-    os.replace(tmp_path, target)
-    fsync_dir(target.parent)
+        io.close(fd)
+    io.rename(tmp_path, target)
+    io.fsync_dir(target.parent)
