@@ -1,0 +1,257 @@
+"""Proxy placement: which nodes serve each policy, and when its epoch grows (pure).
+
+Theory of operation
+-------------------
+`place_all()` derives every policy's assignment from the nodes, the policies
+and the current assignments, policy by policy in name order, so the result is
+a function of the state alone. A policy has two proxy *slots* (source proxy
+on `source_site`, target proxy on `target_site`); each slot is filled by the
+first rule of `SLOT_RULES` that applies (one table, the same as this one):
+
+    rule      applies when                                                 -> slot
+    DISABLED  the policy is disabled                                       -> empty
+    PINNED    the pinned proxy is not the bound one, is up (heard from,
+              not only in grace) and fits the slot                         -> pinned
+    KEEP      the bound proxy is in service (up or in grace) and fits      -> bound
+    CHOOSE    some proxy is up, fits and has room                          -> least loaded
+    NONE      nothing else applied                                         -> empty + reason
+
+- *Fits*: its role serves the slot (`SOURCE_ROLES` / `TARGET_ROLES`, a
+  PROXY_BOTH node serves either) and it is on the slot's site.
+- PINNED: the operator asked for that proxy, so it is used whatever its load
+  or capacity. A policy bound elsewhere because its pinned proxy was down
+  moves back when the pinned proxy is up again (the one exception to I-b,
+  and only towards the operator's choice).
+- KEEP before CHOOSE: a bound proxy is never traded for a less loaded one.
+- CHOOSE: room = `capacity` 0 (unlimited) or load < capacity; least loaded =
+  fewest policy slots first, then fewest bytes/s (as the proxy reported in its
+  last heartbeat), ties broken by node id.
+- NONE: reason "no healthy {source|target} proxy on site {site}".
+
+Filter and target are named by the policy, not chosen. A down filter changes
+nothing (its journal keeps capturing; the proxies keep their policy). A
+target that is down, unknown or not a target empties the target endpoint and
+sets the reason. A disabled policy gets no proxies and no target (reason
+"disabled"); its filter still gets the assignment, so it keeps journaling and
+stops shipping.
+
+Epochs: whenever the *binding* (source proxy, target proxy, target; ids and
+addresses) changes, the epoch grows by one; a policy removed and added again
+starts from the epoch it had (`epoch_floor`). A change that replaces a node
+that was bound (not one that fills an empty slot) counts as a rebind.
+
+Invariants: I-a epochs per policy are non-decreasing and strictly grow on every
+binding change; I-b an assignment never changes while all its nodes stay up
+(no flapping, no rebalancing); I-c a proxy's load never exceeds its capacity
+because of a new choice (loads only grow past capacity if capacity shrinks).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from cdp_common.config import PolicyConfig
+from cdp_coordinator.leases import in_service
+from cdp_coordinator.model import (
+    NO_ENDPOINT,
+    SOURCE_ROLES,
+    TARGET_ROLES,
+    Assignment,
+    Endpoint,
+    Node,
+    Role,
+    policy_filter,
+)
+
+alog = logging.getLogger("coord.assign")
+
+
+class Rule(enum.Enum):
+    DISABLED = "disabled"
+    PINNED = "pinned"
+    KEEP = "keep"
+    CHOOSE = "choose"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One proxy slot of one policy, as the rules see it."""
+
+    what: str                  # "source" | "target" (for the reason)
+    roles: tuple[Role, ...]
+    site: str
+    bound: str                 # node id bound now ("" = empty)
+    pinned: str                # the operator's choice ("" = none)
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class View:
+    """What the rules may look at: the nodes, the slot loads, the time."""
+
+    nodes: Mapping[str, Node]
+    loads: Mapping[str, int]
+    """Policy slots per proxy, with this slot's bound proxy already released."""
+    now: float
+
+    def fits(self, node: Node, slot: Slot) -> bool:
+        return node.info.role in slot.roles and node.info.site == slot.site
+
+    def holds(self, node_id: str, slot: Slot) -> bool:
+        node = self.nodes.get(node_id)
+        return node is not None and self.fits(node, slot) and in_service(node, self.now)
+
+
+Pick = Callable[[Slot, View], "str | None"]
+"""A rule: the node id for the slot ("" = leave it empty), or None = does not apply."""
+
+
+def _disabled(slot: Slot, view: View) -> str | None:
+    return None if slot.enabled else ""
+
+
+def _pinned(slot: Slot, view: View) -> str | None:
+    node = view.nodes.get(slot.pinned) if slot.pinned else None
+    if node is None or slot.pinned == slot.bound or not node.up:
+        return None
+    return slot.pinned if view.holds(slot.pinned, slot) else None
+
+
+def _keep(slot: Slot, view: View) -> str | None:
+    return slot.bound if slot.bound and view.holds(slot.bound, slot) else None
+
+
+def _choose(slot: Slot, view: View) -> str | None:
+    best: tuple[int, float, str] | None = None
+    for nid, node in view.nodes.items():
+        if not node.up or not view.fits(node, slot):
+            continue
+        load = view.loads.get(nid, 0)
+        if node.info.capacity and load >= node.info.capacity:
+            continue
+        key = (load, node.bytes_per_s, nid)
+        if best is None or key < best:
+            best = key
+    return best[2] if best else None
+
+
+def _none(slot: Slot, view: View) -> str | None:
+    return ""
+
+
+SLOT_RULES: tuple[tuple[Rule, Pick], ...] = (
+    (Rule.DISABLED, _disabled),
+    (Rule.PINNED, _pinned),
+    (Rule.KEEP, _keep),
+    (Rule.CHOOSE, _choose),
+    (Rule.NONE, _none),
+)
+
+
+def fill(slot: Slot, nodes: Mapping[str, Node], loads: dict[str, int],
+         now: float) -> tuple[Rule, str]:
+    """Apply `SLOT_RULES` to one slot; moves the slot's load in `loads` to the chosen node."""
+    if slot.bound:
+        loads[slot.bound] -= 1
+    view = View(nodes, loads, now)
+    for rule, pick in SLOT_RULES:
+        chosen = pick(slot, view)
+        if chosen is not None:
+            if chosen:
+                loads[chosen] = loads.get(chosen, 0) + 1
+            return rule, chosen
+    raise AssertionError("SLOT_RULES ends with NONE, which always applies")
+
+
+def loads_of(assignments: Mapping[str, Assignment]) -> dict[str, int]:
+    """Policy slots (source or target) each proxy holds."""
+    loads: dict[str, int] = {}
+    for a in assignments.values():
+        for e in (a.source_proxy, a.target_proxy):
+            if e.node_id:
+                loads[e.node_id] = loads.get(e.node_id, 0) + 1
+    return loads
+
+
+def _endpoint(nodes: Mapping[str, Node], node_id: str) -> Endpoint:
+    if not node_id:
+        return NO_ENDPOINT
+    node = nodes.get(node_id)
+    return Endpoint(node_id, node.info.address if node else "")
+
+
+def _target(p: PolicyConfig, nodes: Mapping[str, Node], now: float) -> tuple[Endpoint, str]:
+    """The policy's target endpoint, or NO_ENDPOINT and why not."""
+    node = nodes.get(p.target)
+    if node is None:
+        return NO_ENDPOINT, f"target {p.target} is not registered"
+    if node.info.role != Role.TARGET:
+        return NO_ENDPOINT, f"node {p.target} is not a target"
+    if not in_service(node, now):
+        return NO_ENDPOINT, f"target {p.target} is down"
+    return _endpoint(nodes, p.target), ""
+
+
+@dataclass(frozen=True)
+class Placement:
+    assignment: Assignment
+    rebound: bool
+    """A bound node was lost or replaced (counted in `rebinds`)."""
+
+
+def place(p: PolicyConfig, old: Assignment | None, epoch_floor: int,
+          nodes: Mapping[str, Node], loads: dict[str, int], now: float) -> Placement:
+    """The policy's assignment now; `loads` follows the slots that moved."""
+    rules: list[tuple[Slot, Rule, str]] = []
+    for what, roles, site, bound, pinned in (
+            ("source", SOURCE_ROLES, p.source_site,
+             old.source_proxy.node_id if old else "", p.pinned_source_proxy),
+            ("target", TARGET_ROLES, p.target_site,
+             old.target_proxy.node_id if old else "", p.pinned_target_proxy)):
+        slot = Slot(what, roles, site, bound, pinned, p.enabled)
+        rules.append((slot, *fill(slot, nodes, loads, now)))
+    reasons = [f"no healthy {slot.what} proxy on site {slot.site}"
+               for slot, rule, _ in rules if rule is Rule.NONE]
+    if p.enabled:
+        target, why = _target(p, nodes, now)
+        reasons += [why] if why else []
+    else:
+        target, reasons = NO_ENDPOINT, ["disabled"]
+    source_id, target_proxy_id = rules[0][2], rules[1][2]
+    new = Assignment(
+        policy=p.name, epoch=old.epoch if old else epoch_floor,
+        filter=_endpoint(nodes, policy_filter(p)),
+        source_proxy=_endpoint(nodes, source_id),
+        target_proxy=_endpoint(nodes, target_proxy_id),
+        target=target, reason="; ".join(reasons))
+    old_binding = old.binding if old else (NO_ENDPOINT,) * 3
+    rebound = False
+    if new.binding != old_binding:
+        rebound = p.enabled and any(o.node_id and o.node_id != n.node_id
+                                    for o, n in zip(old_binding, new.binding, strict=True))
+        new = replace(new, epoch=new.epoch + 1)
+        alog.info("policy bound: source=%s target_proxy=%s target=%s%s",
+                  source_id or "-", target_proxy_id or "-", target.node_id or "-",
+                  f" ({new.reason})" if new.reason else "",
+                  extra={"policy": p.name, "epoch": new.epoch})
+    return Placement(new, rebound)
+
+
+def place_all(policies: Mapping[str, PolicyConfig], assignments: Mapping[str, Assignment],
+              epoch_floor: Mapping[str, int], nodes: Mapping[str, Node],
+              now: float) -> tuple[dict[str, Assignment], int]:
+    """Every policy's placement, by name: (the assignments that changed, rebinds)."""
+    loads = loads_of(assignments)
+    changed: dict[str, Assignment] = {}
+    rebinds = 0
+    for name in sorted(policies):
+        old = assignments.get(name)
+        got = place(policies[name], old, epoch_floor.get(name, 0), nodes, loads, now)
+        rebinds += got.rebound
+        if got.assignment != old:
+            changed[name] = got.assignment
+    return changed, rebinds
