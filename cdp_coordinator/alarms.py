@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 `AlarmTracker.update(levels, wall_now)` is fed, every coordinator tick, the
-alarm level each policy is at now ("ok", "warning" or "error", derived from
-its status by `level_of`) and returns the *events*: one per change of level,
+alarm level each policy is at now (`AlarmLevel`: ok, warning or error,
+derived from its status by `level_of`) and returns the *events*: one per change of level,
 never one per tick, so the event log stays small however long a policy stays
 in error (deduplicated, no hysteresis: the thresholds are the policy's own).
 
@@ -18,10 +18,13 @@ memory is the current level per policy; the coordinator restores it from the
 event log at start-up (`restore`), so a restart neither repeats a raise nor
 forgets to clear one.
 
-Level of a policy (`level_of`): its status state "warning"/"error" as is;
-"unassigned" is an error (nothing is being replicated, the lag will only
-grow); "ok" and "disabled" are ok. The message says why (the status reason,
-or the lag against the threshold).
+Level of a policy (`level_of`): `PolicyState.alarm_level` (cdp_common.states):
+warning/error as is; unassigned is an error (nothing is being replicated, the
+lag will only grow); ok and disabled are ok. The message says why (the status
+reason, or the lag against the threshold).
+
+Levels and kinds are the `AlarmLevel` / `AlarmKind` StrEnums, so the event
+log and the wire keep the plain strings.
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-LEVELS = ("ok", "warning", "error")
-_RANK = {name: i for i, name in enumerate(LEVELS)}
+from cdp_common.states import AlarmKind, AlarmLevel, PolicyState
+
+LEVELS = tuple(AlarmLevel)
 
 
 @dataclass(frozen=True)
 class Level:
     policy: str
-    level: str
+    level: AlarmLevel
     rpo_lag_s: float = 0.0
     message: str = ""
 
@@ -45,54 +49,59 @@ class Level:
 class AlarmEvent:
     time_ns: int
     policy: str
-    kind: str      # raised | lowered | cleared
-    level: str     # level after the event
+    kind: AlarmKind
+    level: AlarmLevel  # level after the event
     rpo_lag_s: float
     message: str
     id: int = 0    # assigned by the store
 
 
-def level_of(state: str, rpo_lag_s: float, reason: str, rpo_warning_s: float,
-             rpo_error_s: float) -> tuple[str, str]:
+def level_of(state: PolicyState, rpo_lag_s: float, reason: str, rpo_warning_s: float,
+             rpo_error_s: float) -> tuple[AlarmLevel, str]:
     """(alarm level, message) of one policy status."""
-    if state == "unassigned":
-        return "error", f"unassigned: {reason}" if reason else "unassigned"
-    if state == "error":
+    level = PolicyState(state).alarm_level
+    if state == PolicyState.UNASSIGNED:
+        return level, f"unassigned: {reason}" if reason else "unassigned"
+    if level is AlarmLevel.ERROR:
         if reason:
-            return "error", reason
-        return "error", f"RPO lag {rpo_lag_s:.1f}s >= error threshold {rpo_error_s:g}s"
-    if state == "warning":
-        return "warning", f"RPO lag {rpo_lag_s:.1f}s >= warning threshold {rpo_warning_s:g}s"
-    return "ok", f"RPO lag {rpo_lag_s:.1f}s"
+            return level, reason
+        return level, f"RPO lag {rpo_lag_s:.1f}s >= error threshold {rpo_error_s:g}s"
+    if level is AlarmLevel.WARNING:
+        return level, f"RPO lag {rpo_lag_s:.1f}s >= warning threshold {rpo_warning_s:g}s"
+    return level, f"RPO lag {rpo_lag_s:.1f}s"
 
 
 @dataclass
 class AlarmTracker:
-    current: dict[str, str] = field(default_factory=dict)
-    """Policy -> level, only for policies not at "ok"."""
+    current: dict[str, AlarmLevel] = field(default_factory=dict)
+    """Policy -> level, only for policies not at ok."""
 
     def restore(self, levels: Mapping[str, str]) -> None:
-        self.current = {p: lv for p, lv in levels.items() if lv in _RANK and lv != "ok"}
+        """Levels from the event log; unknown names (a newer coordinator's) are dropped."""
+        self.current = {p: AlarmLevel(lv) for p, lv in levels.items()
+                        if lv in LEVELS and lv != AlarmLevel.OK}
 
     def update(self, levels: Iterable[Level], wall_now: float) -> list[AlarmEvent]:
         t = int(wall_now * 1e9)
         events: list[AlarmEvent] = []
         seen: set[str] = set()
         for lv in sorted(levels, key=lambda x: x.policy):
-            if lv.level not in _RANK:
+            if lv.level not in LEVELS:
                 raise ValueError(f"unknown alarm level {lv.level!r}")
+            level = AlarmLevel(lv.level)
             seen.add(lv.policy)
-            old = self.current.get(lv.policy, "ok")
-            if old == lv.level:
+            old = self.current.get(lv.policy, AlarmLevel.OK)
+            if old == level:
                 continue
-            if lv.level == "ok":
-                kind = "cleared"
+            if level is AlarmLevel.OK:
+                kind = AlarmKind.CLEARED
                 del self.current[lv.policy]
             else:
-                kind = "raised" if _RANK[lv.level] > _RANK[old] else "lowered"
-                self.current[lv.policy] = lv.level
-            events.append(AlarmEvent(t, lv.policy, kind, lv.level, lv.rpo_lag_s, lv.message))
+                kind = AlarmKind.RAISED if level.rank > old.rank else AlarmKind.LOWERED
+                self.current[lv.policy] = level
+            events.append(AlarmEvent(t, lv.policy, kind, level, lv.rpo_lag_s, lv.message))
         for policy in sorted(set(self.current) - seen):
             del self.current[policy]
-            events.append(AlarmEvent(t, policy, "cleared", "ok", 0.0, "policy deleted"))
+            events.append(AlarmEvent(t, policy, AlarmKind.CLEARED, AlarmLevel.OK, 0.0,
+                                     "policy deleted"))
         return events

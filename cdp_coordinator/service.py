@@ -36,7 +36,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -47,11 +47,11 @@ from cdp_common.config import CoordinatorConfig, PolicyConfig, build_policy
 from cdp_common.errors import CdpError, ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
+from cdp_common.states import AlarmKind
 from cdp_coordinator.alarms import AlarmEvent, AlarmTracker, Level, level_of
-from cdp_coordinator.state import (
+from cdp_coordinator.model import (
     NO_PROGRESS,
     Assignment,
-    CoordinatorState,
     Endpoint,
     Gap,
     NodeInfo,
@@ -60,6 +60,7 @@ from cdp_coordinator.state import (
     Status,
     SyncProgress,
 )
+from cdp_coordinator.state import CoordinatorState
 from cdp_coordinator.store import StateStore, policy_to_json
 
 log = logging.getLogger("coord.service")
@@ -99,7 +100,7 @@ def node_info_pb(n: NodeInfo) -> cpb.NodeInfo:
 
 
 def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | None = None,
-              alarms: dict[str, str] | None = None) -> cpb.StatusReply:
+              alarms: Mapping[str, str] | None = None) -> cpb.StatusReply:
     return cpb.StatusReply(
         nodes=[cpb.NodeStatus(info=node_info_pb(n.info), state=n.state,
                               last_seen_age_s=n.last_seen_age_s) for n in status.nodes],
@@ -256,7 +257,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         if events:
             events = self.store.add_alarms(events)
             for e in events:
-                (alarm_log.info if e.kind == "cleared" else alarm_log.warning)(
+                (alarm_log.info if e.kind is AlarmKind.CLEARED else alarm_log.warning)(
                     "alarm %s (%s): %s", e.kind, e.level, e.message, extra={"policy": e.policy})
         return events
 

@@ -22,8 +22,12 @@ restarts even though the config file still lists it.
 The RPO alarm event log (`alarms`) is append-only; the current alarm level
 per policy is the level of its newest event.
 
-SQLite is the embedded default; a distributed implementation (etcd) would
-implement the same `StateStore` protocol.
+SQLite is the embedded default; `cdp_coordinator.memstore.MemoryStore` is
+the in-memory twin for tests; a distributed implementation (etcd) would
+implement the same `StateStore` protocol and pass the same conformance suite.
+Policies and assignments are stored as the JSON of this module's codecs in
+every implementation, and a stored value that does not decode raises
+`FormatError`.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cdp_common.config import PolicyConfig, PolicyDiskConfig
-from cdp_common.errors import StorageError
+from cdp_common.errors import FormatError, StorageError
+from cdp_common.states import AlarmKind, AlarmLevel
 from cdp_coordinator.alarms import AlarmEvent
-from cdp_coordinator.state import Assignment, Endpoint, NodeInfo
+from cdp_coordinator.model import Assignment, Endpoint, NodeInfo
 
 log = logging.getLogger("coord.store")
 
@@ -70,36 +75,83 @@ class Snapshot:
 
 
 class StateStore(Protocol):
-    """Persistence of the coordinator. Every method is atomic; epochs MUST never
-    decrease for a policy (save_assignments keeps the larger of stored and given)."""
+    """Persistence of the coordinator: what must survive a coordinator restart.
 
-    def load(self) -> Snapshot: ...
+    The contract every implementation keeps (one conformance suite checks them
+    all, tests/unit/test_statestore_conformance.py):
 
-    def save_node(self, info: NodeInfo) -> None: ...
+    - *Atomic*: a method either takes effect entirely or not at all; when it
+      cannot, it raises `StorageError` and the stored state is as before.
+    - *Durable*: once a mutator has returned, a store opened again on the same
+      backing (a restart: close + reopen) sees its effect. (SQLite: survives a
+      process crash; a power loss may lose the last transactions, see the
+      module docstring.)
+    - *Idempotent*: repeating a save with the same arguments (a redo after a
+      crash, a retried RPC) leaves the state as doing it once did. The one
+      exception is `add_alarms`, an append.
+    - *Epochs never shrink*: the epoch `load` returns for a policy is the
+      largest ever given to `save_assignments` for it, across restarts and
+      across the policy being deleted (its assignment row is kept as the
+      epoch floor), so a stale proxy never passes the target's fence.
+    - *Corrupt data is an error*: a stored policy, assignment or alarm that
+      does not decode raises `FormatError` (naming the store), never a
+      partial snapshot or a default value.
+    """
+
+    def load(self) -> Snapshot:
+        """Everything stored: nodes by id, policies by name, assignments by policy
+        (including those of deleted policies, which carry their epoch floor), each
+        assignment with the largest epoch ever saved for it. Raises FormatError."""
+
+    def save_node(self, info: NodeInfo) -> None:
+        """Insert or replace the node (by id)."""
 
     def save_policies(self, policies: list[PolicyConfig]) -> None:
-        """Upsert these policies and delete the others (their epochs are kept)."""
+        """Upsert these policies and delete the others (their epochs are kept;
+        the seeded names are not touched)."""
 
-    def save_assignments(self, assignments: list[Assignment]) -> None: ...
+    def save_assignments(self, assignments: list[Assignment]) -> None:
+        """Upsert by policy: the stored endpoints/reason become the given ones; the
+        stored epoch becomes the larger of stored and given (an older epoch never
+        wins, even when it comes last)."""
 
     def seed_policies(self, policies: list[PolicyConfig]) -> list[PolicyConfig]:
-        """Store the policies whose name was never seeded before; returns those."""
+        """Seed from the config file: every name never seeded before is marked
+        seeded and, if no policy of that name is stored, stored. Returns the
+        policies stored, in the given order. A name seeded once is never seeded
+        again, so a policy edited or deleted from the CLI stays so."""
 
     def save_policy(self, policy: PolicyConfig) -> None:
-        """Insert or replace one policy."""
+        """Insert or replace one policy and mark its name seeded (so that a config
+        policy of the same name does not come back after a delete)."""
 
-    def delete_policy(self, name: str) -> None: ...
+    def delete_policy(self, name: str) -> None:
+        """Delete the policy if stored (its seeded mark and epoch are kept)."""
 
     def add_alarms(self, events: list[AlarmEvent]) -> list[AlarmEvent]:
-        """Append events; returns them with their ids."""
+        """Append the events, in order; returns them with their ids, which grow
+        strictly (also across restarts; an id is never reused). The log keeps at
+        least the newest MAX_ALARMS_KEPT events."""
 
     def list_alarms(self, policy: str = "", limit: int = 1000) -> list[AlarmEvent]:
         """The newest `limit` events (of `policy`, if given), oldest first."""
 
     def alarm_levels(self) -> dict[str, str]:
-        """Level of the newest event per policy."""
+        """Level of the newest event per policy, as stored (the tracker drops
+        names it does not know)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the store; the backing (file, shared dict) keeps the state."""
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise FormatError(f"{what}: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def policy_to_json(p: PolicyConfig) -> str:
@@ -107,13 +159,18 @@ def policy_to_json(p: PolicyConfig) -> str:
 
 
 def policy_from_json(text: str) -> PolicyConfig:
-    data = json.loads(text)
+    """The stored policy; unknown keys (a newer coordinator's) are ignored.
+    Raises FormatError."""
+    data = _json_object(text, "stored policy")
     names = {f.name for f in dataclasses.fields(PolicyConfig)}
     disk_names = {f.name for f in dataclasses.fields(PolicyDiskConfig)}
     data = {k: v for k, v in data.items() if k in names}
-    data["disks"] = [PolicyDiskConfig(**{k: v for k, v in d.items() if k in disk_names})
-                     for d in data.get("disks", [])]
-    return PolicyConfig(**data)
+    try:
+        data["disks"] = [PolicyDiskConfig(**{k: v for k, v in d.items() if k in disk_names})
+                         for d in data.get("disks", [])]
+        return PolicyConfig(**data)
+    except (AttributeError, TypeError) as exc:
+        raise FormatError(f"stored policy {data.get('name', '?')!r}: {exc}") from None
 
 
 def assignment_to_json(a: Assignment) -> str:
@@ -121,15 +178,32 @@ def assignment_to_json(a: Assignment) -> str:
 
 
 def assignment_from_json(text: str) -> Assignment:
-    d: dict[str, Any] = json.loads(text)
+    """The stored assignment. Raises FormatError."""
+    d = _json_object(text, "stored assignment")
 
     def ep(key: str) -> Endpoint:
         e = d.get(key) or {}
-        return Endpoint(node_id=e.get("node_id", ""), address=e.get("address", ""))
+        if not isinstance(e, dict):
+            raise FormatError(f"stored assignment: {key} is not an object")
+        return Endpoint(node_id=str(e.get("node_id", "")), address=str(e.get("address", "")))
 
-    return Assignment(policy=d["policy"], epoch=int(d.get("epoch", 0)), filter=ep("filter"),
-                      source_proxy=ep("source_proxy"), target_proxy=ep("target_proxy"),
-                      target=ep("target"), reason=d.get("reason", ""))
+    try:
+        return Assignment(policy=str(d["policy"]), epoch=int(d.get("epoch", 0)),
+                          filter=ep("filter"), source_proxy=ep("source_proxy"),
+                          target_proxy=ep("target_proxy"), target=ep("target"),
+                          reason=str(d.get("reason", "")))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"stored assignment: bad or missing {exc}") from None
+
+
+def alarm_event(id: int, time_ns: int, policy: str, kind: str, level: str,
+                rpo_lag_s: float, message: str) -> AlarmEvent:
+    """An alarm event from its stored fields. Raises FormatError."""
+    try:
+        return AlarmEvent(id=id, time_ns=time_ns, policy=policy, kind=AlarmKind(kind),
+                          level=AlarmLevel(level), rpo_lag_s=rpo_lag_s, message=message)
+    except ValueError as exc:
+        raise FormatError(f"stored alarm event {id}: {exc}") from None
 
 
 class SqliteStore:
@@ -175,8 +249,8 @@ class SqliteStore:
                 assignments.append(dataclasses.replace(a, epoch=max(a.epoch, epoch)))
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: cannot read coordinator state: {exc}") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StorageError(f"{self.path}: corrupt coordinator state: {exc}") from None
+        except FormatError as exc:
+            raise FormatError(f"{self.path}: corrupt coordinator state: {exc}") from None
         return Snapshot(nodes=nodes, policies=policies, assignments=assignments)
 
     def save_node(self, info: NodeInfo) -> None:
@@ -249,8 +323,10 @@ class SqliteStore:
             rows = self._db.execute(sql, (*args, limit)).fetchall()
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: cannot read alarms: {exc}") from None
-        return [AlarmEvent(id=r[0], time_ns=r[1], policy=r[2], kind=r[3], level=r[4],
-                           rpo_lag_s=r[5], message=r[6]) for r in reversed(rows)]
+        try:
+            return [alarm_event(*r) for r in reversed(rows)]
+        except FormatError as exc:
+            raise FormatError(f"{self.path}: {exc}") from None
 
     def alarm_levels(self) -> dict[str, str]:
         try:

@@ -1,0 +1,197 @@
+"""One conformance suite for every `StateStore` (the contract in cdp_coordinator/store.py):
+SQLite on a tmp file and the in-memory twin, each with a "restart" that reopens the
+same backing."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from coordfixtures import NODES, pol
+
+from cdp_common.errors import FormatError
+from cdp_common.states import AlarmKind, AlarmLevel
+from cdp_coordinator.alarms import AlarmEvent
+from cdp_coordinator.memstore import MemoryBacking, MemoryStore
+from cdp_coordinator.model import Assignment, Endpoint
+from cdp_coordinator.store import SqliteStore, StateStore, policy_to_json
+
+
+@dataclass
+class Harness:
+    """One implementation: a store, how to reopen it, how to corrupt a stored row."""
+
+    store: StateStore
+    _reopen: Callable[[], StateStore]
+    corrupt: Callable[[str, str, str], None]
+    """corrupt(table, key, text): overwrite a stored policy/assignment with `text`."""
+
+    def restart(self) -> StateStore:
+        self.store.close()
+        self.store = self._reopen()
+        return self.store
+
+
+def sqlite_harness(tmp_path: Path) -> Harness:
+    db = tmp_path / "coord.db"
+
+    def corrupt(table: str, key: str, text: str) -> None:
+        con = sqlite3.connect(db)
+        if table == "policies":
+            con.execute("UPDATE policies SET config = ? WHERE name = ?", (text, key))
+        else:
+            con.execute("UPDATE assignments SET data = ? WHERE policy = ?", (text, key))
+        con.commit()
+        con.close()
+
+    return Harness(SqliteStore(db), lambda: SqliteStore(db), corrupt)
+
+
+def memory_harness(tmp_path: Path) -> Harness:
+    backing = MemoryBacking()
+
+    def corrupt(table: str, key: str, text: str) -> None:
+        if table == "policies":
+            backing.policies[key] = text
+        else:
+            backing.assignments[key] = (backing.assignments[key][0], text)
+
+    return Harness(MemoryStore(backing), lambda: MemoryStore(backing), corrupt)
+
+
+@pytest.fixture(params=[sqlite_harness, memory_harness], ids=["sqlite", "memory"])
+def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    harness: Harness = request.param(tmp_path)
+    yield harness
+    harness.store.close()
+
+
+def bound(policy: str, epoch: int, sp: str = "sp-1", reason: str = "") -> Assignment:
+    return Assignment(policy, epoch, Endpoint("filter-1", "a:1"), Endpoint(sp, "b:2"),
+                      Endpoint("tp-1", "c:3"), Endpoint("target-1", "d:4"), reason)
+
+
+def event(policy: str, level: AlarmLevel, t: int = 1) -> AlarmEvent:
+    kind = AlarmKind.CLEARED if level is AlarmLevel.OK else AlarmKind.RAISED
+    return AlarmEvent(t, policy, kind, level, 1.5, f"{policy} {level}")
+
+
+def test_empty_store_loads_nothing(h: Harness) -> None:
+    snap = h.store.load()
+    assert (snap.nodes, snap.policies, snap.assignments) == ([], [], [])
+    assert h.store.list_alarms() == [] and h.store.alarm_levels() == {}
+
+
+def test_save_load_round_trip_and_restart(h: Harness) -> None:
+    p1, p2 = pol("p1", rpo_interval_s=1.5, encryption=False), pol("p2", enabled=False)
+    h.store.save_policies([p2, p1])
+    for n in reversed(NODES):
+        h.store.save_node(n)
+    a = bound("p1", 4, reason="target target-1 is down")
+    h.store.save_assignments([a, bound("p2", 1)])
+    for restart in (False, True):
+        snap = (h.restart() if restart else h.store).load()
+        assert snap.policies == [p1, p2]                     # by name
+        assert snap.nodes == sorted(NODES, key=lambda n: n.id)  # by id
+        assert snap.assignments == [a, bound("p2", 1)]       # by policy
+    h.store.save_node(replace(NODES[1], address="127.0.0.1:99"))   # replace by id
+    assert {n.id: n.address for n in h.restart().load().nodes}["sp-1"] == "127.0.0.1:99"
+
+
+def test_epochs_never_shrink_across_restarts_and_deletes(h: Harness) -> None:
+    h.store.save_policies([pol("p1")])
+    h.store.save_assignments([bound("p1", 4)])
+    h.store.save_assignments([bound("p1", 2, sp="sp-2")])   # an older epoch never wins
+    (a,) = h.restart().load().assignments
+    assert a.epoch == 4 and a.source_proxy.node_id == "sp-2"   # the rest is the latest
+    h.store.delete_policy("p1")
+    h.store.save_policies([pol("p2")])
+    snap = h.restart().load()
+    assert [p.name for p in snap.policies] == ["p2"]
+    assert [(x.policy, x.epoch) for x in snap.assignments] == [("p1", 4)]  # epoch floor
+    h.store.save_assignments([bound("p1", 7)])
+    assert h.restart().load().assignments[0].epoch == 7
+
+
+def test_redo_of_saves_is_idempotent(h: Harness) -> None:
+    def saves(store: StateStore) -> None:
+        store.save_policies([pol("p1"), pol("p2")])
+        store.save_node(NODES[0])
+        store.save_assignments([bound("p1", 3), bound("p2", 5)])
+        store.save_policy(pol("p3"))
+        store.delete_policy("p2")
+        store.delete_policy("never-there")
+
+    saves(h.store)
+    once = h.store.load()
+    saves(h.store)                 # a retry
+    assert h.store.load() == once
+    saves(h.restart())             # a redo after a crash
+    assert h.store.load() == once
+    assert [p.name for p in once.policies] == ["p1", "p3"]
+
+
+def test_seed_policies(h: Harness) -> None:
+    seeds = [pol("a"), pol("b")]
+    assert h.store.seed_policies(seeds) == seeds
+    assert h.store.seed_policies(seeds) == []                 # seeded once only
+    h.store.delete_policy("a")
+    h.store.save_policy(pol("b", rpo_interval_s=9.0))         # edited from the CLI
+    h.store.save_policy(pol("c"))                             # created from the CLI
+    h.store.delete_policy("c")
+    store = h.restart()
+    assert store.seed_policies([pol("a"), pol("b"), pol("c"), pol("d")]) == [pol("d")]
+    assert store.load().policies == [pol("b", rpo_interval_s=9.0), pol("d")]
+    # a name stored (not seeded) before its first seed is marked seeded, not replaced
+    store.save_policies([*store.load().policies, pol("e", rpo_interval_s=3.0)])
+    assert store.seed_policies([pol("e")]) == []
+    assert store.load().policies[-1] == pol("e", rpo_interval_s=3.0)
+    store.delete_policy("e")
+    assert h.restart().seed_policies([pol("e")]) == []
+
+
+def test_alarms_appended_in_order_and_listed(h: Harness) -> None:
+    saved = h.store.add_alarms([event("a", AlarmLevel.WARNING, 1),
+                                event("b", AlarmLevel.ERROR, 2)])
+    assert [e.id for e in saved] == [1, 2]
+    assert saved[0] == replace(event("a", AlarmLevel.WARNING, 1), id=1)
+    assert h.store.add_alarms([]) == []
+    more = h.restart().add_alarms([event("a", AlarmLevel.OK, 3), event("a", AlarmLevel.ERROR, 4)])
+    assert [e.id for e in more] == [3, 4]                     # ids grow across restarts
+    store = h.store
+    assert [(e.id, e.policy, e.kind) for e in store.list_alarms()] == [
+        (1, "a", "raised"), (2, "b", "raised"), (3, "a", "cleared"), (4, "a", "raised")]
+    assert [e.id for e in store.list_alarms(limit=2)] == [3, 4]     # newest, oldest first
+    assert [e.id for e in store.list_alarms("a", limit=2)] == [3, 4]
+    assert [e.id for e in store.list_alarms("a")] == [1, 3, 4]
+    assert [e.id for e in store.list_alarms("b", limit=5)] == [2]
+    assert store.list_alarms("nobody") == []
+    assert store.list_alarms(limit=0) == []
+    assert store.alarm_levels() == {"a": "error", "b": "error"}
+    listed = store.list_alarms()
+    assert isinstance(listed[0].kind, AlarmKind) and isinstance(listed[0].level, AlarmLevel)
+    assert listed[2].rpo_lag_s == 1.5 and listed[2].message == "a ok" and listed[2].time_ns == 3
+
+
+def test_corrupt_policy_is_a_format_error(h: Harness) -> None:
+    h.store.save_policies([pol("p1")])
+    for text in ("{not json", "[1, 2]", '{"name": "p1", "disks": [7]}',
+                 '{"name": "p1", "disks": "disk0"}', '{"nom": "p1"}'):
+        h.corrupt("policies", "p1", text)
+        with pytest.raises(FormatError, match="policy"):
+            h.store.load()
+    # keys of a newer coordinator are ignored: not corrupt
+    h.corrupt("policies", "p1", policy_to_json(pol("p1"))[:-1] + ', "colour": "red"}')
+    assert h.store.load().policies == [pol("p1")]
+
+
+def test_corrupt_assignment_is_a_format_error(h: Harness) -> None:
+    h.store.save_assignments([bound("p1", 3)])
+    for text in ("{not json", '"a string"', '{"epoch": 3}', '{"policy": "p1", "epoch": "x"}',
+                 '{"policy": "p1", "filter": 5}'):
+        h.corrupt("assignments", "p1", text)
+        with pytest.raises(FormatError, match="assignment"):
+            h.store.load()
