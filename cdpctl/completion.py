@@ -11,15 +11,17 @@ command path among the words typed so far, offers that path's words, and
 completes file names after an option that takes a value (--config, --dir,
 --ca, ...). zsh uses the same function through `bashcompinit`. Because the
 table is generated from the live parser, new commands complete without
-touching this module.
+touching this module. The command gets the parser through its Context
+(cdpctl.cmdline), so this module does not import cdpctl.cli.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
-from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from cdpctl.cmdline import Context, Subparsers
 
 # options whose value is a directory rather than a file
 _DIR_OPTIONS = {"--dir", "--lab-dir", "--out", "--output-dir"}
@@ -116,22 +118,18 @@ cdpctl completion bash > /etc/bash_completion.d/cdpctl
 cdpctl completion zsh > "${fpath[1]}/_cdpctl\""""
 
 
-def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
-             formatter: type[argparse.HelpFormatter],
-             epilog: Callable[[str], str]) -> None:
-    """Add `cdpctl completion SHELL` to the top-level subparsers."""
+def register(sub: Subparsers, ctx: Context) -> None:
+    """`cdpctl completion SHELL` (see cdpctl.cmdline.CommandGroup)."""
     p = sub.add_parser(
-        "completion", formatter_class=formatter, help="print a shell completion script",
+        "completion", formatter_class=ctx.formatter, help="print a shell completion script",
         description="Print a completion script for bash or zsh on stdout: commands, "
                     "sub-commands and options complete with TAB, and options that take a "
                     "file or directory complete paths. Generated from cdpctl's own parser.",
-        epilog=epilog(EXAMPLES))
+        epilog=ctx.epilog(EXAMPLES))
     p.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete for")
     p.set_defaults(func=cmd_completion)
 
 
-def cmd_completion(args: argparse.Namespace) -> int:
-    from cdpctl.cli import build_parser
-
-    print(script(args.shell, build_parser()), end="")
+def cmd_completion(args: argparse.Namespace, ctx: Context) -> int:
+    print(script(args.shell, ctx.parser()), end="")
     return 0

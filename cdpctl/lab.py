@@ -212,20 +212,9 @@ def _wait_ready(node: NodePlan, pid: int, tls: TlsConfig, timeout_s: float) -> N
 
 def _wait_disks(plan: LabPlan, pid: int, timeout_s: float) -> None:
     node = plan.node(labplan.FILTER_ID)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        missing = [d for d in plan.disks if not d.path.exists()]
-        if not missing:
-            return
-        _reap(pid)
-        if not process_alive(pid):
-            raise LabError(f"{node.id} (pid {pid}) exited before its disks appeared; "
-                           f"last lines of {node.log}:\n{log_tail(node.log)}")
-        if time.monotonic() > deadline:
-            raise LabError(f"disk {missing[0].path} did not appear within {timeout_s:.0f}s "
-                           f"(is the FUSE mount up?); last lines of {node.log}:\n"
-                           f"{log_tail(node.log)}")
-        time.sleep(0.2)
+    _wait_disk_paths(node, pid, [d.path for d in plan.disks], timeout_s,
+                     late=lambda missing: f"disk {missing[0]} did not appear within "
+                                          f"{timeout_s:.0f}s (is the FUSE mount up?)")
 
 
 def lab_up(root: Path, disks: int, disk_size_bytes: int, insecure: bool,
@@ -404,19 +393,23 @@ def lab_restart(root: Path, node_id: str, timeout_s: float = 30.0, say: Say = pr
     _wait_ready(node, pid, tls, timeout_s)
     if p["id"] == labplan.FILTER_ID:
         _wait_disk_paths(node, pid, [Path(d["path"]) for d in state.get("disks", [])],
-                         timeout_s)
+                         timeout_s, late=lambda _missing: f"the disks of {node.id} did not "
+                                                          f"appear within {timeout_s:.0f}s")
     return pid
 
 
-def _wait_disk_paths(node: NodePlan, pid: int, paths: list[Path], timeout_s: float) -> None:
-    """The filter serves gRPC before its mount is up: wait for the disk files too."""
+def _wait_disk_paths(node: NodePlan, pid: int, paths: list[Path], timeout_s: float,
+                     late: Callable[[list[Path]], str]) -> None:
+    """The filter serves gRPC before its mount is up: wait for the disk files too.
+
+    `late(missing)` says what did not appear when the time is up.
+    """
     deadline = time.monotonic() + timeout_s
-    while not all(path.exists() for path in paths):
+    while missing := [path for path in paths if not path.exists()]:
         _reap(pid)
         if not process_alive(pid):
             raise LabError(f"{node.id} (pid {pid}) exited before its disks appeared; "
                            f"last lines of {node.log}:\n{log_tail(node.log)}")
         if time.monotonic() > deadline:
-            raise LabError(f"the disks of {node.id} did not appear within {timeout_s:.0f}s; "
-                           f"last lines of {node.log}:\n{log_tail(node.log)}")
+            raise LabError(f"{late(missing)}; last lines of {node.log}:\n{log_tail(node.log)}")
         time.sleep(0.1)

@@ -19,27 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
-import time
 import tomllib
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from cdp_common import rpc
-from cdp_common.errors import CdpError, CoordinatorUnreachable
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
-from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdpctl import table
-from cdpctl.resolve import Coordinator
+from cdpctl.cmdline import Context, Subparsers
+from cdpctl.coordcall import call
 from cdpctl.state import UsageError
 from cdpctl.units import format_bytes, parse_size
-
-Hooks = tuple[Callable[[], type[argparse.HelpFormatter]], Callable[..., str],
-              Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace],
-                                                                  Coordinator]]
 
 FIELDS_HELP = """\
 fields (as in the coordinator config's [[policies]]; --set FIELD=VALUE, VALUE
@@ -57,28 +47,6 @@ in TOML syntax, bare words are strings):
   pinned_source_proxy  source proxy to use while it is healthy ("" = least loaded)
   pinned_target_proxy  target proxy to use while it is healthy ("" = least loaded)
   enabled              false: no proxies are assigned; the filter keeps journaling"""
-
-
-# ---------------------------------------------------------------- gRPC
-
-def _call(coord: Coordinator, timeout_s: float, fn: Callable[[cgrpc.CoordinatorStub], Any]) -> Any:
-    channel = rpc.sync_channel(coord.address, coord.tls)
-    try:
-        return fn(cgrpc.CoordinatorStub(channel))
-    except grpc.RpcError as exc:
-        code = exc.code() if isinstance(exc, grpc.Call) else None
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            raise UsageError(details) from None
-        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
-                    grpc.StatusCode.FAILED_PRECONDITION):
-            raise CdpError(details) from None
-        name = code.name if code is not None else "error"
-        raise CoordinatorUnreachable(
-            f"coordinator at {coord.address} ({coord.source}) unreachable: "
-            f"{name}: {details}") from None
-    finally:
-        channel.close()
 
 
 # ---------------------------------------------------------------- building a policy
@@ -189,14 +157,14 @@ def _emit(args: argparse.Namespace, reply: cpb.PolicyReply, verb: str) -> int:
 
 # ---------------------------------------------------------------- commands
 
-def cmd_create(args: argparse.Namespace) -> int:
+def cmd_create(args: argparse.Namespace, ctx: Context) -> int:
     doc = build_doc(args)
-    reply = _call(args.coord(args), args.timeout, lambda s: s.CreatePolicy(
+    reply = call(ctx.coordinator(args), lambda s: s.CreatePolicy(
         cpb.CreatePolicyRequest(policy_json=json.dumps(doc)), timeout=args.timeout))
     return _emit(args, reply, "created")
 
 
-def cmd_edit(args: argparse.Namespace) -> int:
+def cmd_edit(args: argparse.Namespace, ctx: Context) -> int:
     patch: dict[str, Any] = load_file(args.file) if args.file else {}
     if args.target:
         patch["target"] = args.target
@@ -205,37 +173,37 @@ def cmd_edit(args: argparse.Namespace) -> int:
     patch.update(parse_sets(args.set))
     if not patch:
         raise UsageError("nothing to change: give --set FIELD=VALUE, --target, --disk or --file")
-    reply = _call(args.coord(args), args.timeout, lambda s: s.UpdatePolicy(
+    reply = call(ctx.coordinator(args), lambda s: s.UpdatePolicy(
         cpb.UpdatePolicyRequest(name=args.name, patch_json=json.dumps(patch)),
         timeout=args.timeout))
     return _emit(args, reply, "updated")
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    reply = _call(args.coord(args), args.timeout, lambda s: s.ListPolicies(
+def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
+    reply = call(ctx.coordinator(args), lambda s: s.ListPolicies(
         cpb.ListPoliciesRequest(), timeout=args.timeout))
     policies = [json.loads(t) for t in reply.policies_json]
     print(json.dumps({"policies": policies}, indent=2) if args.json else _rows(policies))
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    reply = _call(args.coord(args), args.timeout, lambda s: s.GetPolicy(
+def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
+    reply = call(ctx.coordinator(args), lambda s: s.GetPolicy(
         cpb.PolicyName(name=args.name), timeout=args.timeout))
     p = json.loads(reply.policy_json)
     print(json.dumps(p, indent=2) if args.json else show_text(p))
     return 0
 
 
-def cmd_delete(args: argparse.Namespace) -> int:
-    reply = _call(args.coord(args), args.timeout, lambda s: s.DeletePolicy(
+def cmd_delete(args: argparse.Namespace, ctx: Context) -> int:
+    reply = call(ctx.coordinator(args), lambda s: s.DeletePolicy(
         cpb.PolicyName(name=args.name), timeout=args.timeout))
     return _emit(args, reply, "deleted (replicas on the target are kept)")
 
 
-def cmd_enable(args: argparse.Namespace) -> int:
+def cmd_enable(args: argparse.Namespace, ctx: Context) -> int:
     enabled = args.policy_command == "enable"
-    reply = _call(args.coord(args), args.timeout, lambda s: s.SetPolicyEnabled(
+    reply = call(ctx.coordinator(args), lambda s: s.SetPolicyEnabled(
         cpb.SetPolicyEnabledRequest(name=args.name, enabled=enabled), timeout=args.timeout))
     return _emit(args, reply, "enabled" if enabled else
                  "disabled (the filter keeps journaling; enable it to resume shipping)")
@@ -266,46 +234,34 @@ def render_alarms(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_alarms(args: argparse.Namespace) -> int:
+def cmd_alarms(args: argparse.Namespace, ctx: Context) -> int:
     if args.limit < 1:
         raise UsageError("--limit: must be at least 1")
-    reply = _call(args.coord(args), args.timeout, lambda s: s.ListAlarms(
+    reply = call(ctx.coordinator(args), lambda s: s.ListAlarms(
         cpb.ListAlarmsRequest(policy=args.policy or "", limit=args.limit), timeout=args.timeout))
     doc = alarms_dict(reply)
     print(json.dumps(doc, indent=2) if args.json else render_alarms(doc))
     return 1 if doc["active"] else 0
 
 
-def watch(render: Callable[[], str], interval_s: float, clear: bool = True,
-          count: int = 0) -> int:
-    """Redraw `render()` every interval until Ctrl-C (or `count` times, for tests)."""
-    n = 0
-    try:
-        while True:
-            text = render()
-            stamp = datetime.now(UTC).strftime("%H:%M:%S")
-            print(("\x1b[H\x1b[2J" if clear else "")
-                  + f"every {interval_s:g}s, {stamp} UTC (Ctrl-C to stop)\n\n" + text,
-                  flush=True)
-            n += 1
-            if count and n >= count:
-                return 0
-            time.sleep(interval_s)
-    except KeyboardInterrupt:
-        return 0
-
-
 # ---------------------------------------------------------------- parser
 
-def add_parsers(sub: Any, hooks: Hooks) -> None:
-    fmt, epilog, add_coordinator_args, coord = hooks
+def _field_args(q: argparse.ArgumentParser, disk_help: str, set_help: str,
+                file_help: str) -> None:
+    """--target, --disk, --set and --file: the options `create` and `edit` share."""
+    q.add_argument("--target", metavar="NODE", help="target node id")
+    q.add_argument("--disk", action="append", default=[], metavar="FILTER:DISK:SIZE",
+                   help=disk_help)
+    q.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help=set_help)
+    q.add_argument("--file", metavar="FILE", help=file_help)
 
-    def common(q: argparse.ArgumentParser) -> None:
-        add_coordinator_args(q)
-        q.set_defaults(coord=coord)
+
+def register(sub: Subparsers, ctx: Context) -> None:
+    """`cdpctl policy ...` and `cdpctl alarms` (see cdpctl.cmdline.CommandGroup)."""
+    fmt, epilog, common = ctx.formatter, ctx.epilog, ctx.add_coordinator_args
 
     p = sub.add_parser(
-        "policy", formatter_class=fmt(), help="create, list, show, edit, delete CDP policies",
+        "policy", formatter_class=fmt, help="create, list, show, edit, delete CDP policies",
         description=textwrap.dedent("""\
             CDP policies as the coordinator stores them. A policy names its disks
             (one filter), its target, RPO interval and thresholds, compression,
@@ -325,24 +281,20 @@ def add_parsers(sub: Any, hooks: Hooks) -> None:
     psub = p.add_subparsers(dest="policy_command", metavar="POLICY_COMMAND", required=True)
 
     q = psub.add_parser(
-        "create", formatter_class=fmt(), help="create a policy",
+        "create", formatter_class=fmt, help="create a policy",
         description="Create a policy from options and/or a TOML/JSON file (options win).",
         epilog=epilog("""\
             cdpctl policy create db --target target-1 --disk filter-1:disk0:10G
             cdpctl policy create web --file web.toml --set enabled=false""", FIELDS_HELP))
     q.add_argument("name", metavar="NAME", nargs="?", help="policy name (or name in --file)")
-    q.add_argument("--target", metavar="NODE", help="target node id")
-    q.add_argument("--disk", action="append", default=[], metavar="FILTER:DISK:SIZE",
-                   help="a disk of the policy (repeatable)")
-    q.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any other field (repeatable)")
-    q.add_argument("--file", metavar="FILE", help="TOML or JSON file with the policy's fields")
+    _field_args(q, "a disk of the policy (repeatable)", "any other field (repeatable)",
+                "TOML or JSON file with the policy's fields")
     q.add_argument("--disabled", action="store_true", help="create it disabled")
     common(q)
     q.set_defaults(func=cmd_create)
 
     q = psub.add_parser(
-        "edit", formatter_class=fmt(), help="change fields of a policy",
+        "edit", formatter_class=fmt, help="change fields of a policy",
         description=textwrap.dedent("""\
             Change the given fields of a policy; the others keep their values.
             A change of proxies or parameters reaches the nodes at once
@@ -351,12 +303,8 @@ def add_parsers(sub: Any, hooks: Hooks) -> None:
             cdpctl policy edit db --set rpo_warning_s=5 --set rpo_error_s=10
             cdpctl policy edit db --set pinned_target_proxy='""'""", FIELDS_HELP))
     q.add_argument("name", metavar="NAME")
-    q.add_argument("--target", metavar="NODE", help="target node id")
-    q.add_argument("--disk", action="append", default=[], metavar="FILTER:DISK:SIZE",
-                   help="replace the disk list (repeatable)")
-    q.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="field to change (repeatable)")
-    q.add_argument("--file", metavar="FILE", help="TOML or JSON file with fields to change")
+    _field_args(q, "replace the disk list (repeatable)", "field to change (repeatable)",
+                "TOML or JSON file with fields to change")
     common(q)
     q.set_defaults(func=cmd_edit)
 
@@ -366,7 +314,7 @@ def add_parsers(sub: Any, hooks: Hooks) -> None:
             ("delete", "delete a policy (replicas on the target are kept)", cmd_delete),
             ("enable", "assign proxies again and resume shipping", cmd_enable),
             ("disable", "stop shipping; the filter keeps journaling", cmd_enable)):
-        q = psub.add_parser(name, formatter_class=fmt(), help=helptext,
+        q = psub.add_parser(name, formatter_class=fmt, help=helptext,
                             description=helptext[0].upper() + helptext[1:] + ".",
                             epilog=epilog(f"cdpctl policy {name}"
                                           + ("" if name == "list" else " db")))
@@ -376,7 +324,7 @@ def add_parsers(sub: Any, hooks: Hooks) -> None:
         q.set_defaults(func=func)
 
     p = sub.add_parser(
-        "alarms", formatter_class=fmt(), help="RPO alarm events (raised, lowered, cleared)",
+        "alarms", formatter_class=fmt, help="RPO alarm events (raised, lowered, cleared)",
         description=textwrap.dedent("""\
             The coordinator's RPO alarm log: an event each time a policy's RPO
             lag crosses its warning or error threshold (or it loses its proxies)

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_common.pb.cdp.v1 import restore_pb2 as pb
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
 from cdpctl import status, table
+from cdpctl.cmdline import Context, Subparsers
 from cdpctl.resolve import Coordinator
 from cdpctl.state import UsageError
 from cdpctl.units import format_bytes
@@ -234,7 +236,8 @@ def _client(args: argparse.Namespace, coord: Coordinator) -> TargetClient:
     return TargetClient(coord, target_address(coord, args.policy, args.target, args.timeout))
 
 
-def cmd_points(args: argparse.Namespace, coord: Coordinator) -> int:
+def cmd_points(args: argparse.Namespace, ctx: Context) -> int:
+    coord = ctx.coordinator(args)
     words = args.words
     if len(words) == 2 and words[0] == "create":
         args.policy = words[1]
@@ -274,7 +277,8 @@ def cmd_points(args: argparse.Namespace, coord: Coordinator) -> int:
     return 0
 
 
-def cmd_restore(args: argparse.Namespace, coord: Coordinator) -> int:
+def cmd_restore(args: argparse.Namespace, ctx: Context) -> int:
+    coord = ctx.coordinator(args)
     out = Path(args.out).absolute()
     req = _request(args, str(out))
     client = _client(args, coord)
@@ -300,7 +304,8 @@ def cmd_restore(args: argparse.Namespace, coord: Coordinator) -> int:
     return 0
 
 
-def cmd_failover(args: argparse.Namespace, coord: Coordinator) -> int:
+def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
+    coord = ctx.coordinator(args)
     words = args.words
     if len(words) == 2 and words[0] in ("undo", "commit"):
         action, args.policy = words
@@ -359,89 +364,97 @@ def cmd_failover(args: argparse.Namespace, coord: Coordinator) -> int:
 
 # ---------------------------------------------------------------- parser
 
-def add_parsers(sub: Any, fmt: Any, epilog: Any, add_coordinator_args: Any,
-                coordinator_help: str, coordinator: Any) -> None:
-    """Register the three commands on cdpctl's subparsers (see cdpctl.cli)."""
-    target_help = ("the target is found through the coordinator (the policy's target node);\n"
-                   "--target HOST:PORT names it directly. Images are written BY THE TARGET, on\n"
-                   "its host: run restore and failover where the target's files are reachable\n"
-                   "(in the lab: this host).")
+_TARGET_HELP = ("the target is found through the coordinator (the policy's target node);\n"
+                "--target HOST:PORT names it directly. Images are written BY THE TARGET, on\n"
+                "its host: run restore and failover where the target's files are reachable\n"
+                "(in the lab: this host).")
+
+
+def _point_args(p: argparse.ArgumentParser, *, latest: bool) -> None:
+    """--point | --time (| --latest): which restore point, one at most."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--point", type=int, metavar="ID", help="restore point id")
+    g.add_argument("--time", metavar="ISO8601", help="newest point at or before this time")
+    if latest:
+        g.add_argument("--latest", action="store_true", help="the newest point (default)")
+
+
+def register(sub: Subparsers, ctx: Context) -> None:
+    """`cdpctl restore-points`, `restore` and `failover` (see cdpctl.cmdline.CommandGroup)."""
+    fmt, epilog = ctx.formatter, ctx.epilog
+    notes = ctx.coordinator_help + "\n\n" + _TARGET_HELP
 
     def common(p: argparse.ArgumentParser) -> None:
-        add_coordinator_args(p)
+        ctx.add_coordinator_args(p)
         p.add_argument("--target", metavar="HOST:PORT", help="the target's gRPC address")
 
     p = sub.add_parser(
         "restore-points", formatter_class=fmt, help="list restore points, or create one",
-        description=(
-            "List the restore points of POLICY, oldest first: id, kind (short: one per\n"
-            "RPO interval, kept for the policy's short-term retention; long: every\n"
-            "long_term_interval_s or on demand, kept for the long-term retention), the\n"
-            "capture time of its newest write (UTC), its last seq and the undo bytes it\n"
-            "holds, and whether it is consistent: a point inside a *gap* (the filter's\n"
-            "journal overflowed, or a sync was running: see `cdpctl sync`) holds a mix\n"
-            "of old and new blocks; the gaps are listed below the table. --json prints\n"
-            "a list of {id, kind, time, last_seq, size_bytes, consistent, gap}.\n\n"
-            "`restore-points create POLICY` makes the newest point (after every durable\n"
-            "delta is applied) a long-term point, kept like scheduled ones."),
+        description=textwrap.dedent("""\
+            List the restore points of POLICY, oldest first: id, kind (short: one per
+            RPO interval, kept for the policy's short-term retention; long: every
+            long_term_interval_s or on demand, kept for the long-term retention), the
+            capture time of its newest write (UTC), its last seq and the undo bytes it
+            holds, and whether it is consistent: a point inside a *gap* (the filter's
+            journal overflowed, or a sync was running: see `cdpctl sync`) holds a mix
+            of old and new blocks; the gaps are listed below the table. --json prints
+            a list of {id, kind, time, last_seq, size_bytes, consistent, gap}.
+
+            `restore-points create POLICY` makes the newest point (after every durable
+            delta is applied) a long-term point, kept like scheduled ones."""),
         epilog=epilog("""\
             cdpctl restore-points lab
             cdpctl restore-points lab --json | jq '.[-1].id'
-            cdpctl restore-points create lab""", coordinator_help + "\n\n" + target_help))
+            cdpctl restore-points create lab""", notes))
     p.add_argument("words", nargs="+", metavar="[create] POLICY", help="policy name")
     common(p)
-    p.set_defaults(func=lambda a: cmd_points(a, coordinator(a)))
+    p.set_defaults(func=cmd_points)
 
     p = sub.add_parser(
         "restore", formatter_class=fmt, help="write the disks of a restore point",
-        description=(
-            "Write each disk of POLICY as it was at a restore point to DIR/<disk>.img\n"
-            "(sparse; a reflink when the file system has it). --point picks a point by\n"
-            "id, --time the newest point at or before an ISO 8601 time (UTC when no\n"
-            "zone is given), --latest (the default) the newest. --loop also attaches\n"
-            "each image as a read-only loop device and prints it; detach with\n"
-            "`losetup -d DEVICE`. Progress goes to stderr for long copies. DIR must not\n"
-            "hold the images already. Replication goes on meanwhile; applying new\n"
-            "deltas to the replica pauses during the copy."),
+        description=textwrap.dedent("""\
+            Write each disk of POLICY as it was at a restore point to DIR/<disk>.img
+            (sparse; a reflink when the file system has it). --point picks a point by
+            id, --time the newest point at or before an ISO 8601 time (UTC when no
+            zone is given), --latest (the default) the newest. --loop also attaches
+            each image as a read-only loop device and prints it; detach with
+            `losetup -d DEVICE`. Progress goes to stderr for long copies. DIR must not
+            hold the images already. Replication goes on meanwhile; applying new
+            deltas to the replica pauses during the copy."""),
         epilog=epilog("""\
             cdpctl restore lab --latest --out /srv/restore
             cdpctl restore lab --point 1234 --out /srv/restore --loop
             cdpctl restore lab --time 2024-05-01T12:30:00Z --out /srv/r --json""",
-                      coordinator_help + "\n\n" + target_help))
+                      notes))
     p.add_argument("policy", metavar="POLICY")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--point", type=int, metavar="ID", help="restore point id")
-    g.add_argument("--time", metavar="ISO8601", help="newest point at or before this time")
-    g.add_argument("--latest", action="store_true", help="the newest point (default)")
+    _point_args(p, latest=True)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="directory on the target host for the images")
     p.add_argument("--loop", action="store_true", help="attach read-only loop devices")
     common(p)
-    p.set_defaults(func=lambda a: cmd_restore(a, coordinator(a)))
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser(
         "failover", formatter_class=fmt, help="fail over to a restore point, undo or commit",
-        description=(
-            "`failover POLICY [--point ID | --time ISO8601] [--loop]` stops replication\n"
-            "of POLICY (the target refuses its deltas; the source keeps journaling) and\n"
-            "presents writable disks at the point (default: the newest) under\n"
-            "<target data_dir>/<policy>/failover/, plus loop devices with --loop.\n"
-            "Writes to them are kept aside from the replicas:\n"
-            "  `failover undo POLICY` detaches their loop devices, deletes them and\n"
-            "     resumes replication from the durable seq;\n"
-            "  `failover commit POLICY` makes them the replicas' content for good; the\n"
-            "     policy stays stopped (production moved to DR) and its older restore\n"
-            "     points are dropped. `cdpctl status` shows the policy's failover."),
+        description=textwrap.dedent("""\
+            `failover POLICY [--point ID | --time ISO8601] [--loop]` stops replication
+            of POLICY (the target refuses its deltas; the source keeps journaling) and
+            presents writable disks at the point (default: the newest) under
+            <target data_dir>/<policy>/failover/, plus loop devices with --loop.
+            Writes to them are kept aside from the replicas:
+              `failover undo POLICY` detaches their loop devices, deletes them and
+                 resumes replication from the durable seq;
+              `failover commit POLICY` makes them the replicas' content for good; the
+                 policy stays stopped (production moved to DR) and its older restore
+                 points are dropped. `cdpctl status` shows the policy's failover."""),
         epilog=epilog("""\
             cdpctl failover lab --loop
             cdpctl failover lab --time 2024-05-01T12:30:00Z --json
             cdpctl failover undo lab
-            cdpctl failover commit lab""", coordinator_help + "\n\n" + target_help))
+            cdpctl failover commit lab""", notes))
     p.add_argument("words", nargs="+", metavar="[undo|commit] POLICY",
                    help="policy name, after `undo` or `commit` for those actions")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--point", type=int, metavar="ID", help="restore point id")
-    g.add_argument("--time", metavar="ISO8601", help="newest point at or before this time")
+    _point_args(p, latest=False)
     p.add_argument("--loop", action="store_true", help="attach writable loop devices")
     common(p)
-    p.set_defaults(func=lambda a: cmd_failover(a, coordinator(a)))
+    p.set_defaults(func=cmd_failover)

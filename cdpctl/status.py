@@ -19,13 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
-from cdp_common import rpc
-from cdp_common.errors import CoordinatorUnreachable
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
-from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
-from cdpctl import table
+from cdp_common.states import NodeState, PolicyState
+from cdpctl import coordcall, table
 from cdpctl.resolve import Coordinator
 from cdpctl.units import format_bytes, format_seconds
 
@@ -75,18 +71,9 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
 
 def fetch_status(coord: Coordinator, timeout_s: float = 5.0) -> dict[str, Any]:
     """GetStatus as a dict; CoordinatorUnreachable (exit 3) on any gRPC failure."""
-    channel = rpc.sync_channel(coord.address, coord.tls)
-    try:
-        reply = cgrpc.CoordinatorStub(channel).GetStatus(cpb.StatusRequest(), timeout=timeout_s)
-    except grpc.RpcError as exc:
-        code = exc.code() if isinstance(exc, grpc.Call) else None
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        name = code.name if code is not None else "error"
-        raise CoordinatorUnreachable(
-            f"coordinator at {coord.address} ({coord.source}) unreachable: "
-            f"{name}: {details}") from None
-    finally:
-        channel.close()
+    reply = coordcall.call(coord, lambda stub: stub.GetStatus(cpb.StatusRequest(),
+                                                              timeout=timeout_s),
+                           refusals=False)
     return status_dict(reply)
 
 
@@ -104,7 +91,7 @@ def evaluate(status: dict[str, Any]) -> Verdict:
     """Health verdict of a status document (pure)."""
     problems: list[dict[str, str]] = []
     for n in status.get("nodes", []):
-        if n.get("state") != "up":
+        if n.get("state") != NodeState.UP:
             problems.append({"severity": "error", "kind": "node", "id": n["id"],
                              "message": f"{n.get('role', 'node')} {n['id']} is "
                                         f"{n.get('state', 'unknown')} (last seen "
@@ -112,18 +99,18 @@ def evaluate(status: dict[str, Any]) -> Verdict:
                                         "ago)"})
     for p in status.get("policies", []):
         state = p.get("state", "unknown")
-        if state == "disabled":
+        if state == PolicyState.DISABLED:
             continue  # the operator's choice; `cdpctl status` shows it
-        if state == "ok":
+        if state == PolicyState.OK:
             if p.get("reason"):
                 # Within its RPO, but a node reports an error on it (wrong key,
                 # unreachable peer, ...): the lag will grow, say so now.
                 problems.append({"severity": "warning", "kind": "policy", "id": p["name"],
                                  "message": f"policy {p['name']} reports errors: {p['reason']}"})
             continue
-        severity = "warning" if state == "warning" else "error"
+        severity = "warning" if state == PolicyState.WARNING else "error"
         reason = p.get("reason") or ""
-        if state in ("warning", "error") and not reason:
+        if state in (PolicyState.WARNING, PolicyState.ERROR) and not reason:
             reason = f"RPO lag {format_seconds(float(p.get('rpo_lag_s', 0)))}"
         message = f"policy {p['name']} is {state}" + (f": {reason}" if reason else "")
         problems.append({"severity": severity, "kind": "policy", "id": p["name"],

@@ -19,13 +19,15 @@ import json
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from cdp_common.errors import CdpError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdpctl import status
-from cdpctl.policy import _call
+from cdpctl.cmdline import Context, Subparsers
+from cdpctl.coordcall import call
 from cdpctl.state import UsageError
 from cdpctl.units import format_seconds
 
@@ -69,9 +71,10 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
     return "[" + "#" * n + "." * (width - n) + "]"
 
 
-def watch(fetch: Any, name: str, request_id: int, timeout_s: float,
+def watch(fetch: Callable[[], dict[str, Any]], name: str, request_id: int, timeout_s: float,
           out: TextIO = sys.stdout, tty: bool | None = None,
-          clock: Any = time.monotonic, sleep: Any = time.sleep) -> int:
+          clock: Callable[[], float] = time.monotonic,
+          sleep: Callable[[float], None] = time.sleep) -> int:
     tty = out.isatty() if tty is None else tty
     start = clock()
     last_plain = -1e9
@@ -104,10 +107,10 @@ def watch(fetch: Any, name: str, request_id: int, timeout_s: float,
         sleep(POLL_S)
 
 
-def add_parser(sub: Any, fmt: type[argparse.HelpFormatter], epilog: Any,
-               add_coordinator_args: Any, coordinator_help: str, coordinator: Any) -> None:
+def register(sub: Subparsers, ctx: Context) -> None:
+    """`cdpctl sync` (see cdpctl.cmdline.CommandGroup)."""
     p = sub.add_parser(
-        "sync", formatter_class=fmt, help="resync a policy's replica by region digests",
+        "sync", formatter_class=ctx.formatter, help="resync a policy's replica by region digests",
         description=textwrap.dedent("""\
             Ask the policy's filter for a digest resync: it compares the digest
             (xxh3-128) of every 1 MiB region of its disks with the target's
@@ -122,34 +125,35 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter], epilog: Any,
 
             --watch follows the sync until it is done: a progress bar on a
             terminal, one line every 2 s when piped."""),
-        epilog=epilog("""\
+        epilog=ctx.epilog("""\
             cdpctl sync db
             cdpctl sync db --watch
             cdpctl sync db --watch --attach      # follow a running (e.g. initial) sync
             cdpctl sync db --json | jq .sync_request_id""",
-                      coordinator_help + "\n\nWith --watch, --timeout (default 3600 s then) "
-                      "bounds the whole wait; exit 2 when it runs out."))
+                          ctx.coordinator_help + "\n\nWith --watch, --timeout (default 3600 s "
+                          "then) bounds the whole wait; exit 2 when it runs out."))
     p.add_argument("policy", metavar="POLICY", help="policy name")
     p.add_argument("--watch", action="store_true", help="follow the sync until it is done")
     p.add_argument("--attach", action="store_true",
                    help="with --watch: follow the running sync (if any), do not request "
                         "a new one")
-    add_coordinator_args(p)
-    p.set_defaults(func=cmd_sync, coord=coordinator, timeout=None)
+    ctx.add_coordinator_args(p)
+    # None: no --timeout given, so --watch may wait its default hour (see cmd_sync)
+    p.set_defaults(func=cmd_sync, timeout=None)
 
 
-def cmd_sync(args: argparse.Namespace) -> int:
+def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
     if args.attach and not args.watch:
         raise UsageError("--attach needs --watch")
     if args.attach and args.json:
         raise UsageError("--attach and --json do not go together")
-    coord = args.coord(args)
+    coord = ctx.coordinator(args)
     rpc_timeout = 5.0 if args.timeout is None else min(args.timeout, 5.0)
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout: must be greater than 0")
     request_id = 0
     if not args.attach:
-        reply = _call(coord, rpc_timeout, lambda stub: stub.RequestSync(
+        reply = call(coord, lambda stub: stub.RequestSync(
             cpb.PolicyName(name=args.policy), timeout=rpc_timeout))
         request_id = int(reply.sync_request_id)
         if args.json:

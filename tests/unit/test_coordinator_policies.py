@@ -1,31 +1,21 @@
-"""Policy validation (every field), policy CRUD and ReportUnreachable over real gRPC,
-seed-if-absent across restarts, alarms through the service (injected clocks)."""
+"""Policy validation (every field), policy CRUD and ReportUnreachable over real gRPC and
+by calling the servicer directly (in-memory store), seed-if-absent across restarts, alarms
+through the service (injected clocks)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from coordfixtures import NODES, TRANSPORTS, Clock, memory_service, serve
 
-from cdp_common import rpc
-from cdp_common.config import (
-    CoordinatorConfig,
-    CoordinatorSection,
-    NodeConfig,
-    PolicyConfig,
-    PolicyDiskConfig,
-    TlsConfig,
-    build_policy,
-)
+from cdp_common.config import PolicyConfig, PolicyDiskConfig, build_policy
 from cdp_common.errors import ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
-from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
-from cdp_coordinator.service import CoordinatorService
-from cdp_coordinator.state import NodeInfo, Report, Role
-from cdp_coordinator.store import SqliteStore
+from cdp_coordinator.memstore import MemoryBacking
+from cdp_coordinator.state import Report
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -88,56 +78,19 @@ def test_valid_policy_with_every_field() -> None:
 
 # ---------------------------------------------------------------- service
 
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def config(db: Path, policies: list[PolicyConfig]) -> CoordinatorConfig:
-    return CoordinatorConfig(node=NodeConfig(id="coordinator"),
-                             coordinator=CoordinatorSection(db_path=str(db), heartbeat_ms=100,
-                                                            lease_ms=300),
-                             policies=policies, tls=TlsConfig(insecure=True))
-
-
 def seed() -> PolicyConfig:
     return PolicyConfig(name="lab", target="target-1",
                         disks=[PolicyDiskConfig("filter-1", "disk0", 1 << 20)])
 
 
-NODES = [NodeInfo("filter-1", int(Role.FILTER), "default", "127.0.0.1:1"),
-         NodeInfo("sp-1", int(Role.SOURCE_PROXY), "default", "127.0.0.1:2"),
-         NodeInfo("sp-2", int(Role.SOURCE_PROXY), "default", "127.0.0.1:5"),
-         NodeInfo("tp-1", int(Role.TARGET_PROXY), "default", "127.0.0.1:3"),
-         NodeInfo("target-1", int(Role.TARGET), "default", "127.0.0.1:4")]
-
-
-class Served:
-    def __init__(self, svc: CoordinatorService) -> None:
-        self.svc = svc
-
-    async def __aenter__(self) -> cgrpc.CoordinatorStub:
-        self.server = rpc.Server("127.0.0.1:0", TlsConfig(insecure=True), 1 << 20)
-        cgrpc.add_CoordinatorServicer_to_server(self.svc, self.server.grpc)
-        await self.server.start()
-        self.channel = rpc.channel(self.server.address, TlsConfig(insecure=True), 1 << 20)
-        return cgrpc.CoordinatorStub(self.channel)
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.channel.close()
-        await self.server.stop(0)
-
-
-async def test_policy_crud_over_grpc_and_seed_if_absent(tmp_path: Path) -> None:
-    db = tmp_path / "c.db"
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_policy_crud_over_grpc_and_seed_if_absent(transport: str) -> None:
+    backing = MemoryBacking()
     clock = Clock()
-    svc = CoordinatorService(config(db, [seed()]), SqliteStore(db), clock=clock)
+    svc = memory_service([seed()], backing, clock=clock)
     for n in NODES:
         svc.register(n)
-    async with Served(svc) as stub:
+    async with serve(svc, transport) as stub:
         names = [json.loads(t)["name"] for t in (await stub.ListPolicies(
             cpb.ListPoliciesRequest())).policies_json]
         assert names == ["lab"]
@@ -187,14 +140,14 @@ async def test_policy_crud_over_grpc_and_seed_if_absent(tmp_path: Path) -> None:
         # delete the seeded policy: a restart with the same config does not bring it back
         await stub.DeletePolicy(cpb.PolicyName(name="lab"))
     svc.store.close()
-    svc2 = CoordinatorService(config(db, [seed()]), SqliteStore(db), clock=clock)
+    svc2 = memory_service([seed()], backing, clock=clock)
     assert set(svc2.state.policies) == {"db"}
     assert svc2.state.policies["db"].pinned_source_proxy == "sp-2"
     svc2.store.close()
 
 
-async def test_report_unreachable_probes_then_rebinds(tmp_path: Path) -> None:
-    db = tmp_path / "c.db"
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_report_unreachable_probes_then_rebinds(transport: str) -> None:
     clock = Clock()
     answers = {"127.0.0.1:2": "UNAVAILABLE: connection refused"}
     probed: list[str] = []
@@ -203,12 +156,12 @@ async def test_report_unreachable_probes_then_rebinds(tmp_path: Path) -> None:
         probed.append(address)
         return answers.get(address, "")
 
-    svc = CoordinatorService(config(db, [seed()]), SqliteStore(db), clock=clock, probe=probe)
+    svc = memory_service([seed()], clock=clock, probe=probe)
     for n in NODES:
         svc.register(n)
     assert svc.state.assignments["lab"].source_proxy.node_id == "sp-1"
     epoch = svc.state.assignments["lab"].epoch
-    async with Served(svc) as stub:
+    async with serve(svc, transport) as stub:
         # a reachable node is not taken down, and not probed again right away
         r = await stub.ReportUnreachable(cpb.ReportUnreachableRequest(
             reporter="filter-1", node_id="tp-1", policy="lab"))
@@ -234,12 +187,12 @@ async def test_report_unreachable_probes_then_rebinds(tmp_path: Path) -> None:
     svc.store.close()
 
 
-async def test_alarms_raised_cleared_and_listed(tmp_path: Path) -> None:
-    db = tmp_path / "c.db"
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_alarms_raised_cleared_and_listed(transport: str) -> None:
     clock, wall = Clock(), Clock(1_700_000_000.0)
     p = PolicyConfig(name="lab", target="target-1", rpo_warning_s=2, rpo_error_s=4,
                      disks=[PolicyDiskConfig("filter-1", "disk0", 1 << 20)])
-    svc = CoordinatorService(config(db, [p]), SqliteStore(db), clock=clock, wall=wall)
+    svc = memory_service([p], clock=clock, wall=wall)
     for n in NODES:
         svc.register(n)
     assert svc.check_alarms() == []          # within the start-up grace: not judged
@@ -265,7 +218,7 @@ async def test_alarms_raised_cleared_and_listed(tmp_path: Path) -> None:
     assert [(e.kind, e.level) for e in svc.check_alarms()] == [("raised", "error")]
     beat(20, 20)
     assert [(e.kind, e.level) for e in svc.check_alarms()] == [("cleared", "ok")]
-    async with Served(svc) as stub:
+    async with serve(svc, transport) as stub:
         reply = await stub.ListAlarms(cpb.ListAlarmsRequest())
         assert [(e.kind, e.level) for e in reply.events] == [
             ("raised", "warning"), ("raised", "error"), ("cleared", "ok")]

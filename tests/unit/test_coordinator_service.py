@@ -1,5 +1,9 @@
 """The coordinator daemon over real gRPC on loopback (insecure): register, heartbeat,
-watch assignments, status, lease expiry -> rebind pushed to watchers, restart."""
+watch assignments, status, lease expiry -> rebind pushed to watchers, restart.
+
+The same round trip, restart and shutdown run once more without a daemon or a socket:
+the servicer's methods called directly on the in-memory store, with injected clocks
+(the `_direct` tests)."""
 
 from __future__ import annotations
 
@@ -11,25 +15,19 @@ from pathlib import Path
 
 import grpc
 import pytest
+from coordfixtures import TLS, Aborted, Clock, DirectStub, FakeContext, config, memory_service, pol
 from prometheus_client import REGISTRY
 
 from cdp_common import rpc
-from cdp_common.config import (
-    CoordinatorConfig,
-    CoordinatorSection,
-    NodeConfig,
-    PolicyConfig,
-    PolicyDiskConfig,
-    TlsConfig,
-)
+from cdp_common.config import CoordinatorConfig, NodeConfig
 from cdp_common.coordclient import CoordinatorClient
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdp_coordinator.daemon import CoordinatorDaemon
+from cdp_coordinator.memstore import MemoryBacking
+from cdp_coordinator.service import CoordinatorService
 
 pytestmark = pytest.mark.timeout(30)
-
-TLS = TlsConfig(insecure=True)
 
 
 async def eventually(cond: Callable[[], object], timeout_s: float = 5.0) -> None:
@@ -40,15 +38,13 @@ async def eventually(cond: Callable[[], object], timeout_s: float = 5.0) -> None
         await asyncio.sleep(0.02)
 
 
+P1 = pol("p1", rpo_warning_s=5, rpo_error_s=10, compression_level=3, encryption=True,
+         rpo_interval_s=1.0)
+LEASE_MS = 500
+
+
 def make_config(db: Path, listen: str = "127.0.0.1:0") -> CoordinatorConfig:
-    policy = PolicyConfig(name="p1", target="target-1", rpo_warning_s=5, rpo_error_s=10,
-                          compression_level=3, encryption=True, rpo_interval_s=1.0,
-                          disks=[PolicyDiskConfig("filter-1", "disk0", 1 << 20),
-                                 PolicyDiskConfig("filter-1", "disk1", 2 << 20)])
-    return CoordinatorConfig(node=NodeConfig(id="coordinator", listen=listen),
-                             coordinator=CoordinatorSection(db_path=str(db), heartbeat_ms=100,
-                                                            lease_ms=500),
-                             policies=[policy], tls=TLS)
+    return config(db, [P1], lease_ms=LEASE_MS, listen=listen)
 
 
 @contextlib.asynccontextmanager
@@ -202,3 +198,129 @@ async def test_watcher_queue_latest_wins() -> None:
     assert w.queue.qsize() == 1
     got = w.queue.get_nowait()
     assert got is not None and got.assignments[0].epoch == 3
+
+
+# ---------------------------------------------------------------- direct (no daemon, no socket)
+
+ROLES = {"filter-1": cpb.ROLE_FILTER, "sp-1": cpb.ROLE_SOURCE_PROXY, "tp-1": cpb.ROLE_TARGET_PROXY,
+         "target-1": cpb.ROLE_TARGET, "sp-2": cpb.ROLE_PROXY_BOTH}
+
+
+class Watch:
+    """A WatchAssignments stream read straight from the servicer."""
+
+    def __init__(self, svc: CoordinatorService, node_id: str) -> None:
+        self.stream = svc.WatchAssignments(cpb.WatchRequest(node_id=node_id), FakeContext())  # type: ignore[arg-type]
+
+    async def next(self) -> dict[str, cpb.Assignment]:
+        try:
+            got = await asyncio.wait_for(self.stream.__anext__(), 5)
+        except Aborted as exc:
+            raise exc.as_rpc_error() from None
+        return {a.policy: a for a in got.assignments}
+
+    async def until(self, ok: Callable[[dict[str, cpb.Assignment]], bool]
+                    ) -> dict[str, cpb.Assignment]:
+        """The first set pushed that satisfies `ok` (the queue keeps only the latest)."""
+        while not ok(got := await self.next()):
+            pass
+        return got
+
+
+async def register(stub: DirectStub, *ids: str) -> None:
+    for nid in ids:
+        await stub.Register(cpb.RegisterRequest(node=cpb.NodeInfo(
+            id=nid, role=ROLES[nid], address=f"127.0.0.1:{10000 + ROLES[nid]}")))  # type: ignore[arg-type]
+
+
+async def test_round_trip_and_rebind_direct() -> None:
+    clock, wall = Clock(), Clock(1_700_000_000.0)
+    svc = memory_service([P1], clock=clock, wall=wall, lease_ms=LEASE_MS)
+    stub = DirectStub(svc)
+    now_ns = int(wall.t * 1e9)
+    reports = {"filter-1": [cpb.PolicyReport(policy="p1", captured_seq=50,
+                                             captured_time_ns=now_ns, journal_bytes=777)],
+               "target-1": [cpb.PolicyReport(policy="p1", durable_seq=50, applied_seq=40,
+                                             newest_time_ns=now_ns, bytes_replicated=4096)]}
+
+    async def beat(*ids: str) -> None:
+        for nid in ids:
+            hb = await stub.Heartbeat(cpb.HeartbeatRequest(node_id=nid,
+                                                           policies=reports.get(nid, [])))
+            assert hb.known
+
+    f = Watch(svc, "filter-1")
+    assert (await f.next())["p1"].reason != ""   # nothing registered: not bound yet
+    # sp-2 (a dual proxy) comes last, so the binding is deterministic.
+    await register(stub, "filter-1", "sp-1", "tp-1", "target-1")
+    a = (await f.until(lambda got: got["p1"].reason == ""))["p1"]
+    await register(stub, "sp-2")
+    assert a.reason == ""
+    assert a.source_proxy.node_id == "sp-1"
+    assert a.target_proxy.node_id == "tp-1"
+    assert a.target.node_id == "target-1" and a.target.address == "127.0.0.1:10004"
+    assert a.filter.node_id == "filter-1"
+    assert [(x.disk_id, x.filter, x.name, x.size_bytes) for x in a.disks] == \
+        [(0, "filter-1", "disk0", 1 << 20), (1, "filter-1", "disk1", 2 << 20)]
+    assert (a.rpo_interval_s, a.compression_level, a.encryption) == (1.0, 3, True)
+    assert (await Watch(svc, "sp-1").next())["p1"] == a
+    assert (await Watch(svc, "target-1").next())["p1"] == a
+
+    await beat(*ROLES)
+    st = await stub.GetStatus(cpb.StatusRequest())
+    assert {n.info.id: n.state for n in st.nodes} == dict.fromkeys(ROLES, "up")
+    (p,) = st.policies
+    assert (p.name, p.source_proxy, p.filter, p.target, p.state) == \
+        ("p1", "sp-1", "filter-1", "target-1", "ok")
+    assert (p.captured_seq, p.durable_seq, p.applied_seq, p.journal_bytes,
+            p.bytes_replicated, p.rpo_lag_s) == (50, 50, 40, 777, 4096, 0.0)
+    assert p.epoch == a.epoch and (p.rpo_warning_s, p.rpo_error_s) == (5, 10)
+    assert st.now_ns == now_ns
+
+    # Unknown node heartbeat -> known=false; bad registration -> INVALID_ARGUMENT.
+    hb = await stub.Heartbeat(cpb.HeartbeatRequest(node_id="ghost"))
+    assert not hb.known
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Register(cpb.RegisterRequest(node=cpb.NodeInfo(id="x")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # sp-1 falls silent: past its lease the filter is told to use sp-2, higher epoch.
+    clock.t += LEASE_MS / 1000 * 0.6
+    await beat("filter-1", "tp-1", "target-1", "sp-2")
+    clock.t += LEASE_MS / 1000 * 0.6
+    svc.flush()                                   # what the ticker does
+    b = (await f.until(lambda got: got["p1"].source_proxy.node_id == "sp-2"))["p1"]
+    assert b.epoch > a.epoch and b.reason == ""
+    st = await stub.GetStatus(cpb.StatusRequest())
+    assert {n.info.id: n.state for n in st.nodes}["sp-1"] == "down"
+    assert st.policies[0].source_proxy == "sp-2"
+    assert svc.state.rebinds >= 1
+
+
+async def test_restart_keeps_epoch_and_nodes_need_not_register_direct() -> None:
+    backing, clock = MemoryBacking(), Clock()
+    svc = memory_service([P1], backing, clock=clock, lease_ms=LEASE_MS)
+    await register(DirectStub(svc), "sp-1", "tp-1", "target-1")
+    epoch = svc.state.assignments["p1"].epoch
+    assert epoch > 0
+    svc.close()
+    svc.store.close()
+    clock.t += 60
+    svc2 = memory_service([P1], backing, clock=clock, lease_ms=LEASE_MS)
+    hb = await DirectStub(svc2).Heartbeat(cpb.HeartbeatRequest(node_id="sp-1"))
+    assert hb.known
+    first = (await Watch(svc2, "sp-1").next())["p1"]
+    assert first.epoch == epoch
+    assert first.source_proxy.node_id == "sp-1"
+
+
+async def test_close_ends_watch_streams_direct() -> None:
+    svc = memory_service([P1])
+    w = Watch(svc, "nobody")
+    assert await w.next() == {}
+    svc.close()
+    with pytest.raises(StopAsyncIteration):
+        await w.next()
+    with pytest.raises(grpc.aio.AioRpcError) as err:   # no new streams once closed
+        await Watch(svc, "nobody").next()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -1,4 +1,6 @@
-"""SQLite store of the coordinator: restart keeps nodes, policies, epochs, assignments."""
+"""SQLite store of the coordinator (WAL, clear errors), and a coordinator restart keeps
+nodes, policies, epochs, assignments (on the in-memory store; every store passes the same
+conformance suite, test_statestore_conformance.py)."""
 
 from __future__ import annotations
 
@@ -6,47 +8,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from coordfixtures import NODES, Clock, memory_service, pol
 
-from cdp_common.config import (
-    CoordinatorConfig,
-    CoordinatorSection,
-    NodeConfig,
-    PolicyConfig,
-    PolicyDiskConfig,
-    TlsConfig,
-)
 from cdp_common.errors import StorageError
-from cdp_coordinator.service import CoordinatorService
-from cdp_coordinator.state import Assignment, Endpoint, NodeInfo, Role
+from cdp_coordinator.memstore import MemoryBacking
+from cdp_coordinator.state import Assignment, Endpoint
 from cdp_coordinator.store import SqliteStore
-
-
-def pol(name: str, **kw: object) -> PolicyConfig:
-    return PolicyConfig(name=name, disks=[PolicyDiskConfig("filter-1", "disk0", 1 << 20),
-                                          PolicyDiskConfig("filter-1", "disk1", 2 << 20)],
-                        target="target-1", **kw)  # type: ignore[arg-type]
-
-
-def config(db: Path, policies: list[PolicyConfig]) -> CoordinatorConfig:
-    return CoordinatorConfig(node=NodeConfig(id="coordinator"),
-                             coordinator=CoordinatorSection(db_path=str(db), heartbeat_ms=100,
-                                                            lease_ms=300),
-                             policies=policies, tls=TlsConfig(insecure=True))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-NODES = [NodeInfo("filter-1", int(Role.FILTER), "default", "127.0.0.1:1"),
-         NodeInfo("sp-1", int(Role.SOURCE_PROXY), "default", "127.0.0.1:2"),
-         NodeInfo("sp-2", int(Role.SOURCE_PROXY), "default", "127.0.0.1:5"),
-         NodeInfo("tp-1", int(Role.TARGET_PROXY), "default", "127.0.0.1:3"),
-         NodeInfo("target-1", int(Role.TARGET), "default", "127.0.0.1:4")]
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -72,10 +39,10 @@ def test_round_trip(tmp_path: Path) -> None:
     assert mode == "wal"
 
 
-def test_restart_keeps_policies_epochs_assignments(tmp_path: Path) -> None:
-    db = tmp_path / "coord.db"
+def test_restart_keeps_policies_epochs_assignments() -> None:
+    db = MemoryBacking()
     clock = Clock()
-    svc = CoordinatorService(config(db, [pol("p1"), pol("p2")]), SqliteStore(db), clock=clock)
+    svc = memory_service([pol("p1"), pol("p2")], db, clock=clock)
     for n in NODES:
         svc.register(n)
     before = dict(svc.state.assignments)
@@ -94,8 +61,7 @@ def test_restart_keeps_policies_epochs_assignments(tmp_path: Path) -> None:
 
     # Restart (a new policy p3 appears in the config): nothing rebinds, epochs are kept.
     clock.t += 50
-    svc2 = CoordinatorService(config(db, [pol("p1"), pol("p2"), pol("p3")]), SqliteStore(db),
-                              clock=clock)
+    svc2 = memory_service([pol("p1"), pol("p2"), pol("p3")], db, clock=clock)
     assert set(svc2.state.policies) == {"p1", "p2", "p3"}
     for name in ("p1", "p2"):
         assert svc2.state.assignments[name] == moved[name]
@@ -110,7 +76,7 @@ def test_restart_keeps_policies_epochs_assignments(tmp_path: Path) -> None:
     # Third start: the config only seeds policies (the store is authoritative once
     # policies are edited from the CLI), so dropping p2/p3 from the file removes nothing;
     # the store alone decides the epochs.
-    svc3 = CoordinatorService(config(db, [pol("p1")]), SqliteStore(db), clock=clock)
+    svc3 = memory_service([pol("p1")], db, clock=clock)
     assert set(svc3.state.policies) == {"p1", "p2", "p3"}
     assert svc3.state.assignments["p1"].epoch == moved["p1"].epoch
     svc3.store.close()

@@ -1,0 +1,102 @@
+"""`cdpctl health` and `cdpctl status`: the command shells over cdpctl.status.
+
+Theory of operation: both fetch one `GetStatus` document (cdpctl.status
+turns it into plain dicts and judges it); `status` prints it, `health`
+prints the verdict and exits with its code. `status --watch` redraws the
+tables in place with `watch` until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from cdpctl import status
+from cdpctl.cmdline import Context, Subparsers, print_json
+from cdpctl.state import UsageError
+
+
+def watch(render: Callable[[], str], interval_s: float, clear: bool = True,
+          count: int = 0) -> int:
+    """Redraw `render()` every interval until Ctrl-C (or `count` times, for tests)."""
+    n = 0
+    try:
+        while True:
+            text = render()
+            stamp = datetime.now(UTC).strftime("%H:%M:%S")
+            print(("\x1b[H\x1b[2J" if clear else "")
+                  + f"every {interval_s:g}s, {stamp} UTC (Ctrl-C to stop)\n\n" + text,
+                  flush=True)
+            n += 1
+            if count and n >= count:
+                return 0
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
+    if args.watch:
+        if args.json:
+            raise UsageError("--watch and --json do not go together")
+        if args.interval <= 0:
+            raise UsageError("--interval: must be greater than 0")
+        coord = ctx.coordinator(args)
+        return watch(lambda: status.render_status(status.fetch_status(coord, args.timeout)),
+                     args.interval)
+    doc = status.fetch_status(ctx.coordinator(args), args.timeout)
+    if args.json:
+        print_json(doc)
+    else:
+        print(status.render_status(doc))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace, ctx: Context) -> int:
+    doc = status.fetch_status(ctx.coordinator(args), args.timeout)
+    verdict = status.evaluate(doc)
+    if args.json:
+        print_json(verdict.as_dict())
+    else:
+        print(status.render_health(doc, verdict))
+    return verdict.exit_code
+
+
+def register(sub: Subparsers, ctx: Context) -> None:
+    """`cdpctl health` and `cdpctl status` (see cdpctl.cmdline.CommandGroup)."""
+    p = sub.add_parser(
+        "health", formatter_class=ctx.formatter, help="is everything up and within its RPO?",
+        description=textwrap.dedent("""\
+            Ask the coordinator for the state of every node and policy and judge it:
+            ok when every node is up and every policy is ok, warning when a
+            policy's RPO lag is above its warning threshold, error when a node is
+            down or a policy is in error or has no proxy assigned. The exit code
+            says which, so this fits a monitoring check."""),
+        epilog=ctx.epilog("""\
+            cdpctl health
+            cdpctl health --coordinator 192.0.2.1:7000 --ca ca.pem --cert ops.pem --key ops.key
+            cdpctl health --json | jq .problems""", ctx.coordinator_help))
+    ctx.add_coordinator_args(p)
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser(
+        "status", formatter_class=ctx.formatter,
+        help="nodes and policies as the coordinator sees them",
+        description=textwrap.dedent("""\
+            Show every registered node (role, site, up/down, last heartbeat) and
+            every policy (assigned proxies, durable seq, RPO lag, bytes replicated,
+            journal backlog). --json gives {"nodes": [...], "policies": [...]}."""),
+        epilog=ctx.epilog("""\
+            cdpctl status
+            cdpctl status --watch
+            cdpctl status --json | jq '.policies[] | {name, rpo_lag_s}'""",
+                          ctx.coordinator_help))
+    ctx.add_coordinator_args(p)
+    p.add_argument("--watch", action="store_true",
+                   help="redraw the tables every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="refresh period of --watch (default 1)")
+    p.set_defaults(func=cmd_status)

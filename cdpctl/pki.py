@@ -1,0 +1,95 @@
+"""`cdpctl pki init|issue` and `cdpctl keygen`: certificates for mutual TLS, payload keys.
+
+Theory of operation: thin shells over cdp_common.pki and cdp_common.crypto;
+what is here is the refusal to overwrite an existing CA or key and the
+checks of the node id, each with a message that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+from cdp_common import crypto
+from cdp_common import pki as certs
+from cdp_common.errors import CdpError
+from cdpctl import labplan
+from cdpctl.cmdline import Context, Subparsers
+from cdpctl.state import UsageError
+
+
+def cmd_pki_init(args: argparse.Namespace, ctx: Context) -> int:
+    directory = Path(args.dir)
+    if (directory / "ca.pem").exists() or (directory / "ca.key").exists():
+        raise CdpError(f"{directory} already holds a CA (ca.pem/ca.key); not overwriting it")
+    ca_pem, ca_key = certs.create_ca(directory)
+    print(f"created CA {ca_pem} (private key {ca_key}, keep it secret)")
+    return 0
+
+
+def cmd_pki_issue(args: argparse.Namespace, ctx: Context) -> int:
+    directory = Path(args.dir)
+    ca_pem, ca_key = directory / "ca.pem", directory / "ca.key"
+    if not ca_pem.exists() or not ca_key.exists():
+        raise CdpError(f"no CA in {directory}; create one with `cdpctl pki init --dir {directory}`")
+    if not labplan.valid_id(args.node_id):
+        raise UsageError(f"NODE_ID {args.node_id!r}: letters, digits, '-', '_', '.' only")
+    try:
+        pem, key = certs.create_node_cert(ca_pem, ca_key, directory, args.node_id, args.host)
+    except ValueError as exc:
+        raise CdpError(f"cannot issue a certificate for {args.node_id}: {exc}") from None
+    print(f"issued {pem} and {key} for {args.node_id}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace, ctx: Context) -> int:
+    try:
+        crypto.write_new_key(args.file)
+    except FileExistsError:
+        raise CdpError(f"{args.file} exists; not overwriting a key") from None
+    print(f"wrote a new master key to {args.file} (mode 0600)")
+    return 0
+
+
+def register(sub: Subparsers, ctx: Context) -> None:
+    """`cdpctl pki ...` and `cdpctl keygen` (see cdpctl.cmdline.CommandGroup)."""
+    fmt, epilog = ctx.formatter, ctx.epilog
+    p = sub.add_parser(
+        "pki", formatter_class=fmt, help="certificates for mutual TLS",
+        description=textwrap.dedent("""\
+            A small CA for cdp: every node gets a certificate valid as server and
+            client, signed by one CA that every node trusts."""),
+        epilog=epilog("""\
+            cdpctl pki init --dir /etc/cdp/pki
+            cdpctl pki issue --dir /etc/cdp/pki coordinator \\
+                --host coord.example.org --host 192.0.2.1"""))
+    pki_sub = p.add_subparsers(dest="pki_command", metavar="PKI_COMMAND", required=True)
+    q = pki_sub.add_parser(
+        "init", formatter_class=fmt, help="create a CA (ca.pem, ca.key)",
+        description="Create DIR/ca.pem and DIR/ca.key (mode 0600). Refuses to overwrite a CA.",
+        epilog=epilog("cdpctl pki init --dir /etc/cdp/pki"))
+    q.add_argument("--dir", required=True, help="PKI directory")
+    q.set_defaults(func=cmd_pki_init)
+    q = pki_sub.add_parser(
+        "issue", formatter_class=fmt, help="issue a node certificate",
+        description=textwrap.dedent("""\
+            Issue DIR/NODE_ID.pem and DIR/NODE_ID.key signed by the CA in DIR, valid
+            for the given host names and IP addresses (plus localhost and
+            127.0.0.1). Point the node's [tls] section at them."""),
+        epilog=epilog("cdpctl pki issue --dir /etc/cdp/pki filter-1 --host 192.0.2.10"))
+    q.add_argument("--dir", required=True, help="PKI directory holding ca.pem and ca.key")
+    q.add_argument("node_id", metavar="NODE_ID", help="node id, also the certificate's CN")
+    q.add_argument("--host", action="append", default=[], metavar="H",
+                   help="DNS name or IP address peers use to reach the node (repeatable)")
+    q.set_defaults(func=cmd_pki_issue)
+
+    p = sub.add_parser(
+        "keygen", formatter_class=fmt, help="create a master key for payload encryption",
+        description=textwrap.dedent("""\
+            Write a fresh random 32-byte master key (hex) to FILE, mode 0600. Give
+            the same key file to the source and the target proxies
+            (proxy.key_file). Refuses to overwrite an existing file."""),
+        epilog=epilog("cdpctl keygen /etc/cdp/master.key"))
+    p.add_argument("file", metavar="FILE", help="key file to create")
+    p.set_defaults(func=cmd_keygen)
