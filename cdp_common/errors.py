@@ -1,29 +1,57 @@
 """One error hierarchy for cdp.
 
-Each class carries the CLI exit code it maps to and whether it is transient
-(the caller should reconnect/retry) or permanent (give up and report).
+Each class carries three facts, read in exactly one place each:
+
+- `exit_code`: the process exit code (cdp_common.daemon for the daemons,
+  cdpctl.cli for the CLI). Codes are unique per class family and documented
+  once, in docs/OPERATIONS.md §11; `EXIT_CODES` below is that table.
+- `transient`: whether retrying may help (reconnect loops retry only these;
+  cdp_common.backoff) or the error is permanent (give up and report).
+- `grpc_status`: the status a server ends a call with when it raises this
+  (cdp_common.rpc.abort; the name of a `grpc.StatusCode`, so this module does
+  not import grpc).
+
+An instance may override `grpc_status` and `transient` (keyword arguments):
+the same `ProtocolError` is a retryable seq gap in one place and a wrong first
+message in another.
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_WARNING = 1
+EXIT_USAGE = 64
+EXIT_INTERRUPTED = 130
 
 
 class CdpError(Exception):
     """Base of every error cdp raises on purpose."""
 
-    exit_code = 1
+    exit_code = 2
     transient = False
+    grpc_status = "INTERNAL"
+
+    def __init__(self, *args: object, grpc_status: str | None = None,
+                 transient: bool | None = None) -> None:
+        super().__init__(*args)
+        if grpc_status is not None:
+            self.grpc_status = grpc_status
+        if transient is not None:
+            self.transient = transient
 
 
 class ConfigError(CdpError):
     """A configuration file or value is invalid; the message names the field."""
 
     exit_code = 2
+    grpc_status = "INVALID_ARGUMENT"
 
 
 class FormatError(CdpError):
     """Bytes do not decode: bad magic, version, length, bounds or checksum."""
 
-    exit_code = 3
+    exit_code = 4
+    grpc_status = "INVALID_ARGUMENT"
 
 
 class TornRecordError(FormatError):
@@ -33,34 +61,34 @@ class TornRecordError(FormatError):
 class AuthenticationError(CdpError):
     """A frame failed its AEAD tag: wrong key, tampering, replay or reordering."""
 
-    exit_code = 4
+    exit_code = 5
+    grpc_status = "PERMISSION_DENIED"
 
 
 class ProtocolError(CdpError):
     """The peer broke the stream protocol (wrong message order, seq gap, ...)."""
 
-    exit_code = 5
-
-
-class RemoteProtocolError(ProtocolError):
-    """The remote side told us that *we* broke the protocol; do not retry blindly."""
+    exit_code = 6
+    grpc_status = "INVALID_ARGUMENT"
 
 
 class FencedError(CdpError):
     """A stream carries an epoch older than the one already seen for its policy."""
 
-    exit_code = 6
+    exit_code = 7
+    grpc_status = "FAILED_PRECONDITION"
 
 
 class UnavailableError(CdpError):
     """A peer cannot be reached right now; reconnecting may help."""
 
-    exit_code = 7
+    exit_code = 8
     transient = True
+    grpc_status = "UNAVAILABLE"
 
 
 class CoordinatorUnreachable(UnavailableError):
-    """The coordinator does not answer."""
+    """The coordinator does not answer (its own exit code: scripts tell it apart)."""
 
     exit_code = 3
 
@@ -68,5 +96,51 @@ class CoordinatorUnreachable(UnavailableError):
 class StorageError(CdpError):
     """Local storage failed (disk full, I/O error); nothing partial was committed."""
 
-    exit_code = 8
+    exit_code = 9
     transient = True
+    grpc_status = "UNAVAILABLE"
+
+
+class RemoteError(CdpError):
+    """A call to a peer failed; built only by cdp_common.rpc.remote_error.
+
+    `code` is the gRPC status name, `details` its text, `answered` whether the
+    peer's own code ended the call (the `cdp-answered` trailer) rather than the
+    transport, a proxy in between or a crash. `transient` follows the code.
+    """
+
+    exit_code = 8
+
+    def __init__(self, message: str, *, code: str, details: str, answered: bool,
+                 transient: bool) -> None:
+        super().__init__(message, grpc_status=code, transient=transient)
+        self.code = code
+        self.details = details
+        self.answered = answered
+
+
+class RemoteProtocolError(RemoteError, ProtocolError):
+    """The remote side answered that *we* are wrong (permanent); do not retry blindly."""
+
+    exit_code = 6
+
+
+EXIT_CODES: tuple[tuple[int, str, str], ...] = (
+    (EXIT_OK, "ok", "clean exit, config valid, everything healthy"),
+    (EXIT_WARNING, "warning", "cdpctl only: RPO lag above warning, an active alarm"),
+    (CdpError.exit_code, "error", "invalid config, a failed command, a fatal error; "
+                                  "cdpctl: a node down or a policy in error"),
+    (CoordinatorUnreachable.exit_code, "coordinator unreachable", "the coordinator "
+                                                                  "did not answer"),
+    (FormatError.exit_code, "format", "a file or message does not decode (corrupt state, "
+                                      "bad magic, checksum)"),
+    (AuthenticationError.exit_code, "authentication", "wrong key or tampered frame"),
+    (ProtocolError.exit_code, "protocol", "a peer broke the stream protocol, or said we did"),
+    (FencedError.exit_code, "fenced", "a newer epoch owns the policy"),
+    (UnavailableError.exit_code, "peer unavailable", "a peer other than the coordinator "
+                                                     "could not be reached"),
+    (StorageError.exit_code, "storage", "local storage failed (disk full, I/O error)"),
+    (EXIT_USAGE, "usage", "bad command line"),
+    (EXIT_INTERRUPTED, "interrupted", "SIGINT (Ctrl-C)"),
+)
+"""(code, name, meaning) for every exit code; docs/OPERATIONS.md §11 shows this table."""

@@ -62,8 +62,6 @@ _SCAN_CHUNK = 8 * 1024 * 1024  # batch size used when replaying
 class JournalGapError(CdpError):
     """Records that were asked for are no longer in the journal (trimmed)."""
 
-    exit_code = 8
-
 
 @dataclass(eq=False)
 class _Segment:

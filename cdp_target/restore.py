@@ -77,13 +77,13 @@ Progress = Callable[[str, int, int], None]
 class PointNotFound(CdpError):
     """No restore point matches the request."""
 
-    exit_code = 2
+    grpc_status = "NOT_FOUND"
 
 
 class FailoverStateError(CdpError):
     """The request contradicts the policy's failover state."""
 
-    exit_code = 2
+    grpc_status = "FAILED_PRECONDITION"
 
 
 # ---------------------------------------------------------------- copying

@@ -41,8 +41,6 @@ Say = Callable[[str], None]
 class LabError(CdpError):
     """The lab could not be started or is in an unexpected state."""
 
-    exit_code = 2
-
 
 # ---------------------------------------------------------------- processes
 

@@ -45,8 +45,6 @@ RESTORE_TIMEOUT_S = 3600.0
 class TargetError(CdpError):
     """The target refused or failed a restore-point request."""
 
-    exit_code = 2
-
 
 # ---------------------------------------------------------------- pure helpers
 
