@@ -1,21 +1,34 @@
-"""The one place that builds gRPC servers and channels.
+"""The one place that builds gRPC servers and channels, and maps errors to and from gRPC.
 
 Mutual TLS unless the config says `insecure = true`; explicit message size
 limits; keepalive so a dead peer is noticed within seconds; grpc.health.v1 on
-every server.
+every server; server interceptors passed in by the node skeleton
+(cdp_common.node), the one place that installs them.
+
+The only two error mappers:
+
+- `abort(context, exc)`: a servicer ends a call for a `CdpError` with the
+  error's `grpc_status` and its message, plus the trailer `cdp-answered`, which
+  says that this node's own code ended the call (not the transport, a crash or
+  a proxy that lost its peer);
+- `remote_error(exc, peer)`: a caller turns a `grpc.RpcError` into a
+  `RemoteError` whose `transient` follows the status code (TRANSIENT_CODES)
+  and whose `answered` is that trailer; a permanent answer from the peer
+  itself is a `RemoteProtocolError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdp_common.config import TlsConfig
-from cdp_common.errors import ConfigError
+from cdp_common.errors import CdpError, ConfigError, RemoteError, RemoteProtocolError
 
 KEEPALIVE_MS = 2000
 
@@ -59,8 +72,10 @@ def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
 class Server:
     """A grpc.aio server with health checking, bound to one address."""
 
-    def __init__(self, listen: str, tls: TlsConfig, max_message_bytes: int) -> None:
-        self.grpc = grpc.aio.server(options=_options(max_message_bytes))
+    def __init__(self, listen: str, tls: TlsConfig, max_message_bytes: int,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+        self.grpc = grpc.aio.server(options=_options(max_message_bytes),
+                                    interceptors=list(interceptors) or None)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if tls.insecure:
@@ -98,6 +113,68 @@ def sync_channel(address: str, tls: TlsConfig, max_message_bytes: int = 16 << 20
     if tls.insecure:
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, channel_credentials(tls), options=options)
+
+
+# ---------------------------------------------------------------- error mappers
+
+ANSWERED_KEY = "cdp-answered"
+"""Trailer set by `abort`: the node called ended the call on purpose."""
+
+TRANSIENT_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE,          # unreachable, restarting, shutting down, disk full
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,              # a seq gap: reconnect and resend from durable_seq
+    grpc.StatusCode.RESOURCE_EXHAUSTED,   # busy (memory cap)
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,              # a crash in the peer's handler
+    grpc.StatusCode.INTERNAL,
+})
+"""Codes a retry may cure; every other code is a permanent answer (bad key, fenced, invalid)."""
+
+
+def status_of(exc: CdpError) -> grpc.StatusCode:
+    """The status a server ends a call with for `exc` (its `grpc_status`)."""
+    code = getattr(grpc.StatusCode, exc.grpc_status, None)
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL
+
+
+def answered_trailer() -> tuple[tuple[str, str], ...]:
+    return ((ANSWERED_KEY, "1"),)
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: CdpError,
+                code: grpc.StatusCode | None = None) -> NoReturn:
+    """End the call for `exc` (status from the error unless `code` is given)."""
+    await context.abort(code or status_of(exc), str(exc),
+                        trailing_metadata=answered_trailer())
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def _answered(metadata: Iterable[Any] | None) -> bool:
+    for item in metadata or ():
+        key = item[0] if isinstance(item, tuple) else getattr(item, "key", "")
+        if key == ANSWERED_KEY:
+            return True
+    return False
+
+
+def remote_error(exc: grpc.RpcError, peer: str) -> RemoteError:
+    """The `RemoteError` for a call to `peer` that failed with `exc`."""
+    code: grpc.StatusCode = exc.code()
+    details: str = exc.details() or code.name
+    try:
+        answered = _answered(exc.trailing_metadata())
+    except Exception:  # a locally built RpcError may have none
+        answered = False
+    transient = code in TRANSIENT_CODES
+    cls = RemoteProtocolError if answered and not transient else RemoteError
+    return cls(f"{peer}: {details}" if peer else details, code=code.name, details=details,
+               answered=answered, transient=transient)
+
+
+def code_of(exc: RemoteError) -> grpc.StatusCode:
+    """The `grpc.StatusCode` a `RemoteError` carries."""
+    return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN)
 
 
 # ---------------------------------------------------------------- write, keeping the status
