@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import tomllib
 import types
 import typing
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cdp_common.errors import ConfigError
+from cdp_common.names import is_name
 
 T = TypeVar("T")
 
@@ -190,7 +190,6 @@ class CoordinatorConfig:
 
 # ---------------------------------------------------------------- loader
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def _type_name(tp: Any) -> str:
@@ -267,7 +266,7 @@ def validate(config: Any) -> None:
     """Semantic checks beyond types; raises ConfigError naming the field."""
     node = getattr(config, "node", None)
     if isinstance(node, NodeConfig):
-        if not _NAME.match(node.id):
+        if not is_name(node.id):
             raise ConfigError(f"node.id: {node.id!r} is not a valid id")
         _address(node.listen, "node.listen")
         _address(node.advertise, "node.advertise", allow_empty=True)
@@ -321,12 +320,12 @@ def _validate_filter(config: FilterConfig) -> None:
     seen: set[str] = set()
     for i, disk in enumerate(config.disks):
         where = f"disks[{i}]"
-        if not _NAME.match(disk.name):
+        if not is_name(disk.name):
             raise ConfigError(f"{where}.name: {disk.name!r} is not a valid disk name")
         if disk.name in seen:
             raise ConfigError(f"{where}.name: disk {disk.name!r} is listed twice")
         seen.add(disk.name)
-        if not _NAME.match(disk.policy):
+        if not is_name(disk.policy):
             raise ConfigError(f"{where}.policy: {disk.policy!r} is not a valid policy name")
         if disk.size_bytes <= 0 or disk.size_bytes % 4096:
             raise ConfigError(f"{where}.size_bytes: must be a positive multiple of 4096, "
@@ -357,15 +356,15 @@ def validate_policy(p: PolicyConfig, where: str = "") -> None:
 
     Raises ConfigError naming the field (`where` prefixes it, e.g. "policies[0]")."""
     pre = f"{where}." if where else ""
-    if not _NAME.match(p.name):
+    if not is_name(p.name):
         raise ConfigError(f"{pre}name: {p.name!r} is not a valid policy name")
     if not p.disks:
         raise ConfigError(f"{pre}disks: a policy needs at least one disk")
     seen: set[str] = set()
     for j, d in enumerate(p.disks):
-        if not _NAME.match(d.filter):
+        if not is_name(d.filter):
             raise ConfigError(f"{pre}disks[{j}].filter: {d.filter!r} is not a valid node id")
-        if not _NAME.match(d.name):
+        if not is_name(d.name):
             raise ConfigError(f"{pre}disks[{j}].name: {d.name!r} is not a valid disk name")
         if d.name in seen:
             raise ConfigError(f"{pre}disks[{j}].name: disk {d.name!r} is listed twice")
@@ -375,10 +374,10 @@ def validate_policy(p: PolicyConfig, where: str = "") -> None:
                               f"of 4096, got {d.size_bytes}")
     if len({d.filter for d in p.disks}) != 1:
         raise ConfigError(f"{pre}disks: all disks of a policy must be on one filter")
-    if not _NAME.match(p.target):
+    if not is_name(p.target):
         raise ConfigError(f"{pre}target: {p.target!r} is not a valid node id")
     for name in ("source_site", "target_site"):
-        if not _NAME.match(getattr(p, name)):
+        if not is_name(getattr(p, name)):
             raise ConfigError(f"{pre}{name}: {getattr(p, name)!r} is not a valid site name")
     _finite_positive(p.rpo_interval_s, f"{pre}rpo_interval_s")
     for name in ("short_term_retention_s", "long_term_interval_s", "long_term_retention_s"):
@@ -395,7 +394,7 @@ def validate_policy(p: PolicyConfig, where: str = "") -> None:
                           f"got {p.bandwidth_limit_mbps}")
     for name in ("pinned_source_proxy", "pinned_target_proxy"):
         value = getattr(p, name)
-        if value and not _NAME.match(value):
+        if value and not is_name(value):
             raise ConfigError(f"{pre}{name}: {value!r} is not a valid node id")
 
 

@@ -1,14 +1,17 @@
 """Client side of the coordinator protocol, shared by every node.
 
 Registers, heartbeats with per-policy reports, and watches assignments,
-reconnecting with backoff. The data plane never waits on it: when the
-coordinator is down, nodes keep the last assignment they saw.
+reconnecting with backoff (cdp_common.backoff): a transient failure (the
+coordinator is down or restarting) is retried from 0.2 s up to 2 s; a
+permanent answer (the coordinator refused the registration) is logged as an
+error, kept in `last_error` and retried only every HOLD_S. The data plane
+never waits on it: when the coordinator is down, nodes keep the last
+assignment they saw.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,6 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 
 from cdp_common import rpc
+from cdp_common.aio import cancel_and_wait
+from cdp_common.backoff import Backoff
 from cdp_common.config import NodeConfig, TlsConfig
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
@@ -26,6 +31,7 @@ ReportFn = Callable[[], Sequence[cpb.PolicyReport]]
 AssignFn = Callable[[cpb.AssignmentSet], Awaitable[None] | None]
 LoadFn = Callable[[], float]
 UNREACHABLE_TIMEOUT_S = 5.0
+HOLD_S = 10.0
 
 
 class CoordinatorClient:
@@ -44,6 +50,7 @@ class CoordinatorClient:
         self._registered = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = False
+        self.last_error = ""
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="coord-heartbeat"))
@@ -51,11 +58,7 @@ class CoordinatorClient:
             self._tasks.append(asyncio.create_task(self._watch_loop(), name="coord-watch"))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*self._tasks)
         await self._channel.close(grace=None)
 
     async def _register(self) -> None:
@@ -67,7 +70,7 @@ class CoordinatorClient:
         self.connected = True
 
     async def _heartbeat_loop(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(hold_s=HOLD_S)
         while True:
             try:
                 if not self._registered.is_set():
@@ -79,15 +82,21 @@ class CoordinatorClient:
                 if not reply.known:
                     self._registered.clear()
                     continue
-                backoff = 0.2
+                backoff.reset()
+                self.last_error = ""
                 await asyncio.sleep(self._heartbeat_s)
             except grpc.aio.AioRpcError as exc:
-                if self.connected:
-                    log.warning("coordinator unreachable: %s", exc.details())
+                remote = rpc.remote_error(exc, "coordinator")
+                if not remote.transient:
+                    if str(remote) != self.last_error:
+                        log.error("coordinator refused this node: %s (retrying every %.0f s)",
+                                  remote.details, HOLD_S, extra={"node": self._info.id})
+                elif self.connected:
+                    log.warning("coordinator unreachable: %s", remote.details)
+                self.last_error = str(remote)
                 self.connected = False
                 self._registered.clear()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.wait(remote.transient)
 
     async def report_unreachable(self, node_id: str, address: str, policy: str,
                                  detail: str) -> cpb.ReportUnreachableReply | None:
@@ -106,17 +115,19 @@ class CoordinatorClient:
 
     async def _watch_loop(self) -> None:
         assert self._on_assignments is not None
-        backoff = 0.2
+        backoff = Backoff(hold_s=HOLD_S)
         while True:
+            transient = True
             try:
                 await self._registered.wait()
                 call = self._stub.WatchAssignments(cpb.WatchRequest(node_id=self._info.id))
                 async for update in call:
-                    backoff = 0.2
+                    backoff.reset()
                     result = self._on_assignments(update)
                     if asyncio.iscoroutine(result):
                         await result
             except grpc.aio.AioRpcError as exc:
-                log.debug("assignment watch ended: %s", exc.details())
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+                remote = rpc.remote_error(exc, "coordinator")
+                transient = remote.transient
+                log.debug("assignment watch ended: %s", remote)
+            await backoff.wait(transient)

@@ -10,8 +10,8 @@
 the process with their exit code and a one-line message, never a traceback.
 
 Under systemd (`Type=notify`, see deploy/systemd/) the lifecycle also speaks
-sd_notify (cdp_common/sdnotify.py): READY=1 once the daemon's `ready` (or
-`started`) event is set, i.e. when it serves; WATCHDOG=1 every half
+sd_notify (cdp_common/sdnotify.py): READY=1 once the daemon's `ready` event
+is set, i.e. when it serves (cdp_common.node); WATCHDOG=1 every half
 WatchdogSec from the event loop; STOPPING=1 on SIGTERM/SIGINT. Shutdown has a
 grace period (SHUTDOWN_GRACE_S): a daemon whose run() has not returned by
 then is cancelled and the process exits with an error.
@@ -30,17 +30,17 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import uvloop
 
 from cdp_common import log, memtune, sdnotify, tlsreload
+from cdp_common.aio import cancel_and_wait
 from cdp_common.config import load_config
-from cdp_common.errors import CdpError
+from cdp_common.errors import EXIT_INTERRUPTED, EXIT_USAGE, CdpError, exit_codes_help
 
 C = TypeVar("C")
 
@@ -53,8 +53,17 @@ class Daemon(Protocol):
         """Ask run() to finish (idempotent, may be called from a signal handler)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 64, as on the one exit-code table (argparse's default is 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = _Parser(prog=prog, description=description, epilog=exit_codes_help(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="log line format on stderr (default: text)")
     parser.add_argument("--log-level", default="info",
@@ -77,10 +86,8 @@ _log = logging.getLogger("common.daemon")
 
 
 async def _wait_ready(daemon: Daemon, run_task: asyncio.Task[None]) -> bool:
-    """Wait until the daemon serves (its `ready` or `started` event); False if run() ended."""
+    """Wait until the daemon serves (its `ready` event); False if run() ended."""
     event = getattr(daemon, "ready", None)
-    if not isinstance(event, asyncio.Event):
-        event = getattr(daemon, "started", None)
     if not isinstance(event, asyncio.Event):
         await asyncio.sleep(0)
         return not run_task.done()
@@ -206,28 +213,5 @@ def main(prog: str, description: str, config_cls: type[C],
         logger.error("%s", exc)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        pass
-
-
-def start_metrics(listen: str) -> str:
-    """Start the Prometheus HTTP server; returns the bound host:port ('' if off)."""
-    if not listen:
-        return ""
-    from prometheus_client import start_http_server
-    host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host)
-    return f"{host}:{server.server_port}"
-
-
-async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
-    live = [t for t in tasks if t is not None and not t.done()]
-    for t in live:
-        t.cancel()
-    for t in live:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t
-
-
-def pid() -> int:
-    return os.getpid()
+    except KeyboardInterrupt:  # only before the loop runs; SIGINT later is a clean stop
+        sys.exit(EXIT_INTERRUPTED)

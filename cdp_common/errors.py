@@ -101,6 +101,36 @@ class StorageError(CdpError):
     grpc_status = "UNAVAILABLE"
 
 
+class CorruptStateError(FormatError, StorageError):
+    """A state file or database on local storage does not decode.
+
+    A FormatError (exit 4, permanent: retrying reads the same bytes) that is
+    also a StorageError, since the fault lies in local storage, not in a peer.
+    """
+
+    exit_code = FormatError.exit_code
+    transient = False
+    grpc_status = FormatError.grpc_status
+
+
+class InvalidRequestError(CdpError):
+    """A request a server refuses as malformed (empty id, not JSON, unknown field)."""
+
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class NotFoundError(CdpError):
+    """A request names something that does not exist (a policy, a restore point)."""
+
+    grpc_status = "NOT_FOUND"
+
+
+class AlreadyExistsError(CdpError):
+    """A create names something that exists already."""
+
+    grpc_status = "ALREADY_EXISTS"
+
+
 class RemoteError(CdpError):
     """A call to a peer failed; built only by cdp_common.rpc.remote_error.
 
@@ -127,20 +157,27 @@ class RemoteProtocolError(RemoteError, ProtocolError):
 
 EXIT_CODES: tuple[tuple[int, str, str], ...] = (
     (EXIT_OK, "ok", "clean exit, config valid, everything healthy"),
-    (EXIT_WARNING, "warning", "cdpctl only: RPO lag above warning, an active alarm"),
+    (EXIT_WARNING, "warning", "RPO lag above a policy's warning threshold, an active "
+                              "alarm (cdpctl)"),
     (CdpError.exit_code, "error", "invalid config, a failed command, a fatal error; "
-                                  "cdpctl: a node down or a policy in error"),
+                                  "a node down or a policy in error (cdpctl)"),
     (CoordinatorUnreachable.exit_code, "coordinator unreachable", "the coordinator "
                                                                   "did not answer"),
-    (FormatError.exit_code, "format", "a file or message does not decode (corrupt state, "
-                                      "bad magic, checksum)"),
+    (FormatError.exit_code, "format", "a file or message does not decode: corrupt state, "
+                                      "bad magic, checksum"),
     (AuthenticationError.exit_code, "authentication", "wrong key or tampered frame"),
     (ProtocolError.exit_code, "protocol", "a peer broke the stream protocol, or said we did"),
     (FencedError.exit_code, "fenced", "a newer epoch owns the policy"),
     (UnavailableError.exit_code, "peer unavailable", "a peer other than the coordinator "
                                                      "could not be reached"),
-    (StorageError.exit_code, "storage", "local storage failed (disk full, I/O error)"),
-    (EXIT_USAGE, "usage", "bad command line"),
-    (EXIT_INTERRUPTED, "interrupted", "SIGINT (Ctrl-C)"),
+    (StorageError.exit_code, "storage", "local storage failed: disk full, I/O error"),
+    (EXIT_USAGE, "usage error", "bad or missing arguments"),
+    (EXIT_INTERRUPTED, "interrupted", "SIGINT, Ctrl-C"),
 )
 """(code, name, meaning) for every exit code; docs/OPERATIONS.md §11 shows this table."""
+
+
+def exit_codes_help() -> str:
+    """The exit-code table for --help texts (cdpctl and every daemon)."""
+    rows = "\n".join(f"  {code:<3} {name}: {meaning}" for code, name, meaning in EXIT_CODES)
+    return f"exit codes:\n{rows}"

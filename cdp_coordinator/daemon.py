@@ -1,20 +1,19 @@
-"""The cdp-coordinator process: SQLite store, gRPC service, ticker, metrics."""
+"""The cdp-coordinator process on the node skeleton (cdp_common.node): the SQLite
+store, the Coordinator service, its ticker (leases, rebinds) and metrics."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 
+import grpc
 from prometheus_client import Counter, Gauge
 
-from cdp_common import rpc
+from cdp_common import node
 from cdp_common.config import CoordinatorConfig
-from cdp_common.daemon import cancel_and_wait, start_metrics
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
+from cdp_common.states import NodeState
 from cdp_coordinator.service import CoordinatorService
 from cdp_coordinator.store import SqliteStore
-
-log = logging.getLogger("coord.daemon")
 
 NODES = Gauge("cdp_coordinator_nodes", "Registered nodes by state.", ["state"])
 REBINDS = Counter("cdp_coordinator_rebinds", "Times a bound proxy or target was lost or replaced.")
@@ -25,47 +24,38 @@ METRICS_PERIOD_S = 1.0
 SHUTDOWN_GRACE_S = 2.0
 
 
-class CoordinatorDaemon:
+class CoordinatorDaemon(node.NodeDaemon):
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
-        self.address = ""
-        self.metrics_address = ""
-        self.ready = asyncio.Event()
-        self._stop = asyncio.Event()
         self._rebinds_seen = 0
+        self.store: SqliteStore | None = None
         self.service: CoordinatorService | None = None
+        self.node = node.Node(config, self, kind="coordinator", grace_s=SHUTDOWN_GRACE_S)
 
-    async def run(self) -> None:
-        cfg = self.config
-        store = SqliteStore(cfg.coordinator.db_path)
-        try:
-            self.service = service = CoordinatorService(cfg, store)
-            server = rpc.Server(cfg.node.listen, cfg.tls, cfg.node.max_message_bytes)
-            cgrpc.add_CoordinatorServicer_to_server(service, server.grpc)
-            await server.start()
-            self.address = cfg.node.advertise or server.address
-            self.metrics_address = start_metrics(cfg.node.metrics_listen)
-            log.info("coordinator serving on %s (metrics %s)", self.address,
-                     self.metrics_address or "off")
-            ticker = asyncio.create_task(service.ticker(), name="coord-ticker")
-            metrics = asyncio.create_task(self._metrics_loop(service), name="coord-metrics")
-            self.ready.set()
-            try:
-                await self._stop.wait()
-            finally:
-                await cancel_and_wait(ticker, metrics)
-                service.close()
-                await server.stop(SHUTDOWN_GRACE_S)
-                log.info("coordinator stopped")
-        finally:
-            store.close()
+    async def open(self, node: node.Node) -> None:
+        self.store = SqliteStore(self.config.coordinator.db_path)
+        self.service = CoordinatorService(self.config, self.store)
 
-    async def shutdown(self) -> None:
-        self._stop.set()
+    def add_servicers(self, server: grpc.aio.Server) -> None:
+        assert self.service is not None
+        cgrpc.add_CoordinatorServicer_to_server(self.service, server)
+
+    async def start(self, node: node.Node) -> None:
+        assert self.service is not None
+        node.spawn(self.service.ticker(), "coord-ticker")
+        node.spawn(self._metrics_loop(self.service), "coord-metrics")
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            self.service.close()   # ends the watch streams before the server stops
+
+    async def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     def update_metrics(self, service: CoordinatorService) -> None:
         status = service.state.status(service.clock(), service.wall())
-        up = sum(1 for n in status.nodes if n.state == "up")
+        up = sum(1 for n in status.nodes if n.state == NodeState.UP)
         NODES.labels(state="up").set(up)
         NODES.labels(state="down").set(len(status.nodes) - up)
         for p in status.policies:

@@ -44,7 +44,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cdp_common import rpc
 from cdp_common.config import CoordinatorConfig, PolicyConfig, build_policy
-from cdp_common.errors import CdpError, ConfigError
+from cdp_common.errors import (
+    AlreadyExistsError,
+    CdpError,
+    ConfigError,
+    InvalidRequestError,
+    NotFoundError,
+    UnavailableError,
+)
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdp_common.states import AlarmKind
@@ -272,7 +279,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             self.flush()
         except CdpError as exc:
             log.error("%s", exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
 
     # ------------------------------------------------------------ RPCs
 
@@ -280,17 +287,17 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                        context: grpc.aio.ServicerContext) -> cpb.RegisterReply:
         n = request.node
         if not n.id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node.id is empty")
+            await rpc.abort(context, InvalidRequestError("node.id is empty"))
         if n.role not in {int(r) for r in Role} or n.role == Role.UNSPECIFIED:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"node {n.id}: role {n.role} is not a valid role")
+            await rpc.abort(context, InvalidRequestError(
+                f"node {n.id}: role {n.role} is not a valid role"))
         info = NodeInfo(id=n.id, role=int(n.role), site=n.site or "default", address=n.address,
                         capacity=n.capacity, metrics_address=n.metrics_address, pid=n.pid)
         try:
             self.register(info)
         except CdpError as exc:
             log.error("%s", exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
         return cpb.RegisterReply(heartbeat_ms=self.heartbeat_ms, lease_ms=self.lease_ms)
 
     async def Heartbeat(self, request: cpb.HeartbeatRequest,
@@ -313,7 +320,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                                context: grpc.aio.ServicerContext,
                                ) -> AsyncIterator[cpb.AssignmentSet]:
         if self._closed:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "coordinator is shutting down")
+            await rpc.abort(context, UnavailableError("coordinator is shutting down"))
         w = _Watcher(request.node_id)
         w.last = self.assignment_set(request.node_id)
         self._watchers.add(w)
@@ -340,10 +347,9 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         try:
             data = json.loads(text)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: not JSON: {exc}")
+            await rpc.abort(context, InvalidRequestError(f"{what}: not JSON: {exc}"))
         if not isinstance(data, dict):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{what}: expected a JSON object")
+            await rpc.abort(context, InvalidRequestError(f"{what}: expected a JSON object"))
         return data  # type: ignore[no-any-return]
 
     async def _build(self, context: grpc.aio.ServicerContext,
@@ -351,13 +357,13 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         try:
             return build_policy(data)
         except ConfigError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await rpc.abort(context, exc)
         raise AssertionError("unreachable")
 
     async def _existing(self, context: grpc.aio.ServicerContext, name: str) -> PolicyConfig:
         p = self.state.policies.get(name)
         if p is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no policy named {name!r}")
+            await rpc.abort(context, NotFoundError(f"no policy named {name!r}"))
         assert p is not None
         return p
 
@@ -366,7 +372,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         try:
             self.store.save_policy(p)
         except CdpError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
         self.state.set_policy(p, self.clock())
         plog.info("policy %s", what, extra={"policy": p.name})
         await self._flush_or_abort(context)
@@ -376,8 +382,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                            context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
         p = await self._build(context, await self._parse(context, request.policy_json, "policy"))
         if p.name in self.state.policies:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"name: a policy named {p.name!r} already exists")
+            await rpc.abort(context, AlreadyExistsError(
+                f"name: a policy named {p.name!r} already exists"))
         return await self._store_policy(context, p, "created")
 
     async def UpdatePolicy(self, request: cpb.UpdatePolicyRequest,
@@ -385,8 +391,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         old = await self._existing(context, request.name)
         patch = await self._parse(context, request.patch_json, "patch")
         if "name" in patch and patch["name"] != old.name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "name: a policy cannot be renamed (create a new one)")
+            await rpc.abort(context, InvalidRequestError(
+                "name: a policy cannot be renamed (create a new one)"))
         data = {**dataclasses.asdict(old), **patch}
         p = await self._build(context, data)
         return await self._store_policy(context, p, "updated")
@@ -404,7 +410,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         try:
             self.store.delete_policy(old.name)
         except CdpError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
         self.state.delete_policy(old.name, self.clock())
         await self._flush_or_abort(context)
         return cpb.PolicyReply(policy_json=policy_to_json(old))
@@ -469,13 +475,12 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                                 context: grpc.aio.ServicerContext,
                                 ) -> cpb.ReportUnreachableReply:
         if not request.node_id and not request.address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "node_id and address are both empty")
+            await rpc.abort(context, InvalidRequestError("node_id and address are both empty"))
         try:
             return await self.report_unreachable(request.reporter, request.node_id,
                                                  request.address, request.policy, request.detail)
         except CdpError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
         raise AssertionError("unreachable")
 
     async def RequestSync(self, request: cpb.PolicyName,
@@ -492,6 +497,6 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         try:
             events = self.store.list_alarms(request.policy, min(limit, 100_000))
         except CdpError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
         return cpb.ListAlarmsReply(events=[alarm_pb(e) for e in events],
                                    active=dict(self.alarms.current))

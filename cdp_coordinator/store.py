@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cdp_common.config import PolicyConfig, PolicyDiskConfig
-from cdp_common.errors import FormatError, StorageError
+from cdp_common.errors import CorruptStateError, FormatError, StorageError
 from cdp_common.states import AlarmKind, AlarmLevel
 from cdp_coordinator.alarms import AlarmEvent
 from cdp_coordinator.model import Assignment, Endpoint, NodeInfo
@@ -206,6 +206,12 @@ def alarm_event(id: int, time_ns: int, policy: str, kind: str, level: str,
         raise FormatError(f"stored alarm event {id}: {exc}") from None
 
 
+def _is_corrupt(exc: sqlite3.Error) -> bool:
+    """A file that is not (or no longer) a database, as opposed to one that cannot be opened."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT) or "not a database" in str(exc)
+
+
 class SqliteStore:
     """`StateStore` in one SQLite file (WAL)."""
 
@@ -222,8 +228,13 @@ class SqliteStore:
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) > SCHEMA_VERSION:
-                raise StorageError(f"{self.path}: schema version {row[0]} is newer than this "
-                                   f"coordinator ({SCHEMA_VERSION})")
+                raise FormatError(f"{self.path}: schema version {row[0]} is newer than this "
+                                  f"coordinator ({SCHEMA_VERSION})")
+        except sqlite3.DatabaseError as exc:
+            if _is_corrupt(exc):
+                raise CorruptStateError(f"coordinator.db_path: {self.path} is corrupt or not "
+                                        f"a cdp state database: {exc}") from None
+            raise StorageError(f"coordinator.db_path: cannot open {self.path}: {exc}") from None
         except sqlite3.Error as exc:
             raise StorageError(f"coordinator.db_path: cannot open {self.path}: {exc}") from None
         except OSError as exc:

@@ -1,4 +1,5 @@
-"""cdp-filter daemon: journals + FUSE mount + shippers + control-plane client.
+"""cdp-filter daemon: journals + FUSE mount + shippers, on the node skeleton
+(cdp_common.node, which adds the server, metrics and the control-plane client).
 
 Startup order matters for I3 (crash anywhere): images are opened (created
 sparse when missing), each policy's journal is recovered and every untrimmed
@@ -7,9 +8,9 @@ appears, so a write that reached the journal but not the image before a
 kill -9 is in the image again before anyone can read it. Only then is the
 file system mounted and shipping started.
 
-Shutdown: stop the control-plane client and shippers, release writers held
-back by the journal cap, end the FUSE loop and unmount, then fsync journals
-and images.
+Shutdown: stop the shippers, release writers held back by the journal cap,
+end the FUSE loop and unmount, stop the control-plane client and the server,
+then fsync journals and images.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import logging
 import os
 from collections.abc import Callable
 
+import grpc
 import pyfuse3
 import pyfuse3.asyncio
 
-from cdp_common import daemon as cdaemon
-from cdp_common import rpc
+from cdp_common import node
 from cdp_common.config import FilterConfig
-from cdp_common.coordclient import CoordinatorClient
 from cdp_common.errors import ConfigError, StorageError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_filter import fs
@@ -84,20 +84,17 @@ def _link_of(shipper: Shipper) -> Callable[[], int]:
     return lambda: shipper.welcomes if shipper.connected else 0
 
 
-class FilterDaemon:
+class FilterDaemon(node.NodeDaemon):
     def __init__(self, config: FilterConfig) -> None:
         self.config = config
         self.runtimes: dict[str, PolicyRuntime] = {}
         self.shippers: dict[str, Shipper] = {}
         self.disks: list[Disk] = []
-        self.server: rpc.Server | None = None
-        self.coord: CoordinatorClient | None = None
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self._fuse_task: asyncio.Task[None] | None = None
         self._mounted = False
         self.mountpoint = config.filter.mountpoint
-        self.ready = asyncio.Event()  # set once mounted and shipping (sd_notify READY=1)
+        self.node = node.Node(config, self, kind="cdp-filter", role=cpb.ROLE_FILTER,
+                              grace_s=1.0, on_assignments=self._on_assignments)
 
     # ------------------------------------------------------------ setup
 
@@ -164,11 +161,11 @@ class FilterDaemon:
         try:
             await pyfuse3.main()
         finally:
-            if not self._stop.is_set():
+            if not self.node.stopping:
                 log.warning("FUSE loop ended (unmounted from outside?); shutting down")
-                self._stop.set()
+                await self.node.shutdown()
 
-    def _reports(self) -> list[cpb.PolicyReport]:
+    def reports(self) -> list[cpb.PolicyReport]:
         return [rt.report() for rt in self.runtimes.values()]
 
     def _on_assignments(self, update: cpb.AssignmentSet) -> None:
@@ -180,47 +177,32 @@ class FilterDaemon:
             if syncer is not None:
                 syncer.on_assignment(mine.get(name))
 
-    # ------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------ node hooks
 
-    async def run(self) -> None:
-        node = self.config.node
-        try:
-            self._open_storage()
-            self._make_shippers()
-            self.server = rpc.Server(node.listen, self.config.tls, node.max_message_bytes)
-            await self.server.start()
-            metrics_address = cdaemon.start_metrics(node.metrics_listen)
-            self._mount()
-            self.coord = CoordinatorClient(
-                node, self.config.tls, cpb.ROLE_FILTER, node.advertise or self.server.address,
-                metrics_address, self._reports, self._on_assignments)
-            self.coord.start()
-            for name, shipper in self.shippers.items():
-                shipper.on_unreachable = self.coord.report_unreachable
-                self._tasks.append(asyncio.create_task(shipper.run(), name=f"shipper-{name}"))
-                tracker = self.runtimes[name].tracker
-                if tracker is not None:
-                    self._tasks.append(asyncio.create_task(tracker.run(), name=f"resync-{name}"))
-                syncer = self.runtimes[name].syncer
-                if syncer is not None:
-                    self._tasks.append(asyncio.create_task(syncer.run(), name=f"sync-{name}"))
-            log.info("cdp-filter %s serving on %s", node.id, self.server.address,
-                     extra={"node": node.id})
-            self.ready.set()
-            await self._stop.wait()
-        finally:
-            await self._cleanup()
+    async def open(self, node: node.Node) -> None:
+        self._open_storage()
+        self._make_shippers()
 
-    async def shutdown(self) -> None:
-        self._stop.set()
+    def add_servicers(self, server: grpc.aio.Server) -> None:
+        """The filter serves only health (its server is how peers and systemd see it up)."""
 
-    async def _cleanup(self) -> None:
-        self._stop.set()
-        if self.coord is not None:
-            await self.coord.stop()
+    async def start(self, node: node.Node) -> None:
+        self._mount()
+        for name, shipper in self.shippers.items():
+            if node.coordinator is not None:
+                shipper.on_unreachable = node.coordinator.report_unreachable
+            node.spawn(shipper.run(), f"shipper-{name}")
+            tracker = self.runtimes[name].tracker
+            if tracker is not None:
+                node.spawn(tracker.run(), f"resync-{name}")
+            syncer = self.runtimes[name].syncer
+            if syncer is not None:
+                node.spawn(syncer.run(), f"sync-{name}")
+
+    async def stop(self) -> None:
+        """Shippers are cancelled by now: release held writers, then unmount."""
         for rt in self.runtimes.values():
             rt.close()
-        await cdaemon.cancel_and_wait(*self._tasks)
         if self._mounted:
             with contextlib.suppress(Exception):
                 pyfuse3.terminate()
@@ -234,6 +216,8 @@ class FilterDaemon:
             except Exception as exc:
                 log.warning("unmount failed: %s", exc)
             self._mounted = False
+
+    async def close(self) -> None:
         for rt in self.runtimes.values():
             try:
                 rt.journal.sync()
@@ -248,6 +232,3 @@ class FilterDaemon:
                 with contextlib.suppress(OSError):
                     os.close(d.fd)
                 d.fd = -1
-        if self.server is not None:
-            await self.server.stop(1.0)
-        log.info("cdp-filter stopped")

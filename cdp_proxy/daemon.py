@@ -1,11 +1,12 @@
-"""cdp-proxy daemon: the data mover, role = source, target or both.
+"""cdp-proxy daemon: the data mover, role = source, target or both, on the node
+skeleton (cdp_common.node).
 
-Lifecycle: load the master key once, bind node.listen with the servicer(s)
-of its role (`SourceProxy`, `TargetProxy`) plus health, serve metrics,
-register with the coordinator (ROLE_SOURCE_PROXY / ROLE_TARGET_PROXY /
-ROLE_PROXY_BOTH) and heartbeat, reporting only the last error per policy.
-The data path never waits on the coordinator: streams are opened by filters
-and source proxies with the addresses of their own assignments.
+The master key is loaded once (at construction: a missing or bad key file is a
+ConfigError before anything binds). The node serves the servicer(s) of the
+role (`SourceProxy`, `TargetProxy`), registers as ROLE_SOURCE_PROXY /
+ROLE_TARGET_PROXY / ROLE_PROXY_BOTH and reports only the last error per
+policy. The data path never waits on the coordinator: streams are opened by
+filters and source proxies with the addresses of their own assignments.
 
 A proxy keeps no state across streams (the filter's journal is the source of
 truth), so shutdown just stops the server: open streams end, the filters
@@ -14,13 +15,12 @@ reconnect elsewhere or later and resend from the target's durable seq.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from cdp_common import daemon as cdaemon
-from cdp_common import rpc
+import grpc
+
+from cdp_common import node
 from cdp_common.config import ProxyConfig
-from cdp_common.coordclient import CoordinatorClient
 from cdp_common.crypto import load_master_key
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
@@ -36,7 +36,7 @@ ROLES = {"source": cpb.ROLE_SOURCE_PROXY, "target": cpb.ROLE_TARGET_PROXY,
          "both": cpb.ROLE_PROXY_BOTH}
 
 
-class ProxyDaemon:
+class ProxyDaemon(node.NodeDaemon):
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         proxy = config.proxy
@@ -52,44 +52,26 @@ class ProxyDaemon:
         if proxy.role in ("target", "both"):
             self.target = TargetProxy(config.node.id, self.channels, self.master_key,
                                       self.errors)
-        self.server: rpc.Server | None = None
-        self.coordinator: CoordinatorClient | None = None
-        self.address = ""
-        self.metrics_address = ""
-        self.started = asyncio.Event()
-        self._stop = asyncio.Event()
         self._rate = metrics.ByteRate()
+        self.node = node.Node(config, self, kind=f"proxy (role {proxy.role})",
+                              role=ROLES[proxy.role], grace_s=SHUTDOWN_GRACE_S,
+                              load=self._rate.sample)
 
     def reports(self) -> list[cpb.PolicyReport]:
         return [cpb.PolicyReport(policy=p, error=m) for p, m in sorted(self.errors.items())]
 
-    async def run(self) -> None:
-        node = self.config.node
-        try:
-            self.server = rpc.Server(node.listen, self.config.tls, node.max_message_bytes)
-            if self.source is not None:
-                rgrpc.add_SourceProxyServicer_to_server(self.source, self.server.grpc)
-            if self.target is not None:
-                rgrpc.add_TargetProxyServicer_to_server(self.target, self.server.grpc)
-            await self.server.start()
-            self.address = node.advertise or self.server.address
-            self.metrics_address = cdaemon.start_metrics(node.metrics_listen)
-            if node.coordinator:
-                self.coordinator = CoordinatorClient(
-                    node, self.config.tls, ROLES[self.config.proxy.role], self.address,
-                    self.metrics_address, self.reports, load=self._rate.sample)
-                if self.source is not None:
-                    self.source.on_unreachable = self.coordinator.report_unreachable
-                self.coordinator.start()
-            log.info("proxy (role %s) serving on %s (metrics %s)", self.config.proxy.role,
-                     self.address, self.metrics_address or "off", extra={"node": node.id})
-            self.started.set()
-            await self._stop.wait()
-        finally:
-            await self._cleanup()
+    def add_servicers(self, server: grpc.aio.Server) -> None:
+        if self.source is not None:
+            rgrpc.add_SourceProxyServicer_to_server(self.source, server)
+        if self.target is not None:
+            rgrpc.add_TargetProxyServicer_to_server(self.target, server)
 
-    async def shutdown(self) -> None:
-        self._stop.set()
+    async def start(self, node: node.Node) -> None:
+        if self.source is not None and node.coordinator is not None:
+            self.source.on_unreachable = node.coordinator.report_unreachable
+
+    async def close(self) -> None:
+        await self.channels.close()
 
     def reload(self, config: ProxyConfig) -> None:
         """SIGHUP: re-read proxy.key_file; sessions opened from now on use the new key
@@ -105,11 +87,3 @@ class ProxyDaemon:
             self.target.master_key = key
         log.info("reloaded the master key from %s", config.proxy.key_file,
                  extra={"node": self.config.node.id})
-
-    async def _cleanup(self) -> None:
-        if self.coordinator is not None:
-            await self.coordinator.stop()
-        if self.server is not None:
-            await self.server.stop(SHUTDOWN_GRACE_S)
-        await self.channels.close()
-        log.info("proxy stopped", extra={"node": self.config.node.id})

@@ -15,7 +15,7 @@ import argparse
 import sys
 import textwrap
 
-from cdp_common.errors import CdpError, CoordinatorUnreachable
+from cdp_common.errors import EXIT_INTERRUPTED, CdpError, CoordinatorUnreachable
 from cdpctl import completion, health, labcmd, pki, policy, restore, status, sync
 from cdpctl.cmdline import EXIT_USAGE, CommandGroup, Context, Parser, context
 from cdpctl.state import UsageError
@@ -66,13 +66,13 @@ def run(argv: list[str], ctx: Context | None = None) -> int:
         print(f"cdpctl: {exc}", file=sys.stderr)
         return status.EXIT_UNREACHABLE
     except CdpError as exc:
-        # Every other failure is an error (2) on the documented scale.
+        # Its own code on the one table (cdp_common.errors.EXIT_CODES): 2 unless it says more.
         print(f"cdpctl: error: {exc}", file=sys.stderr)
-        return status.EXIT_ERROR
+        return exc.exit_code
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         print(f"cdpctl: error:{where}: {exc.strerror or exc}", file=sys.stderr)
         return status.EXIT_ERROR
     except KeyboardInterrupt:
         print("cdpctl: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -31,17 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeAlias
 
+from cdp_common.errors import EXIT_USAGE, exit_codes_help
 from cdpctl import resolve
 
-EXIT_USAGE = 64
-
-EXIT_CODES = """\
-exit codes:
-  0   ok
-  1   warning (e.g. a policy's RPO lag is above its warning threshold)
-  2   error (a node down, a policy in error or unassigned, a failed command)
-  3   coordinator unreachable
-  64  usage error (bad or missing arguments)"""
+EXIT_CODES = exit_codes_help()
 
 COORDINATOR_HELP = """\
 which coordinator (first match wins):

@@ -48,7 +48,7 @@ async def test_registers_with_role_and_reports_errors(tmp_path: Path, role: str,
     ptask = asyncio.create_task(proxy.run())
     channel = rpc.channel(coord.address, TLS, 1 << 20)
     try:
-        await asyncio.wait_for(proxy.started.wait(), 10)
+        await asyncio.wait_for(proxy.ready.wait(), 10)
         assert proxy.metrics_address
         stub = cgrpc.CoordinatorStub(channel)
         for _ in range(100):
@@ -81,7 +81,7 @@ async def test_keeps_serving_without_coordinator(tmp_path: Path) -> None:
         node=NodeConfig(id="px", listen="127.0.0.1:0", coordinator="127.0.0.1:1"),
         proxy=ProxySection(role="both", key_file=str(key)), tls=TLS))
     task = asyncio.create_task(proxy.run())
-    await asyncio.wait_for(proxy.started.wait(), 10)
+    await asyncio.wait_for(proxy.ready.wait(), 10)
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     async with rpc.channel(proxy.address, TLS, 1 << 20) as ch:
         reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())

@@ -76,7 +76,7 @@ def _proxy_config(tmp: Path, role: str, key: bytes, **kw: Any) -> ProxyConfig:
 
 async def _start(d: ProxyDaemon) -> asyncio.Task[None]:
     task = asyncio.create_task(d.run())
-    await asyncio.wait_for(d.started.wait(), 10)
+    await asyncio.wait_for(d.ready.wait(), 10)
     return task
 
 

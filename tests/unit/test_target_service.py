@@ -324,7 +324,7 @@ async def test_daemon_serves_and_reports(tmp_path: Path) -> None:
     daemon = TargetDaemon(config)
     task = asyncio.create_task(daemon.run())
     try:
-        await asyncio.wait_for(daemon.started.wait(), 10)
+        await asyncio.wait_for(daemon.ready.wait(), 10)
         async with rpc.channel(daemon.address, TLS, MSG) as ch:
             stub = rgrpc.TargetStub(ch)
             call = stub.Apply()
