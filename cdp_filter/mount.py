@@ -1,0 +1,71 @@
+"""The filter's FUSE mount: one file per disk under filter.mountpoint (cdp_filter.fs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import pyfuse3
+import pyfuse3.asyncio
+
+from cdp_common.errors import StorageError
+from cdp_filter import fs
+from cdp_filter.policy import Disk, PolicyRuntime
+
+pyfuse3.asyncio.enable()
+log = logging.getLogger("filter.mount")
+
+END_TIMEOUT_S = 10.0
+
+
+class Mount:
+    """pyfuse3 allows one mount per process; `start` it once, `stop` it once."""
+
+    def __init__(self, mountpoint: str) -> None:
+        self.mountpoint = mountpoint
+        self._task: asyncio.Task[None] | None = None
+        self._mounted = False
+        self._stopping = False
+
+    def start(self, disks: list[Disk], runtimes: dict[str, PolicyRuntime],
+              on_lost: Callable[[], Awaitable[None]]) -> None:
+        """Mount and serve; `on_lost()` if the FUSE loop ends unasked (unmounted from outside)."""
+        fs.prepare_mountpoint(self.mountpoint)
+        ops = fs.FilterFs(disks)
+        ops.runtimes = dict(runtimes)
+        try:
+            pyfuse3.init(ops, self.mountpoint, fs.mount_options())
+        except RuntimeError as exc:
+            raise StorageError(f"filter.mountpoint: cannot mount FUSE at {self.mountpoint}: "
+                               f"{exc}") from None
+        self._mounted = True
+        self._task = asyncio.create_task(self._main(on_lost), name="fuse")
+        log.info("mounted %d disks at %s", len(disks), self.mountpoint)
+
+    async def _main(self, on_lost: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await pyfuse3.main()
+        finally:
+            if not self._stopping:
+                log.warning("FUSE loop ended (unmounted from outside?); shutting down")
+                await on_lost()
+
+    async def stop(self) -> None:
+        """End the FUSE loop and unmount (no-op if never mounted)."""
+        self._stopping = True
+        if not self._mounted:
+            return
+        with contextlib.suppress(Exception):
+            pyfuse3.terminate()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), END_TIMEOUT_S)
+            except (TimeoutError, Exception) as exc:
+                log.warning("FUSE loop did not end cleanly: %s", exc)
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception as exc:
+            log.warning("unmount failed: %s", exc)
+        self._mounted = False
