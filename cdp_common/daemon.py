@@ -133,7 +133,7 @@ async def _serve(daemon: Daemon, reload: Callable[[], None] | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    run_task = asyncio.create_task(daemon.run(), name="daemon-run")  # type: ignore[arg-type]
+    run_task = asyncio.create_task(daemon.run(), name="daemon-run")
     watchdog: asyncio.Task[None] | None = None
     stop_wait = asyncio.ensure_future(stopping.wait())
     try:
@@ -163,8 +163,8 @@ async def _serve(daemon: Daemon, reload: Callable[[], None] | None = None,
         notifier.close()
 
 
-def reload_config(config_cls: type[Any], path: str, cli_log_level: str,
-                  daemon: Any) -> None:
+def reload_config(config_cls: type[C], path: str, cli_log_level: str,
+                  daemon: Daemon) -> None:
     """The SIGHUP reload: see the module docstring. Never raises."""
     try:
         config = load_config(config_cls, path)
@@ -205,7 +205,7 @@ def main(prog: str, description: str, config_cls: type[C],
         memtune.tune_malloc()  # recycle MiB-sized buffers instead of page-faulting them in
         async def start() -> None:
             made = make_daemon(config)
-            daemon: Any = await made if asyncio.iscoroutine(made) else made
+            daemon = await made if isinstance(made, Awaitable) else made
             await _serve(daemon, lambda: reload_config(config_cls, args.config,
                                                        args.log_level, daemon))
         uvloop.run(start())

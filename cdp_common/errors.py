@@ -18,6 +18,8 @@ message in another.
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_WARNING = 1
 EXIT_USAGE = 64
@@ -31,6 +33,15 @@ class CdpError(Exception):
     transient = False
     grpc_status = "INTERNAL"
 
+    def __init_subclass__(cls, exit_code: int | None = None, transient: bool | None = None,
+                          grpc_status: str | None = None, **kw: Any) -> None:
+        """`class X(CdpError, exit_code=4, grpc_status="INVALID_ARGUMENT")`: unset = inherited."""
+        super().__init_subclass__(**kw)
+        for name, value in (("exit_code", exit_code), ("transient", transient),
+                            ("grpc_status", grpc_status)):
+            if value is not None:
+                setattr(cls, name, value)
+
     def __init__(self, *args: object, grpc_status: str | None = None,
                  transient: bool | None = None) -> None:
         super().__init__(*args)
@@ -40,106 +51,70 @@ class CdpError(Exception):
             self.transient = transient
 
 
-class ConfigError(CdpError):
+class ConfigError(CdpError, exit_code=2, grpc_status="INVALID_ARGUMENT"):
     """A configuration file or value is invalid; the message names the field."""
 
-    exit_code = 2
-    grpc_status = "INVALID_ARGUMENT"
 
-
-class FormatError(CdpError):
+class FormatError(CdpError, exit_code=4, grpc_status="INVALID_ARGUMENT"):
     """Bytes do not decode: bad magic, version, length, bounds or checksum."""
-
-    exit_code = 4
-    grpc_status = "INVALID_ARGUMENT"
 
 
 class TornRecordError(FormatError):
     """A journal record is cut short (torn tail after a crash)."""
 
 
-class AuthenticationError(CdpError):
+class AuthenticationError(CdpError, exit_code=5, grpc_status="PERMISSION_DENIED"):
     """A frame failed its AEAD tag: wrong key, tampering, replay or reordering."""
 
-    exit_code = 5
-    grpc_status = "PERMISSION_DENIED"
 
-
-class ProtocolError(CdpError):
+class ProtocolError(CdpError, exit_code=6, grpc_status="INVALID_ARGUMENT"):
     """The peer broke the stream protocol (wrong message order, seq gap, ...)."""
 
-    exit_code = 6
-    grpc_status = "INVALID_ARGUMENT"
 
-
-class FencedError(CdpError):
+class FencedError(CdpError, exit_code=7, grpc_status="FAILED_PRECONDITION"):
     """A stream carries an epoch older than the one already seen for its policy."""
 
-    exit_code = 7
-    grpc_status = "FAILED_PRECONDITION"
 
-
-class UnavailableError(CdpError):
+class UnavailableError(CdpError, exit_code=8, transient=True, grpc_status="UNAVAILABLE"):
     """A peer cannot be reached right now; reconnecting may help."""
 
-    exit_code = 8
-    transient = True
-    grpc_status = "UNAVAILABLE"
 
-
-class CoordinatorUnreachable(UnavailableError):
+class CoordinatorUnreachable(UnavailableError, exit_code=3):
     """The coordinator does not answer (its own exit code: scripts tell it apart)."""
 
-    exit_code = 3
 
-
-class StorageError(CdpError):
+class StorageError(CdpError, exit_code=9, transient=True, grpc_status="UNAVAILABLE"):
     """Local storage failed (disk full, I/O error); nothing partial was committed."""
 
-    exit_code = 9
-    transient = True
-    grpc_status = "UNAVAILABLE"
 
-
-class CorruptStateError(FormatError, StorageError):
+class CorruptStateError(FormatError, StorageError, exit_code=FormatError.exit_code,
+                        transient=False, grpc_status=FormatError.grpc_status):
     """A state file or database on local storage does not decode.
 
     A FormatError (exit 4, permanent: retrying reads the same bytes) that is
     also a StorageError, since the fault lies in local storage, not in a peer.
     """
 
-    exit_code = FormatError.exit_code
-    transient = False
-    grpc_status = FormatError.grpc_status
 
-
-class InvalidRequestError(CdpError):
+class InvalidRequestError(CdpError, grpc_status="INVALID_ARGUMENT"):
     """A request a server refuses as malformed (empty id, not JSON, unknown field)."""
 
-    grpc_status = "INVALID_ARGUMENT"
 
-
-class NotFoundError(CdpError):
+class NotFoundError(CdpError, grpc_status="NOT_FOUND"):
     """A request names something that does not exist (a policy, a restore point)."""
 
-    grpc_status = "NOT_FOUND"
 
-
-class AlreadyExistsError(CdpError):
+class AlreadyExistsError(CdpError, grpc_status="ALREADY_EXISTS"):
     """A create names something that exists already."""
 
-    grpc_status = "ALREADY_EXISTS"
 
-
-class RemoteError(CdpError):
+class RemoteError(CdpError, exit_code=8):
     """A call to a peer failed; built only by cdp_common.rpc.remote_error.
 
     `code` is the gRPC status name, `details` its text, `answered` whether the
     peer's own code ended the call (the `cdp-answered` trailer) rather than the
     transport, a proxy in between or a crash. `transient` follows the code.
     """
-
-    exit_code = 8
 
     def __init__(self, message: str, *, code: str, details: str, answered: bool,
                  transient: bool) -> None:
@@ -149,10 +124,8 @@ class RemoteError(CdpError):
         self.answered = answered
 
 
-class RemoteProtocolError(RemoteError, ProtocolError):
+class RemoteProtocolError(RemoteError, ProtocolError, exit_code=6):
     """The remote side answered that *we* are wrong (permanent); do not retry blindly."""
-
-    exit_code = 6
 
 
 EXIT_CODES: tuple[tuple[int, str, str], ...] = (

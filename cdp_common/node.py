@@ -90,13 +90,9 @@ class Node:
     def __init__(self, config: NodeConfigured, component: Component, *, kind: str,
                  role: int | None = None, grace_s: float = 2.0,
                  on_assignments: AssignFn | None = None, load: LoadFn | None = None) -> None:
-        self.config = config
-        self.component = component
-        self.kind = kind
-        self.role = role
-        self.grace_s = grace_s
-        self._on_assignments = on_assignments
-        self._load = load
+        self.config, self.component = config, component
+        self.kind, self.role, self.grace_s = kind, role, grace_s
+        self._on_assignments, self._load = on_assignments, load
         self.ready = asyncio.Event()
         self.server: rpc.Server | None = None
         self.coordinator: CoordinatorClient | None = None

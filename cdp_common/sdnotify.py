@@ -100,7 +100,7 @@ class Notifier:
         if self._sock is None or self.env.socket_address is None:
             return False
         try:
-            self._sock.sendto(message(**fields), self.env.socket_address)  # type: ignore[arg-type]
+            self._sock.sendto(message(**fields), self.env.socket_address)
             return True
         except OSError as exc:
             log.warning("sd_notify %s failed: %s", ",".join(fields), exc)

@@ -350,7 +350,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             await rpc.abort(context, InvalidRequestError(f"{what}: not JSON: {exc}"))
         if not isinstance(data, dict):
             await rpc.abort(context, InvalidRequestError(f"{what}: expected a JSON object"))
-        return data  # type: ignore[no-any-return]
+        return data
 
     async def _build(self, context: grpc.aio.ServicerContext,
                      data: dict[str, Any]) -> PolicyConfig:

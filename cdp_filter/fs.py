@@ -68,29 +68,29 @@ class FilterFs(pyfuse3.Operations):
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        a.st_ino = inode  # type: ignore[assignment]
+        a.st_ino = inode
         a.st_uid = self._uid
         a.st_gid = self._gid
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._start_ns
         a.st_blksize = 4096
         a.attr_timeout = a.entry_timeout = ATTR_TIMEOUT_S
         if inode == ROOT:
-            a.st_mode = stat.S_IFDIR | 0o755  # type: ignore[assignment]
+            a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
             return a
         d = self._by_inode.get(inode)
         if d is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        a.st_mode = stat.S_IFREG | FILE_MODE  # type: ignore[assignment]
+        a.st_mode = stat.S_IFREG | FILE_MODE
         a.st_nlink = 1
         a.st_size = d.size
         a.st_blocks = d.size // 512
         return a
 
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         return self._attr(inode)
 
-    async def lookup(self, parent_inode: int, name: bytes,  # type: ignore[override]
+    async def lookup(self, parent_inode: int, name: bytes,
                      ctx: Any = None) -> pyfuse3.EntryAttributes:
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -101,7 +101,7 @@ class FilterFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(d.inode)
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,  # type: ignore[override]
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         current = self._attr(inode)
@@ -111,7 +111,7 @@ class FilterFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         return current
 
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:  # type: ignore[override]
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = sum(d.size for d in self._disks) // 4096
@@ -123,35 +123,35 @@ class FilterFs(pyfuse3.Operations):
 
     # ------------------------------------------------------------ directory
 
-    async def opendir(self, inode: int, ctx: Any) -> int:  # type: ignore[override]
+    async def opendir(self, inode: int, ctx: Any) -> int:
         if inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode  # type: ignore[return-value]
+        return inode
 
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:  # type: ignore[override]
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         for i, d in enumerate(self._disks):
             if i < start_id:
                 continue
             if not pyfuse3.readdir_reply(token, d.name.encode(), self._attr(d.inode), i + 1):
                 return
 
-    async def releasedir(self, fh: int) -> None:  # type: ignore[override]
+    async def releasedir(self, fh: int) -> None:
         return None
 
     # ------------------------------------------------------------ files
 
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:  # type: ignore[override]
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if inode not in self._by_inode:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT else errno.ENOENT)
         if flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EPERM)
-        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)  # type: ignore[arg-type]
+        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
 
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,  # type: ignore[override]
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         d = self._by_inode[fh]
         if off >= d.size:
             return b""
@@ -162,7 +162,7 @@ class FilterFs(pyfuse3.Operations):
                       extra={"disk": d.name})
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:  # type: ignore[override]
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         d = self._by_inode[fh]
         n = len(buf)
         if off + n > d.size:
@@ -203,16 +203,16 @@ class FilterFs(pyfuse3.Operations):
             log.error("flush of %s failed: %s", d.name, exc, extra={"disk": d.name})
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    async def flush(self, fh: int) -> None:  # type: ignore[override]
+    async def flush(self, fh: int) -> None:
         await self._flush(fh)
 
-    async def fsync(self, fh: int, datasync: bool) -> None:  # type: ignore[override]
+    async def fsync(self, fh: int, datasync: bool) -> None:
         await self._flush(fh)
 
-    async def release(self, fh: int) -> None:  # type: ignore[override]
+    async def release(self, fh: int) -> None:
         return None
 
-    async def forget(self, inode_list: Any) -> None:  # type: ignore[override]
+    async def forget(self, inode_list: Any) -> None:
         return None
 
 

@@ -74,16 +74,12 @@ Progress = Callable[[str, int, int], None]
 """progress(phase, bytes_done, bytes_total)."""
 
 
-class PointNotFound(CdpError):
+class PointNotFound(CdpError, grpc_status="NOT_FOUND"):
     """No restore point matches the request."""
 
-    grpc_status = "NOT_FOUND"
 
-
-class FailoverStateError(CdpError):
+class FailoverStateError(CdpError, grpc_status="FAILED_PRECONDITION"):
     """The request contradicts the policy's failover state."""
-
-    grpc_status = "FAILED_PRECONDITION"
 
 
 # ---------------------------------------------------------------- copying
