@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 _FIELDS = ("policy", "disk", "seq", "peer", "epoch", "node")
@@ -55,3 +56,18 @@ def set_level(level: str) -> None:
 
 def get(name: str) -> logging.Logger:
     return logging.getLogger(name)
+
+
+class Bound(logging.LoggerAdapter[logging.Logger]):
+    """A logger for one object: its fields (policy=..., node=...) on every line;
+    `extra=` on a call adds more (and wins on a clash)."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any,
+                                                                          MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return msg, kwargs
+
+
+def bound(logger: logging.Logger, **fields: object) -> Bound:
+    """`log = bound(logging.getLogger("filter.shipper"), policy=name)`; then `log.info(...)`."""
+    return Bound(logger, fields)

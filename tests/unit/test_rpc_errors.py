@@ -98,3 +98,4 @@ def test_exit_codes_are_unique() -> None:
     codes = [code for code, _, _ in EXIT_CODES]
     assert len(codes) == len(set(codes))
     assert codes[:4] == [0, 1, 2, 3]
+
