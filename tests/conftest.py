@@ -39,43 +39,51 @@ CDPCTL_TIMEOUT_S = 60.0
 
 # ---------------------------------------------------------------- polling
 
+class _Poll:
+    """The deadline and the last failure of one `assert_eventually` loop."""
+
+    def __init__(self, fn: Callable[..., Any], timeout_s: float, message: str) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.text = (message or f"condition {getattr(fn, '__name__', fn)} not met") + \
+            f" (within {timeout_s}s)"
+
+    def missed(self, last: AssertionError | None) -> None:
+        """After a failed attempt: raise once the time is up."""
+        if time.monotonic() >= self.deadline:
+            raise AssertionError(self.text) from last
+
+
 def assert_eventually(fn: Callable[[], T], timeout_s: float = 10.0, interval_s: float = 0.1,
                       message: str = "") -> T:
-    """Call `fn` until it passes; returns its last result."""
-    deadline = time.monotonic() + timeout_s
-    last: AssertionError | None = None
+    """Call `fn` until it passes (returns anything but False, raises no AssertionError);
+    returns its last result."""
+    poll = _Poll(fn, timeout_s, message)
     while True:
+        last: AssertionError | None = None
         try:
-            result = fn()
-            if result is not False:
+            if (result := fn()) is not False:
                 return result
-            last = None
         except AssertionError as exc:
             last = exc
-        if time.monotonic() >= deadline:
-            text = message or f"condition {getattr(fn, '__name__', fn)} not met"
-            raise AssertionError(f"{text} (within {timeout_s}s)") from last
+        poll.missed(last)
         time.sleep(interval_s)
 
 
 async def async_assert_eventually(fn: Callable[[], Awaitable[T] | T], timeout_s: float = 10.0,
                                   interval_s: float = 0.1, message: str = "") -> T:
     """`assert_eventually` for coroutine functions; sleeps with asyncio.sleep."""
-    deadline = time.monotonic() + timeout_s
-    last: AssertionError | None = None
+    poll = _Poll(fn, timeout_s, message)
     while True:
+        last: AssertionError | None = None
         try:
             result = fn()
             if inspect.isawaitable(result):
                 result = await result
             if result is not False:
-                return result  # type: ignore[return-value]
-            last = None
+                return result
         except AssertionError as exc:
             last = exc
-        if time.monotonic() >= deadline:
-            text = message or f"condition {getattr(fn, '__name__', fn)} not met"
-            raise AssertionError(f"{text} (within {timeout_s}s)") from last
+        poll.missed(last)
         await asyncio.sleep(interval_s)
 
 
@@ -187,6 +195,18 @@ class LabHandle:
         cdpctl("lab", "restart", "--dir", str(self.dir), node_id, check=True,
                timeout=LAB_UP_TIMEOUT_S)
         return int(next(p for p in self.reload()["processes"] if p["id"] == node_id)["pid"])
+
+    def set_config(self, node_id: str, section: str, **fields: Any) -> None:
+        """Stop `node_id`, change `[section]` of its config file, start it again."""
+        import tomllib
+
+        from cdpctl import tomlw
+        path = Path(self.process(node_id)["config"])
+        doc = tomllib.loads(path.read_text())
+        doc[section].update(fields)
+        self.kill(node_id, signal.SIGTERM, wait_s=30)
+        path.write_text(tomlw.dumps(doc))
+        self.restart(node_id)
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         """cdpctl ARGS against this lab's coordinator (adds --lab-dir)."""

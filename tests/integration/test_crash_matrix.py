@@ -52,9 +52,7 @@ import http.client
 import json
 import os
 import random
-import signal
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +60,6 @@ import pytest
 from conftest import assert_eventually, cdpctl
 from crashwork import CrashWriter, captured_seq
 from workload import MiB, sha256_file
-
-from cdpctl import tomlw
 
 KILLS = int(os.environ.get("CDP_CRASH_KILLS", "10"))
 SEED = int(os.environ.get("CDP_CRASH_SEED", str(random.randrange(1 << 30))))
@@ -90,16 +86,6 @@ def schedule(rng: random.Random, kills: int) -> list[str]:
             rnd.append(rnd.pop(0))
         out += rnd
     return out[:kills]
-
-
-def set_filter_config(handle: Any, **fields: Any) -> None:
-    """Stop the filter, change its [filter] section, start it again."""
-    path = Path(handle.process("filter-1")["config"])
-    doc = tomllib.loads(path.read_text())
-    doc["filter"].update(fields)
-    handle.kill("filter-1", signal.SIGTERM, wait_s=30)
-    path.write_text(tomlw.dumps(doc))
-    handle.restart("filter-1")
 
 
 def list_points(handle: Any) -> list[dict[str, Any]]:
@@ -155,7 +141,7 @@ def test_crash_matrix(lab: Any, tmp_path: Path) -> None:
     handle = lab(tmp_path / "lab", disk_size="64M")
     lab_dir = str(handle.dir)
     if JOURNAL_CAP_MIB:
-        set_filter_config(handle, journal_cap_bytes=JOURNAL_CAP_MIB * MiB,
+        handle.set_config("filter-1", "filter", journal_cap_bytes=JOURNAL_CAP_MIB * MiB,
                           journal_segment_bytes=min(JOURNAL_CAP_MIB * MiB, 1 * MiB))
     metrics = handle.process("filter-1")["metrics_address"]
     writer = CrashWriter(handle.disk_path(), DISK, seed=SEED,

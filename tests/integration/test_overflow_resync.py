@@ -24,22 +24,11 @@ from workload import MiB, Workload, sha256_file
 from cdp_common import rpc
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdpctl import tomlw
 
 pytestmark = pytest.mark.timeout(300)
 
 DISK = 256 * MiB
 CAP = 8 * MiB
-
-
-def set_filter_config(handle: Any, **fields: Any) -> None:
-    """Stop the filter, change its [filter] section, start it again."""
-    path = Path(handle.process("filter-1")["config"])
-    doc = tomllib.loads(path.read_text())
-    doc["filter"].update(fields)
-    handle.kill("filter-1", signal.SIGTERM, wait_s=30)
-    path.write_text(tomlw.dumps(doc))
-    handle.restart("filter-1")
 
 
 def target_state(handle: Any) -> rpb.PolicyState:
@@ -72,7 +61,7 @@ def wait_identical(handle: Any, expected: str, timeout_s: float = 240.0) -> None
 
 def test_target_down_past_journal_cap_resyncs_with_a_gap(lab: Any, tmp_path: Path) -> None:
     handle = lab(tmp_path / "lab", disk_size="256M")
-    set_filter_config(handle, journal_cap_bytes=CAP, journal_segment_bytes=1 * MiB,
+    handle.set_config("filter-1", "filter", journal_cap_bytes=CAP, journal_segment_bytes=1 * MiB,
                       dirty_block_bytes=64 * 1024)
     work = Workload(handle.disk_path(), DISK, seed=5)
     work.write_bytes(4 * MiB)

@@ -43,6 +43,17 @@ P1 = pol("p1", rpo_warning_s=5, rpo_error_s=10, compression_level=3, encryption=
 LEASE_MS = 500
 
 
+def assert_first_binding(a: cpb.Assignment) -> None:
+    """P1 bound to sp-1, tp-1 and target-1 (the dual proxy sp-2 registered last)."""
+    assert a.source_proxy.node_id == "sp-1"
+    assert a.target_proxy.node_id == "tp-1"
+    assert a.target.node_id == "target-1" and a.target.address == "127.0.0.1:10004"
+    assert a.filter.node_id == "filter-1"
+    assert [(x.disk_id, x.filter, x.name, x.size_bytes) for x in a.disks] == \
+        [(0, "filter-1", "disk0", 1 << 20), (1, "filter-1", "disk1", 2 << 20)]
+    assert (a.rpo_interval_s, a.compression_level, a.encryption) == (1.0, 3, True)
+
+
 def make_config(db: Path, listen: str = "127.0.0.1:0") -> CoordinatorConfig:
     return config(db, [P1], lease_ms=LEASE_MS, listen=listen)
 
@@ -97,13 +108,7 @@ async def test_round_trip_and_rebind(tmp_path: Path) -> None:
                              and f.latest()["p1"].reason == "")
             nodes["sp-2"].client.start()
             a = f.latest()["p1"]
-            assert a.source_proxy.node_id == "sp-1"
-            assert a.target_proxy.node_id == "tp-1"
-            assert a.target.node_id == "target-1" and a.target.address == "127.0.0.1:10004"
-            assert a.filter.node_id == "filter-1"
-            assert [(x.disk_id, x.filter, x.name, x.size_bytes) for x in a.disks] == \
-                [(0, "filter-1", "disk0", 1 << 20), (1, "filter-1", "disk1", 2 << 20)]
-            assert (a.rpo_interval_s, a.compression_level, a.encryption) == (1.0, 3, True)
+            assert_first_binding(a)
             await eventually(lambda: nodes["sp-1"].latest().get("p1") == f.latest()["p1"])
             assert nodes["target-1"].latest()["p1"] == a
 
@@ -256,13 +261,7 @@ async def test_round_trip_and_rebind_direct() -> None:
     a = (await f.until(lambda got: got["p1"].reason == ""))["p1"]
     await register(stub, "sp-2")
     assert a.reason == ""
-    assert a.source_proxy.node_id == "sp-1"
-    assert a.target_proxy.node_id == "tp-1"
-    assert a.target.node_id == "target-1" and a.target.address == "127.0.0.1:10004"
-    assert a.filter.node_id == "filter-1"
-    assert [(x.disk_id, x.filter, x.name, x.size_bytes) for x in a.disks] == \
-        [(0, "filter-1", "disk0", 1 << 20), (1, "filter-1", "disk1", 2 << 20)]
-    assert (a.rpo_interval_s, a.compression_level, a.encryption) == (1.0, 3, True)
+    assert_first_binding(a)
     assert (await Watch(svc, "sp-1").next())["p1"] == a
     assert (await Watch(svc, "target-1").next())["p1"] == a
 
