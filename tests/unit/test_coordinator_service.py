@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import grpc
@@ -52,6 +52,17 @@ def assert_first_binding(a: cpb.Assignment) -> None:
     assert [(x.disk_id, x.filter, x.name, x.size_bytes) for x in a.disks] == \
         [(0, "filter-1", "disk0", 1 << 20), (1, "filter-1", "disk1", 2 << 20)]
     assert (a.rpo_interval_s, a.compression_level, a.encryption) == (1.0, 3, True)
+
+
+def assert_status_ok(st: cpb.StatusReply, a: cpb.Assignment, node_ids: Iterable[str]) -> None:
+    """Every node up; p1 ok on its first binding with the canned reports' figures."""
+    assert {n.info.id: n.state for n in st.nodes} == dict.fromkeys(node_ids, "up")
+    (p,) = st.policies
+    assert (p.name, p.source_proxy, p.filter, p.target, p.state) == \
+        ("p1", "sp-1", "filter-1", "target-1", "ok")
+    assert (p.captured_seq, p.durable_seq, p.applied_seq, p.journal_bytes,
+            p.bytes_replicated, p.rpo_lag_s) == (50, 50, 40, 777, 4096, 0.0)
+    assert p.epoch == a.epoch and (p.rpo_warning_s, p.rpo_error_s) == (5, 10)
 
 
 def make_config(db: Path, listen: str = "127.0.0.1:0") -> CoordinatorConfig:
@@ -117,13 +128,7 @@ async def test_round_trip_and_rebind(tmp_path: Path) -> None:
                 await eventually(lambda: d.service is not None and [
                     n.state for n in d.service.state.status(0).nodes] == ["up"] * 5)
                 st = await stub.GetStatus(cpb.StatusRequest(), timeout=5)
-                assert {n.info.id: n.state for n in st.nodes} == dict.fromkeys(nodes, "up")
-                (p,) = st.policies
-                assert (p.name, p.source_proxy, p.filter, p.target, p.state) == \
-                    ("p1", "sp-1", "filter-1", "target-1", "ok")
-                assert (p.captured_seq, p.durable_seq, p.applied_seq, p.journal_bytes,
-                        p.bytes_replicated, p.rpo_lag_s) == (50, 50, 40, 777, 4096, 0.0)
-                assert p.epoch == a.epoch and (p.rpo_warning_s, p.rpo_error_s) == (5, 10)
+                assert_status_ok(st, a, nodes)
                 assert st.now_ns > 0
 
                 # Unknown node heartbeat -> known=false; bad registration -> INVALID_ARGUMENT.
@@ -267,13 +272,7 @@ async def test_round_trip_and_rebind_direct() -> None:
 
     await beat(*ROLES)
     st = await stub.GetStatus(cpb.StatusRequest())
-    assert {n.info.id: n.state for n in st.nodes} == dict.fromkeys(ROLES, "up")
-    (p,) = st.policies
-    assert (p.name, p.source_proxy, p.filter, p.target, p.state) == \
-        ("p1", "sp-1", "filter-1", "target-1", "ok")
-    assert (p.captured_seq, p.durable_seq, p.applied_seq, p.journal_bytes,
-            p.bytes_replicated, p.rpo_lag_s) == (50, 50, 40, 777, 4096, 0.0)
-    assert p.epoch == a.epoch and (p.rpo_warning_s, p.rpo_error_s) == (5, 10)
+    assert_status_ok(st, a, ROLES)
     assert st.now_ns == now_ns
 
     # Unknown node heartbeat -> known=false; bad registration -> INVALID_ARGUMENT.
