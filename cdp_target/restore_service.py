@@ -39,7 +39,8 @@ from cdp_target.restore import (
     pick_point,
     restore_images,
 )
-from cdp_target.service import _POLICY_NAME, PolicyRuntime, TargetService
+from cdp_target.service import PolicyRuntime, TargetService
+from cdp_target.store import POLICY_NAME
 from cdp_target.undostore import save_retention
 
 log = logging.getLogger("target.restore")
@@ -133,7 +134,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
     def _set_retention(self, policy: str, r: P.Retention) -> None:
         rt = self.target.policies.get(policy)
         if rt is None:
-            if _POLICY_NAME.match(policy):
+            if POLICY_NAME.match(policy):
                 save_retention(self.target.data_dir / policy, r)
             return
         with rt.local.paused():

@@ -59,7 +59,6 @@ __all__ = ["PolicyRuntime", "ReplicaStore", "ReplicaStores", "TargetService", "i
 
 log = logging.getLogger("target.service")
 
-_POLICY_NAME = POLICY_NAME
 APPLY_RETRY_MAX_S = 30.0
 
 
@@ -391,7 +390,7 @@ class TargetService(rgrpc.TargetServicer):
     async def _open(self, req: rpb.ApplyOpen, peer: str) -> tuple[PolicyRuntime, _Stream]:
         if self._closed:
             raise _StreamError(grpc.StatusCode.UNAVAILABLE, "target is shutting down")
-        if not _POLICY_NAME.match(req.policy):
+        if not POLICY_NAME.match(req.policy):
             raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{req.policy!r} is not a valid policy name")
         disks: dict[int, DiskSpec] = {}

@@ -13,7 +13,7 @@ An undo segment file uses the delta file framing (docs/FORMAT.md §4) with
 ``flags = 1`` (undo), ``first_seq = lo + 1``, ``last_seq = hi``; its extents
 are the bytes the replica held before (lo, hi] was applied.
 
-Crash safety, per step of apply (driven by `PolicyStore._apply_one`):
+Crash safety, per step of apply (driven by `cdp_target.applier.Applier`):
 
 1. `before_apply`: if the catalog's newest point is lo, the segment (lo, hi]
    is captured from the replica, written to a ``.tmp`` file, fsynced,
@@ -23,7 +23,7 @@ Crash safety, per step of apply (driven by `PolicyStore._apply_one`):
 2. the store writes the delta into the replicas and fsyncs them;
 3. `after_apply`: the catalog gains point hi and segment (lo, hi]
    (tmp + fsync + rename + dir fsync); only now is the point listed;
-4. the store persists applied_seq and deletes the delta; then `retain`.
+4. the applier persists applied_seq and deletes the delta; then `retain`.
 
 `retain` executes a `points.Plan`: merged segments are written and fsynced
 under new names first, then the catalog is swapped atomically, then the
