@@ -64,17 +64,19 @@ def impl(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Impl]:
 
 
 class Oracle:
+    """The images every implementation must hold: base (zeros) + the writes so far."""
+
     def __init__(self) -> None:
         self.images = {i: bytearray(d.size_bytes) for i, d in DISKS.items()}
 
-    def apply(self, extents: list[Extent]) -> None:
-        for e in extents:
-            self.images[e.disk_id][e.offset:e.offset + e.length] = (
-                e.data if e.data is not None else bytes(e.length))
+    def apply(self, ext: list[Extent]) -> None:
+        for e in ext:
+            fill = e.data if e.data is not None else bytes(e.length)
+            self.images[e.disk_id][e.offset:e.offset + e.length] = fill
 
     def check(self, impl: Impl, store: ReplicaStore) -> None:
-        for i in DISKS:
-            assert impl.image(store, i) == bytes(self.images[i]), f"disk {i} differs"
+        got = {i: impl.image(store, i) for i in DISKS}
+        assert got == {i: bytes(b) for i, b in self.images.items()}
 
 
 def extents(rng: random.Random, n: int = 4) -> list[Extent]:
