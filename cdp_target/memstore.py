@@ -55,20 +55,12 @@ class MemoryStore:
     """A `ReplicaStore` (cdp_target.service) held in a `MemoryDisk`."""
 
     def __init__(self, name: str, disk: MemoryDisk, side_dir: Path) -> None:
-        self._name = name
+        self.name = name
         self.disk = disk
-        self._dir = side_dir
+        self.dir = side_dir
         self.on_corrupt: OnCorrupt | None = None
         self._incoming: _Incoming | None = None
         self._closed = False
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def dir(self) -> Path:
-        return self._dir
 
     @property
     def durable_seq(self) -> int:
@@ -89,7 +81,7 @@ class MemoryStore:
 
     def set_disks(self, disks: Mapping[int, DiskSpec]) -> None:
         with self.disk.lock:
-            added = check_disks(self._name, self.disk.state.disks, disks)
+            added = check_disks(self.name, self.disk.state.disks, disks)
             self.disk.state.disks.update(added)
             for disk_id, spec in added.items():
                 self.disk.images[disk_id] = bytearray(spec.size_bytes)
@@ -97,7 +89,7 @@ class MemoryStore:
     def open_session(self, epoch: int) -> int:
         with self.disk.lock:
             st = self.disk.state
-            if check_epoch(self._name, epoch, st.epoch):
+            if check_epoch(self.name, epoch, st.epoch):
                 st.epoch = epoch
             return st.durable_seq
 
@@ -110,14 +102,14 @@ class MemoryStore:
 
     def begin(self, first_seq: int, last_seq: int) -> bool:
         self._incoming = None
-        fresh = classify_delta(self._name, first_seq, last_seq, self.durable_seq)
+        fresh = classify_delta(self.name, first_seq, last_seq, self.durable_seq)
         self._incoming = _Incoming(first_seq, last_seq, duplicate=not fresh)
         return fresh
 
     def add_chunk(self, extents: bytes) -> list[Extent]:
         inc = self._incoming
         if inc is None:
-            raise ProtocolError(f"policy {self._name}: chunk outside a delta")
+            raise ProtocolError(f"policy {self.name}: chunk outside a delta")
         try:
             if len(extents) > MAX_CHUNK_BYTES:
                 raise FormatError(f"delta chunk of {len(extents)} bytes is too large")
@@ -133,7 +125,7 @@ class MemoryStore:
     def commit(self, newest_time_ns: int) -> int:
         inc, self._incoming = self._incoming, None
         if inc is None:
-            raise ProtocolError(f"policy {self._name}: commit outside a delta")
+            raise ProtocolError(f"policy {self.name}: commit outside a delta")
         with self.disk.lock:
             st = self.disk.state
             if not inc.duplicate:
@@ -152,7 +144,7 @@ class MemoryStore:
                       on_applied: Callable[[int, float], None] | None = None) -> int:
         with self.disk.lock:
             if self._closed:
-                raise StorageError(f"policy store {self._name} is closed")
+                raise StorageError(f"policy store {self.name} is closed")
             st = self.disk.state
             for last in sorted(self.disk.deltas):
                 if stop is not None and stop():
