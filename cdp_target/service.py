@@ -1,4 +1,4 @@
-"""gRPC shell of the target: the `Target` service over per-policy `PolicyStore`s.
+"""gRPC shell of the target: the `Target` service over per-policy `ReplicaStore`s.
 
 Theory of operation: one `Apply` stream per policy. The stream's first message
 is `open` (policy, epoch, disks); the target fences older epochs, answers
@@ -55,7 +55,7 @@ from cdp_target.store import POLICY_NAME, LocalStores, PolicyStore
 from cdp_target.storestate import DiskMismatchError, DiskSpec, StoreState
 from cdp_target.undostore import RetentionOverride
 
-__all__ = ["PolicyRuntime", "ReplicaStore", "ReplicaStores", "TargetService", "in_thread"]
+__all__ = ["PolicyRuntime", "ReplicaStore", "ReplicaStores", "TargetService"]
 
 log = logging.getLogger("target.service")
 
