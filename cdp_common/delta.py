@@ -81,8 +81,8 @@ def encode_chunks(extents: Iterable[Extent], chunk_bytes: int) -> Iterator[bytes
         yield b"".join(parts)
 
 
-def _walk(view: memoryview, disk_sizes: Mapping[int, int]
-          ) -> Iterator[tuple[int, int, int, int, int]]:
+def walk_extents(view: memoryview, disk_sizes: Mapping[int, int]
+                 ) -> Iterator[tuple[int, int, int, int, int]]:
     """Yield (disk_id, kind, offset, length, data_pos) of each extent, checking
     kinds, lengths and disk bounds before anything is sliced."""
     pos = 0
@@ -114,10 +114,10 @@ def decode_chunk(buf: bytes | memoryview, disk_sizes: Mapping[int, int]) -> list
     view = memoryview(buf)
     return [Extent(disk_id, offset, length,
                    bytes(view[pos:pos + length]) if kind == KIND_DATA else None)
-            for disk_id, kind, offset, length, pos in _walk(view, disk_sizes)]
+            for disk_id, kind, offset, length, pos in walk_extents(view, disk_sizes)]
 
 
 def check_chunk(buf: bytes | memoryview, disk_sizes: Mapping[int, int]) -> int:
     """Check one chunk exactly as `decode_chunk` does, without copying any data;
     returns the number of extents (FormatError on the same defects)."""
-    return sum(1 for _ in _walk(memoryview(buf), disk_sizes))
+    return sum(1 for _ in walk_extents(memoryview(buf), disk_sizes))

@@ -233,3 +233,11 @@ class SimIO:
 def steps_of(run: Iterable[str]) -> list[str]:
     """A readable numbered list of steps, for assertion messages."""
     return [f"{i}: {s}" for i, s in enumerate(run)]
+
+
+def kill(io: SimIO) -> None:
+    """The process using `io` dies now (kill -9): every later call through `io`
+    raises SimulatedCrash and its descriptors are closed, as its kernel would;
+    what it wrote stays (the page cache has it; `power_cut` is the other fault)."""
+    io.crashed = True
+    io.close_all()

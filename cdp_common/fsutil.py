@@ -40,3 +40,41 @@ def write_file_atomic(path: StrPath, data: bytes, mode: int = 0o600,
         io.close(fd)
     io.rename(tmp_path, target)
     io.fsync_dir(target.parent)
+
+
+_ZERO_BLOCK = bytes(1 << 20)
+
+
+def write_zeros(fd: int, offset: int, length: int, io: FileIO = OS_IO) -> None:
+    """Write `length` zero bytes at `offset` (when a hole cannot be punched)."""
+    end = offset + length
+    while offset < end:
+        n = min(len(_ZERO_BLOCK), end - offset)
+        io.pwrite(fd, memoryview(_ZERO_BLOCK)[:n], offset)
+        offset += n
+
+
+def zero_range(fd: int, offset: int, length: int, io: FileIO = OS_IO) -> bool:
+    """Make a range read as zeros: punch a hole, else write zeros.
+
+    Returns True when a hole was punched: that changes the file's metadata,
+    so the caller must fsync (not just fdatasync) to make it durable.
+    """
+    if io.punch_hole(fd, offset, length):
+        return True
+    write_zeros(fd, offset, length, io)
+    return False
+
+
+def pread_full(fd: int, length: int, offset: int, io: FileIO = OS_IO) -> bytes:
+    """`length` bytes at `offset`; what lies beyond the end of the file reads as zeros."""
+    parts = []
+    while length > 0:
+        b = io.pread(fd, length, offset)
+        if not b:
+            parts.append(bytes(length))  # beyond EOF of a sparse file: zeros
+            break
+        parts.append(b)
+        length -= len(b)
+        offset += len(b)
+    return b"".join(parts)

@@ -17,14 +17,14 @@ stream than anything it overwrites.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from cdp_common import digest
 from cdp_common.errors import CdpError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
+from cdp_common.threads import in_thread
 from cdp_target.store import PolicyStore
 
 log = logging.getLogger("target.digests")
@@ -58,15 +58,18 @@ def _one_reply(store: PolicyStore, disk_id: int, start: int, end: int, size: int
                            applied_seq=applied, hole_regions=sum(r.hole for r in regions))
 
 
-async def serve(policies: Mapping[str, Any], req: rpb.DigestRequest,
+async def serve(store_of: Callable[[str], PolicyStore | None], req: rpb.DigestRequest,
                 context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.DigestReply]:
-    from cdp_target.service import in_thread  # the service imports this module
-
-    rt = policies.get(req.policy)
-    if rt is None:
+    """`store_of(policy)`: the policy's local store, None when there is none."""
+    try:
+        found = store_of(req.policy)
+    except CdpError as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"policy {req.policy}: {exc}")
+        return
+    if found is None:
         await context.abort(grpc.StatusCode.NOT_FOUND, f"policy {req.policy!r}: no replica here")
         return
-    store: PolicyStore = rt.store
+    store = found
     sizes = store.disk_sizes
     if req.disk_id not in sizes:
         await context.abort(grpc.StatusCode.NOT_FOUND,

@@ -22,9 +22,9 @@ Theory of operation
    leaves only ``.partial`` files (deleted), never a wrong ``.img``.
 
 Failover (`Failover`) is a restore into ``<policy>/failover/`` plus a
-persisted state file ``<policy>/failover.json``:
+persisted state file ``<policy>/failover.json`` (cdp_common.statefile):
 
-    {"version": 1, "state": "active" | "committing" | "committed",
+    {"kind": "target-failover", "version": 1, "state": "active" | "committing" | "committed",
      "point_id", "last_seq", "time_ns", "disks": {"<name>": "<path>"}}
 
 - ``active``: Apply streams of the policy are refused (FAILED_PRECONDITION
@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -54,18 +53,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cdp_common import statefile
 from cdp_common.errors import CdpError, FormatError, StorageError
-from cdp_common.fsutil import fsync_dir, pwrite_all
+from cdp_common.fsutil import fsync_dir, pwrite_all, zero_range
 from cdp_target import undo
 from cdp_target.points import Point
-from cdp_target.store import PolicyStore, _punch_hole, _write_zeros
-from cdp_target.undostore import READ_BLOCK, write_json_atomic
+from cdp_target.store import PolicyStore
+from cdp_target.undostore import READ_BLOCK
 
 log = logging.getLogger("target.restore")
 
 FICLONE = 0x40049409
 FAILOVER_DIR = "failover"
 FAILOVER_FILE = "failover.json"
+FAILOVER_KIND = "target-failover"
+FAILOVER_VERSION = 1
 COPY_STEP = 64 << 20
 SPAN_GAP = 256 << 10
 """Pieces of one segment this close in its file are read with one pread."""
@@ -204,8 +206,8 @@ def write_point(store: PolicyStore, point: Point, partial: dict[int, Path],
                 copies[disk_id] = []
                 os.ftruncate(fds[disk_id], size)
                 for p in pieces.get(disk_id, []):
-                    if p.src < 0 and not _punch_hole(fds[disk_id], p.offset, p.length):
-                        _write_zeros(fds[disk_id], p.offset, p.length)
+                    if p.src < 0:
+                        zero_range(fds[disk_id], p.offset, p.length)
             except OSError:
                 os.ftruncate(fds[disk_id], size)
                 have = _data_regions(srcs[disk_id], min(size, os.fstat(srcs[disk_id]).st_size))
@@ -345,10 +347,7 @@ class Failover:
     def recover(self) -> None:
         try:
             if self.file.exists():
-                try:
-                    self.doc = json.loads(self.file.read_text())
-                except ValueError as exc:
-                    raise FormatError(f"{self.file}: not valid JSON ({exc})") from None
+                self.doc = statefile.load(self.file, FAILOVER_KIND, FAILOVER_VERSION)
                 if self.state == "committing":
                     self._commit_steps()
                 if self.state in ("committing", "committed"):
@@ -369,7 +368,7 @@ class Failover:
         doc = {"version": 1, "state": "active", "point_id": restored.point.id,
                "last_seq": restored.point.last_seq, "time_ns": restored.point.time_ns,
                "disks": {n: str(p) for n, p in restored.images.items()}}
-        write_json_atomic(self.file, doc)
+        statefile.save(self.file, FAILOVER_KIND, FAILOVER_VERSION, doc)
         self.doc = doc
         return restored
 
@@ -391,7 +390,7 @@ class Failover:
             raise FailoverStateError(self._not_active("commit"))
         assert self.doc is not None
         self.doc = {**self.doc, "state": "committing"}
-        write_json_atomic(self.file, self.doc)
+        statefile.save(self.file, FAILOVER_KIND, FAILOVER_VERSION, self.doc)
         self.store.frozen = True
         self._commit_steps()
         return dict(self.doc)
@@ -408,7 +407,7 @@ class Failover:
             st.reopen_replicas()
             st.undo.reset(st.state.applied_seq, int(self.doc.get("time_ns", 0)))
         self.doc = {**self.doc, "state": "committed"}
-        write_json_atomic(self.file, self.doc)
+        statefile.save(self.file, FAILOVER_KIND, FAILOVER_VERSION, self.doc)
 
     def _not_active(self, what: str) -> str:
         if not self.state:

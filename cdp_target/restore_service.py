@@ -29,6 +29,7 @@ from cdp_common.errors import CdpError, FormatError, StorageError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import restore_pb2 as pb
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
+from cdp_common.threads import in_thread
 from cdp_target import points as P
 from cdp_target.restore import (
     Failover,
@@ -38,7 +39,8 @@ from cdp_target.restore import (
     pick_point,
     restore_images,
 )
-from cdp_target.service import _POLICY_NAME, PolicyRuntime, TargetService, in_thread
+from cdp_target.service import PolicyRuntime, TargetService
+from cdp_target.store import POLICY_NAME
 from cdp_target.undostore import save_retention
 
 log = logging.getLogger("target.restore")
@@ -91,8 +93,8 @@ class RestoreService(pgrpc.RestorePointsServicer):
 
     async def _failover(self, name: str, rt: PolicyRuntime) -> Failover:
         fo = self.failovers.get(name)
-        if fo is None or fo.store is not rt.store:
-            fo = Failover(rt.store)
+        if fo is None or fo.store is not rt.local:
+            fo = Failover(rt.local)
             await in_thread(fo.recover)
             self.failovers[name] = fo
             self._mirror(rt, fo)
@@ -132,11 +134,11 @@ class RestoreService(pgrpc.RestorePointsServicer):
     def _set_retention(self, policy: str, r: P.Retention) -> None:
         rt = self.target.policies.get(policy)
         if rt is None:
-            if _POLICY_NAME.match(policy):
+            if POLICY_NAME.match(policy):
                 save_retention(self.target.data_dir / policy, r)
             return
-        with rt.store.paused():
-            if rt.store.undo.set_retention(r):
+        with rt.local.paused():
+            if rt.local.undo.set_retention(r):
                 log.info("retention: short-term %.0f s, long-term every %.0f s for %.0f s",
                          r.short_term_retention_s, r.long_term_interval_s,
                          r.long_term_retention_s, extra={"policy": policy})
@@ -148,14 +150,14 @@ class RestoreService(pgrpc.RestorePointsServicer):
                    context: grpc.aio.ServicerContext) -> pb.ListPointsReply:
         rt = await self._runtime(request.policy, context)
         fo = await self._failover(request.policy, rt)
-        cat = rt.store.undo.catalog
+        cat = rt.local.undo.catalog
         return pb.ListPointsReply(points=[point_pb(cat, p) for p in cat.points],
                                   failover_state=fo.state, total_bytes=cat.total_bytes())
 
     async def Create(self, request: pb.CreatePointRequest,
                      context: grpc.aio.ServicerContext) -> pb.PointInfo:
         rt = await self._runtime(request.policy, context)
-        store = rt.store
+        store = rt.local
 
         def create() -> P.Point:
             store.apply_pending()
@@ -178,7 +180,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
         given = sum((bool(req.point_id), bool(req.time_ns), req.latest))
         if given != 1:
             raise FormatError("give exactly one of point_id, time_ns, latest")
-        return lambda: pick_point(rt.store, req.point_id, req.time_ns, req.latest)
+        return lambda: pick_point(rt.local, req.point_id, req.time_ns, req.latest)
 
     async def _stream(self, run: Callable[[Callable[[str, int, int], None]], Restored],
                       ) -> AsyncIterator[pb.RestoreProgress]:
@@ -224,7 +226,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
             if not request.out_dir or not out.is_absolute():
                 raise FormatError(f"out_dir {request.out_dir!r}: an absolute path on the target "
                                   f"host is needed")
-            async for msg in self._stream(lambda prog: restore_images(rt.store, select, out,
+            async for msg in self._stream(lambda prog: restore_images(rt.local, select, out,
                                                                       prog)):
                 yield msg
         except CdpError as exc:

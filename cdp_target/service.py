@@ -1,4 +1,4 @@
-"""gRPC shell of the target: the `Target` service over per-policy `PolicyStore`s.
+"""gRPC shell of the target: the `Target` service over per-policy `ReplicaStore`s.
 
 Theory of operation: one `Apply` stream per policy. The stream's first message
 is `open` (policy, epoch, disks); the target fences older epochs, answers
@@ -28,15 +28,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Protocol
 
 import grpc
 
+from cdp_common.delta import Extent
 from cdp_common.errors import (
     CdpError,
     FencedError,
@@ -46,27 +46,121 @@ from cdp_common.errors import (
 )
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
+from cdp_common.threads import in_thread
 from cdp_target import digests, metrics
+from cdp_target.applier import OnCorrupt
 from cdp_target.gaps import GapBook
 from cdp_target.repair import Repairer
-from cdp_target.store import STATE_FILE, DiskMismatchError, DiskSpec, PolicyStore
+from cdp_target.store import POLICY_NAME, LocalStores, PolicyStore
+from cdp_target.storestate import DiskMismatchError, DiskSpec, StoreState
+from cdp_target.undostore import RetentionOverride
+
+__all__ = ["PolicyRuntime", "ReplicaStore", "ReplicaStores", "TargetService"]
 
 log = logging.getLogger("target.service")
 
-T = TypeVar("T")
-
-_POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 APPLY_RETRY_MAX_S = 30.0
 
 
-async def in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run blocking `fn` in a thread; if cancelled, wait for the thread before re-raising."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        await asyncio.wait({fut})
-        raise
+class ReplicaStore(Protocol):
+    """What the Target service needs from one policy's store.
+
+    Implementations: `cdp_target.store.PolicyStore` (files: the real one) and
+    `cdp_target.memstore.MemoryStore` (in memory, for tests of the service
+    logic). tests/unit/test_replicastore_conformance.py runs one suite over
+    both. All methods block (the service calls them through `in_thread`); a
+    receive (begin/add_chunk/commit/abort) may run concurrently with
+    `apply_pending`, never with another receive call.
+
+    Contract:
+    - `open_session(epoch)`: an epoch older than the newest seen raises
+      FencedError and changes nothing; a newer one is made durable before it
+      returns. Returns durable_seq: where the sender resumes.
+    - `begin(first, last)`: a delta with last <= durable_seq is a duplicate:
+      returns False, its chunks are checked but nothing is written, and
+      `commit` acks durable_seq. A delta not starting at durable_seq + 1 (a
+      gap or an overlap) or with a bad range raises ProtocolError. Any delta
+      still being received is discarded first. True for a new delta.
+    - `add_chunk(extents)`: checks the chunk against the policy's disks;
+      FormatError discards the partial delta; ProtocolError outside a delta.
+    - `commit(newest_time_ns)`: on return the delta is durable and
+      durable_seq = its last seq; returns durable_seq (the ack).
+      ProtocolError outside a delta.
+    - `abort()`: discard the partial delta, if any (idempotent). A partial
+      delta is never applied, by abort, a broken stream or a crash.
+    - `apply_pending(stop, on_applied)`: redo committed deltas beyond
+      applied_seq in seq order; idempotent (a redo after a crash gives the
+      same replica); returns applied_seq.
+    - Restart: after `close()` or a crash (no close), reopening the same
+      storage recovers every committed delta (durable_seq >= every ack) and
+      the newest epoch; nothing partial survives.
+    - `set_disks(disks)`: DiskMismatchError when they contradict the
+      recorded disks; new disk ids are added.
+    """
+
+    on_corrupt: OnCorrupt | None
+    """Repair hook for committed deltas that fail their check (cdp_target.applier)."""
+
+    @property
+    def name(self) -> str:
+        """The policy name."""
+
+    @property
+    def dir(self) -> Path:
+        """Where the policy's side files live (gaps.json, repair.json)."""
+
+    @property
+    def durable_seq(self) -> int:
+        ...
+
+    @property
+    def epoch(self) -> int:
+        ...
+
+    def snapshot(self) -> StoreState:
+        """A copy of the store's counters and disks."""
+
+    def set_disks(self, disks: Mapping[int, DiskSpec]) -> None:
+        ...
+
+    def open_session(self, epoch: int) -> int:
+        ...
+
+    def note_captured(self, captured_seq: int) -> None:
+        """Remember the source's captured seq (persisted with the next state write)."""
+
+    def begin(self, first_seq: int, last_seq: int) -> bool:
+        ...
+
+    def add_chunk(self, extents: bytes) -> list[Extent]:
+        ...
+
+    def commit(self, newest_time_ns: int) -> int:
+        ...
+
+    def abort(self) -> None:
+        ...
+
+    def apply_pending(self, stop: Callable[[], bool] | None = None,
+                      on_applied: Callable[[int, float], None] | None = None) -> int:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class ReplicaStores(Protocol):
+    """Where the service gets its policies' stores (blocking calls).
+
+    `cdp_target.store.LocalStores` (a data dir) and
+    `cdp_target.memstore.MemoryStores` implement it.
+    """
+
+    def existing(self) -> list[str]:
+        """The policies that have a store already, sorted (opened at start)."""
+
+    def open(self, policy: str, disks: Mapping[int, DiskSpec] | None) -> ReplicaStore:
+        """Open (or create, when `disks` is given) a policy's store, recovered, not applied."""
 
 
 class _StreamError(Exception):
@@ -104,7 +198,7 @@ class PolicyRuntime:
     """One policy's store plus its current stream and apply worker."""
 
     name: str
-    store: PolicyStore
+    store: ReplicaStore
     stream: _Stream | None = None
     takeover: asyncio.Lock = field(default_factory=asyncio.Lock)
     kick: asyncio.Event = field(default_factory=asyncio.Event)
@@ -117,6 +211,13 @@ class PolicyRuntime:
     gap_lock: threading.Lock = field(default_factory=threading.Lock)
     repair: Repairer | None = None
     """Corrupt committed deltas and their resync from the source (cdp_target.repair)."""
+
+    @property
+    def local(self) -> PolicyStore:
+        """The store as the local file store: restore points and digests need its files."""
+        if not isinstance(self.store, PolicyStore):
+            raise StorageError(f"policy {self.name}: restore points need the local file store")
+        return self.store
 
     @property
     def gaps(self) -> GapBook:
@@ -153,8 +254,15 @@ class PolicyRuntime:
 class TargetService(rgrpc.TargetServicer):
     """The Target servicer. `await open_existing()` before serving; `await close()` after."""
 
-    def __init__(self, data_dir: str | Path) -> None:
+    def __init__(self, data_dir: str | Path,
+                 retention_override: RetentionOverride | None = None,
+                 stores: ReplicaStores | None = None) -> None:
+        """`retention_override`: the target-wide retention ([target] config) for every
+        policy (UndoStore); `stores`: where the stores come from (default: the
+        files under `data_dir`)."""
         self.data_dir = Path(data_dir)
+        self.stores: ReplicaStores = stores if stores is not None else LocalStores(
+            self.data_dir, retention_override=retention_override)
         self.policies: dict[str, PolicyRuntime] = {}
         self._create_lock = asyncio.Lock()
         self._closed = False
@@ -162,21 +270,11 @@ class TargetService(rgrpc.TargetServicer):
     # ------------------------------------------------------------ lifecycle
 
     async def open_existing(self) -> None:
-        """Open every policy store under data_dir and start applying its pending deltas."""
-        try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            dirs = sorted(p for p in self.data_dir.iterdir()
-                          if p.is_dir() and (p / STATE_FILE).exists())
-        except OSError as exc:
-            raise StorageError(f"{self.data_dir}: cannot open data dir "
-                               f"({exc.strerror or exc})") from None
-        for d in dirs:
-            if not _POLICY_NAME.match(d.name):
-                continue
-            store = await in_thread(PolicyStore.open, d, None, False)
-            self._add(d.name, store)
-            log.info("opened policy store", extra={"policy": d.name,
-                                                   "seq": store.state.durable_seq})
+        """Open every policy store and start applying its pending deltas."""
+        for name in await in_thread(self.stores.existing):
+            store = await in_thread(self.stores.open, name, None)
+            self._add(name, store)
+            log.info("opened policy store", extra={"policy": name, "seq": store.durable_seq})
 
     async def close(self) -> None:
         """Stop streams and apply workers (an apply in progress finishes its delta)."""
@@ -196,10 +294,10 @@ class TargetService(rgrpc.TargetServicer):
                     await asyncio.wait_for(rt.stream.done.wait(), 5)
             await in_thread(rt.store.close)
 
-    def _add(self, name: str, store: PolicyStore) -> PolicyRuntime:
+    def _add(self, name: str, store: ReplicaStore) -> PolicyRuntime:
         rt = PolicyRuntime(name, store)
         rt.repair = Repairer(store.dir, lambda: rt.gaps, rt.gap_lock,
-                             lambda: store.state.durable_seq)
+                             lambda: store.durable_seq)
         store.on_corrupt = rt.repair.corrupt
         self.policies[name] = rt
         s = store.snapshot()
@@ -216,7 +314,7 @@ class TargetService(rgrpc.TargetServicer):
                 if not disks:
                     raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"policy {policy}: open names no disks")
-                store = await in_thread(PolicyStore.open, self.data_dir / policy, disks, False)
+                store = await in_thread(self.stores.open, policy, disks)
                 log.info("created policy store", extra={"policy": policy})
                 return self._add(policy, store)
         if disks:
@@ -267,7 +365,7 @@ class TargetService(rgrpc.TargetServicer):
                                    "the first message of an Apply stream must be open")
             rt, me = await self._open(first.open, context.peer())
             yield rpb.ApplyResponse(opened=rpb.ApplyOpened(
-                durable_seq=rt.store.state.durable_seq))
+                durable_seq=rt.store.durable_seq))
             async for resp in self._receive(rt, me, request_iterator):
                 yield resp
         except _StreamError as exc:
@@ -292,7 +390,7 @@ class TargetService(rgrpc.TargetServicer):
     async def _open(self, req: rpb.ApplyOpen, peer: str) -> tuple[PolicyRuntime, _Stream]:
         if self._closed:
             raise _StreamError(grpc.StatusCode.UNAVAILABLE, "target is shutting down")
-        if not _POLICY_NAME.match(req.policy):
+        if not POLICY_NAME.match(req.policy):
             raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{req.policy!r} is not a valid policy name")
         disks: dict[int, DiskSpec] = {}
@@ -305,9 +403,9 @@ class TargetService(rgrpc.TargetServicer):
         if rt.refusal:
             raise _StreamError(grpc.StatusCode.FAILED_PRECONDITION, rt.refusal)
         async with rt.takeover:
-            if req.epoch < rt.store.state.epoch:
+            if req.epoch < rt.store.epoch:
                 raise FencedError(f"policy {req.policy}: epoch {req.epoch} is older than "
-                                  f"epoch {rt.store.state.epoch} already seen")
+                                  f"epoch {rt.store.epoch} already seen")
             old = rt.stream
             if old is not None:
                 old.replaced_by = req.epoch
@@ -319,7 +417,7 @@ class TargetService(rgrpc.TargetServicer):
             rt.stream = me
         log.info("apply stream opened", extra={"policy": req.policy, "epoch": req.epoch,
                                                "peer": peer,
-                                               "seq": rt.store.state.durable_seq})
+                                               "seq": rt.store.durable_seq})
         return rt, me
 
     async def _receive(self, rt: PolicyRuntime, me: _Stream,
@@ -371,7 +469,7 @@ class TargetService(rgrpc.TargetServicer):
                     rt.store.note_captured(c.captured_seq)
                 if not c.final:
                     continue
-                before = rt.store.state.durable_seq
+                before = rt.store.durable_seq
                 if (c.gap_begin_time_ns or c.gap_end_seq) and c.last_seq > before:
                     await in_thread(rt.note_gap, c)  # durable before the ack (gaps.py)
                 durable = await in_thread(rt.store.commit, c.newest_time_ns)
@@ -400,5 +498,9 @@ class TargetService(rgrpc.TargetServicer):
     async def GetDigests(self, request: rpb.DigestRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.DigestReply]:
         """Region digests of a replica (cdp_target/digests.py)."""
-        async for reply in digests.serve(self.policies, request, context):
+        async for reply in digests.serve(self._local_store, request, context):
             yield reply
+
+    def _local_store(self, policy: str) -> PolicyStore | None:
+        rt = self.policies.get(policy)
+        return rt.local if rt is not None else None

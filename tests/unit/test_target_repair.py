@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_coordinator_state import lab
-from test_target_store import DISKS, Oracle, crash, random_extents, send
+from test_target_store import DISKS, Oracle, crash, crashable, random_extents, send
 
 from cdp_coordinator.state import Report
 from cdp_target.gaps import GapBook
@@ -64,7 +64,7 @@ def test_hold_open_widens_or_opens() -> None:
 
 
 def _store(tmp_path: Path) -> tuple[PolicyStore, Repairer, GapBook]:
-    store = PolicyStore.open(tmp_path / "p", DISKS, apply=False)
+    store = crashable(tmp_path / "p", DISKS, apply=False)
     book = GapBook.load(store.dir)
     repairer = Repairer(store.dir, lambda: book, threading.Lock(),
                         lambda: store.state.durable_seq, now_ns=lambda: 1_000)

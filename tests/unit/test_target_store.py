@@ -1,8 +1,10 @@
 """PolicyStore: commit, apply, idempotence, gaps, fencing and crash recovery.
 
-Crashes are simulated by leaving the files exactly as a crash at that step
-would (temp file present, state.json from before a rename, delta file still
-there after its apply, ...) and reopening the directory.
+Crashes kill the store on its real code path (`crash`: its SimIO stops every
+later file call and closes its descriptors), then some tests rewind files to
+what a crash at an earlier step would leave (state.json from before a
+rename, delta file still there after its apply, ...) and reopen the
+directory. tests/unit/test_target_powerloss.py crashes at every step instead.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cdp_common.delta import Extent, encode_chunks, encode_extent
 from cdp_common.errors import FencedError, FormatError, ProtocolError, StorageError
+from cdp_common.fileio_sim import SimIO, kill
 from cdp_target.store import (
     DeltaReader,
     DiskMismatchError,
@@ -73,16 +77,17 @@ def send(store: PolicyStore, first: int, last: int, extents: list[Extent],
     return int(fresh)
 
 
+def crashable(directory: Path, disks: dict[int, DiskSpec] | None = None,
+              **kw: Any) -> PolicyStore:
+    """Open a store whose every file call goes through a SimIO, so `crash` can kill it."""
+    return PolicyStore.open(directory, disks, io=SimIO([directory]), **kw)
+
+
 def crash(store: PolicyStore) -> None:
-    """Drop the store like kill -9 would: close descriptors, remove nothing."""
-    inc = store._incoming
-    if inc is not None and inc.file is not None:
-        inc.file.flush()
-        inc.file.close()
-    store._incoming = None
-    for fd in store._fds.values():
-        os.close(fd)
-    store._fds.clear()
+    """Drop the store like kill -9 would, on its real code path: its SimIO stops
+    every later call and closes its descriptors; nothing written is removed."""
+    assert isinstance(store.io, SimIO), "open the store with crashable()"
+    kill(store.io)
 
 
 def state(store_dir: Path) -> dict[str, int]:
@@ -257,13 +262,13 @@ def test_replicas_are_sparse(tmp_path: Path) -> None:
 
 def test_crash_while_receiving_leaves_no_delta(tmp_path: Path) -> None:
     d = tmp_path / "p"
-    store = PolicyStore.open(d, DISKS)
+    store = crashable(d, DISKS)
     send(store, 1, 1, [Extent(0, 0, 4096, b"a" * 4096)])
     store.begin(2, 3)
     store.add_chunk(encode_extent(Extent(0, 0, 4096, b"b" * 4096)))
     crash(store)
     assert any(p.name.startswith("incoming") for p in (d / "deltas").iterdir())
-    store = PolicyStore.open(d)
+    store = crashable(d)
     assert list((d / "deltas").iterdir()) == []
     assert store.snapshot().durable_seq == store.snapshot().applied_seq == 1
     assert (d / "replicas" / "vda.img").read_bytes()[:4096] == b"a" * 4096
@@ -273,13 +278,13 @@ def test_crash_while_receiving_leaves_no_delta(tmp_path: Path) -> None:
 
 def test_crash_after_commit_before_apply(tmp_path: Path) -> None:
     d = tmp_path / "p"
-    store = PolicyStore.open(d, DISKS)
+    store = crashable(d, DISKS)
     oracle = Oracle()
     ext = random_extents(random.Random(2))
     send(store, 1, 3, ext)
     oracle.apply(ext)
     crash(store)
-    store = PolicyStore.open(d)  # applies on open
+    store = crashable(d)  # applies on open
     assert store.snapshot().applied_seq == 3
     oracle.check(d)
     store.close()
@@ -288,7 +293,7 @@ def test_crash_after_commit_before_apply(tmp_path: Path) -> None:
 def test_crash_after_rename_before_state_update(tmp_path: Path) -> None:
     """The delta file is durable under its final name; state.json still old."""
     d = tmp_path / "p"
-    store = PolicyStore.open(d, DISKS)
+    store = crashable(d, DISKS)
     oracle = Oracle()
     rng = random.Random(3)
     e1, e2 = random_extents(rng), random_extents(rng)
@@ -299,7 +304,7 @@ def test_crash_after_rename_before_state_update(tmp_path: Path) -> None:
     oracle.apply(e2)
     crash(store)
     (d / "state.json").write_bytes(old_state)
-    store = PolicyStore.open(d)
+    store = crashable(d)
     snap = store.snapshot()
     assert snap.durable_seq == snap.applied_seq == 5  # rolled forward, then applied
     assert snap.newest_time_ns == 10**12
@@ -309,7 +314,7 @@ def test_crash_after_rename_before_state_update(tmp_path: Path) -> None:
 
 def test_crash_after_rename_torn_file_is_discarded(tmp_path: Path) -> None:
     d = tmp_path / "p"
-    store = PolicyStore.open(d, DISKS)
+    store = crashable(d, DISKS)
     send(store, 1, 1, [Extent(0, 0, 4096, b"a" * 4096)])
     old_state = (d / "state.json").read_bytes()
     store.begin(2, 2)
@@ -320,7 +325,7 @@ def test_crash_after_rename_torn_file_is_discarded(tmp_path: Path) -> None:
     path = d / "deltas" / delta_name(2, 2)
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 10)
-    store = PolicyStore.open(d)
+    store = crashable(d)
     assert store.snapshot().durable_seq == 1
     assert not path.exists()
     assert (d / "replicas" / "vda.img").read_bytes()[:4096] == b"a" * 4096
@@ -330,7 +335,7 @@ def test_crash_after_rename_torn_file_is_discarded(tmp_path: Path) -> None:
 def test_crash_during_apply_redoes_it(tmp_path: Path) -> None:
     """Replica half-written (garbage in the delta's ranges), applied_seq not updated."""
     d = tmp_path / "p"
-    store = PolicyStore.open(d, DISKS)
+    store = crashable(d, DISKS)
     oracle = Oracle()
     ext = random_extents(random.Random(4), 10)
     send(store, 1, 9, ext)
@@ -347,7 +352,7 @@ def test_crash_during_apply_redoes_it(tmp_path: Path) -> None:
             if e.disk_id == 0:
                 f.seek(e.offset)
                 f.write(os.urandom(e.length))
-    store = PolicyStore.open(d)
+    store = crashable(d)
     assert store.snapshot().applied_seq == 9
     assert not delta.exists()
     oracle.check(d)
@@ -356,7 +361,7 @@ def test_crash_during_apply_redoes_it(tmp_path: Path) -> None:
 
 def test_crash_after_apply_before_unlink(tmp_path: Path) -> None:
     d = tmp_path / "p"
-    store = PolicyStore.open(d, DISKS)
+    store = crashable(d, DISKS)
     oracle = Oracle()
     ext = random_extents(random.Random(5))
     send(store, 1, 2, ext)
@@ -367,7 +372,7 @@ def test_crash_after_apply_before_unlink(tmp_path: Path) -> None:
     crash(store)
     delta.write_bytes(saved)
     (d / "state.json.tmp").write_text("{ torn")
-    store = PolicyStore.open(d)
+    store = crashable(d)
     assert not delta.exists()
     assert not (d / "state.json.tmp").exists()
     assert store.snapshot().applied_seq == 2
@@ -433,7 +438,7 @@ def test_random_crashes(tmp_path: Path, seed: int) -> None:
     always equals the oracle and durable_seq never goes back."""
     rng = random.Random(seed)
     d = tmp_path / "p"
-    store = PolicyStore.open(d, DISKS)
+    store = crashable(d, DISKS)
     oracle = Oracle()
     acked = 0
     for _ in range(12):
@@ -460,7 +465,7 @@ def test_random_crashes(tmp_path: Path, seed: int) -> None:
                 if step != "none":
                     crash(store)
         if step != "none":
-            store = PolicyStore.open(d)
+            store = crashable(d)
         assert store.snapshot().durable_seq >= acked
     store.apply_pending()
     oracle.check(d)

@@ -12,31 +12,38 @@ import pytest
 from test_target_store import DISKS, Oracle, random_extents, send
 
 from cdp_common.errors import StorageError
-from cdp_target import store as store_mod
+from cdp_common.fileio import OsFileIO, StrPath
 from cdp_target.store import PolicyStore
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def test_failed_state_write_after_apply_keeps_the_delta(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+class FullOnce(OsFileIO):
+    """The volume is full for the first state-file write after `arm()`."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def open(self, path: StrPath, flags: int, mode: int = 0o600) -> int:
+        if self.armed and Path(path).name == "state.json.tmp":
+            self.armed = False
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().open(path, flags, mode)
+
+
+def test_failed_state_write_after_apply_keeps_the_delta(tmp_path: Path) -> None:
     rng = random.Random(3)
     oracle = Oracle()
-    s = PolicyStore.open(tmp_path / "p", DISKS, apply=False)
+    io = FullOnce()
+    s = PolicyStore.open(tmp_path / "p", DISKS, apply=False, io=io)
     ext = random_extents(rng)
     assert send(s, 1, 5, ext)  # fresh
     oracle.apply(ext)
 
-    real = PolicyStore._write_state_locked
-    calls = {"n": 0}
-
-    def full_once(self: PolicyStore) -> None:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise store_mod._storage("state.json", OSError(errno.ENOSPC, "No space left"))
-        real(self)
-
-    monkeypatch.setattr(PolicyStore, "_write_state_locked", full_once)
+    io.arm()
     with pytest.raises(StorageError, match="No space left"):
         s.apply_pending()
     assert s.snapshot().applied_seq == 0
@@ -44,7 +51,6 @@ def test_failed_state_write_after_apply_keeps_the_delta(tmp_path: Path,
     # space is back: the retry applies it (idempotent redo)
     assert s.apply_pending() == 5
     s.close()
-    monkeypatch.setattr(PolicyStore, "_write_state_locked", real)
     s = PolicyStore.open(tmp_path / "p", DISKS)
     assert s.snapshot().applied_seq == 5
     oracle.check(tmp_path / "p")
