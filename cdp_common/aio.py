@@ -1,4 +1,11 @@
-"""asyncio helpers every component uses."""
+"""asyncio helpers every component uses.
+
+Why `in_thread` and not plain `asyncio.to_thread`: when the awaiting task is
+cancelled, to_thread returns at once while the thread keeps running, so the
+next caller could start a second blocking call on the same object (two
+threads on one policy's receive path). `in_thread` lets a cancelled caller go
+only once its thread is done.
+"""
 
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
 from cdp_target.restore_service import RestoreService
 from cdp_target.service import TargetService
-from cdp_target.undostore import set_global_override
 
 SHUTDOWN_GRACE_S = 2.0
 
@@ -30,12 +29,12 @@ SHUTDOWN_GRACE_S = 2.0
 class TargetDaemon(node.NodeDaemon):
     def __init__(self, config: TargetConfig) -> None:
         self.config = config
-        self.service = TargetService(config.target.data_dir)
-        self.restore = RestoreService(self.service)
         t = config.target
-        set_global_override({"short_term_retention_s": t.short_term_retention_s,
-                             "long_term_interval_s": t.long_term_interval_s,
-                             "long_term_retention_s": t.long_term_retention_s})
+        self.service = TargetService(t.data_dir, retention_override={
+            "short_term_retention_s": t.short_term_retention_s,
+            "long_term_interval_s": t.long_term_interval_s,
+            "long_term_retention_s": t.long_term_retention_s})
+        self.restore = RestoreService(self.service)
         self.node = node.Node(config, self, kind="target", role=cpb.ROLE_TARGET,
                               grace_s=SHUTDOWN_GRACE_S,
                               on_assignments=self.restore.on_assignments(config.node.id))

@@ -21,10 +21,15 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from cdp_common import digest
-from cdp_common.errors import CdpError
+from cdp_common import digest, rpc
+from cdp_common.aio import in_thread
+from cdp_common.errors import (
+    CdpError,
+    InvalidRequestError,
+    NotFoundError,
+    UnavailableError,
+)
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
-from cdp_common.threads import in_thread
 from cdp_target.store import PolicyStore
 
 log = logging.getLogger("target.digests")
@@ -64,20 +69,17 @@ async def serve(store_of: Callable[[str], PolicyStore | None], req: rpb.DigestRe
     try:
         found = store_of(req.policy)
     except CdpError as exc:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"policy {req.policy}: {exc}")
-        return
+        await rpc.abort(context, UnavailableError(f"policy {req.policy}: {exc}"))
     if found is None:
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"policy {req.policy!r}: no replica here")
-        return
+        await rpc.abort(context, NotFoundError(f"policy {req.policy!r}: no replica here"))
     store = found
     sizes = store.disk_sizes
     if req.disk_id not in sizes:
-        await context.abort(grpc.StatusCode.NOT_FOUND,
-                            f"policy {req.policy}: no disk {req.disk_id}")
+        await rpc.abort(context, NotFoundError(f"policy {req.policy}: no disk {req.disk_id}"))
     size = sizes[req.disk_id]
     rng = _range(req, size)
     if isinstance(rng, str):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy {req.policy}: {rng}")
+        await rpc.abort(context, InvalidRequestError(f"policy {req.policy}: {rng}"))
     assert not isinstance(rng, str)
     pos, end = rng
     step = REPLY_REGIONS * req.region_bytes
@@ -88,6 +90,6 @@ async def serve(store_of: Callable[[str], PolicyStore | None], req: rpb.DigestRe
                                     req.region_bytes)
         except (CdpError, OSError) as exc:
             log.warning("digests failed: %s", exc, extra={"policy": req.policy})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"policy {req.policy}: {exc}")
+            await rpc.abort(context, UnavailableError(f"policy {req.policy}: {exc}"))
         yield reply
         pos = nxt

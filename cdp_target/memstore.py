@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdp_common.delta import Extent, decode_chunk
-from cdp_common.errors import FormatError, ProtocolError, StorageError
+from cdp_common.errors import FormatError, StorageError
 from cdp_target.applier import OnCorrupt
 from cdp_target.deltafile import MAX_CHUNK_BYTES
 from cdp_target.storestate import (
+    DeltaOrderError,
     DiskSpec,
     StoreState,
     check_disks,
@@ -109,7 +110,7 @@ class MemoryStore:
     def add_chunk(self, extents: bytes) -> list[Extent]:
         inc = self._incoming
         if inc is None:
-            raise ProtocolError(f"policy {self.name}: chunk outside a delta")
+            raise DeltaOrderError(f"policy {self.name}: chunk outside a delta")
         try:
             if len(extents) > MAX_CHUNK_BYTES:
                 raise FormatError(f"delta chunk of {len(extents)} bytes is too large")
@@ -125,7 +126,7 @@ class MemoryStore:
     def commit(self, newest_time_ns: int) -> int:
         inc, self._incoming = self._incoming, None
         if inc is None:
-            raise ProtocolError(f"policy {self.name}: commit outside a delta")
+            raise DeltaOrderError(f"policy {self.name}: commit outside a delta")
         with self.disk.lock:
             st = self.disk.state
             if not inc.duplicate:

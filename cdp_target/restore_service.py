@@ -25,16 +25,16 @@ from typing import Any
 
 import grpc
 
-from cdp_common.errors import CdpError, FormatError, StorageError
+from cdp_common import rpc
+from cdp_common.aio import in_thread
+from cdp_common.errors import CdpError, FormatError, NotFoundError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import restore_pb2 as pb
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
-from cdp_common.threads import in_thread
 from cdp_target import points as P
 from cdp_target.restore import (
     Failover,
     FailoverStateError,
-    PointNotFound,
     Restored,
     pick_point,
     restore_images,
@@ -52,18 +52,6 @@ RETENTION_TICK_S = 5.0
 def point_pb(cat: P.Catalog, p: P.Point) -> pb.PointInfo:
     return pb.PointInfo(id=p.id, kind=p.kind, time_ns=p.time_ns, last_seq=p.last_seq,
                         size_bytes=cat.size_of(p), on_demand=p.on_demand)
-
-
-def _code(exc: CdpError) -> grpc.StatusCode:
-    if isinstance(exc, PointNotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, FailoverStateError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, FormatError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, StorageError):
-        return grpc.StatusCode.UNAVAILABLE
-    return grpc.StatusCode.INTERNAL
 
 
 class RestoreService(pgrpc.RestorePointsServicer):
@@ -110,8 +98,8 @@ class RestoreService(pgrpc.RestorePointsServicer):
     async def _runtime(self, policy: str, context: grpc.aio.ServicerContext) -> PolicyRuntime:
         rt = self.target.policies.get(policy)
         if rt is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"policy {policy!r} is not known to this target")
+            await rpc.abort(context, NotFoundError(
+                f"policy {policy!r} is not known to this target"))
         assert rt is not None
         return rt
 
@@ -170,7 +158,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
         try:
             p = await in_thread(create)
         except CdpError as exc:
-            await context.abort(_code(exc), str(exc))
+            await rpc.abort(context, exc)
         log.info("on-demand long-term point %d", p.id, extra={"policy": request.policy})
         return point_pb(store.undo.catalog, p)
 
@@ -230,7 +218,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
                                                                       prog)):
                 yield msg
         except CdpError as exc:
-            await context.abort(_code(exc), str(exc))
+            await rpc.abort(context, exc)
 
     async def Failover(self, request: pb.RestoreRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:
@@ -253,7 +241,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
             log.warning("failed over to point %s", fo.doc and fo.doc.get("point_id"),
                         extra={"policy": request.policy})
         except CdpError as exc:
-            await context.abort(_code(exc), str(exc))
+            await rpc.abort(context, exc)
 
     async def _finish(self, request: pb.FailoverRequest, context: grpc.aio.ServicerContext,
                       what: str) -> pb.FailoverReply:
@@ -262,7 +250,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
         try:
             doc: dict[str, Any] = await in_thread(fo.undo if what == "undo" else fo.commit)
         except CdpError as exc:
-            await context.abort(_code(exc), str(exc))
+            await rpc.abort(context, exc)
         self._mirror(rt, fo)
         log.warning("failover %s", "undone: replication resumes" if what == "undo"
                     else "committed: production moved to DR", extra={"policy": request.policy})

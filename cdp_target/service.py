@@ -36,23 +36,25 @@ from typing import Protocol
 
 import grpc
 
+from cdp_common import rpc
+from cdp_common.aio import in_thread
 from cdp_common.delta import Extent
 from cdp_common.errors import (
     CdpError,
     FencedError,
-    FormatError,
+    InvalidRequestError,
     ProtocolError,
     StorageError,
+    UnavailableError,
 )
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_common.threads import in_thread
 from cdp_target import digests, metrics
 from cdp_target.applier import OnCorrupt
 from cdp_target.gaps import GapBook
 from cdp_target.repair import Repairer
 from cdp_target.store import POLICY_NAME, LocalStores, PolicyStore
-from cdp_target.storestate import DiskMismatchError, DiskSpec, StoreState
+from cdp_target.storestate import DiskSpec, StoreState
 from cdp_target.undostore import RetentionOverride
 
 __all__ = ["PolicyRuntime", "ReplicaStore", "ReplicaStores", "TargetService"]
@@ -163,25 +165,8 @@ class ReplicaStores(Protocol):
         """Open (or create, when `disks` is given) a policy's store, recovered, not applied."""
 
 
-class _StreamError(Exception):
-    """Ends the current Apply stream with a gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
-def _status_of(exc: CdpError) -> grpc.StatusCode:
-    if isinstance(exc, FencedError | DiskMismatchError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, FormatError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, ProtocolError):
-        return grpc.StatusCode.ABORTED  # a seq gap: reconnect and resend from durable_seq
-    if isinstance(exc, StorageError) or exc.transient:
-        return grpc.StatusCode.UNAVAILABLE
-    return grpc.StatusCode.INTERNAL
+class RefusedError(CdpError, grpc_status="FAILED_PRECONDITION"):
+    """The policy refuses Apply streams (a failover holds it)."""
 
 
 @dataclass(eq=False)
@@ -312,8 +297,7 @@ class TargetService(rgrpc.TargetServicer):
             rt = self.policies.get(policy)
             if rt is None:
                 if not disks:
-                    raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"policy {policy}: open names no disks")
+                    raise InvalidRequestError(f"policy {policy}: open names no disks")
                 store = await in_thread(self.stores.open, policy, disks)
                 log.info("created policy store", extra={"policy": policy})
                 return self._add(policy, store)
@@ -361,19 +345,15 @@ class TargetService(rgrpc.TargetServicer):
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("body") != "open":
-                raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   "the first message of an Apply stream must be open")
+                raise ProtocolError("the first message of an Apply stream must be open")
             rt, me = await self._open(first.open, context.peer())
             yield rpb.ApplyResponse(opened=rpb.ApplyOpened(
                 durable_seq=rt.store.durable_seq))
             async for resp in self._receive(rt, me, request_iterator):
                 yield resp
-        except _StreamError as exc:
-            self._log_end(rt, exc.details)
-            await context.abort(exc.code, exc.details)
         except CdpError as exc:
             self._log_end(rt, str(exc))
-            await context.abort(_status_of(exc), str(exc))
+            await rpc.abort(context, exc)
         finally:
             if rt is not None and me is not None:
                 try:
@@ -389,19 +369,18 @@ class TargetService(rgrpc.TargetServicer):
 
     async def _open(self, req: rpb.ApplyOpen, peer: str) -> tuple[PolicyRuntime, _Stream]:
         if self._closed:
-            raise _StreamError(grpc.StatusCode.UNAVAILABLE, "target is shutting down")
+            raise UnavailableError("target is shutting down")
         if not POLICY_NAME.match(req.policy):
-            raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"{req.policy!r} is not a valid policy name")
+            raise InvalidRequestError(f"{req.policy!r} is not a valid policy name")
         disks: dict[int, DiskSpec] = {}
         for d in req.disks:
             if d.disk_id in disks:
-                raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"policy {req.policy}: disk id {d.disk_id} listed twice")
+                raise InvalidRequestError(
+                    f"policy {req.policy}: disk id {d.disk_id} listed twice")
             disks[d.disk_id] = DiskSpec(d.name, d.size_bytes)
         rt = await self._runtime(req.policy, disks)
         if rt.refusal:
-            raise _StreamError(grpc.StatusCode.FAILED_PRECONDITION, rt.refusal)
+            raise RefusedError(rt.refusal)
         async with rt.takeover:
             if req.epoch < rt.store.epoch:
                 raise FencedError(f"policy {req.policy}: epoch {req.epoch} is older than "
@@ -435,33 +414,28 @@ class TargetService(rgrpc.TargetServicer):
                 if replaced.done():
                     nxt.cancel()
                     if rt.refusal:
-                        raise _StreamError(grpc.StatusCode.FAILED_PRECONDITION, rt.refusal)
+                        raise RefusedError(rt.refusal)
                     if self._closed:
-                        raise _StreamError(grpc.StatusCode.UNAVAILABLE,
-                                           f"policy {rt.name}: target is shutting down")
-                    raise _StreamError(grpc.StatusCode.FAILED_PRECONDITION,
-                                       f"policy {rt.name}: replaced by a newer stream "
-                                       f"(epoch {me.replaced_by})")
+                        raise UnavailableError(f"policy {rt.name}: target is shutting down")
+                    raise FencedError(f"policy {rt.name}: replaced by a newer stream "
+                                      f"(epoch {me.replaced_by})")
                 req = nxt.result()
                 if req is None:
                     return
                 if req.WhichOneof("body") != "chunk":
-                    raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"policy {rt.name}: expected a delta chunk, got "
-                                       f"{req.WhichOneof('body')}")
+                    raise ProtocolError(f"policy {rt.name}: expected a delta chunk, got "
+                                        f"{req.WhichOneof('body')}")
                 c = req.chunk
                 if current is None:
                     if c.index != 0:
-                        raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                                           f"policy {rt.name}: delta [{c.first_seq}, "
-                                           f"{c.last_seq}] starts at chunk {c.index}, not 0")
+                        raise ProtocolError(f"policy {rt.name}: delta [{c.first_seq}, "
+                                            f"{c.last_seq}] starts at chunk {c.index}, not 0")
                     await in_thread(rt.store.begin, c.first_seq, c.last_seq)
                     current, next_index, payload = (c.first_seq, c.last_seq), 0, 0
                 elif (c.first_seq, c.last_seq) != current or c.index != next_index:
-                    raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"policy {rt.name}: chunk {c.index} of delta "
-                                       f"[{c.first_seq}, {c.last_seq}] does not continue "
-                                       f"chunk {next_index - 1} of delta {list(current)}")
+                    raise ProtocolError(f"policy {rt.name}: chunk {c.index} of delta "
+                                        f"[{c.first_seq}, {c.last_seq}] does not continue "
+                                        f"chunk {next_index - 1} of delta {list(current)}")
                 await in_thread(rt.store.add_chunk, c.extents)
                 next_index += 1
                 payload += len(c.extents)

@@ -57,15 +57,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cdp_common.delta import Extent, decode_chunk
-from cdp_common.errors import FormatError, ProtocolError, StorageError
+from cdp_common.errors import FormatError, StorageError
 from cdp_common.fileio import OS_IO, FileIO
+from cdp_common.names import NAME_RE
 from cdp_target.applier import (
     QUARANTINE_DIR,
     Applier,
@@ -82,6 +82,7 @@ from cdp_target.deltafile import (
 )
 from cdp_target.storestate import (
     STATE_FILE,
+    DeltaOrderError,
     DiskMismatchError,
     DiskSpec,
     StoreState,
@@ -91,7 +92,7 @@ from cdp_target.storestate import (
     load_state,
     save_state,
 )
-from cdp_target.undostore import RetentionOverride, UndoStore, legacy_override
+from cdp_target.undostore import RetentionOverride, UndoStore
 
 __all__ = ["POLICY_NAME", "QUARANTINE_DIR", "STATE_FILE", "CorruptDeltaError", "DeltaReader",
            "DiskMismatchError", "DiskSpec", "LocalStores", "PolicyStore", "StoreState",
@@ -101,7 +102,7 @@ log = logging.getLogger("target.store")
 
 STATE_TMP = STATE_FILE + ".tmp"
 INCOMING_PREFIX = "incoming"
-POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+POLICY_NAME = NAME_RE  # policy directories are named by the one name rule
 
 
 @dataclass
@@ -355,7 +356,7 @@ class PolicyStore:
         with self._rx_lock:
             inc = self._incoming
             if inc is None:
-                raise ProtocolError(f"policy {self.name}: chunk outside a delta")
+                raise DeltaOrderError(f"policy {self.name}: chunk outside a delta")
             if len(extents) > MAX_CHUNK_BYTES:
                 self._drop_incoming()
                 raise FormatError(f"delta chunk of {len(extents)} bytes is too large")
@@ -378,7 +379,7 @@ class PolicyStore:
         with self._rx_lock:
             inc = self._incoming
             if inc is None:
-                raise ProtocolError(f"policy {self.name}: commit outside a delta")
+                raise DeltaOrderError(f"policy {self.name}: commit outside a delta")
             self._incoming = None
             if inc.writer is None:
                 return self.state.durable_seq
@@ -480,8 +481,5 @@ class LocalStores:
             raise storage_error(f"{self.data_dir}: cannot open data dir", exc) from None
 
     def open(self, policy: str, disks: Mapping[int, DiskSpec] | None) -> PolicyStore:
-        override = self.retention_override
-        if override is None:  # TRANSITIONAL: until daemon.py passes retention_override
-            override = legacy_override()
         return PolicyStore.open(self.data_dir / policy, disks, False, io=self.io,
-                                retention_override=override)
+                                retention_override=self.retention_override)

@@ -21,7 +21,6 @@ kind field existed are read alike.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,17 +29,21 @@ from typing import Any
 from cdp_common import statefile
 from cdp_common.errors import FencedError, FormatError, ProtocolError
 from cdp_common.fileio import OS_IO, FileIO
+from cdp_common.names import NAME_RE
 
 STATE_FILE = "state.json"
 STATE_KIND = "target-policy"
 STATE_VERSION = 1
-_DISK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_DISK_NAME = NAME_RE
 
 
-class DiskMismatchError(ProtocolError):
+class DiskMismatchError(ProtocolError, grpc_status="FAILED_PRECONDITION"):
     """The disks announced for a policy contradict the disks its replicas were made for."""
 
-    grpc_status = "FAILED_PRECONDITION"
+
+class DeltaOrderError(ProtocolError, grpc_status="ABORTED", transient=True):
+    """A delta out of order: a seq gap or overlap, a chunk or commit outside a delta.
+    The sender reconnects and resends from the durable seq."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,10 +150,10 @@ def check_epoch(policy: str, epoch: int, seen: int) -> bool:
 def classify_delta(policy: str, first_seq: int, last_seq: int, durable_seq: int) -> bool:
     """True for a new delta, False for a duplicate; ProtocolError for a bad range or a gap."""
     if first_seq < 1 or last_seq < first_seq:
-        raise ProtocolError(f"policy {policy}: bad seq range [{first_seq}, {last_seq}]")
+        raise DeltaOrderError(f"policy {policy}: bad seq range [{first_seq}, {last_seq}]")
     if last_seq <= durable_seq:
         return False
     if first_seq != durable_seq + 1:
-        raise ProtocolError(f"policy {policy}: delta [{first_seq}, {last_seq}] "
-                            f"does not follow durable seq {durable_seq} (gap or overlap)")
+        raise DeltaOrderError(f"policy {policy}: delta [{first_seq}, {last_seq}] "
+                              f"does not follow durable seq {durable_seq} (gap or overlap)")
     return True

@@ -68,22 +68,6 @@ RetentionOverride = Mapping[str, float]
 field name of `points.Retention` -> value; zero values are ignored (not set)."""
 
 
-_LEGACY_OVERRIDE: dict[str, float] = {}
-
-
-def set_global_override(values: RetentionOverride) -> None:
-    """TRANSITIONAL, to be deleted with its caller: cdp_target/daemon.py still calls
-    this after building TargetService; pass `TargetService(retention_override=...)`
-    instead. Only `LocalStores` reads it, and only when it was given no override."""
-    _LEGACY_OVERRIDE.clear()
-    _LEGACY_OVERRIDE.update({k: float(v) for k, v in values.items() if v})
-
-
-def legacy_override() -> RetentionOverride:
-    """What `set_global_override` set (TRANSITIONAL, see there)."""
-    return dict(_LEGACY_OVERRIDE)
-
-
 def save_retention(policy_dir: Path, r: P.Retention, io: FileIO = OS_IO) -> None:
     """Persist a policy's retention while its store is not open."""
     r.check()

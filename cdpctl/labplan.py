@@ -18,11 +18,11 @@ Layout under the lab directory:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdp_common.names import NAME_RE
 from cdpctl import tomlw
 
 POLICY = "lab"
@@ -60,7 +60,7 @@ def ports_needed(source_proxies: int = 1, target_proxies: int = 1) -> int:
 def stop_rank(role: str) -> int:
     """`lab down` stops data producers first: filter, source proxies, ..., coordinator."""
     return ROLE_STOP_RANK.get(role, -1)
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")   # as node ids in cdp_common.config
+_ID = NAME_RE   # as node ids in cdp_common.config
 
 
 def valid_id(node_id: str) -> bool:

@@ -36,7 +36,8 @@ class FakeContext:
     def peer(self) -> str:
         return "ipv4:192.0.2.1:5000"
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str,
+                    trailing_metadata: object = ()) -> None:
         raise Aborted(code, details)
 
 
