@@ -11,8 +11,10 @@ in-memory index costs 8 bytes per record and nothing is ever rescanned.
 
 Invariants:
 - J1 a seq is never reused: `last_seq` survives restarts, even when every
-  segment was trimmed, because `state` (written atomically: tmp + fsync +
-  rename + fsync dir) records `trimmed_through` before any segment is deleted.
+  segment was trimmed, because `state` (cdp_common.statefile, written
+  atomically: tmp + fsync + rename + fsync dir) records `trimmed_through`
+  before any segment is deleted. A `state` that does not decode raises
+  FormatError at open: guessing a lower value could reuse seqs the target has.
 - J2 only a valid prefix is ever returned: on open every segment is scanned
   with `records.scan_valid_prefix`; the first torn, corrupt or out-of-sequence
   record and everything after it (the rest of its segment and any later
@@ -48,22 +50,21 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import json
 import logging
 import os
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from cdp_common import records
-from cdp_common.errors import CdpError, StorageError
+from cdp_common import records, statefile
+from cdp_common.errors import CdpError, FormatError, StorageError
 from cdp_common.fileio import OS_IO, FileIO
-from cdp_common.fsutil import write_file_atomic
 
 log = logging.getLogger("filter.journal")
 
 SEGMENT_SUFFIX = ".seg"
 STATE_FILE = "state"
+STATE_KIND = "journal"
 STATE_VERSION = 1
 _SCAN_CHUNK = 8 * 1024 * 1024  # batch size used when replaying
 
@@ -152,30 +153,28 @@ class Journal:
         except OSError as exc:
             j.close()
             raise StorageError(f"journal {directory}: cannot open ({exc.strerror or exc})") from exc
+        except BaseException:
+            j.close()
+            raise
         return j
 
     def _extra(self, **kw: object) -> dict[str, object]:
         return {"policy": self.policy, **kw}
 
     def _read_state(self) -> int:
+        """trimmed_through from `state` (docs/FORMAT.md §1d); 0 when there is none."""
         path = os.path.join(self.directory, STATE_FILE)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
+        data = statefile.load(path, STATE_KIND, STATE_VERSION, self.io)
+        if data is None:
             return 0
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"journal {self.directory}: unreadable state file: {exc}") from exc
-        value = data.get("trimmed_through") if isinstance(data, dict) else None
-        if not isinstance(value, int) or value < 0:
-            raise StorageError(f"journal {self.directory}: state file has no valid "
-                               "trimmed_through")
+        value = data.get("trimmed_through")
+        if type(value) is not int or value < 0:
+            raise FormatError(f"{path}: journal state file has no valid trimmed_through")
         return value
 
     def _write_state(self, trimmed_through: int) -> None:
-        body = json.dumps({"version": STATE_VERSION, "trimmed_through": trimmed_through})
-        write_file_atomic(os.path.join(self.directory, STATE_FILE), body.encode(), 0o644,
-                          io=self.io)
+        statefile.save(os.path.join(self.directory, STATE_FILE), STATE_KIND, STATE_VERSION,
+                       {"trimmed_through": trimmed_through}, self.io)
         self._persisted_trim = trimmed_through
 
     def _recover(self) -> None:

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdp_common import records
+from cdp_common.errors import FormatError
 from cdp_filter.journal import Journal, JournalGapError, segment_name
 
 pytestmark = pytest.mark.timeout(60)
@@ -258,3 +259,26 @@ def test_append_failure_leaves_no_trace(tmp_path: Path) -> None:
     assert j.append(0, 0, 0, b"ok") == 3
     assert [r.data for r in j.records_after(2)] == [b"ok"]
     j.close()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"version": 1}',
+                                  '{"version": 1, "trimmed_through": -3}',
+                                  '{"version": 1, "trimmed_through": "7"}',
+                                  '{"kind": "journal", "version": 99, "trimmed_through": 1}',
+                                  '{"kind": "resync", "version": 1, "trimmed_through": 1}'])
+def test_corrupt_state_file_raises_format_error(tmp_path: Path, text: str) -> None:
+    j = open_j(tmp_path)
+    fill(j, 2)
+    j.close()
+    (tmp_path / "state").write_text(text)
+    with pytest.raises(FormatError, match="state"):
+        open_j(tmp_path)
+
+
+def test_state_file_is_versioned_json(tmp_path: Path) -> None:
+    j = open_j(tmp_path, seg=2 * (H + 100))
+    fill(j, 4)
+    j.trim_through(2)
+    j.close()
+    doc = json.loads((tmp_path / "state").read_text())
+    assert doc == {"kind": "journal", "version": 1, "trimmed_through": 2}
