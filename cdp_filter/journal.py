@@ -211,11 +211,12 @@ class Journal:
                     cut = True
                 continue
             if seg.last_seq <= self._trimmed_through:
-                # Trimmed but not yet deleted when we stopped (J3 already holds).
+                # Trimmed but not yet deleted when we stopped (J3 already holds),
+                # or whose unlink a power cut undid. It says nothing about where
+                # the next segment starts: after advance_to that is past a jump.
                 self.io.close(seg.fd)
                 self.io.unlink(path)
                 changed_dir = True
-                expected_next = seg.last_seq + 1
                 continue
             self._add_segment(seg)
             expected_next = seg.last_seq + 1

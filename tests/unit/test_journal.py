@@ -282,3 +282,26 @@ def test_state_file_is_versioned_json(tmp_path: Path) -> None:
     j.close()
     doc = json.loads((tmp_path / "state").read_text())
     assert doc == {"kind": "journal", "version": 1, "trimmed_through": 2}
+
+
+def test_leftover_trimmed_segments_before_an_advance_are_not_corruption(tmp_path: Path) -> None:
+    """A power cut can undo the unlink of trimmed segments (no directory fsync
+    after it); with the seq counter advanced past a jump, the segment after
+    them starts at trimmed_through + 1, not after their last seq."""
+    j = open_j(tmp_path, seg=2 * (H + 100))
+    fill(j, 3)
+    j.sync()
+    left = {p.name: p.read_bytes() for p in tmp_path.glob("*.seg")}
+    j.advance_to(10)
+    assert j.append(5, 0, 0, b"after") == 11
+    j.sync()
+    j.close()
+    for name, data in left.items():  # the unlinks did not survive
+        (tmp_path / name).write_bytes(data)
+    cuts: list[int] = []
+    j = Journal.open(str(tmp_path), 2 * (H + 100), 1 << 30,
+                     on_cut=lambda _d, seq, _w: cuts.append(seq))
+    assert cuts == [] and [r.data for r in j.records_after(0)] == [b"after"]
+    assert j.last_seq == 11 and sorted(p.name for p in tmp_path.glob("*.seg")) == \
+        [segment_name(11)]
+    j.close()
