@@ -44,6 +44,7 @@ behind it, the target; "durable" means durable at the target):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -93,7 +94,19 @@ class GrpcRecordSession:
         self._closed = False
 
     async def send(self, batch: rpb.RecordBatch) -> None:
-        await rpc.stream_write(self._call, rpb.ShipRequest(batch=batch))
+        try:
+            await rpc.stream_write(self._call, rpb.ShipRequest(batch=batch))
+        except asyncio.InvalidStateError:
+            raise await self._ended() from None
+
+    async def _ended(self) -> BaseException:
+        """The error for a write to a call that already ended: its own status."""
+        call = self._call
+        code = await call.code()
+        if code == grpc.StatusCode.OK:
+            return UnavailableError("source proxy ended the stream")
+        return grpc.aio.AioRpcError(code, await call.initial_metadata(),
+                                    await call.trailing_metadata(), await call.details())
 
     async def acks(self) -> AsyncIterator[int]:
         while True:
