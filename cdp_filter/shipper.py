@@ -41,15 +41,16 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf import json_format
 
+from cdp_common import statefile
 from cdp_common.config import TlsConfig
 from cdp_common.errors import CdpError, UnavailableError
+from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_filter.journal import JournalGapError
@@ -62,6 +63,8 @@ BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 2.0
 WELCOME_TIMEOUT_S = 30.0
 REPORT_INTERVAL_S = 2.0
+CACHE_KIND = "assignment"
+CACHE_VERSION = 2
 SETTLE_S = 5.0  # a welcomed stream this old (or one that got an ack) is healthy
 
 UnreachableFn = Callable[[str, str, str, str], Awaitable[object]]
@@ -107,7 +110,8 @@ def describe(exc: BaseException) -> str:
 class Shipper:
     def __init__(self, rt: PolicyRuntime, filter_id: str, disks: Sequence[rpb.DiskInfo],
                  tls: TlsConfig, max_message_bytes: int, batch_bytes: int,
-                 state_path: str, sink: RecordSink | None = None) -> None:
+                 state_path: str, sink: RecordSink | None = None,
+                 io: FileIO = OS_IO) -> None:
         self.rt = rt
         self.filter_id = filter_id
         self.disks = list(disks)
@@ -115,6 +119,7 @@ class Shipper:
         self.sink: RecordSink = sink or GrpcRecordSink(tls, max_message_bytes)
         self.batch_bytes = batch_bytes
         self.state_path = state_path
+        self.io = io
         self.connected = False
         self.welcomes = 0  # streams welcomed so far (a new link for the resync worker)
         self._assignment: cpb.Assignment | None = self._load()
@@ -147,24 +152,27 @@ class Shipper:
         return self.connected
 
     def _load(self) -> cpb.Assignment | None:
+        """The remembered assignment (docs/FORMAT.md §1e). Only a cache: a file that
+        does not decode is ignored with a warning (the coordinator's watch wins)."""
         try:
-            with open(self.state_path, encoding="utf-8") as f:
-                a = json_format.Parse(f.read(), cpb.Assignment())
-        except FileNotFoundError:
-            return None
-        except (OSError, json_format.ParseError) as exc:
+            data = statefile.load(self.state_path, CACHE_KIND, CACHE_VERSION, self.io)
+            if data is None:
+                return None
+            # Version 1 (before statefile) is the bare message; 2 nests it.
+            fields = data.get("assignment") if data["version"] >= 2 else \
+                {k: v for k, v in data.items() if k != "version"}
+            if not isinstance(fields, dict):
+                raise json_format.ParseError("no assignment object")
+            a = json_format.ParseDict(fields, cpb.Assignment())
+        except (CdpError, json_format.ParseError, TypeError, ValueError) as exc:
             log.warning("ignoring unreadable %s: %s", self.state_path, exc, extra=self._extra())
             return None
         return a if usable(a) else None
 
     def _save(self, a: cpb.Assignment) -> None:
-        tmp = self.state_path + ".tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json_format.MessageToJson(a))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.state_path)
+            statefile.save(self.state_path, CACHE_KIND, CACHE_VERSION,
+                           {"assignment": json_format.MessageToDict(a)}, self.io)
         except OSError as exc:
             log.warning("cannot remember assignment in %s: %s", self.state_path, exc.strerror,
                         extra=self._extra())

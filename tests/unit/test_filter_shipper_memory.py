@@ -5,11 +5,13 @@ refusals, epoch changes and fences, lost-tail and trimmed-gap handling."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
 
 from cdp_common import records
 from cdp_common.config import TlsConfig
@@ -186,3 +188,36 @@ async def test_welcome_hook_sees_resume_before_trim(rig: Rig) -> None:
     rig.start()
     await eventually(lambda: rig.rt.durable_seq == 4)
     assert seen == [(0, 0)] and rig.shipper.welcomes == 1
+
+
+def make_shipper(tmp: Path, rig: Rig) -> Shipper:
+    return Shipper(rig.rt, "filter-1", [rig.disk.info()], TlsConfig(insecure=True), 8 << 20,
+                   4 * (H + 100), str(tmp / "assignment.p.json"), sink=rig.sink)
+
+
+async def test_assignment_cache_is_a_versioned_state_file(tmp_path: Path, rig: Rig) -> None:
+    rig.shipper.set_assignment(assignment(epoch=7))
+    doc = json.loads((tmp_path / "assignment.p.json").read_text())
+    assert doc["kind"] == "assignment" and doc["version"] == 2
+    assert doc["assignment"]["epoch"] == "7"  # proto3 JSON: uint64 as a string
+    again = make_shipper(tmp_path, rig)
+    assert again.assignment is not None and again.assignment.epoch == 7
+
+
+async def test_legacy_assignment_cache_is_read(tmp_path: Path, rig: Rig) -> None:
+    (tmp_path / "assignment.p.json").write_text(json_format.MessageToJson(assignment(epoch=4)))
+    again = make_shipper(tmp_path, rig)
+    assert again.assignment is not None and again.assignment.epoch == 4
+    assert again.assignment.source_proxy.address == "mem:1"
+
+
+@pytest.mark.parametrize("text", ["{broken", "[]", '{"kind": "journal", "version": 1}',
+                                  '{"kind": "assignment", "version": 2, "assignment": 3}',
+                                  '{"kind": "assignment", "version": 2, '
+                                  '"assignment": {"epoch": "x"}}'])
+async def test_corrupt_assignment_cache_is_ignored(tmp_path: Path, rig: Rig, text: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "assignment.p.json").write_text(text)
+    again = make_shipper(tmp_path, rig)
+    assert again.assignment is None
+    assert "ignoring unreadable" in caplog.text
