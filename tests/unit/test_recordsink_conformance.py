@@ -115,8 +115,13 @@ async def grpc_harness() -> Harness:
         return server.address
 
     async def restart() -> None:
+        # The downstream's sessions end first (as its process dying ends
+        # them), so each call ends with a status; then the server goes.
+        old, h.memory = h.memory, h.memory.restart()
+        async with asyncio.timeout(10):
+            while old.sessions:  # each handler aborted its call and closed its session
+                await asyncio.sleep(0.005)
         await servers.pop().stop(0)
-        h.memory = h.memory.restart()
         h.address = await serve(h.memory, "127.0.0.1:0")
 
     async def stop() -> None:
@@ -140,6 +145,13 @@ def batch(first: int, last: int, skip: bool = False) -> rpb.RecordBatch:
     data = b"".join(records.encode(s, s * 10, 0, s * 4096, bytes([s % 256]) * 32)
                     for s in range(first, last + 1))
     return rpb.RecordBatch(records=data, captured_seq=last, skips_lost_seqs=skip)
+
+
+async def received(h: Harness, seq: int) -> None:
+    """Wait until the downstream took `seq` (a send returns before it is read)."""
+    async with asyncio.timeout(10):
+        while seq not in h.memory.downstream.received:
+            await asyncio.sleep(0.005)
 
 
 async def acked_through(session: RecordSession, seq: int) -> int:
@@ -236,7 +248,7 @@ async def test_idempotent_resend_after_reconnect(harness: Harness) -> None:
     harness.memory.auto_ack = False
     s = await harness.open()
     await s.send(batch(1, 6))
-    await asyncio.sleep(0.05)
+    await received(harness, 6)
     harness.memory.make_durable(3)
     assert await acked_through(s, 3) == 3
     harness.memory.fail_after_batches = 1
@@ -255,7 +267,7 @@ async def test_restart_keeps_durable_and_fails_open_sessions(harness: Harness) -
     harness.memory.auto_ack = False
     s = await harness.open()
     await s.send(batch(1, 5))
-    await asyncio.sleep(0.05)
+    await received(harness, 5)
     harness.memory.make_durable(4)
     assert await acked_through(s, 4) == 4
     await harness.restart()
@@ -264,6 +276,7 @@ async def test_restart_keeps_durable_and_fails_open_sessions(harness: Harness) -
     again = await harness.open()
     assert again.resume_from_seq == 4
     await again.send(batch(5, 6))
+    await received(harness, 6)
     harness.memory.make_durable(6)
     assert await acked_through(again, 6) == 6
     assert_applied_once(harness, 6)
