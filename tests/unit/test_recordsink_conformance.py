@@ -59,10 +59,10 @@ class MemorySourceProxy(rgrpc.SourceProxyServicer):
         except CdpError as exc:
             await context.abort(grpc.StatusCode[exc.grpc_status], f"policy: {exc}")
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, CdpError):
-                await task
             await session.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 @dataclass
