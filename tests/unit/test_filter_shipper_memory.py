@@ -6,32 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import shipperfixtures
 from google.protobuf import json_format
+from shipperfixtures import eventually
 
 from cdp_common import records
-from cdp_common.config import TlsConfig
 from cdp_common.errors import UnavailableError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
-from cdp_filter.journal import Journal
 from cdp_filter.memsink import MemoryDownstream, MemoryRecordSink
-from cdp_filter.policy import Disk, PolicyRuntime
 from cdp_filter.shipper import Shipper
 
 pytestmark = pytest.mark.timeout(30)
 H = records.HEADER_SIZE
 
-
-async def eventually(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 def assignment(epoch: int = 1) -> cpb.Assignment:
@@ -41,38 +32,17 @@ def assignment(epoch: int = 1) -> cpb.Assignment:
         target=cpb.Endpoint(node_id="t", address="mem:3"), rpo_interval_s=2.0)
 
 
-class Rig:
-    def __init__(self, tmp: Path, sink: MemoryRecordSink, seg_bytes: int = 10 * (H + 100)
-                 ) -> None:
-        self.sink = sink
-        img = tmp / "d.img"
-        fd = os.open(img, os.O_RDWR | os.O_CREAT)
-        os.ftruncate(fd, 1 << 20)
-        self.disk = Disk("d", "p", 0, 1 << 20, str(img), fd=fd)
-        self.journal = Journal.open(str(tmp / "journal"), seg_bytes, 1 << 30, policy="p")
-        self.rt = PolicyRuntime("p", self.journal, [self.disk])
-        self.shipper = Shipper(self.rt, "filter-1", [self.disk.info()], TlsConfig(insecure=True),
-                               8 << 20, 4 * (H + 100), str(tmp / "assignment.p.json"),
-                               sink=sink)
-        self.task: asyncio.Task[None] | None = None
+class Rig(shipperfixtures.Rig):
+    """A shipper over the in-memory sink; `start(a)` adopts `a` first."""
 
-    def write(self, count: int) -> None:
-        for _ in range(count):
-            seq = self.journal.last_seq + 1
-            self.journal.append(seq, 0, 0, bytes([seq % 256]) * 100)
-        self.rt.appended.set()
+    sink: MemoryRecordSink
+
+    def __init__(self, tmp: Path, sink: MemoryRecordSink) -> None:
+        super().__init__(tmp, sink=sink)
 
     def start(self, a: cpb.Assignment | None = None) -> None:
         self.shipper.set_assignment(a or assignment())
-        self.task = asyncio.create_task(self.shipper.run())
-
-    async def close(self) -> None:
-        self.rt.close()
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        self.journal.close()
-        os.close(self.disk.fd)
+        super().start()
 
 
 @pytest.fixture
@@ -191,8 +161,7 @@ async def test_welcome_hook_sees_resume_before_trim(rig: Rig) -> None:
 
 
 def make_shipper(tmp: Path, rig: Rig) -> Shipper:
-    return Shipper(rig.rt, "filter-1", [rig.disk.info()], TlsConfig(insecure=True), 8 << 20,
-                   4 * (H + 100), str(tmp / "assignment.p.json"), sink=rig.sink)
+    return rig.new_shipper()
 
 
 async def test_assignment_cache_is_a_versioned_state_file(tmp_path: Path, rig: Rig) -> None:
