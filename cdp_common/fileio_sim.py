@@ -56,9 +56,14 @@ class SimIO:
     crash_at: int | None = None
     steps: list[str] = field(default_factory=list)
     crashed: bool = False
-    _inodes: dict[int, _Inode] = field(default_factory=dict)
-    _dirs: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Files are known by an id of our own, not by st_ino: the file system
+    # reuses the inode number of an unlinked file for the next one created,
+    # while a directory entry not yet made durable still names the old file.
+    _inodes: dict[int, _Inode] = field(default_factory=dict)   # file id -> durable state
+    _dirs: dict[str, dict[str, int]] = field(default_factory=dict)  # dir -> name -> file id
     _fds: dict[int, str] = field(default_factory=dict)
+    _ids: dict[int, int] = field(default_factory=dict)  # st_ino -> id of the file living there
+    _last_id: int = 0
 
     def __post_init__(self) -> None:
         self._roots = [os.path.abspath(r) for r in self.roots]
@@ -74,10 +79,24 @@ class SimIO:
             entries: dict[str, int] = {}
             for name in files:
                 path = os.path.join(dirpath, name)
-                st = os.lstat(path)
-                entries[name] = st.st_ino
-                self._inodes[st.st_ino] = _Inode(Path(path).read_bytes())
+                fid = self._id_of(os.lstat(path).st_ino)
+                entries[name] = fid
+                self._inodes[fid] = _Inode(Path(path).read_bytes())
             self._dirs[os.path.abspath(dirpath)] = entries
+
+    def _id_of(self, ino: int) -> int:
+        """The id of the file now at inode `ino` (a new one for a file not seen yet)."""
+        fid = self._ids.get(ino)
+        if fid is None:
+            self._last_id += 1
+            fid = self._ids[ino] = self._last_id
+            self._inodes[fid] = _Inode()
+        return fid
+
+    def _new_file(self, ino: int) -> None:
+        """`ino` now holds a file just created: a new file, whatever lived there before."""
+        self._ids.pop(ino, None)
+        self._id_of(ino)
 
     def _inside(self, path: str) -> bool:
         return any(path == r or path.startswith(r + os.sep) for r in self._roots)
@@ -96,9 +115,9 @@ class SimIO:
         # through /proc: `fd` itself may be write-only
         return Path(f"/proc/self/fd/{fd}").read_bytes()
 
-    def _entry_durable(self, path: str, ino: int) -> None:
+    def _entry_durable(self, path: str, fid: int) -> None:
         parent = self._dirs.setdefault(os.path.dirname(path), {})
-        parent[os.path.basename(path)] = ino
+        parent[os.path.basename(path)] = fid
 
     # ------------------------------------------------------------ FileIO
 
@@ -106,11 +125,15 @@ class SimIO:
         apath = os.path.abspath(path)
         if flags & (os.O_CREAT | os.O_TRUNC):
             self._step("open", apath)
+        existed = os.path.lexists(apath)
         fd = self.inner.open(apath, flags, mode)
         self._fds[fd] = apath
         if self._inside(apath):
             ino = os.fstat(fd).st_ino
-            self._inodes.setdefault(ino, _Inode())
+            if existed:
+                self._id_of(ino)
+            else:
+                self._new_file(ino)
         return fd
 
     def close(self, fd: int) -> None:
@@ -146,10 +169,10 @@ class SimIO:
         else:
             self.inner.fdatasync(fd)
         if path != "?" and self._inside(path):
-            ino = os.fstat(fd).st_ino
-            node = self._inodes.setdefault(ino, _Inode())
+            fid = self._id_of(os.fstat(fd).st_ino)
+            node = self._inodes[fid]
             if node.durable is None and os.path.exists(path):
-                self._entry_durable(path, ino)  # a new file's fsync commits its entry
+                self._entry_durable(path, fid)  # a new file's fsync commits its entry
             node.durable = self._read_all(fd)
 
     def fsync(self, fd: int) -> None:
@@ -167,9 +190,7 @@ class SimIO:
         entries: dict[str, int] = {}
         for entry in os.scandir(apath):
             if entry.is_file(follow_symlinks=False):
-                ino = entry.inode()
-                self._inodes.setdefault(ino, _Inode())
-                entries[entry.name] = ino
+                entries[entry.name] = self._id_of(entry.inode())
         self._dirs[apath] = entries
 
     def rename(self, src: StrPath, dst: StrPath) -> None:
@@ -200,8 +221,8 @@ class SimIO:
         changed: list[str] = []
         contents = {}
         for dirpath, entries in self._dirs.items():
-            for name, ino in entries.items():
-                node = self._inodes.get(ino)
+            for name, fid in entries.items():
+                node = self._inodes.get(fid)
                 contents[os.path.join(dirpath, name)] = (
                     node.durable if node is not None and node.durable is not None else b"")
         for root in self._roots:
@@ -223,6 +244,7 @@ class SimIO:
         # the rewritten tree is the new durable baseline
         self._inodes.clear()
         self._dirs.clear()
+        self._ids.clear()
         for root in self._roots:
             self._snapshot(root)
         self.crashed = False

@@ -11,8 +11,10 @@ in-memory index costs 8 bytes per record and nothing is ever rescanned.
 
 Invariants:
 - J1 a seq is never reused: `last_seq` survives restarts, even when every
-  segment was trimmed, because `state` (written atomically: tmp + fsync +
-  rename + fsync dir) records `trimmed_through` before any segment is deleted.
+  segment was trimmed, because `state` (cdp_common.statefile, written
+  atomically: tmp + fsync + rename + fsync dir) records `trimmed_through`
+  before any segment is deleted. A `state` that does not decode raises
+  FormatError at open: guessing a lower value could reuse seqs the target has.
 - J2 only a valid prefix is ever returned: on open every segment is scanned
   with `records.scan_valid_prefix`; the first torn, corrupt or out-of-sequence
   record and everything after it (the rest of its segment and any later
@@ -27,8 +29,17 @@ Invariants:
   the disk images have been fdatasync'ed, so the records are certainly in the
   images (the journal is also the redo log for them, see `records_after`).
 - J4 `sync()` makes every appended record durable: it fsyncs every segment
-  written since the last sync (not only the current one) and the directory
-  when segments were created.
+  written since the last sync (not only the current one), oldest first, and
+  the directory when segments were created. Oldest first: a power cut in the
+  middle of a sync then leaves a durable prefix, never a durable later
+  segment after a shortened earlier one (which recovery would have to drop
+  as out of sequence and report as corruption).
+
+Every write, fsync, truncate, unlink and read of a segment or of `state`
+goes through the injected `FileIO` (cdp_common/fileio.py), so the
+power-loss test (tests/unit/test_journal_powerloss.py) can stop the journal
+at any step and drop what was not fsynced. Only listing the directory and
+fstat stay outside the seam: they change nothing.
 
 All methods are synchronous and meant for one thread (the event loop); the
 blocking parts of a durable sync can run in a worker thread via `sync_async`.
@@ -39,22 +50,21 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import errno
-import json
 import logging
 import os
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from cdp_common import records
-from cdp_common.errors import CdpError, StorageError
-from cdp_common.fsutil import fsync_dir, write_file_atomic
+from cdp_common import records, statefile
+from cdp_common.errors import CdpError, FormatError, StorageError
+from cdp_common.fileio import OS_IO, FileIO
 
 log = logging.getLogger("filter.journal")
 
 SEGMENT_SUFFIX = ".seg"
 STATE_FILE = "state"
+STATE_KIND = "journal"
 STATE_VERSION = 1
 _SCAN_CHUNK = 8 * 1024 * 1024  # batch size used when replaying
 
@@ -87,16 +97,16 @@ def segment_name(first_seq: int) -> str:
     return f"{first_seq:020d}{SEGMENT_SUFFIX}"
 
 
-def _fsync_fds(fds: list[int], dir_path: str | None) -> None:
-    """Worker-thread half of sync_async: fsync dup'ed fds and close them."""
+def _fsync_fds(io: FileIO, fds: list[int], dir_path: str | None) -> None:
+    """Worker-thread half of sync_async: fsync private fds (in order) and close them."""
     try:
         for fd in fds:
-            os.fsync(fd)
+            io.fsync(fd)
         if dir_path is not None:
-            fsync_dir(dir_path)
+            io.fsync_dir(dir_path)
     finally:
         for fd in fds:
-            os.close(fd)
+            io.close(fd)
 
 
 class Journal:
@@ -104,8 +114,10 @@ class Journal:
 
     def __init__(self, directory: str, segment_bytes: int, cap_bytes: int,
                  policy: str = "", before_delete: Callable[[], None] | None = None,
-                 on_cut: Callable[[memoryview, int, bool], None] | None = None) -> None:
+                 on_cut: Callable[[memoryview, int, bool], None] | None = None,
+                 io: FileIO = OS_IO) -> None:
         # Use Journal.open(); the constructor only sets fields.
+        self.io = io
         self.on_cut = on_cut
         self.directory = directory
         self.segment_bytes = segment_bytes
@@ -131,38 +143,38 @@ class Journal:
     @classmethod
     def open(cls, directory: str, segment_bytes: int, cap_bytes: int, *, policy: str = "",
              before_delete: Callable[[], None] | None = None,
-             on_cut: Callable[[memoryview, int, bool], None] | None = None) -> Journal:
+             on_cut: Callable[[memoryview, int, bool], None] | None = None,
+             io: FileIO = OS_IO) -> Journal:
         """Open (creating if needed) and recover the journal in `directory`."""
-        j = cls(directory, segment_bytes, cap_bytes, policy, before_delete, on_cut)
+        j = cls(directory, segment_bytes, cap_bytes, policy, before_delete, on_cut, io)
         try:
-            os.makedirs(directory, exist_ok=True)
+            io.makedirs(directory, 0o700)
             j._recover()
         except OSError as exc:
             j.close()
             raise StorageError(f"journal {directory}: cannot open ({exc.strerror or exc})") from exc
+        except BaseException:
+            j.close()
+            raise
         return j
 
     def _extra(self, **kw: object) -> dict[str, object]:
         return {"policy": self.policy, **kw}
 
     def _read_state(self) -> int:
+        """trimmed_through from `state` (docs/FORMAT.md §1d); 0 when there is none."""
         path = os.path.join(self.directory, STATE_FILE)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
+        data = statefile.load(path, STATE_KIND, STATE_VERSION, self.io)
+        if data is None:
             return 0
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"journal {self.directory}: unreadable state file: {exc}") from exc
-        value = data.get("trimmed_through") if isinstance(data, dict) else None
-        if not isinstance(value, int) or value < 0:
-            raise StorageError(f"journal {self.directory}: state file has no valid "
-                               "trimmed_through")
+        value = data.get("trimmed_through")
+        if type(value) is not int or value < 0:
+            raise FormatError(f"{path}: journal state file has no valid trimmed_through")
         return value
 
     def _write_state(self, trimmed_through: int) -> None:
-        body = json.dumps({"version": STATE_VERSION, "trimmed_through": trimmed_through})
-        write_file_atomic(os.path.join(self.directory, STATE_FILE), body.encode(), 0o644)
+        statefile.save(os.path.join(self.directory, STATE_FILE), STATE_KIND, STATE_VERSION,
+                       {"trimmed_through": trimmed_through}, self.io)
         self._persisted_trim = trimmed_through
 
     def _recover(self) -> None:
@@ -189,7 +201,7 @@ class Journal:
                               extra=self._extra(seq=first_seq))
                 cut = True
                 self._cut_whole(first_seq, path)
-                os.unlink(path)
+                self.io.unlink(path)
                 changed_dir = True
                 continue
             seg, torn = self._load_segment(first_seq, path)
@@ -199,18 +211,19 @@ class Journal:
                     cut = True
                 continue
             if seg.last_seq <= self._trimmed_through:
-                # Trimmed but not yet deleted when we stopped (J3 already holds).
-                os.close(seg.fd)
-                os.unlink(path)
+                # Trimmed but not yet deleted when we stopped (J3 already holds),
+                # or whose unlink a power cut undid. It says nothing about where
+                # the next segment starts: after advance_to that is past a jump.
+                self.io.close(seg.fd)
+                self.io.unlink(path)
                 changed_dir = True
-                expected_next = seg.last_seq + 1
                 continue
             self._add_segment(seg)
             expected_next = seg.last_seq + 1
             if torn:
                 cut = True
         if changed_dir:
-            fsync_dir(self.directory)
+            self.io.fsync_dir(self.directory)
         if self._segments:
             first = self._segments[0].first_seq
             if first > self._trimmed_through + 1:
@@ -219,7 +232,7 @@ class Journal:
                           extra=self._extra(seq=first))
             last = self._segments[-1]
             self._last_seq = last.last_seq
-            head = os.pread(last.fd, records.HEADER_SIZE, last.offsets[-1])
+            head = self.io.pread(last.fd, records.HEADER_SIZE, last.offsets[-1])
             self._last_time_ns = records.HEADER.unpack(head)[5]
         self._last_seq = max(self._last_seq, self._trimmed_through)
         if self._segments:
@@ -231,18 +244,13 @@ class Journal:
 
     def _load_segment(self, first_seq: int, path: str) -> tuple[_Segment | None, bool]:
         """Scan one segment; cut its torn tail. Returns (segment or None if empty, torn)."""
-        fd = os.open(path, os.O_RDWR)
+        io = self.io
+        fd = io.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
-            buf = bytearray(size)
-            view = memoryview(buf)
-            got = 0
-            while got < size:
-                n = os.preadv(fd, [view[got:]], got)
-                if n == 0:
-                    break
-                got += n
-            spans, valid_end = records.scan_valid_prefix(view[:got])
+            view = memoryview(self._read_all(fd, size))
+            got = len(view)
+            spans, valid_end = records.scan_valid_prefix(view)
             # Records must carry consecutive seqs starting at the name's seq.
             offsets = array("Q")
             for i, (seq, start, _end) in enumerate(spans):
@@ -261,24 +269,39 @@ class Journal:
                 log.warning("journal segment %s: cutting %d bytes of torn or corrupt tail at "
                             "byte %d", os.path.basename(path), size - valid_end, valid_end,
                             extra=self._extra(seq=first_seq + len(offsets)))
-                os.ftruncate(fd, valid_end)
-                os.fsync(fd)
+                io.ftruncate(fd, valid_end)
+                io.fsync(fd)
             if not offsets:
-                os.close(fd)
-                os.unlink(path)
+                io.close(fd)
+                io.unlink(path)
                 return None, torn
             return _Segment(first_seq, path, fd, valid_end, offsets), torn
         except BaseException:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                io.close(fd)
             raise
+
+    def _read_all(self, fd: int, size: int) -> bytes:
+        """The first `size` bytes of a file (fewer if it is shorter)."""
+        parts: list[bytes] = []
+        got = 0
+        while got < size:
+            chunk = self.io.pread(fd, min(size - got, _SCAN_CHUNK), got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _cut_whole(self, first_seq: int, path: str) -> None:
         """A whole segment is about to be dropped: show its bytes to on_cut first."""
         if self.on_cut is None:
             return
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = self.io.open(path, os.O_RDONLY)
+        try:
+            data = self._read_all(fd, os.fstat(fd).st_size)
+        finally:
+            self.io.close(fd)
         self.on_cut(memoryview(data), first_seq, True)
 
     def _add_segment(self, seg: _Segment) -> None:
@@ -326,9 +349,10 @@ class Journal:
                data: bytes | memoryview, flags: int = 0) -> int:
         """Append one record with the next seq; returns that seq.
 
-        One pwritev of header and data, no fsync. On failure the segment is cut
-        back to its previous end and StorageError is raised (with the OSError's
-        errno as `__cause__`): no seq is used.
+        One pwritev of header and data, no fsync. On failure (a short write
+        is ENOSPC, by the FileIO contract) the segment is cut back to its
+        previous end and StorageError is raised (with the OSError's errno as
+        `__cause__`): no seq is used.
         """
         seq = self._last_seq + 1
         seg = self._segments[-1] if self._segments else None
@@ -337,13 +361,10 @@ class Journal:
         head = records.encode_header(seq, time_ns, disk_id, offset, data, flags)
         want = records.HEADER_SIZE + len(data)
         try:
-            n = os.pwritev(seg.fd, (head, data), seg.size)
-            if n != want:
-                # A short write to a regular file means the volume is full.
-                raise OSError(errno.ENOSPC, f"short write ({n} of {want} bytes)")
+            self.io.pwritev(seg.fd, (head, data), seg.size)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                os.ftruncate(seg.fd, seg.size)
+                self.io.ftruncate(seg.fd, seg.size)
             raise StorageError(f"journal {self.directory}: append failed "
                                f"({exc.strerror or exc})") from exc
         seg.offsets.append(seg.size)
@@ -358,7 +379,7 @@ class Journal:
     def _new_segment(self, first_seq: int) -> _Segment:
         path = os.path.join(self.directory, segment_name(first_seq))
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = self.io.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise StorageError(f"journal {self.directory}: cannot create segment "
                                f"{segment_name(first_seq)} ({exc.strerror})") from exc
@@ -367,17 +388,22 @@ class Journal:
         self._dir_dirty = True
         return seg
 
+    def _take_dirty(self) -> tuple[list[_Segment], bool]:
+        """The segments to fsync, oldest first (J4), and whether the directory is due."""
+        dirty = sorted((s for s in self._dirty if s.fd >= 0), key=lambda s: s.first_seq)
+        self._dirty = set()
+        dir_dirty, self._dir_dirty = self._dir_dirty, False
+        return dirty, dir_dirty
+
     def sync(self) -> None:
         """fsync every segment written since the last sync (J4)."""
         gen = self._write_gen
-        dirty, self._dirty = self._dirty, set()
-        dir_dirty, self._dir_dirty = self._dir_dirty, False
+        dirty, dir_dirty = self._take_dirty()
         try:
             for seg in dirty:
-                if seg.fd >= 0:
-                    os.fsync(seg.fd)
+                self.io.fsync(seg.fd)
             if dir_dirty:
-                fsync_dir(self.directory)
+                self.io.fsync_dir(self.directory)
         except OSError as exc:
             raise StorageError(f"journal {self.directory}: fsync failed ({exc.strerror})") \
                 from exc
@@ -398,11 +424,20 @@ class Journal:
             if self._synced_gen >= target and not self._dir_dirty:
                 return
             gen = self._write_gen
-            dirty, self._dirty = self._dirty, set()
-            dir_dirty, self._dir_dirty = self._dir_dirty, False
-            fds = [os.dup(seg.fd) for seg in dirty if seg.fd >= 0]
+            dirty, dir_dirty = self._take_dirty()
+            # Private read-only fds: a trim may close a segment's own fd (and
+            # its number be reused) while the worker thread fsyncs.
+            fds: list[int] = []
             try:
-                await asyncio.to_thread(_fsync_fds, fds, self.directory if dir_dirty else None)
+                try:
+                    for seg in dirty:
+                        fds.append(self.io.open(seg.path, os.O_RDONLY))
+                except OSError:
+                    for fd in fds:
+                        self.io.close(fd)
+                    raise
+                await asyncio.to_thread(_fsync_fds, self.io, fds,
+                                        self.directory if dir_dirty else None)
             except OSError as exc:
                 raise StorageError(f"journal {self.directory}: fsync failed "
                                    f"({exc.strerror})") from exc
@@ -441,7 +476,7 @@ class Journal:
                     end, j = seg.end_of(i), i  # one record even if larger than room
                 else:
                     break
-            parts.append(os.pread(seg.fd, end - start, start))
+            parts.append(self.io.pread(seg.fd, end - start, start))
             room -= end - start
             last = seg.first_seq + j
             seq = last + 1
@@ -479,7 +514,7 @@ class Journal:
                 continue
             start = max(0, seq + 1 - seg.first_seq)
             for i in range(start, seg.count):
-                head = os.pread(seg.fd, records.HEADER_SIZE, seg.offsets[i])
+                head = self.io.pread(seg.fd, records.HEADER_SIZE, seg.offsets[i])
                 if len(head) < records.HEADER_SIZE:
                     raise StorageError(f"journal {self.directory}: short header read")
                 _m, _v, flags, disk_id, _s, _t, offset, length, _c = records.HEADER.unpack(head)
@@ -502,29 +537,28 @@ class Journal:
         # freed: delete every segment but the last first (the last one keeps
         # last_seq known, J1), then persist trimmed_through, then the last.
         try:
-            for seg in self._segments[:-1]:
-                self._dirty.discard(seg)
-                os.close(seg.fd)
-                seg.fd = -1
-                os.unlink(seg.path)
-                self._size -= seg.size
-            self._segments = self._segments[-1:]
-            self._first_seqs = self._first_seqs[-1:]
+            self._delete(self._segments[:-1])
             self._trimmed_through = last
             self._write_state(last)
-            seg = self._segments[0]
-            self._dirty.discard(seg)
-            os.close(seg.fd)
-            seg.fd = -1
-            os.unlink(seg.path)
-            self._size -= seg.size
+            self._delete(self._segments)
         except OSError as exc:
             raise StorageError(f"journal {self.directory}: dropping the journal failed "
                                f"({exc.strerror})") from exc
+        return last
+
+    def _delete(self, segments: list[_Segment]) -> None:
+        """Close and unlink `segments` (oldest ones; the caller ordered `state`
+        around this, J1/J3) and forget them, also those done before a failure."""
+        try:
+            for seg in segments:
+                self._dirty.discard(seg)
+                self.io.close(seg.fd)
+                seg.fd = -1
+                self._size -= seg.size
+                self.io.unlink(seg.path)
         finally:
             self._segments = [s for s in self._segments if s.fd >= 0]
             self._first_seqs = [s.first_seq for s in self._segments]
-        return last
 
     # ------------------------------------------------------------ trimming
 
@@ -554,18 +588,9 @@ class Journal:
         self._trimmed_through = seq
         try:
             self._write_state(seq)
-            for seg in self._segments[:n]:
-                self._dirty.discard(seg)
-                os.close(seg.fd)
-                seg.fd = -1
-                os.unlink(seg.path)
-                self._size -= seg.size
+            self._delete(self._segments[:n])
         except OSError as exc:
             raise StorageError(f"journal {self.directory}: trim failed ({exc.strerror})") from exc
-        finally:
-            kept = [s for s in self._segments if s.fd >= 0]
-            self._segments = kept
-            self._first_seqs = [s.first_seq for s in kept]
         return n
 
     def advance_to(self, seq: int) -> None:
@@ -588,5 +613,5 @@ class Journal:
         for seg in self._segments:
             if seg.fd >= 0:
                 with contextlib.suppress(OSError):
-                    os.close(seg.fd)
+                    self.io.close(seg.fd)
                 seg.fd = -1

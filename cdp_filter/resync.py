@@ -41,14 +41,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 import time
 from collections.abc import Callable
 
-from cdp_common.errors import StorageError
-from cdp_common.fsutil import write_file_atomic
+from cdp_common import statefile
+from cdp_common.errors import FormatError, StorageError
 from cdp_common.records import FLAG_GAP_END, FLAG_RESYNC, GAP_END_PAYLOAD
 from cdp_filter.dirty import DirtyBitmap
 from cdp_filter.overflow import Event, Gap, Mode, OverflowMachine
@@ -57,9 +56,19 @@ from cdp_filter.policy import Disk, PolicyRuntime
 log = logging.getLogger("filter.resync")
 
 STATE_FILE = "state.json"
+STATE_KIND = "resync"
 STATE_VERSION = 1
 STEP_BLOCKS = 32         # blocks read per event-loop step
 NAP_S = 0.2
+
+
+def save_state(directory: str, data: dict[str, object]) -> None:
+    """Durably replace the resync `state.json` in `directory` (docs/FORMAT.md §1a)."""
+    path = os.path.join(directory, STATE_FILE)
+    try:
+        statefile.save(path, STATE_KIND, STATE_VERSION, data)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot save resync state ({exc.strerror})") from None
 
 
 def journal_full(exc: BaseException) -> bool:
@@ -101,14 +110,7 @@ class Tracker:
 
     def _load(self) -> None:
         path = os.path.join(self.directory, STATE_FILE)
-        data: dict[str, object] = {}
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"{path}: unreadable resync state ({exc})") from None
+        data: dict[str, object] = statefile.load(path, STATE_KIND, STATE_VERSION) or {}
         try:
             mode = Mode(data.get("mode", Mode.JOURNALING.value))
             g = data.get("gap")
@@ -117,7 +119,7 @@ class Tracker:
             self.m.loss = (int(loss[0]), int(loss[1])) if isinstance(loss, list) else None
             self.settle_seq = int(data.get("settle_seq", 0))  # type: ignore[call-overload]
         except (TypeError, ValueError, IndexError) as exc:
-            raise StorageError(f"{path}: malformed resync state ({exc})") from None
+            raise FormatError(f"{path}: corrupt resync state ({exc})") from None
         dirty = self.dirty_blocks
         if mode is Mode.JOURNALING and dirty and not self.settle_seq and not self.hold():
             mode = Mode.TRACKING  # bits without a reason: resync them to be safe
@@ -134,19 +136,14 @@ class Tracker:
 
     def _persist(self) -> None:
         g = self.m.gap
-        body = json.dumps({
-            "version": STATE_VERSION, "mode": self.m.mode.value,
+        save_state(self.directory, {
+            "mode": self.m.mode.value,
             "gap": None if g is None else {"begin_time_ns": g.begin_time_ns,
                                            "lost_after_seq": g.lost_after_seq,
                                            "lost_through_seq": g.lost_through_seq,
                                            "reason": g.reason},
             "loss": list(self.m.loss) if self.m.loss is not None else None,
             "settle_seq": self.settle_seq})
-        path = os.path.join(self.directory, STATE_FILE)
-        try:
-            write_file_atomic(path, body.encode())
-        except OSError as exc:
-            raise StorageError(f"{path}: cannot save resync state ({exc.strerror})") from None
 
     # ------------------------------------------------------------ properties
 

@@ -38,16 +38,14 @@ seq; disk and offset bounds catch most flips in the high bytes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cdp_common import records
-from cdp_common.errors import StorageError
-from cdp_common.fsutil import write_file_atomic
+from cdp_common import records, statefile
+from cdp_common.errors import FormatError, StorageError
 from cdp_filter import resync, sync
 from cdp_filter.dirty import DirtyBitmap
 
@@ -121,13 +119,6 @@ def salvage(buf: bytes | memoryview, expected_seq: int, disk_sizes: Sequence[int
     return s
 
 
-def _write_json_atomic(path: str, data: dict[str, object]) -> None:
-    try:
-        write_file_atomic(path, json.dumps(data).encode())
-    except OSError as exc:
-        raise StorageError(f"{path}: cannot save resync state ({exc.strerror})") from None
-
-
 @dataclass
 class _Disk:
     name: str
@@ -191,23 +182,19 @@ class CutRepair:
     def _track(self, lost_after_seq: int) -> None:
         """Persist 'tracking, gap "corrupt", no settle_seq' in resync's state.json."""
         path = os.path.join(self.directory, resync.STATE_FILE)
+        data: dict[str, object]
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, dict):
-                data = {}
-        except FileNotFoundError:
-            data = {}
-        except (OSError, ValueError):
+            data = statefile.load(path, resync.STATE_KIND, resync.STATE_VERSION) or {}
+        except (FormatError, StorageError):
             data = {}   # unreadable: rewritten with tracking (the bits are what matters)
-        data["version"] = resync.STATE_VERSION
+        data.pop("version", None)
         if data.get("mode", "journaling") == "journaling":
             data["mode"] = "tracking"
         data["settle_seq"] = 0
         if not isinstance(data.get("gap"), dict):
             data["gap"] = {"begin_time_ns": time.time_ns(), "lost_after_seq": lost_after_seq,
                            "lost_through_seq": 0, "reason": "corrupt"}
-        _write_json_atomic(path, data)
+        resync.save_state(self.directory, data)
 
     def _request_sync(self) -> None:
         core = sync.load_core(self.directory)

@@ -4,14 +4,15 @@ Theory of operation
 -------------------
 The shipper follows the policy's current assignment (from the coordinator's
 watch, or the last one remembered on disk when the coordinator is down). For
-an assignment with a source proxy it opens `SourceProxy.Ship`, sends
-`ShipHello`, and waits for `ShipWelcome{resume_from_seq}` = the target's
-durable seq. It then streams the journal from resume_from_seq + 1 in batches
-of about `batch_bytes`, without gaps, sleeping on the policy's `appended`
-event when it has caught up. gRPC flow control bounds what is in flight:
-`await call.write()` blocks while the proxy does not read. Acks (`durable_seq`)
-trim the journal (images fdatasync'ed first) and release back-pressured
-writers.
+an assignment with a source proxy it opens a session on its `RecordSink`
+(cdp_filter/sink.py: the contract; in production `SourceProxy.Ship` over
+gRPC) with a `ShipHello`, and gets the welcome's `resume_from_seq` = the
+target's durable seq. It then streams the journal from resume_from_seq + 1 in
+batches of about `batch_bytes`, without gaps, sleeping on the policy's
+`appended` event when it has caught up. The sink bounds what is in flight
+(`send` blocks while the proxy does not read: gRPC flow control). Acks
+(durable seqs) trim the journal (images fdatasync'ed first) and release
+back-pressured writers.
 
 Resume rules (`plan_resume`, pure):
 - resume_from_seq within the journal           -> resend after it;
@@ -40,21 +41,21 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf import json_format
 
-from cdp_common import rpc
+from cdp_common import statefile
 from cdp_common.config import TlsConfig
-from cdp_common.errors import CdpError, ProtocolError, UnavailableError
+from cdp_common.errors import CdpError, UnavailableError
+from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
-from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_filter.journal import JournalGapError
 from cdp_filter.policy import PolicyRuntime
+from cdp_filter.sink import GrpcRecordSink, RecordSession, RecordSink
 
 log = logging.getLogger("filter.ship")
 
@@ -62,6 +63,8 @@ BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 2.0
 WELCOME_TIMEOUT_S = 30.0
 REPORT_INTERVAL_S = 2.0
+CACHE_KIND = "assignment"
+CACHE_VERSION = 2
 SETTLE_S = 5.0  # a welcomed stream this old (or one that got an ack) is healthy
 
 UnreachableFn = Callable[[str, str, str, str], Awaitable[object]]
@@ -107,14 +110,16 @@ def describe(exc: BaseException) -> str:
 class Shipper:
     def __init__(self, rt: PolicyRuntime, filter_id: str, disks: Sequence[rpb.DiskInfo],
                  tls: TlsConfig, max_message_bytes: int, batch_bytes: int,
-                 state_path: str) -> None:
+                 state_path: str, sink: RecordSink | None = None,
+                 io: FileIO = OS_IO) -> None:
         self.rt = rt
         self.filter_id = filter_id
         self.disks = list(disks)
-        self.tls = tls
-        self.max_message_bytes = max_message_bytes
+        # The downstream; the source proxy over gRPC unless a test injects one.
+        self.sink: RecordSink = sink or GrpcRecordSink(tls, max_message_bytes)
         self.batch_bytes = batch_bytes
         self.state_path = state_path
+        self.io = io
         self.connected = False
         self.welcomes = 0  # streams welcomed so far (a new link for the resync worker)
         self._assignment: cpb.Assignment | None = self._load()
@@ -147,24 +152,27 @@ class Shipper:
         return self.connected
 
     def _load(self) -> cpb.Assignment | None:
+        """The remembered assignment (docs/FORMAT.md §1e). Only a cache: a file that
+        does not decode is ignored with a warning (the coordinator's watch wins)."""
         try:
-            with open(self.state_path, encoding="utf-8") as f:
-                a = json_format.Parse(f.read(), cpb.Assignment())
-        except FileNotFoundError:
-            return None
-        except (OSError, json_format.ParseError) as exc:
+            data = statefile.load(self.state_path, CACHE_KIND, CACHE_VERSION, self.io)
+            if data is None:
+                return None
+            # Version 1 (before statefile) is the bare message; 2 nests it.
+            fields = data.get("assignment") if data["version"] >= 2 else \
+                {k: v for k, v in data.items() if k != "version"}
+            if not isinstance(fields, dict):
+                raise json_format.ParseError("no assignment object")
+            a = json_format.ParseDict(fields, cpb.Assignment())
+        except (CdpError, json_format.ParseError, TypeError, ValueError) as exc:
             log.warning("ignoring unreadable %s: %s", self.state_path, exc, extra=self._extra())
             return None
         return a if usable(a) else None
 
     def _save(self, a: cpb.Assignment) -> None:
-        tmp = self.state_path + ".tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json_format.MessageToJson(a))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.state_path)
+            statefile.save(self.state_path, CACHE_KIND, CACHE_VERSION,
+                           {"assignment": json_format.MessageToDict(a)}, self.io)
         except OSError as exc:
             log.warning("cannot remember assignment in %s: %s", self.state_path, exc.strerror,
                         extra=self._extra())
@@ -248,30 +256,21 @@ class Shipper:
             self._last_logged = text
             log.warning("shipping stream failed: %s", text, extra=self._extra())
 
-    def _hello(self, a: cpb.Assignment) -> rpb.ShipRequest:
-        return rpb.ShipRequest(hello=rpb.ShipHello(
+    def _hello(self, a: cpb.Assignment) -> rpb.ShipHello:
+        return rpb.ShipHello(
             policy=self.rt.name, filter_id=self.filter_id, epoch=a.epoch, disks=self.disks,
             target_proxy_address=a.target_proxy.address, target_address=a.target.address,
             rpo_interval_s=a.rpo_interval_s, compression_level=a.compression_level,
             encryption=a.encryption, captured_seq=self.rt.journal.last_seq,
-            bandwidth_limit_mbps=a.bandwidth_limit_mbps, target_proxy_id=a.target_proxy.node_id))
+            bandwidth_limit_mbps=a.bandwidth_limit_mbps, target_proxy_id=a.target_proxy.node_id)
 
     async def _stream(self, a: cpb.Assignment) -> None:
         rt, journal = self.rt, self.rt.journal
-        channel = rpc.channel(a.source_proxy.address, self.tls, self.max_message_bytes)
-        call = rgrpc.SourceProxyStub(channel).Ship()
+        session = await asyncio.wait_for(self.sink.open(a, self._hello(a)), WELCOME_TIMEOUT_S)
         acks: asyncio.Task[None] | None = None
         settle: asyncio.TimerHandle | None = None
         try:
-            await rpc.stream_write(call, self._hello(a))
-            resp = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT_S)
-            if resp is grpc.aio.EOF:
-                raise UnavailableError("source proxy closed the stream before its welcome")
-            assert isinstance(resp, rpb.ShipResponse)
-            if resp.WhichOneof("body") != "welcome":
-                raise ProtocolError(f"source proxy sent {resp.WhichOneof('body')} "
-                                    "before its welcome")
-            resume = resp.welcome.resume_from_seq
+            resume = session.resume_from_seq
             plan = plan_resume(resume, journal.oldest_seq, journal.last_seq)
             skip = False
             if plan is Resume.GAP and rt.tracker is not None \
@@ -303,8 +302,9 @@ class Shipper:
             # (wrong key downstream) must not make the error flap.
             settle = asyncio.get_running_loop().call_later(SETTLE_S, self._clear_error)
             self._last_logged = ""
-            acks = asyncio.create_task(self._read_acks(call))
-            await self._send_loop(call, journal.oldest_seq - 1 if skip else resume, acks, skip)
+            acks = asyncio.create_task(self._read_acks(session))
+            await self._send_loop(session, journal.oldest_seq - 1 if skip else resume, acks,
+                                  skip)
         finally:
             if settle is not None:
                 settle.cancel()
@@ -312,10 +312,9 @@ class Shipper:
                 acks.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await acks
-            call.cancel()
-            await channel.close(grace=None)
+            await session.close()
 
-    async def _send_loop(self, call: grpc.aio.StreamStreamCall, sent: int,
+    async def _send_loop(self, session: RecordSession, sent: int,
                          acks: asyncio.Task[None], skip: bool = False) -> None:
         rt, journal = self.rt, self.rt.journal
         while True:
@@ -323,9 +322,9 @@ class Shipper:
             if data:
                 gap_ns, gap_after = (rt.tracker.gap_fields() if rt.tracker is not None
                                      else (0, 0))
-                await rpc.stream_write(call, rpb.ShipRequest(batch=rpb.RecordBatch(
+                await session.send(rpb.RecordBatch(
                     records=data, captured_seq=journal.last_seq, skips_lost_seqs=skip,
-                    gap_begin_time_ns=gap_ns, gap_after_seq=gap_after)))
+                    gap_begin_time_ns=gap_ns, gap_after_seq=gap_after))
                 skip = False
                 sent = last
                 rt.m_shipped.inc(len(data))
@@ -357,14 +356,7 @@ class Shipper:
     def _clear_error(self) -> None:
         self.rt.error = ""
 
-    async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
-        while True:
-            resp = await call.read()
-            if resp is grpc.aio.EOF:
-                return
-            assert isinstance(resp, rpb.ShipResponse)
-            if resp.WhichOneof("body") != "ack":
-                raise ProtocolError(f"source proxy sent {resp.WhichOneof('body')} after "
-                                    "its welcome")
+    async def _read_acks(self, session: RecordSession) -> None:
+        async for durable_seq in session.acks():
             self._clear_error()
-            await self.rt.trim_through(resp.ack.durable_seq)
+            await self.rt.trim_through(durable_seq)

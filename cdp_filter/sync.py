@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -55,10 +54,10 @@ from typing import Any
 
 import grpc
 
-from cdp_common import digest, rpc
+from cdp_common import digest, rpc, statefile
 from cdp_common.config import TlsConfig
-from cdp_common.errors import CdpError, ProtocolError, StorageError
-from cdp_common.fsutil import write_file_atomic
+from cdp_common.errors import CdpError, FormatError, ProtocolError, StorageError
+from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
@@ -69,6 +68,7 @@ from cdp_filter.resync import Tracker
 log = logging.getLogger("filter.sync")
 
 SYNC_FILE = "sync.json"
+SYNC_KIND = "sync"
 SYNC_VERSION = 1
 NAP_S = 0.2
 RETRY_S = 1.0
@@ -132,9 +132,7 @@ class SyncCore:
         self.phase, self.id = "", 0
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-        d["version"] = SYNC_VERSION
-        return d
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SyncCore:
@@ -142,6 +140,9 @@ class SyncCore:
         core = cls(**{k: v for k, v in data.items() if k in names})
         if core.phase not in ("", "compare", "send"):
             raise ValueError(f"unknown phase {core.phase!r}")
+        for name in names - {"phase", "reason", "seeded"}:
+            if type(getattr(core, name)) is not int:
+                raise ValueError(f"{name} is not an integer")
         return core
 
 
@@ -158,48 +159,51 @@ def _local_digests(fd: int, size: int, offset: int, end: int, region: int,
     return list(digest.digests(fd, size, offset, end, region, is_zero=True))
 
 
-def load_core(directory: str) -> SyncCore:
+def load_core(directory: str, io: FileIO = OS_IO) -> SyncCore:
+    """The sync state in `directory` (a fresh one when there is none).
+
+    A file that does not decode raises FormatError: guessing could skip a
+    comparison that was planned (a corrupt journal's repair, an operator sync).
+    """
     path = os.path.join(directory, SYNC_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return SyncCore.from_json(json.load(f))
-    except FileNotFoundError:
+    data = statefile.load(path, SYNC_KIND, SYNC_VERSION, io)
+    if data is None:
         return SyncCore()
-    except (OSError, ValueError, TypeError) as exc:
-        raise StorageError(f"{path}: unreadable sync state ({exc})") from None
+    try:
+        return SyncCore.from_json(data)
+    except (ValueError, TypeError) as exc:
+        raise FormatError(f"{path}: corrupt sync state ({exc})") from None
 
 
-def save_core(directory: str, core: SyncCore) -> None:
+def save_core(directory: str, core: SyncCore, io: FileIO = OS_IO) -> None:
     path = os.path.join(directory, SYNC_FILE)
     try:
-        os.makedirs(directory, exist_ok=True)
-        write_file_atomic(path, json.dumps(core.to_json()).encode())
+        io.makedirs(directory, 0o700)
+        statefile.save(path, SYNC_KIND, SYNC_VERSION, core.to_json(), io)
     except OSError as exc:
         raise StorageError(f"{path}: cannot save sync state ({exc.strerror})") from None
 
 
+@dataclass(eq=False)
 class Syncer:
     """Digest sync of one policy; needs the policy's `Tracker` (dirty tracking on)."""
 
-    def __init__(self, rt: PolicyRuntime, tracker: Tracker, core: SyncCore, directory: str,
-                 tls: TlsConfig, max_message_bytes: int,
-                 assignment: Callable[[], cpb.Assignment | None],
-                 connected: Callable[[], bool],
-                 region_bytes: int = digest.DEFAULT_REGION_BYTES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.rt = rt
-        self.tracker = tracker
-        self.core = core
-        self.directory = directory
-        self.tls = tls
-        self.max_message_bytes = max_message_bytes
-        self.assignment = assignment
-        self.connected = connected
-        self.region_bytes = region_bytes
-        self.clock = clock
-        self.wake = asyncio.Event()
-        self._gap_end_seq = 0
-        self._last_error = ""
+    rt: PolicyRuntime
+    tracker: Tracker
+    core: SyncCore
+    directory: str
+    tls: TlsConfig
+    max_message_bytes: int
+    assignment: Callable[[], cpb.Assignment | None]
+    connected: Callable[[], bool]
+    region_bytes: int = digest.DEFAULT_REGION_BYTES
+    clock: Callable[[], float] = time.monotonic
+    io: FileIO = OS_IO
+    wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _last_error: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        core, rt, tracker = self.core, self.rt, self.tracker
         # Data the journal does not explain: present before this start, never seeded.
         self._data_at_start = not core.seeded and any(
             digest.has_data(d.fd, d.size) for d in rt.disks)
@@ -213,7 +217,7 @@ class Syncer:
         return {"policy": self.rt.name, **kw}
 
     def _save(self) -> None:
-        save_core(self.directory, self.core)
+        save_core(self.directory, self.core, self.io)
 
     @property
     def comparing(self) -> bool:

@@ -69,3 +69,19 @@ def test_crash_at_each_step_stops_there(tmp_path: Path) -> None:
         io.power_cut()
         # atomic replace: either no file or the whole new content, never a torn one
         assert not (d / "f").exists() or (d / "f").read_bytes() == b"x"
+
+
+def test_a_reused_inode_number_is_another_file(tmp_path: Path) -> None:
+    """The file system hands an unlinked file's inode number to the next file
+    created; an entry whose unlink was not made durable still names the old one."""
+    io = SimIO([tmp_path])
+    _write(io, tmp_path / "a", b"old a", sync=True)
+    io.fsync_dir(tmp_path)
+    ino = (tmp_path / "a").stat().st_ino
+    io.unlink(tmp_path / "a")   # not made durable: "a" comes back after a cut
+    _write(io, tmp_path / "b", b"new b", sync=True)
+    if (tmp_path / "b").stat().st_ino != ino:
+        pytest.skip("this file system did not reuse the inode number")
+    io.power_cut()
+    assert (tmp_path / "a").read_bytes() == b"old a"
+    assert (tmp_path / "b").read_bytes() == b"new b"  # its fsync committed its entry

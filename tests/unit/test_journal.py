@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdp_common import records
+from cdp_common.errors import FormatError
 from cdp_filter.journal import Journal, JournalGapError, segment_name
 
 pytestmark = pytest.mark.timeout(60)
@@ -257,4 +258,50 @@ def test_append_failure_leaves_no_trace(tmp_path: Path) -> None:
     assert j.last_seq == 2
     assert j.append(0, 0, 0, b"ok") == 3
     assert [r.data for r in j.records_after(2)] == [b"ok"]
+    j.close()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"version": 1}',
+                                  '{"version": 1, "trimmed_through": -3}',
+                                  '{"version": 1, "trimmed_through": "7"}',
+                                  '{"kind": "journal", "version": 99, "trimmed_through": 1}',
+                                  '{"kind": "resync", "version": 1, "trimmed_through": 1}'])
+def test_corrupt_state_file_raises_format_error(tmp_path: Path, text: str) -> None:
+    j = open_j(tmp_path)
+    fill(j, 2)
+    j.close()
+    (tmp_path / "state").write_text(text)
+    with pytest.raises(FormatError, match="state"):
+        open_j(tmp_path)
+
+
+def test_state_file_is_versioned_json(tmp_path: Path) -> None:
+    j = open_j(tmp_path, seg=2 * (H + 100))
+    fill(j, 4)
+    j.trim_through(2)
+    j.close()
+    doc = json.loads((tmp_path / "state").read_text())
+    assert doc == {"kind": "journal", "version": 1, "trimmed_through": 2}
+
+
+def test_leftover_trimmed_segments_before_an_advance_are_not_corruption(tmp_path: Path) -> None:
+    """A power cut can undo the unlink of trimmed segments (no directory fsync
+    after it); with the seq counter advanced past a jump, the segment after
+    them starts at trimmed_through + 1, not after their last seq."""
+    j = open_j(tmp_path, seg=2 * (H + 100))
+    fill(j, 3)
+    j.sync()
+    left = {p.name: p.read_bytes() for p in tmp_path.glob("*.seg")}
+    j.advance_to(10)
+    assert j.append(5, 0, 0, b"after") == 11
+    j.sync()
+    j.close()
+    for name, data in left.items():  # the unlinks did not survive
+        (tmp_path / name).write_bytes(data)
+    cuts: list[int] = []
+    j = Journal.open(str(tmp_path), 2 * (H + 100), 1 << 30,
+                     on_cut=lambda _d, seq, _w: cuts.append(seq))
+    assert cuts == [] and [r.data for r in j.records_after(0)] == [b"after"]
+    assert j.last_seq == 11 and sorted(p.name for p in tmp_path.glob("*.seg")) == \
+        [segment_name(11)]
     j.close()
