@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine, Sequence
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
@@ -42,6 +42,7 @@ from cdp_common.errors import CdpError, ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 
 log = logging.getLogger("common.node")
+T = TypeVar("T")
 
 
 class NodeConfigured(Protocol):
@@ -198,30 +199,29 @@ class Node:
         return f"{host}:{httpd.server_port}"
 
 
+class _FromNode(Generic[T]):
+    """An attribute of a NodeDaemon read from its node (`ready`, `address`, ...)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, daemon: NodeDaemon, owner: type | None = None) -> T:
+        value: T = getattr(daemon.node, self.name)
+        return value
+
+
 class NodeDaemon(Component):
     """A component that is also the daemon cdp_common.daemon runs: it owns its `Node`
     (set `self.node` in __init__) and exposes the node's lifecycle."""
 
     node: Node
+    ready: _FromNode[asyncio.Event] = _FromNode()
+    address: _FromNode[str] = _FromNode()
+    metrics_address: _FromNode[str] = _FromNode()
+    coordinator: _FromNode[CoordinatorClient | None] = _FromNode()
 
     async def run(self) -> None:
         await self.node.run()
 
     async def shutdown(self) -> None:
         await self.node.shutdown()
-
-    @property
-    def ready(self) -> asyncio.Event:
-        return self.node.ready
-
-    @property
-    def address(self) -> str:
-        return self.node.address
-
-    @property
-    def metrics_address(self) -> str:
-        return self.node.metrics_address
-
-    @property
-    def coordinator(self) -> CoordinatorClient | None:
-        return self.node.coordinator
