@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from cdp_common import rpc
 from cdp_common.errors import (
     CdpError,
     FencedError,
@@ -272,10 +273,10 @@ class TargetService(rgrpc.TargetServicer):
                 yield resp
         except _StreamError as exc:
             self._log_end(rt, exc.details)
-            await context.abort(exc.code, exc.details)
+            await context.abort(exc.code, exc.details, trailing_metadata=rpc.answered_trailer())
         except CdpError as exc:
             self._log_end(rt, str(exc))
-            await context.abort(_status_of(exc), str(exc))
+            await rpc.abort(context, exc, _status_of(exc))
         finally:
             if rt is not None and me is not None:
                 try:
