@@ -124,6 +124,14 @@ class Session:
             await self.ack()
         return info.value
 
+    async def refused(self, fs: list[rpb.DeltaFrame], status: str, text: str) -> None:
+        """Sending `fs` ends the session with a permanent `status` that names `text`."""
+        exc = await self.failure(fs)
+        assert upstream_status(exc) == status, exc
+        assert not exc.transient
+        assert text in str(exc)
+        self.sink.close()
+
 
 async def reopened(env: Env, epoch: int = 1) -> int:
     """The durable seq a new session sees (restart)."""
@@ -170,11 +178,7 @@ async def test_gap_is_a_protocol_error(env: Env, first: int, last: int) -> None:
     fs = s.frames(max(first, 1), max(last, 1))
     for f in fs:
         f.first_seq, f.last_seq = first, last  # bad range; header no longer matches either
-    exc = await s.failure(fs)
-    assert upstream_status(exc) == "INVALID_ARGUMENT", exc
-    assert not exc.transient
-    assert "does not follow seq 0" in str(exc)
-    s.sink.close()
+    await s.refused(fs, "INVALID_ARGUMENT", "does not follow seq 0")
     assert await reopened(env) == 0
 
 
@@ -182,10 +186,7 @@ async def test_overlap_is_a_protocol_error(env: Env) -> None:
     s = Session(env)
     assert await s.open() == 0
     assert await s.delta(1, 2) == 2
-    exc = await s.failure(s.frames(2, 3))
-    assert upstream_status(exc) == "INVALID_ARGUMENT", exc
-    assert "does not follow seq 2" in str(exc)
-    s.sink.close()
+    await s.refused(s.frames(2, 3), "INVALID_ARGUMENT", "does not follow seq 2")
     assert await reopened(env) == 2
 
 
@@ -193,19 +194,14 @@ async def test_frame_out_of_order_is_a_protocol_error(env: Env) -> None:
     s = Session(env)
     assert await s.open() == 0
     fs = s.frames(1, 1)
-    exc = await s.failure([fs[1], fs[0]])
-    assert upstream_status(exc) == "INVALID_ARGUMENT", exc
-    assert "without its frame 0" in str(exc)
+    await s.refused([fs[1], fs[0]], "INVALID_ARGUMENT", "without its frame 0")
+    assert await reopened(env) == 0
 
 
 async def test_wrong_key_is_permission_denied_and_nothing_is_durable(env: Env) -> None:
     s = Session(env, key=b"x" * 32)
     assert await s.open() == 0
-    exc = await s.failure(s.frames(1, 2))
-    assert upstream_status(exc) == "PERMISSION_DENIED", exc
-    assert not exc.transient
-    assert "wrong key or tampered frame" in str(exc)
-    s.sink.close()
+    await s.refused(s.frames(1, 2), "PERMISSION_DENIED", "wrong key or tampered frame")
     assert await reopened(env) == 0
 
 

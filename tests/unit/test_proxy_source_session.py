@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+from proxyfixtures import DISKS, Writer
 
 from cdp_common import records, rpc
 from cdp_common.config import ProxySection, TlsConfig
@@ -33,8 +33,6 @@ pytestmark = pytest.mark.timeout(30)
 
 KEY = b"k" * 32
 POLICY = "pol-s"
-DISKS = [rpb.DiskInfo(disk_id=0, name="d0", size_bytes=1 << 20),
-         rpb.DiskInfo(disk_id=1, name="d1", size_bytes=256 << 10)]
 WAIT_S = 10.0
 
 
@@ -126,29 +124,8 @@ def proxy(target: Any, key: bytes | None = KEY, **section: Any) -> SourceProxy:
         Channels(TlsConfig(insecure=True), 8 << 20), key, sinks=sinks)
 
 
-class Writer:
-    """Journal records and the oracle disks."""
-
-    def __init__(self) -> None:
-        self.seq = 0
-        self.oracle = {d.disk_id: bytearray(d.size_bytes) for d in DISKS}
-        self.rng = random.Random(11)
-
-    def record(self, disk: int, offset: int, data: bytes) -> bytes:
-        self.seq += 1
-        self.oracle[disk][offset:offset + len(data)] = data
-        return records.encode(self.seq, 1_000_000 + self.seq, disk, offset, data)
-
-    def batch(self, n: int) -> rpb.ShipRequest:
-        out = []
-        for _ in range(n):
-            disk = self.rng.choice([0, 1])
-            length = self.rng.choice([512, 4096, 65536])
-            offset = self.rng.randrange(0, DISKS[disk].size_bytes - length + 1, 512)
-            data = (bytes(length) if self.rng.random() < 0.2 else os.urandom(length))
-            out.append(self.record(disk, offset, data))
-        return rpb.ShipRequest(batch=rpb.RecordBatch(records=b"".join(out),
-                                                     captured_seq=self.seq))
+def batch(w: Writer, n: int) -> rpb.ShipRequest:
+    return rpb.ShipRequest(batch=rpb.RecordBatch(records=w.random_batch(n), captured_seq=w.seq))
 
 
 async def welcome(f: Filter) -> int:
@@ -166,7 +143,7 @@ async def test_replicates_resumes_and_ends_cleanly(encryption: bool) -> None:
     assert await welcome(f) == 0
     w = Writer()
     for _ in range(8):
-        f.send(w.batch(30))
+        f.send(batch(w, 30))
     acks = await f.acks_until(w.seq)
     assert acks == sorted(acks) and len(set(acks)) == len(acks)
     assert len(acks) > 1, "the size cap / timer should have cut several deltas"
@@ -178,7 +155,7 @@ async def test_replicates_resumes_and_ends_cleanly(encryption: bool) -> None:
     f = Filter(p)
     f.send(hello(captured=w.seq, encryption=encryption))
     assert await welcome(f) == w.seq
-    f.send(w.batch(5))
+    f.send(batch(w, 5))
     await f.acks_until(w.seq)  # the 100 ms ticker cuts the idle interval
     assert target.images(POLICY) == w.oracle
     f.send(None)
@@ -192,7 +169,7 @@ async def test_wrong_key_is_permission_denied_answered_and_reported() -> None:
     f = Filter(p)
     f.send(hello())
     assert await welcome(f) == 0
-    f.send(Writer().batch(20))
+    f.send(batch(Writer(), 20))
     code, details = await f.ended()
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert "wrong key or tampered frame" in details and POLICY in details
