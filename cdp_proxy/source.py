@@ -25,8 +25,9 @@ source and target proxy in separate processes on the 2-core machine: inline
 
 Bandwidth limit: when the hello carries `bandwidth_limit_mbps` > 0, the
 sink is wrapped in a `sink.ThrottledSink`, whose `throttle.TokenBucket`
-makes every frame wait for its tokens, so the policy never sends faster than its limit to the target
-proxy (the backlog then waits in the filter's journal, via back-pressure).
+makes every frame wait for its tokens, so the policy never sends faster
+than its limit to the target proxy (the backlog then waits in the filter's
+journal, via back-pressure).
 
 A target proxy that cannot be reached at all (UNAVAILABLE that no node
 answered, during the session open) is reported to the coordinator through
@@ -42,10 +43,9 @@ interval (interval_max_bytes) plus one batch.
 
 Any failure ends the filter's stream with a gRPC status naming the policy and
 the peer; a downstream's permanent answer is passed on, anything else is
-UNAVAILABLE (stream.upstream_status). The
-filter reconnects and resends from the target's durable seq, so the proxy
-keeps nothing across streams. When the filter goes away the handler is
-cancelled and so is the downstream call.
+UNAVAILABLE (stream.upstream_status). The filter reconnects and resends from
+the target's durable seq, so the proxy keeps nothing across streams. When the
+filter goes away the handler is cancelled and so is the downstream call.
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ class _ShipSession(Session):
                 self.inflight = 0
 
     # ------------------------------------------------------------ tasks
+
     def _emit(self, d: Delta | None) -> None:
         if d is None:
             return

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -112,6 +112,8 @@ class Downstream:
             await self.call.done_writing()
         except grpc.aio.AioRpcError as exc:
             raise rpc.remote_error(exc, self.peer) from None
+        except asyncio.InvalidStateError:
+            raise await self._ended() from None
 
     def close(self) -> None:
         """Cancel the call (idempotent)."""
@@ -237,10 +239,11 @@ class Session:
             if self.policy:
                 self.errors.set(self.policy, str(upstream), self.started)
             self.kind.log.warning("%s stream ended: %s", self.kind.name.lower(), upstream,
-                             extra={"policy": self.policy, "peer": self.context.peer()})
+                                  extra={"policy": self.policy, "peer": self.context.peer()})
             await rpc.abort(self.context, upstream)
 
     async def run(self, first: Any, it: AsyncIterator[Any]) -> None:
+        """The session after its first message (`first`: that message's body)."""
         raise NotImplementedError
 
     async def tasks(self, tasks: list[asyncio.Task[None]], until: str
@@ -264,7 +267,7 @@ class Session:
             await cancel_and_wait(*tasks)
 
     @contextlib.contextmanager
-    def counted(self) -> Any:
+    def counted(self) -> Iterator[None]:
         """Count the session in cdp_proxy_sessions while the block runs."""
         gauge = metrics.SESSIONS.labels(self.kind.role)
         gauge.inc()
