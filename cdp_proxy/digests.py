@@ -8,7 +8,7 @@ from the request itself (`target_proxy_address` at the source proxy,
 the proxy's cached mTLS channel to that peer. Digests are not secret data but
 do reveal which regions are equal; the hops are mTLS like every channel.
 A downstream failure ends the upstream call with the same status as the data
-path would (stream.downstream_abort); nothing is kept between calls.
+path would (stream.upstream_status); nothing is kept between calls.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from cdp_common import rpc
+from cdp_common.errors import ProtocolError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_proxy.stream import Channels, downstream_abort
+from cdp_proxy.stream import Channels, upstream_error
 
 CALL_TIMEOUT_S = 3600.0
 
@@ -28,8 +30,8 @@ async def relay(channels: Channels, address: str, which: str, req: rpb.DigestReq
                 context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.DigestReply]:
     """Forward `req` to the `which` ("target proxy" | "target") at `address`."""
     if not req.policy or not address:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"digest request for policy {req.policy!r} names no {which} address")
+        await rpc.abort(context, ProtocolError(
+            f"digest request for policy {req.policy!r} names no {which} address"))
     channel = channels.get(address)
     stub: rgrpc.TargetProxyStub | rgrpc.TargetStub = (
         rgrpc.TargetProxyStub(channel) if which == "target proxy" else rgrpc.TargetStub(channel))
@@ -38,7 +40,7 @@ async def relay(channels: Channels, address: str, which: str, req: rpb.DigestReq
         async for reply in call:
             yield reply
     except grpc.aio.AioRpcError as exc:
-        abort = downstream_abort(exc, req.policy, f"{which} {address}")
-        await context.abort(abort.code, abort.message)
+        await rpc.abort(context, upstream_error(rpc.remote_error(exc, f"{which} {address}"),
+                                                req.policy))
     finally:
         call.cancel()

@@ -7,6 +7,11 @@ One `_ShipSession` per filter stream (one policy):
     filter --batch--> reader --cutter--> deltas --sender--> DeltaFrames ----->
     filter <--ack---- acker  <------------------------------ ShipAck (durable) <--
 
+The downstream is a `sink.DeltaSink` (the contract is in cdp_proxy/sink.py):
+by default a `sink_grpc.GrpcDeltaSink` over TargetProxy.Replicate, in tests a
+`sink_memory.MemoryDeltaSink`; throttling, metrics and unreachable reports
+are wrappers around it (`_sink`), not code in this session.
+
 Tasks: `reader` decodes batches and feeds the cutter; `ticker` closes
 intervals on time (every 100 ms); `sender` encodes each delta into chunks and
 seals them (zstd + AES-GCM) one frame at a time, yielding to the event loop at
@@ -19,13 +24,15 @@ source and target proxy in separate processes on the 2-core machine: inline
 4.4-4.8 ms/MiB — the thread hand-offs cost more than the overlap gains.
 
 Bandwidth limit: when the hello carries `bandwidth_limit_mbps` > 0, the
-sender passes every frame through a `throttle.TokenBucket` and sleeps before
-writing it, so the policy never sends faster than its limit to the target
-proxy (the backlog then waits in the filter's journal, via back-pressure).
+sink is wrapped in a `sink.ThrottledSink`, whose `throttle.TokenBucket`
+makes every frame wait for its tokens, so the policy never sends faster
+than its limit to the target proxy (the backlog then waits in the filter's
+journal, via back-pressure).
 
-A target proxy that cannot be reached at all (UNAVAILABLE from gRPC during
-the session open) is reported to the coordinator through `on_unreachable`,
-which probes it and rebinds at once if the probe fails.
+A target proxy that cannot be reached at all (UNAVAILABLE that no node
+answered, during the session open) is reported to the coordinator through
+`on_unreachable` (`sink.UnreachableReportingSink`), which probes it and
+rebinds at once if the probe fails.
 
 Back-pressure (I4): each cut delta's encoded size enters the in-flight
 account until the target acks its last seq; while the account is at or above
@@ -35,16 +42,15 @@ Memory held by a session is thus bounded by inflight_max_bytes plus one open
 interval (interval_max_bytes) plus one batch.
 
 Any failure ends the filter's stream with a gRPC status naming the policy and
-the peer; a downstream status is passed on (see stream.downstream_abort). The
-filter reconnects and resends from the target's durable seq, so the proxy
-keeps nothing across streams. When the filter goes away the handler is
-cancelled and so is the downstream call.
+the peer; a downstream's permanent answer is passed on, anything else is
+UNAVAILABLE (stream.upstream_status). The filter reconnects and resends from
+the target's durable seq, so the proxy keeps nothing across streams. When the
+filter goes away the handler is cancelled and so is the downstream call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -57,20 +63,20 @@ import grpc
 
 from cdp_common import crypto, delta, records
 from cdp_common.config import ProxySection
-from cdp_common.errors import CdpError, FormatError, ProtocolError
+from cdp_common.errors import FormatError, ProtocolError, UnavailableError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_proxy import digests, metrics, stream, throttle
+from cdp_proxy import digests, frames, metrics, throttle
 from cdp_proxy.cutter import Delta, IntervalCutter
-from cdp_proxy.stream import (
-    SESSION_SETTLE_S,
-    Channels,
-    PolicyErrors,
-    StreamAbort,
-    downstream_abort,
-    ended_call_abort,
-    read_first,
+from cdp_proxy.sink import (
+    DeltaSink,
+    MeteredSink,
+    SinkFactory,
+    ThrottledSink,
+    UnreachableReportingSink,
 )
+from cdp_proxy.sink_grpc import grpc_sinks
+from cdp_proxy.stream import Channels, PolicyErrors, Session, StreamKind
 
 log = logging.getLogger("proxy.source")
 
@@ -81,13 +87,15 @@ DEFAULT_RPO_S = 2.0
 class SourceProxy(rgrpc.SourceProxyServicer):
     def __init__(self, node_id: str, proxy: ProxySection, channels: Channels,
                  master_key: bytes | None, errors: PolicyErrors | None = None,
-                 offload: bool = False) -> None:
+                 offload: bool = False, sinks: SinkFactory | None = None) -> None:
         self.node_id = node_id
         self.proxy = proxy
         self.channels = channels
         self.master_key = master_key
         self.errors = errors if errors is not None else PolicyErrors()
         self.offload = offload
+        self.sinks = sinks if sinks is not None else grpc_sinks(channels)
+        """Makes each session's downstream (tests pass a MemoryTarget's)."""
         self.on_unreachable: Any = None
         """async on_unreachable(node_id, address, policy, detail), set by the daemon."""
         self._reports: set[asyncio.Task[object]] = set()
@@ -99,17 +107,20 @@ class SourceProxy(rgrpc.SourceProxyServicer):
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
+    def _sink(self, hello: rpb.ShipHello) -> DeltaSink:
+        """The session's downstream with what wraps it: unreachable reports, the
+        bandwidth limit, the bytes-out metric."""
+        sink: DeltaSink = UnreachableReportingSink(
+            self.sinks(hello), lambda detail: self.report_unreachable(
+                hello.target_proxy_id, hello.target_proxy_address, hello.policy, detail))
+        rate = throttle.rate_bytes_per_s(hello.bandwidth_limit_mbps)
+        if rate:
+            sink = ThrottledSink(sink, throttle.TokenBucket(rate, time.monotonic()))
+        return MeteredSink(sink, "source")
+
     async def Ship(self, request_iterator: AsyncIterator[rpb.ShipRequest],
                    context: grpc.aio.ServicerContext) -> None:
-        session = _ShipSession(self, context)
-        try:
-            await session.run(request_iterator)
-        except StreamAbort as exc:
-            if session.policy:
-                self.errors.set(session.policy, exc.message, session.started)
-            log.warning("ship stream ended: %s", exc.message,
-                        extra={"policy": session.policy, "peer": context.peer()})
-            await context.abort(exc.code, exc.message)
+        await _ShipSession(self, context).serve(request_iterator)
 
     async def GetDigests(self, request: rpb.DigestRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.DigestReply]:
@@ -119,14 +130,27 @@ class SourceProxy(rgrpc.SourceProxyServicer):
             yield reply
 
 
-class _ShipSession:
+def check_hello(hello: rpb.ShipHello, master_key: bytes | None) -> None:
+    if not hello.policy:
+        raise ProtocolError("hello: policy is empty")
+    if not hello.target_proxy_address or not hello.target_address:
+        raise ProtocolError("hello lacks target_proxy_address or target_address")
+    if not hello.disks:
+        raise ProtocolError("hello lists no disks")
+    if len({d.disk_id for d in hello.disks}) != len(hello.disks):
+        raise ProtocolError("hello lists a disk id twice")
+    rpo = hello.rpo_interval_s
+    if math.isnan(rpo) or rpo < 0 or math.isinf(rpo):
+        raise ProtocolError(f"bad rpo_interval_s {rpo}")
+    frames.require_key(hello.encryption, master_key)
+
+
+class _ShipSession(Session):
+    kind = StreamKind("source", "hello", "a hello", "Ship", log)
+
     def __init__(self, parent: SourceProxy, context: grpc.aio.ServicerContext) -> None:
+        super().__init__(parent.errors, context)
         self.parent = parent
-        self.context = context
-        self.policy = ""
-        self.started = time.monotonic()
-        self.peer = ""
-        self.call: Any = None
         self.cutter: IntervalCutter | None = None
         self.captured_seq = 0
         self.acked_seq = 0
@@ -139,131 +163,47 @@ class _ShipSession:
         self.all_acked.set()
         self.skipped = False
 
-    # ------------------------------------------------------------ handshake
-
-    def _hello_checks(self, hello: rpb.ShipHello) -> None:
-        if not hello.policy:
-            raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, "hello: policy is empty")
-        where = f"policy {hello.policy!r}"
-        if not hello.target_proxy_address or not hello.target_address:
-            raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{where}: hello lacks target_proxy_address or target_address")
-        if not hello.disks:
-            raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: hello lists no disks")
-        if len({d.disk_id for d in hello.disks}) != len(hello.disks):
-            raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{where}: hello lists a disk id twice")
-        rpo = hello.rpo_interval_s
-        if math.isnan(rpo) or rpo < 0 or math.isinf(rpo):
-            raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{where}: bad rpo_interval_s {rpo}")
-        if hello.encryption and self.parent.master_key is None:
-            raise StreamAbort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{where}: encryption requested but this proxy has no key_file")
-
-    async def _handshake(self, hello: rpb.ShipHello) -> int:
-        parent = self.parent
-        session_id = os.urandom(crypto.SESSION_ID_BYTES)
-        key = None
-        if hello.encryption:
-            assert parent.master_key is not None
-            key = crypto.session_key(crypto.policy_key(parent.master_key, hello.policy),
-                                     session_id)
-        level = max(0, min(22, hello.compression_level))
-        self.sealer = crypto.FrameSealer(hello.policy, session_id, key, level)
-        stub = rgrpc.TargetProxyStub(parent.channels.get(hello.target_proxy_address))
-        self.call = stub.Replicate()
-        try:
-            await stream.write(self.call, rpb.ReplicateRequest(open=rpb.SessionOpen(
-                policy=hello.policy, session_id=session_id, epoch=hello.epoch,
-                disks=list(hello.disks), source_proxy_id=parent.node_id,
-                captured_seq=hello.captured_seq, encryption=hello.encryption,
-                target_address=hello.target_address)))
-            reply = await read_first(self.call)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and not (exc.details() or "").startswith(
-                    "policy "):
-                parent.report_unreachable(hello.target_proxy_id, hello.target_proxy_address,
-                                          hello.policy, f"{exc.code().name}: {exc.details()}")
-            raise downstream_abort(exc, self.policy, self.peer) from None
-        except TimeoutError:
-            raise StreamAbort(grpc.StatusCode.UNAVAILABLE,
-                              f"policy {self.policy!r}: {self.peer}: no answer to the "
-                              "session open") from None
-        if reply is grpc.aio.EOF or reply.WhichOneof("body") != "accepted":
-            raise StreamAbort(grpc.StatusCode.UNAVAILABLE,
-                              f"policy {self.policy!r}: {self.peer}: expected 'accepted', "
-                              "the stream ended or said something else")
-        return int(reply.accepted.durable_seq)
-
     # ------------------------------------------------------------ main
 
-    async def run(self, request_iterator: AsyncIterator[rpb.ShipRequest]) -> None:
-        it = request_iterator.__aiter__()
-        try:
-            first = await it.__anext__()
-        except StopAsyncIteration:
-            return
-        if first.WhichOneof("body") != "hello":
-            raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                              "the first message of a Ship stream must be a hello")
-        hello = first.hello
+    async def run(self, hello: rpb.ShipHello, it: AsyncIterator[rpb.ShipRequest]) -> None:
+        parent = self.parent
         self.policy = hello.policy
-        self._hello_checks(hello)
-        self.peer = f"target proxy {hello.target_proxy_address}"
+        check_hello(hello, parent.master_key)
         self.captured_seq = hello.captured_seq
-        rate = throttle.rate_bytes_per_s(hello.bandwidth_limit_mbps)
-        self.bucket = throttle.TokenBucket(rate, time.monotonic()) if rate else None
-        tasks: list[asyncio.Task[None]] = []
-        settle: asyncio.TimerHandle | None = None
-        metrics.SESSIONS.labels("source").inc()
-        try:
-            durable = await self._handshake(hello)
-            self.acked_seq = durable
-            self.cutter = IntervalCutter(hello.rpo_interval_s or DEFAULT_RPO_S,
-                                         self.parent.proxy.interval_max_bytes,
-                                         start_after_seq=durable,
-                                         disk_sizes={d.disk_id: d.size_bytes for d in hello.disks})
-            await self.context.write(rpb.ShipResponse(
-                welcome=rpb.ShipWelcome(resume_from_seq=durable)))
-            settle = asyncio.get_running_loop().call_later(
-                SESSION_SETTLE_S, self.parent.errors.clear, self.policy, self.started)
-            log.info("session open, resuming after seq %d", durable,
-                     extra={"policy": self.policy, "peer": self.peer, "epoch": hello.epoch,
-                            "seq": durable})
-            tasks = [asyncio.create_task(self._reader(it), name="ship-reader"),
-                     asyncio.create_task(self._ticker(), name="ship-ticker"),
-                     asyncio.create_task(self._sender(), name="ship-sender"),
-                     asyncio.create_task(self._acker(), name="ship-acker")]
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                exc = t.exception()
-                if exc is not None:
-                    raise exc
-            if tasks[0] not in done:
-                raise StreamAbort(grpc.StatusCode.UNAVAILABLE,
-                                  f"policy {self.policy!r}: {self.peer} closed the stream")
-        except grpc.aio.AioRpcError as exc:
-            raise downstream_abort(exc, self.policy, self.peer) from None
-        except asyncio.InvalidStateError:
-            raise await ended_call_abort(self.call, self.policy, self.peer) from None
-        except CdpError as exc:
-            code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, FormatError | ProtocolError)
-                    else grpc.StatusCode.UNAVAILABLE)
-            raise StreamAbort(code, f"policy {self.policy!r}: {exc}") from None
-        finally:
-            if settle is not None:
-                settle.cancel()
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t  # its error, if any, was raised above
-            if self.call is not None:
-                self.call.cancel()
-            metrics.INFLIGHT.dec(self.inflight)
-            self.inflight = 0
-            metrics.SESSIONS.labels("source").dec()
+        session_id = os.urandom(crypto.SESSION_ID_BYTES)
+        self.sealer = crypto.FrameSealer(hello.policy, session_id, frames.session_key(
+            parent.master_key, hello.policy, session_id, hello.encryption),
+            max(0, min(22, hello.compression_level)))
+        with self.counted():
+            try:
+                self.downstream = sink = parent._sink(hello)
+                self.peer = sink.peer
+                durable = await sink.open(rpb.SessionOpen(
+                    policy=hello.policy, session_id=session_id, epoch=hello.epoch,
+                    disks=list(hello.disks), source_proxy_id=parent.node_id,
+                    captured_seq=hello.captured_seq, encryption=hello.encryption,
+                    target_address=hello.target_address))
+                self.acked_seq = durable
+                self.cutter = IntervalCutter(
+                    hello.rpo_interval_s or DEFAULT_RPO_S, parent.proxy.interval_max_bytes,
+                    start_after_seq=durable,
+                    disk_sizes={d.disk_id: d.size_bytes for d in hello.disks})
+                await self.context.write(rpb.ShipResponse(
+                    welcome=rpb.ShipWelcome(resume_from_seq=durable)))
+                log.info("session open, resuming after seq %d", durable,
+                         extra={"policy": self.policy, "peer": self.peer, "epoch": hello.epoch,
+                                "seq": durable})
+                reader = asyncio.create_task(self._reader(it), name="ship-reader")
+                done = await self.tasks(
+                    [reader, asyncio.create_task(self._ticker(), name="ship-ticker"),
+                     asyncio.create_task(self._sender(sink), name="ship-sender"),
+                     asyncio.create_task(self._acker(sink), name="ship-acker")],
+                    asyncio.FIRST_COMPLETED)
+                if reader not in done:
+                    raise UnavailableError(f"{self.peer} closed the stream")
+            finally:
+                metrics.INFLIGHT.dec(self.inflight)
+                self.inflight = 0
 
     # ------------------------------------------------------------ tasks
 
@@ -293,9 +233,7 @@ class _ShipSession:
             except StopAsyncIteration:
                 break
             if req.WhichOneof("body") != "batch":
-                raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"policy {self.policy!r}: only record batches may follow "
-                                  "the hello")
+                raise ProtocolError("only record batches may follow the hello")
             batch = req.batch
             metrics.BYTES_IN.labels("source").inc(len(batch.records))
             self.captured_seq = max(self.captured_seq, batch.captured_seq)
@@ -303,9 +241,7 @@ class _ShipSession:
                 # views into the batch, no copy: the cutter copies what it keeps
                 recs = list(records.decode_all(batch.records, copy=False))
             except FormatError as exc:
-                raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"policy {self.policy!r}: malformed record batch: {exc}"
-                                  ) from None
+                raise FormatError(f"malformed record batch: {exc}") from None
             metrics.RECORDS.inc(len(recs))
             now = time.monotonic()
             skip = batch.skips_lost_seqs and not self.skipped
@@ -326,56 +262,38 @@ class _ShipSession:
             await asyncio.sleep(TICK_S)
             self._emit(self.cutter.tick(time.monotonic()))
 
-    def _frames(self, d: Delta) -> Iterator[rpb.ReplicateRequest]:
+    def _frames(self, d: Delta) -> Iterator[rpb.DeltaFrame]:
         """Seal one delta's chunks, one frame per step (in a worker thread if offloaded)."""
         chunks = delta.encode_chunks(d.extents, self.parent.proxy.frame_bytes)
         cur = next(chunks)
         index = 0
         while True:
             nxt = next(chunks, None)
-            final = nxt is None
-            header = crypto.FrameHeader(d.first_seq, d.last_seq, index, final, d.newest_time_ns,
-                                        d.gap_begin_time_ns, d.gap_after_seq, d.gap_end_seq,
-                                        d.gap_end_time_ns)
-            yield rpb.ReplicateRequest(frame=rpb.DeltaFrame(
-                first_seq=d.first_seq, last_seq=d.last_seq, index=index, final=final,
-                newest_time_ns=d.newest_time_ns, envelope=self.sealer.seal(header, cur),
-                captured_seq=self.captured_seq, gap_begin_time_ns=d.gap_begin_time_ns,
-                gap_after_seq=d.gap_after_seq, gap_end_seq=d.gap_end_seq,
-                gap_end_time_ns=d.gap_end_time_ns))
+            header = crypto.FrameHeader(d.first_seq, d.last_seq, index, nxt is None,
+                                        d.newest_time_ns, d.gap_begin_time_ns, d.gap_after_seq,
+                                        d.gap_end_seq, d.gap_end_time_ns)
+            yield frames.frame_of(header, self.sealer.seal(header, cur), self.captured_seq)
             if nxt is None:
                 return
             cur = nxt
             index += 1
 
-    async def _sender(self) -> None:
+    async def _sender(self, sink: DeltaSink) -> None:
         offload = self.parent.offload
         while True:
             d = await self.queue.get()
-            frames = self._frames(d)
+            sealed = self._frames(d)
             while True:
-                frame = (await asyncio.to_thread(next, frames, None) if offload
-                         else next(frames, None))
+                frame = (await asyncio.to_thread(next, sealed, None) if offload
+                         else next(sealed, None))
                 if frame is None:
                     break
-                if self.bucket is not None:
-                    wait = self.bucket.reserve(len(frame.frame.envelope), time.monotonic())
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                await stream.write(self.call, frame)
-                metrics.BYTES_OUT.labels("source").inc(len(frame.frame.envelope))
+                await sink.send(frame)
 
-    async def _acker(self) -> None:
-        while True:
-            resp = await self.call.read()
-            if resp is grpc.aio.EOF:
-                return  # the target proxy ended the stream with OK: run() reports it
-            if resp.WhichOneof("body") != "ack":
-                raise StreamAbort(grpc.StatusCode.UNAVAILABLE,
-                                  f"policy {self.policy!r}: {self.peer} sent an unexpected "
-                                  "message")
-            durable = resp.ack.durable_seq
-            self.parent.errors.clear(self.policy, self.started)
+    async def _acker(self, sink: DeltaSink) -> None:
+        # None: the target proxy ended the stream with OK; run() reports it
+        while (durable := await sink.ack()) is not None:
+            self.errors.clear(self.policy, self.started)
             self._release(durable)
             if durable > self.acked_seq:
                 self.acked_seq = durable
