@@ -23,13 +23,18 @@ Resume rules (`plan_resume`, pure):
   were trimmed (the target lost acked data): cannot resend; report the error
   and retry, a resync is needed.
 
-Any stream failure is logged once per distinct error, reported as the
-policy's `error` in heartbeats, and retried with backoff 0.2 s -> 2 s; the
-welcome of the new stream tells where to resume. A different assignment
-(epoch, endpoints or parameters) restarts the stream at once.
+Any stream failure is logged once per distinct error and reported as the
+policy's `error` in heartbeats. A transient one (cdp_common.rpc.TRANSIENT_CODES:
+the proxy or a hop behind it is down, a seq gap to resend) is retried with
+backoff 0.2 s -> 2 s; a permanent answer (fenced epoch, wrong key, a failover
+holding the policy) is retried only every HOLD_S, or at once when the
+assignment changes. The welcome of the new stream tells where to resume. A
+different assignment (epoch, endpoints or parameters) restarts the stream at
+once.
 
 A stream that fails before the welcome with UNAVAILABLE from gRPC itself (no
-connection: the proxy is dead or cut off, not a proxy that refused us) is
+connection: the proxy is dead or cut off, not a proxy that refused us: no
+`cdp-answered` trailer, cdp_common.rpc) is
 reported to the coordinator (`on_unreachable`, at most once per
 REPORT_INTERVAL_S), which probes the proxy and rebinds the policy at once if
 the probe fails too, instead of waiting for the proxy's lease to run out.
@@ -47,9 +52,11 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from google.protobuf import json_format
 
-from cdp_common import statefile
+from cdp_common import rpc, statefile
+from cdp_common.backoff import Backoff
+from cdp_common.backoff import is_transient as backoff_transient
 from cdp_common.config import TlsConfig
-from cdp_common.errors import CdpError, UnavailableError
+from cdp_common.errors import CdpError, RemoteError, UnavailableError
 from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
@@ -61,6 +68,7 @@ log = logging.getLogger("filter.ship")
 
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 2.0
+HOLD_S = 5.0
 WELCOME_TIMEOUT_S = 30.0
 REPORT_INTERVAL_S = 2.0
 CACHE_KIND = "assignment"
@@ -97,9 +105,19 @@ def usable(a: cpb.Assignment | None) -> bool:
         and bool(a.target.address)
 
 
+def as_error(exc: BaseException) -> BaseException:
+    """A gRPC failure as the RemoteError it is (cdp_common.rpc); anything else unchanged."""
+    return rpc.remote_error(exc, "") if isinstance(exc, grpc.RpcError) else exc
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or backoff_transient(as_error(exc))
+
+
 def describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
+    exc = as_error(exc)
+    if isinstance(exc, RemoteError):
+        return f"{exc.code}: {exc.details}"
     if isinstance(exc, TimeoutError):
         return "timed out waiting for the source proxy's welcome"
     if isinstance(exc, CdpError):
@@ -201,7 +219,7 @@ class Shipper:
     # ------------------------------------------------------------ main loop
 
     async def run(self) -> None:
-        backoff = BACKOFF_MIN_S
+        backoff = Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S, HOLD_S)
         while True:
             self._changed.clear()
             a = self._assignment
@@ -222,25 +240,24 @@ class Shipper:
                     await asyncio.gather(stream, return_exceptions=True)
             self.connected = False
             if self._changed.is_set():
-                backoff = BACKOFF_MIN_S
+                backoff.reset()
                 continue
             exc = stream.exception() if not stream.cancelled() else None
-            self._record_error(exc or UnavailableError("source proxy ended the stream"))
+            failure = exc or UnavailableError("source proxy ended the stream")
+            self._record_error(failure)
             if not self._welcomed and exc is not None:
                 self._maybe_report(a, exc)
             if self._welcomed:
-                backoff = BACKOFF_MIN_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+                backoff.reset()
+            await backoff.wait(is_transient(failure), wake=self._changed)
 
     def _maybe_report(self, a: cpb.Assignment, exc: BaseException) -> None:
         """Report the source proxy unreachable when gRPC could not reach it at all."""
-        if self.on_unreachable is None or not isinstance(exc, grpc.aio.AioRpcError):
+        remote = as_error(exc)
+        if self.on_unreachable is None or not isinstance(remote, RemoteError):
             return
-        if exc.code() != grpc.StatusCode.UNAVAILABLE or (exc.details() or "").startswith(
-                "policy "):
-            return  # the proxy answered (its own aborts name the policy)
+        if remote.code != "UNAVAILABLE" or remote.answered:
+            return  # the proxy answered (it ended the call itself)
         now = time.monotonic()
         if now - self._last_report < REPORT_INTERVAL_S or (
                 self._report_task is not None and not self._report_task.done()):

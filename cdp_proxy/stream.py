@@ -39,8 +39,8 @@ from typing import Any, ClassVar
 import grpc
 
 from cdp_common import rpc
+from cdp_common.aio import cancel_and_wait
 from cdp_common.config import TlsConfig
-from cdp_common.daemon import cancel_and_wait
 from cdp_common.errors import CdpError, ProtocolError, RemoteError, UnavailableError
 from cdp_proxy import metrics
 
