@@ -106,15 +106,6 @@ class Node:
         self._closing = False
 
     @property
-    def id(self) -> str:
-        return self.config.node.id
-
-    @property
-    def advertise(self) -> str:
-        """host:port peers are told to use."""
-        return self.config.node.advertise or self.address
-
-    @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
@@ -133,7 +124,7 @@ class Node:
         if exc is not None and self._failure is None:
             log.error("%s: task %s failed: %s", self.kind, task.get_name(), exc,
                       exc_info=exc if not isinstance(exc, CdpError) else None,
-                      extra={"node": self.id})
+                      extra={"node": self.config.node.id})
             self._failure = exc
             self._stop.set()
 
@@ -158,8 +149,9 @@ class Node:
             self.metrics_address = await self._start_metrics(cleanup, node.metrics_listen)
             if self.role is not None and node.coordinator:
                 self.coordinator = CoordinatorClient(
-                    node, self.config.tls, self.role, self.advertise, self.metrics_address,
-                    self.component.reports, self._on_assignments, load=self._load)
+                    node, self.config.tls, self.role, node.advertise or self.address,
+                    self.metrics_address, self.component.reports, self._on_assignments,
+                    load=self._load)
                 self.coordinator.start()
                 cleanup.push_async_callback(self.coordinator.stop)
             cleanup.push_async_callback(self.component.stop)

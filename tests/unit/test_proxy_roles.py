@@ -164,6 +164,13 @@ async def test_replicates_and_resumes(bed_factory: Any, encryption: bool) -> Non
     assert await call.code() == grpc.StatusCode.OK
 
 
+async def ended(call: Any, timeout_s: float = 10) -> grpc.aio.AioRpcError:
+    """The status the proxy ended `call` with (the next read must fail)."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await asyncio.wait_for(call.read(), timeout_s)
+    return err.value
+
+
 async def test_wrong_key_is_permission_denied_and_nothing_committed(bed_factory: Any) -> None:
     bed = await bed_factory(source_key=b"a" * 32, target_key=b"b" * 32)
     failures = metrics.AUTH_FAILURES._value.get()
@@ -189,18 +196,16 @@ async def test_malformed_batch_is_invalid_argument(bed_factory: Any) -> None:
     bad = bytearray(good)
     bad[50] ^= 1
     await call.write(rpb.ShipRequest(batch=rpb.RecordBatch(records=bytes(bad))))
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await asyncio.wait_for(call.read(), 10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "malformed record batch" in (err.value.details() or "")
+    err = await ended(call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed record batch" in (err.details() or "")
     # a seq gap is a protocol error too
     call, _ = await open_ship(bed)
     await call.write(rpb.ShipRequest(batch=rpb.RecordBatch(
         records=records.encode(5, 1, 0, 0, b"x"))))
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await asyncio.wait_for(call.read(), 10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "out of order" in (err.value.details() or "")
+    err = await ended(call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "out of order" in (err.details() or "")
 
 
 async def test_target_down_is_unavailable(bed_factory: Any) -> None:
@@ -209,11 +214,10 @@ async def test_target_down_is_unavailable(bed_factory: Any) -> None:
     hello = bed.hello()
     hello.hello.target_address = "127.0.0.1:1"  # nothing listens there
     await call.write(hello)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await asyncio.wait_for(call.read(), 20)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "127.0.0.1:1" in (err.value.details() or "")
-    assert POLICY in (err.value.details() or "")
+    err = await ended(call, 20)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "127.0.0.1:1" in (err.details() or "")
+    assert POLICY in (err.details() or "")
 
 
 class SlowTarget(rgrpc.TargetServicer):
@@ -288,9 +292,8 @@ async def test_tampered_frame_rejected_by_target_proxy(bed_factory: Any) -> None
         await call.write(rpb.ReplicateRequest(frame=rpb.DeltaFrame(
             first_seq=1, last_seq=1, index=i, final=i == 1, newest_time_ns=5,
             envelope=bytes(env))))
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await asyncio.wait_for(call.read(), 10)
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    err = await ended(call)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     s = await bed.policy_state()
     assert s is not None and s.durable_seq == 0
 
@@ -307,10 +310,9 @@ async def test_fenced_epoch_is_failed_precondition(bed_factory: Any) -> None:
     stale.hello.epoch = 4
     call = rgrpc.SourceProxyStub(bed.channel).Ship()
     await call.write(stale)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await asyncio.wait_for(call.read(), 10)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "epoch" in (err.value.details() or "")
+    err = await ended(call)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "epoch" in (err.details() or "")
 
 
 async def test_filter_disconnect_ends_the_downstream_streams(bed_factory: Any) -> None:

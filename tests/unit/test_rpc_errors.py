@@ -9,20 +9,9 @@ from typing import Any
 import grpc
 import pytest
 
-from cdp_common import rpc
+from cdp_common import errors, rpc
 from cdp_common.backoff import Backoff, is_transient
 from cdp_common.config import TlsConfig
-from cdp_common.errors import (
-    EXIT_CODES,
-    AuthenticationError,
-    CdpError,
-    FencedError,
-    FormatError,
-    ProtocolError,
-    RemoteError,
-    RemoteProtocolError,
-    StorageError,
-)
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 
@@ -34,22 +23,23 @@ class Raising(cgrpc.CoordinatorServicer):
     """GetStatus raises the error it is given, through rpc.abort."""
 
     def __init__(self) -> None:
-        self.error: CdpError = CdpError("boom")
+        self.error: errors.CdpError = errors.CdpError("boom")
 
     async def GetStatus(self, request: Any, context: Any) -> Any:
         await rpc.abort(context, self.error)
 
 
 @pytest.mark.parametrize(("error", "code", "transient", "cls"), [
-    (FencedError("policy p: epoch 3 < 4"), "FAILED_PRECONDITION", False, RemoteProtocolError),
-    (AuthenticationError("bad tag"), "PERMISSION_DENIED", False, RemoteProtocolError),
-    (FormatError("bad magic"), "INVALID_ARGUMENT", False, RemoteProtocolError),
-    (ProtocolError("seq gap", grpc_status="ABORTED"), "ABORTED", True, RemoteError),
-    (StorageError("disk full"), "UNAVAILABLE", True, RemoteError),
-    (CdpError("unexpected"), "INTERNAL", True, RemoteError),
+    (errors.FencedError("policy p: epoch 3 < 4"), "FAILED_PRECONDITION", False,
+     errors.RemoteProtocolError),
+    (errors.AuthenticationError("bad tag"), "PERMISSION_DENIED", False, errors.RemoteProtocolError),
+    (errors.FormatError("bad magic"), "INVALID_ARGUMENT", False, errors.RemoteProtocolError),
+    (errors.ProtocolError("seq gap", grpc_status="ABORTED"), "ABORTED", True, errors.RemoteError),
+    (errors.StorageError("disk full"), "UNAVAILABLE", True, errors.RemoteError),
+    (errors.CdpError("unexpected"), "INTERNAL", True, errors.RemoteError),
 ])
-async def test_abort_then_remote_error(error: CdpError, code: str, transient: bool,
-                                       cls: type[RemoteError]) -> None:
+async def test_abort_then_remote_error(error: errors.CdpError, code: str, transient: bool,
+                                       cls: type[errors.RemoteError]) -> None:
     servicer = Raising()
     servicer.error = error
     server = rpc.Server("127.0.0.1:0", TLS, 1 << 20)
@@ -76,7 +66,7 @@ async def test_unreachable_peer_did_not_answer() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await cgrpc.CoordinatorStub(ch).GetStatus(cpb.StatusRequest(), timeout=2)
     remote = rpc.remote_error(info.value, "")
-    assert type(remote) is RemoteError
+    assert type(remote) is errors.RemoteError
     assert remote.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
     assert remote.transient and not remote.answered
 
@@ -88,14 +78,14 @@ def test_backoff_doubles_caps_resets_and_holds_permanent() -> None:
     assert b.delay() == 0.2
     assert b.delay(transient=False) == 10.0
     assert b.delay() == 0.4            # a permanent failure does not grow the transient ramp
-    assert b.delay_for(StorageError("x")) == 0.8 and b.delay_for(ValueError()) == 10.0
+    assert b.delay_for(errors.StorageError("x")) == 0.8 and b.delay_for(ValueError()) == 10.0
     j = Backoff(first_s=1.0, jitter=0.1, rand=random.Random(1))
     assert all(0.9 <= j.delay() / base <= 1.1 for base in (1.0, 2.0, 2.0))
-    assert is_transient(StorageError("x")) and not is_transient(FencedError("x"))
+    assert is_transient(errors.StorageError("x")) and not is_transient(errors.FencedError("x"))
 
 
 def test_exit_codes_are_unique() -> None:
-    codes = [code for code, _, _ in EXIT_CODES]
+    codes = [code for code, _, _ in errors.EXIT_CODES]
     assert len(codes) == len(set(codes))
     assert codes[:4] == [0, 1, 2, 3]
 
