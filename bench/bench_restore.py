@@ -19,7 +19,6 @@ from the disk.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -28,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import benchargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -60,10 +61,7 @@ def drop_cache(directory: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default="/var/tmp")
-    ap.add_argument("--size-mib", type=int, default=1024)
+    ap = benchargs.parser(__doc__, size_mib=1024)
     ap.add_argument("--fill-mib", type=int, default=768)
     ap.add_argument("--points", type=int, default=200)
     ap.add_argument("--hot-mib", type=int, default=0,

@@ -27,7 +27,6 @@ Figures: seconds, MB/s of disk covered, bytes sent. Caches are dropped
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -41,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import benchargs
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -157,10 +158,7 @@ def operator_sync(lab: Lab) -> tuple[float, dict[str, Any]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default="/var/tmp")
-    ap.add_argument("--size-mib", type=int, default=2048)
+    ap = benchargs.parser(__doc__, size_mib=2048)
     ap.add_argument("--changed", type=float, default=0.25)
     ap.add_argument("--skip-rsync", action="store_true")
     args = ap.parse_args()
