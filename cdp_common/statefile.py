@@ -17,7 +17,7 @@ older build refuse what it cannot. Files written before this module have no
 (so a caller can migrate older files) and `kind` removed; `None` when the file
 does not exist. Anything that does not decode -- bad UTF-8, bad JSON, not an
 object, another kind, a version that is not a positive int or is newer than
-the caller knows -- raises FormatError naming the file. An I/O failure other
+the caller knows -- raises CorruptStateError (a FormatError) naming the file. An I/O failure other
 than "no such file" raises StorageError naming the file.
 """
 
@@ -27,7 +27,7 @@ import json
 import os
 from typing import Any
 
-from cdp_common.errors import FormatError, StorageError
+from cdp_common.errors import CorruptStateError, StorageError
 from cdp_common.fileio import OS_IO, FileIO, StrPath
 from cdp_common.fsutil import write_file_atomic
 
@@ -69,17 +69,19 @@ def load(path: StrPath, kind: str, version: int, io: FileIO = OS_IO) -> dict[str
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{where}: corrupt {kind} state file: {e}") from e
+        raise CorruptStateError(f"{where}: corrupt {kind} state file: {e}") from e
     if not isinstance(data, dict):
-        raise FormatError(f"{where}: corrupt {kind} state file: not a JSON object")
+        raise CorruptStateError(f"{where}: corrupt {kind} state file: not a JSON object")
     found_kind = data.pop(KIND_KEY, kind)
     if found_kind != kind:
-        raise FormatError(f"{where}: is a {found_kind!r} state file, expected {kind!r}")
+        raise CorruptStateError(f"{where}: is a {found_kind!r} state file, expected {kind!r}")
     found_version = data.get(VERSION_KEY, 1)
     if type(found_version) is not int or found_version < 1:
-        raise FormatError(f"{where}: {kind} state file has a bad version {found_version!r}")
+        raise CorruptStateError(f"{where}: {kind} state file has a bad version "
+                                f"{found_version!r}")
     if found_version > version:
-        raise FormatError(f"{where}: {kind} state file version {found_version} is newer than "
+        raise CorruptStateError(f"{where}: {kind} state file version {found_version} is newer "
+                                f"than "
                           f"this build understands ({version})")
     data[VERSION_KEY] = found_version
     return data

@@ -29,14 +29,14 @@ oldest are merged), so the file stays small (I4).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cdp_common.errors import StorageError
-from cdp_common.fsutil import write_file_atomic
+from cdp_common import statefile
+from cdp_common.errors import CorruptStateError, StorageError
 
 GAPS_FILE = "gaps.json"
+KIND = "gaps"
 VERSION = 1
 MAX_GAPS = 256
 
@@ -66,18 +66,15 @@ class GapBook:
     @classmethod
     def load(cls, directory: Path) -> GapBook:
         path = directory / GAPS_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        data = statefile.load(path, KIND, VERSION)
+        if data is None:
             return cls(directory)
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"{path}: unreadable gap file ({exc})") from None
         try:
             gaps = [GapRecord(int(g["begin_seq"]), int(g["end_seq"]), int(g["begin_time_ns"]),
                               int(g["end_time_ns"]), str(g.get("reason", "overflow")))
                     for g in data["gaps"]]
         except (KeyError, TypeError, ValueError) as exc:
-            raise StorageError(f"{path}: malformed gap file ({exc})") from None
+            raise CorruptStateError(f"{path}: malformed gap file ({exc})") from None
         return cls(directory, gaps)
 
     @property
@@ -124,9 +121,8 @@ class GapBook:
         self.gaps.append(GapRecord(begin_seq, 0, time_ns, 0, reason))
 
     def save(self) -> None:
-        body = json.dumps({"version": VERSION, "gaps": [asdict(g) for g in self.gaps]})
         try:
-            write_file_atomic(self.path, body.encode(), 0o644)
+            statefile.save(self.path, KIND, VERSION, {"gaps": [asdict(g) for g in self.gaps]})
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot save gaps ({exc.strerror})") from None
 

@@ -38,7 +38,6 @@ File: ``{"version": 1, "resync_needed", "ranges": [[first, last], ...],
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -47,13 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdp_common.errors import StorageError
-from cdp_common.fsutil import write_file_atomic
+from cdp_common import statefile
+from cdp_common.errors import CorruptStateError, StorageError
 from cdp_target.gaps import GapBook
 
 log = logging.getLogger("target.repair")
 
 REPAIR_FILE = "repair.json"
+KIND = "repair"
 VERSION = 1
 QUARANTINE_DIR = "quarantine"
 
@@ -143,16 +143,17 @@ class Repairer:
         self.core = self._load()
 
     def _load(self) -> RepairCore:
-        try:
-            return RepairCore.from_json(json.loads(self.path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
+        data = statefile.load(self.path, KIND, VERSION)
+        if data is None:
             return RepairCore()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StorageError(f"{self.path}: unreadable repair state ({exc})") from None
+        try:
+            return RepairCore.from_json(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptStateError(f"{self.path}: malformed repair state ({exc})") from None
 
     def _save(self) -> None:
         try:
-            write_file_atomic(self.path, json.dumps(self.core.to_json()).encode(), 0o644)
+            statefile.save(self.path, KIND, VERSION, self.core.to_json())
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot save repair state ({exc.strerror})") \
                 from None
