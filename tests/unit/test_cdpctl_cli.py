@@ -298,3 +298,17 @@ def crypto_free_tls() -> Any:
 def test_free_ports_are_distinct() -> None:
     ports = lab.free_ports(10)
     assert len(set(ports)) == 10 and all(0 < p < 65536 for p in ports)
+
+
+# ---------------------------------------------------------------- exit codes of errors
+
+def test_error_exit_codes_come_from_the_one_table(capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path) -> None:
+    """A corrupt lab.json is a format error (4), an unknown lab a usage error (64);
+    nothing is written."""
+    (tmp_path / "lab.json").write_text("{nope")
+    code, _, err = run(capsys, "status", "--lab-dir", str(tmp_path))
+    assert code == 4 and "lab.json" in err and "Traceback" not in err
+    assert (tmp_path / "lab.json").read_text() == "{nope"
+    code, _, err = run(capsys, "status", "--lab-dir", str(tmp_path / "none"))
+    assert code == 64 and "no lab" in err
