@@ -15,13 +15,14 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from cdp_common.errors import UnavailableError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_filter import metrics
 from cdp_filter.journal import Journal
+from cdp_filter.overflow import OverflowMachine
 
 NOTICE_S = 60.0  # how long a notice (set_notice) is reported
 
@@ -40,6 +41,31 @@ class Disk:
         return rpb.DiskInfo(disk_id=self.disk_id, name=self.name, size_bytes=self.size)
 
 
+class DirtyTracker(Protocol):
+    """What the FUSE handler, the shipper and this runtime need of the dirty-block
+    tracker (cdp_filter.resync.Tracker, which imports this module)."""
+
+    m: OverflowMachine
+
+    def capture(self, d: Disk, off: int, buf: bytes) -> None: ...
+    def sync_bitmaps(self) -> None: ...
+    def on_durable(self, seq: int) -> None: ...
+    def gap_fields(self) -> tuple[int, int]: ...
+    def fill(self, report: cpb.PolicyReport) -> None: ...
+    def close(self) -> None: ...
+    async def run(self) -> None: ...
+
+
+class SyncWorker(Protocol):
+    """What the daemon, the shipper and this runtime need of the digest sync
+    (cdp_filter.sync.Syncer)."""
+
+    def on_welcome(self, resume_from_seq: int) -> None: ...
+    def on_assignment(self, a: cpb.Assignment | None) -> None: ...
+    def fill(self, report: cpb.PolicyReport) -> None: ...
+    async def run(self) -> None: ...
+
+
 class PolicyRuntime:
     def __init__(self, name: str, journal: Journal, disks: list[Disk],
                  fsync_journal: bool = True) -> None:
@@ -56,10 +82,9 @@ class PolicyRuntime:
         self.notice_until = 0.0
         self.closing = False
         self.durable_seq = journal.trimmed_through
-        # Dirty-block tracking (cdp_filter.resync.Tracker), when enabled.
-        self.tracker: Any = None
-        # Digest sync (cdp_filter.sync.Syncer), when dirty tracking is enabled.
-        self.syncer: Any = None
+        # Dirty-block tracking and digest sync, when dirty tracking is enabled.
+        self.tracker: DirtyTracker | None = None
+        self.syncer: SyncWorker | None = None
         self.m_writes = metrics.WRITES.labels(name)
         self.m_write_bytes = metrics.WRITE_BYTES.labels(name)
         self.m_shipped = metrics.SHIPPED_BYTES.labels(name)
@@ -120,14 +145,7 @@ class PolicyRuntime:
                                   captured_time_ns=self.journal.last_time_ns,
                                   journal_bytes=self.journal.size_bytes, error=error)
         if self.tracker is not None:
-            st = self.tracker.status()
-            report.capture_mode = st["mode"]
-            report.dirty_bytes = st["dirty_bytes"]
-            report.gap_begin_time_ns = st["gap_begin_time_ns"]
-            report.sync_done_bytes = st["sync_done_bytes"]
-            report.sync_total_bytes = st["sync_total_bytes"]
-            report.sync_rate_bps = st["sync_rate_bps"]
-            report.sync_eta_s = st["sync_eta_s"]
+            self.tracker.fill(report)
         if self.syncer is not None:
             self.syncer.fill(report)
         return report

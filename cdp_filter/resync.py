@@ -48,6 +48,7 @@ from collections.abc import Callable
 
 from cdp_common import statefile
 from cdp_common.errors import FormatError, StorageError
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.records import FLAG_GAP_END, FLAG_RESYNC, GAP_END_PAYLOAD
 from cdp_filter.dirty import DirtyBitmap
 from cdp_filter.overflow import Event, Gap, Mode, OverflowMachine
@@ -369,16 +370,18 @@ class Tracker:
         g = self.m.gap
         return (g.begin_time_ns, g.lost_after_seq) if g is not None else (0, 0)
 
-    def status(self) -> dict[str, object]:
+    def fill(self, report: cpb.PolicyReport) -> None:
+        """Capture mode, dirty bytes, the open gap and resync progress, into a heartbeat."""
         p = self.m.progress
         now = self.clock()
-        return {"mode": self.m.mode.value, "dirty_bytes": self.dirty_blocks * self.block_bytes,
-                "gap_begin_time_ns": self.gap_fields()[0],
-                "sync_done_bytes": p.sent_bytes,
-                "sync_total_bytes": p.planned_blocks * self.block_bytes,
-                "sync_rate_bps": p.rate(now) if self.m.mode is Mode.RESYNCING else 0.0,
-                "sync_eta_s": p.eta_s(now, self.block_bytes)
-                if self.m.mode is Mode.RESYNCING else 0.0}
+        resyncing = self.m.mode is Mode.RESYNCING
+        report.capture_mode = self.m.mode.value
+        report.dirty_bytes = self.dirty_blocks * self.block_bytes
+        report.gap_begin_time_ns = self.gap_fields()[0]
+        report.sync_done_bytes = p.sent_bytes
+        report.sync_total_bytes = p.planned_blocks * self.block_bytes
+        report.sync_rate_bps = p.rate(now) if resyncing else 0.0
+        report.sync_eta_s = p.eta_s(now, self.block_bytes) if resyncing else 0.0
 
     def close(self) -> None:
         for b in self.bitmaps:
