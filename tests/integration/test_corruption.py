@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 from conftest import assert_eventually, cdpctl
+from labwait import policy
 from workload import MiB, Workload, sha256_file
 
 from cdp_common import records
@@ -42,10 +43,6 @@ pytestmark = pytest.mark.timeout(240)
 
 DISK = 64 * MiB
 CHUNK = 64 * 1024
-
-
-def policy(handle: Any) -> dict[str, Any]:
-    return dict(handle.status()["policies"][0])
 
 
 def caught_up(handle: Any) -> dict[str, Any]:

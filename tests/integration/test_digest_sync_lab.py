@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import assert_eventually
+from labwait import policy
 from workload import MiB, Workload, sha256_file
 
 pytestmark = pytest.mark.timeout(300)
@@ -38,10 +39,6 @@ REGION = 1 * MiB
 def filter_data_dir(handle: Any) -> Path:
     cfg = tomllib.loads(Path(handle.process("filter-1")["config"]).read_text())
     return Path(cfg["filter"]["data_dir"])
-
-
-def policy(handle: Any) -> dict[str, Any]:
-    return dict(handle.status()["policies"][0])
 
 
 def fill_image(path: Path, rng: random.Random, regions: list[int]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import assert_eventually
+from labwait import wait_caught_up
 from workload import MiB, Workload, sha256_file
 
 from cdp_common import rpc
@@ -44,19 +45,9 @@ def target_state(handle: Any) -> rpb.PolicyState:
     return reply.policies[0]
 
 
-def policy(handle: Any) -> dict[str, Any]:
-    return dict(handle.status()["policies"][0])
-
-
-def wait_identical(handle: Any, expected: str, timeout_s: float = 240.0) -> None:
-    replica = handle.disks[0]["replica_path"]
-
-    def same() -> None:
-        p = policy(handle)
-        assert p["durable_seq"] == p["captured_seq"] and p["applied_seq"] == p["durable_seq"], p
-        assert sha256_file(replica) == expected, "replica differs from the source"
-
-    assert_eventually(same, timeout_s, 1.0, "replica did not converge to the source")
+def wait_identical(handle: Any, expected: str) -> None:
+    """Resyncs are slow: up to 240 s until durable, applied and identical."""
+    wait_caught_up(handle, expected, timeout_s=240.0, applied=True)
 
 
 def test_target_down_past_journal_cap_resyncs_with_a_gap(lab: Any, tmp_path: Path) -> None:

@@ -13,28 +13,12 @@ from typing import Any
 
 import pytest
 from conftest import assert_eventually, cdpctl
+from labwait import policy, wait_caught_up
 from workload import MiB, Workload, sha256_file
 
 pytestmark = pytest.mark.timeout(300)
 
 DISK = 256 * MiB
-
-
-def policy(handle: Any) -> dict[str, Any]:
-    return dict(handle.status()["policies"][0])
-
-
-def wait_replica(handle: Any, expected_sha: str, timeout_s: float = 90.0) -> None:
-    """Wait until the replica equals `expected_sha` and the policy is caught up."""
-    replica = handle.disks[0]["replica_path"]
-
-    def caught_up() -> None:
-        p = policy(handle)
-        assert p["captured_seq"] > 0, p
-        assert p["durable_seq"] == p["captured_seq"], p
-        assert sha256_file(replica) == expected_sha, "replica differs from the source"
-
-    assert_eventually(caught_up, timeout_s, 1.0, "replica did not catch up with the source")
 
 
 def test_mixed_writes_replicate_byte_identical(lab: Any, tmp_path: Path) -> None:
@@ -44,7 +28,7 @@ def test_mixed_writes_replicate_byte_identical(lab: Any, tmp_path: Path) -> None
     expected = work.oracle_sha256()
     # the source image, read back through FUSE, is what the workload wrote
     assert sha256_file(handle.disk_path()) == expected
-    wait_replica(handle, expected)
+    wait_caught_up(handle, expected)
     p = policy(handle)
     assert p["bytes_replicated"] > 0
     assert p["source_proxy"] == "source-proxy-1" and p["target_proxy"] == "target-proxy-1"
@@ -74,7 +58,7 @@ def test_target_sigkill_midstream_loses_nothing(lab: Any, tmp_path: Path) -> Non
     thread.join(timeout=120)
     assert not thread.is_alive() and not failure, failure
     handle.restart("target-1")
-    wait_replica(handle, work.oracle_sha256())
+    wait_caught_up(handle, work.oracle_sha256())
 
 
 def test_wrong_key_on_target_proxy_is_refused(lab: Any, tmp_path: Path) -> None:
@@ -108,7 +92,7 @@ def test_wrong_key_on_target_proxy_is_refused(lab: Any, tmp_path: Path) -> None:
     handle.kill("target-proxy-1", signal.SIGTERM)
     config.write_text(text)
     handle.restart("target-proxy-1")
-    wait_replica(handle, work.oracle_sha256())
+    wait_caught_up(handle, work.oracle_sha256())
 
 
 def test_lab_status_and_down(lab: Any, tmp_path: Path) -> None:

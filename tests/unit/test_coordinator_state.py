@@ -40,6 +40,20 @@ def beat(s: CoordinatorState, now: float, *ids: str) -> None:
         assert s.heartbeat(nid, [], now)
 
 
+LAB_NODES = ("filter-1", "sp-1", "tp-1", "target-1")
+
+
+def lease_lapses(lost: str) -> tuple[CoordinatorState, Assignment, list[str]]:
+    """The lab assigns p1 at t=0; every node but `lost` heartbeats at 3.0, so at 3.5
+    only the lease of `lost` has run out. Returns the state, the assignment from
+    t=0, and the policies the tick at 3.5 changed."""
+    s = lab()
+    s.tick(0)
+    before = s.assignments["p1"]
+    beat(s, 3.0, *(n for n in LAB_NODES if n != lost))
+    return s, before, s.tick(3.5)
+
+
 def test_complete_assignment_with_endpoints() -> None:
     s = lab()
     assert s.tick(0.0) == ["p1"]
@@ -49,7 +63,7 @@ def test_complete_assignment_with_endpoints() -> None:
     assert a.target == Endpoint("target-1", "target-1:1")
     assert a.filter == Endpoint("filter-1", "filter-1:1")
     assert a.reason == "" and a.epoch >= 1
-    for nid in ("filter-1", "sp-1", "tp-1", "target-1"):
+    for nid in LAB_NODES:
         assert [x.policy for x in s.assignments_for(nid)] == ["p1"]
     assert s.assignments_for("nobody") == []
     assert s.tick(0.5) == []
@@ -159,11 +173,9 @@ def test_no_proxy_then_proxy_appears() -> None:
 
 
 def test_proxy_lost_without_replacement_bumps_epoch_and_sets_reason() -> None:
-    s = lab()
-    s.tick(0)
-    e = s.assignments["p1"].epoch
-    beat(s, 3.0, "filter-1", "tp-1", "target-1")
-    assert s.tick(3.5) == ["p1"]
+    s, before, changed = lease_lapses("sp-1")
+    e = before.epoch
+    assert changed == ["p1"]
     a = s.assignments["p1"]
     assert a.source_proxy == Endpoint() and a.epoch == e + 1
     assert "no healthy source proxy" in a.reason
@@ -171,21 +183,16 @@ def test_proxy_lost_without_replacement_bumps_epoch_and_sets_reason() -> None:
 
 
 def test_filter_down_does_not_rebind() -> None:
-    s = lab()
-    s.tick(0)
-    a = s.assignments["p1"]
-    beat(s, 3.0, "sp-1", "tp-1", "target-1")
-    assert s.tick(3.5) == []
-    assert s.assignments["p1"] == a
+    s, before, changed = lease_lapses("filter-1")
+    assert changed == []
+    assert s.assignments["p1"] == before
     assert {n.info.id: n.state for n in s.status(3.5).nodes}["filter-1"] == "down"
 
 
 def test_target_down_and_back() -> None:
-    s = lab()
-    s.tick(0)
-    e = s.assignments["p1"].epoch
-    beat(s, 3.0, "filter-1", "sp-1", "tp-1")
-    assert s.tick(3.5) == ["p1"]
+    s, before, changed = lease_lapses("target-1")
+    e = before.epoch
+    assert changed == ["p1"]
     a = s.assignments["p1"]
     assert a.target == Endpoint() and a.reason == "target target-1 is down"
     assert a.source_proxy.node_id == "sp-1" and a.epoch == e + 1

@@ -26,6 +26,15 @@ def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
+def daemon_config(path: Path, node_id: str, sections: str, coordinator: str = "") -> Path:
+    """Write a daemon's TOML config: its [node] on a free loopback port (and its
+    coordinator, if any), then `sections` (the daemon's own), then insecure TLS."""
+    coord = f'coordinator = "{coordinator}"\n' if coordinator else ""
+    path.write_text(f'[node]\nid = "{node_id}"\nlisten = "127.0.0.1:0"\n{coord}'
+                    f'{sections.strip()}\n[tls]\ninsecure = true\n')
+    return path
+
+
 def test_operations_md_shows_the_table() -> None:
     text = (ROOT / "docs" / "OPERATIONS.md").read_text()
     section = text[text.index("## 11. Exit codes"):text.index("## 12.")]
@@ -47,12 +56,7 @@ def test_daemon_usage_and_config_codes(module: str, tmp_path: Path) -> None:
 
 
 def test_filter_storage_failure_exits_9(tmp_path: Path) -> None:
-    config = tmp_path / "filter.toml"
-    config.write_text(f"""
-[node]
-id = "filter-1"
-listen = "127.0.0.1:0"
-coordinator = "127.0.0.1:1"
+    config = daemon_config(tmp_path / "filter.toml", "filter-1", f"""
 [filter]
 mountpoint = "{tmp_path / 'mnt'}"
 data_dir = "{tmp_path / 'data'}"
@@ -61,9 +65,7 @@ name = "d0"
 policy = "p"
 size_bytes = 1048576
 image = "/proc/cdp-no-such-dir/d0.img"
-[tls]
-insecure = true
-""")
+""", coordinator="127.0.0.1:1")
     done = run("cdp_filter", "run", "--config", str(config))
     assert done.returncode == StorageError.exit_code == 9, done.stderr
     assert "/proc/cdp-no-such-dir/d0.img" in done.stderr
@@ -72,15 +74,9 @@ insecure = true
 def test_coordinator_corrupt_store_exits_4(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     db.write_bytes(b"this is not a database" * 200)
-    config = tmp_path / "coordinator.toml"
-    config.write_text(f"""
-[node]
-id = "coordinator"
-listen = "127.0.0.1:0"
+    config = daemon_config(tmp_path / "coordinator.toml", "coordinator", f"""
 [coordinator]
 db_path = "{db}"
-[tls]
-insecure = true
 """)
     before = db.read_bytes()
     done = run("cdp_coordinator", "run", "--config", str(config))

@@ -3,9 +3,11 @@ monotonicity across restarts, cap accounting."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -109,43 +111,52 @@ def last_segment(path: Path) -> Path:
     return sorted(path.glob("*.seg"))[-1]
 
 
-def test_torn_tail_cut_at_every_byte(tmp_path: Path) -> None:
-    j = open_j(tmp_path)
-    fill(j, 3, n=20)
+def closed_segment(path: Path, count: int, n: int) -> tuple[Path, bytes]:
+    """A closed journal at `path` holding `count` records of `n`-byte payloads:
+    its last segment and that segment's bytes."""
+    j = open_j(path)
+    fill(j, count, n=n)
     j.close()
-    seg = last_segment(tmp_path)
-    full = seg.read_bytes()
-    rec_len = H + 20
-    keep = 2 * rec_len
-    for cut in range(keep, len(full)):
-        seg.write_bytes(full[:cut])
-        j = open_j(tmp_path)
-        assert j.last_seq == 2, cut
-        assert [r.seq for r in decoded(j.read_from(0, 1 << 20))] == [1, 2]
-        assert seg.stat().st_size == keep  # the torn tail was truncated
-        assert j.append(9, 0, 0, b"new") == 3
+    seg = last_segment(path)
+    return seg, seg.read_bytes()
+
+
+@contextlib.contextmanager
+def reopened_with(path: Path, seg: Path, damaged: bytes, full: bytes) -> Iterator[Journal]:
+    """The journal at `path` opened with `seg` holding `damaged`; afterwards the
+    journal is closed and `seg` gets its `full` bytes back for the next case."""
+    seg.write_bytes(damaged)
+    j = open_j(path)
+    try:
+        yield j
+    finally:
         j.close()
         seg.write_bytes(full)
 
 
+def test_torn_tail_cut_at_every_byte(tmp_path: Path) -> None:
+    seg, full = closed_segment(tmp_path, 3, n=20)
+    rec_len = H + 20
+    keep = 2 * rec_len
+    for cut in range(keep, len(full)):
+        with reopened_with(tmp_path, seg, full[:cut], full) as j:
+            assert j.last_seq == 2, cut
+            assert [r.seq for r in decoded(j.read_from(0, 1 << 20))] == [1, 2]
+            assert seg.stat().st_size == keep  # the torn tail was truncated
+            assert j.append(9, 0, 0, b"new") == 3
+
+
 def test_flipped_byte_cuts_tail_from_that_record(tmp_path: Path) -> None:
-    j = open_j(tmp_path)
-    fill(j, 5, n=50)
-    j.close()
-    seg = last_segment(tmp_path)
-    full = seg.read_bytes()
+    seg, full = closed_segment(tmp_path, 5, n=50)
     rec_len = H + 50
     for pos in range(0, len(full), 7):
         bad = bytearray(full)
         bad[pos] ^= 0x40
-        seg.write_bytes(bad)
-        j = open_j(tmp_path)
-        valid = pos // rec_len
-        assert j.last_seq == valid, pos
-        assert len(decoded(j.read_from(0, 1 << 20))) == valid
-        assert seg.exists() == (valid > 0)
-        j.close()
-        seg.write_bytes(full)
+        with reopened_with(tmp_path, seg, bytes(bad), full) as j:
+            valid = pos // rec_len
+            assert j.last_seq == valid, pos
+            assert len(decoded(j.read_from(0, 1 << 20))) == valid
+            assert seg.exists() == (valid > 0)
 
 
 def test_corrupt_middle_segment_drops_later_segments(tmp_path: Path) -> None:

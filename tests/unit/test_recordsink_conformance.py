@@ -179,6 +179,29 @@ async def failure_of(session: RecordSession, *batches: rpb.RecordBatch) -> str:
     raise AssertionError("the session did not fail")
 
 
+async def open_refusal(h: Harness, epoch: int = 1) -> str:
+    """Open a session that must be refused; returns the refusal's status name."""
+    try:
+        await h.open(epoch=epoch)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+    except CdpError as exc:
+        return exc.grpc_status
+    raise AssertionError(f"the open at epoch {epoch} was welcomed")
+
+
+async def durable_prefix(h: Harness, sent: int, durable: int) -> RecordSession:
+    """With manual acks: a session that sent 1..sent, all received downstream,
+    of which 1..durable were made durable and acked."""
+    h.memory.auto_ack = False
+    s = await h.open()
+    await s.send(batch(1, sent))
+    await received(h, sent)
+    h.memory.make_durable(durable)
+    assert await acked_through(s, durable) == durable
+    return s
+
+
 def assert_applied_once(h: Harness, through: int) -> None:
     down = h.memory.downstream
     assert h.memory.seqs == list(range(1, through + 1))
@@ -230,14 +253,7 @@ async def test_epoch_fence(harness: Harness) -> None:
     old = await harness.open(epoch=1)
     new = await harness.open(epoch=2)
     assert await failure_of(old, batch(1, 1)) == "FAILED_PRECONDITION"
-    try:
-        await harness.open(epoch=1)
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() is grpc.StatusCode.FAILED_PRECONDITION
-    except CdpError as exc:
-        assert exc.grpc_status == "FAILED_PRECONDITION"
-    else:
-        raise AssertionError("a stale epoch was welcomed")
+    assert await open_refusal(harness, epoch=1) == "FAILED_PRECONDITION"  # a stale epoch
     await new.send(batch(1, 2))
     assert await acked_through(new, 2) == 2
     await old.close()
@@ -245,12 +261,7 @@ async def test_epoch_fence(harness: Harness) -> None:
 
 
 async def test_idempotent_resend_after_reconnect(harness: Harness) -> None:
-    harness.memory.auto_ack = False
-    s = await harness.open()
-    await s.send(batch(1, 6))
-    await received(harness, 6)
-    harness.memory.make_durable(3)
-    assert await acked_through(s, 3) == 3
+    s = await durable_prefix(harness, sent=6, durable=3)
     harness.memory.fail_after_batches = 1
     assert await failure_of(s, batch(7, 8)) == "UNAVAILABLE"
     await s.close()
@@ -264,12 +275,7 @@ async def test_idempotent_resend_after_reconnect(harness: Harness) -> None:
 
 
 async def test_restart_keeps_durable_and_fails_open_sessions(harness: Harness) -> None:
-    harness.memory.auto_ack = False
-    s = await harness.open()
-    await s.send(batch(1, 5))
-    await received(harness, 5)
-    harness.memory.make_durable(4)
-    assert await acked_through(s, 4) == 4
+    s = await durable_prefix(harness, sent=5, durable=4)
     await harness.restart()
     assert await failure_of(s) == "UNAVAILABLE"
     await s.close()
@@ -285,14 +291,7 @@ async def test_restart_keeps_durable_and_fails_open_sessions(harness: Harness) -
 
 async def test_refused_open_raises(harness: Harness) -> None:
     harness.memory.fail_open = UnavailableError("policy 'p': target proxy unreachable")
-    try:
-        await harness.open()
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() is grpc.StatusCode.UNAVAILABLE
-    except CdpError as exc:
-        assert exc.grpc_status == "UNAVAILABLE"
-    else:
-        raise AssertionError("the refused open returned a session")
+    assert await open_refusal(harness) == "UNAVAILABLE"
     s = await harness.open()  # the next one goes through
     assert s.resume_from_seq == 0
     await s.close()

@@ -10,11 +10,12 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cdp_common.delta import Extent, encode_chunks
+from cdp_common.delta import Extent, decode_chunk, encode_chunks
 from cdp_common.errors import StorageError
 from cdp_common.fsutil import pwrite_all
 from cdp_target import points as P
@@ -167,21 +168,27 @@ def test_on_demand_long_point_survives_short_retention(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- crashes
 
+def capture_undo(store: PolicyStore, first: int, last: int) -> int | None:
+    """Step 1 of applying the committed delta first..last: make its undo durable."""
+    with DeltaReader(store.deltas_dir / delta_name(first, last)) as reader:
+        def extents() -> Iterator[Extent]:
+            for chunk in reader.chunks():
+                yield from decode_chunk(chunk, store.disk_sizes)
+        return store.undo.before_apply(first - 1, last, extents, store.fds)
+
+
+def write_replica(store: PolicyStore, ext: list[Extent]) -> None:
+    """Step 2 of applying, for `ext` only: their data into the replica images."""
+    for e in ext:
+        if e.data is not None:
+            pwrite_all(store.fds[e.disk_id], e.data, e.offset)
+
+
 def half_apply(run: Run) -> tuple[int, int]:
     """Commit a delta, capture its undo, write half of it into the replica: a crash mid-apply."""
     first, last, ext = run.commit()
-    store = run.store
-    path = store.deltas_dir / delta_name(first, last)
-    with DeltaReader(path) as reader:
-        from cdp_common.delta import decode_chunk
-
-        def extents():  # type: ignore[no-untyped-def]
-            for chunk in reader.chunks():
-                yield from decode_chunk(chunk, store.disk_sizes)
-        store.undo.before_apply(first - 1, last, extents, store.fds)
-    for e in ext[: len(ext) // 2 + 1]:
-        if e.data is not None:
-            pwrite_all(store.fds[e.disk_id], e.data, e.offset)
+    capture_undo(run.store, first, last)
+    write_replica(run.store, ext[: len(ext) // 2 + 1])
     return first, last
 
 
@@ -190,21 +197,11 @@ def test_crash_during_apply(tmp_path: Path, step: str) -> None:
     run = Run(tmp_path / "pol")
     run.step(6)
     first, last, ext = run.commit()
-    store = run.store
-    path = store.deltas_dir / delta_name(first, last)
-    with DeltaReader(path) as reader:
-        from cdp_common.delta import decode_chunk
-
-        def extents():  # type: ignore[no-untyped-def]
-            for chunk in reader.chunks():
-                yield from decode_chunk(chunk, store.disk_sizes)
-        size = store.undo.before_apply(first - 1, last, extents, store.fds)
+    size = capture_undo(run.store, first, last)
     if step != "undo-written":
-        for e in ext:
-            if e.data is not None:
-                pwrite_all(store.fds[e.disk_id], e.data, e.offset)
+        write_replica(run.store, ext)
     if step == "catalog-updated":
-        store.undo.after_apply(first - 1, last, run.now, size)
+        run.store.undo.after_apply(first - 1, last, run.now, size)
     run.crash_reopen()                  # state.json still says applied = first - 1
     assert run.check_all(tmp_path) == (7 if step == "catalog-updated" else 6)
     run.store.apply_pending()           # redo keeps the first undo capture

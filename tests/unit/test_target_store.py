@@ -94,6 +94,30 @@ def state(store_dir: Path) -> dict[str, int]:
     return json.loads((store_dir / "state.json").read_text())  # type: ignore[no-any-return]
 
 
+def crashable_with_delta(directory: Path, seed: int, last: int,
+                         n: int = 6) -> tuple[PolicyStore, Oracle, list[Extent]]:
+    """A crashable store holding one committed, unapplied random delta 1..last,
+    the oracle that expects it, and its extents."""
+    store = crashable(directory, DISKS)
+    oracle = Oracle()
+    ext = random_extents(random.Random(seed), n)
+    send(store, 1, last, ext)
+    oracle.apply(ext)
+    return store, oracle, ext
+
+
+def reopen_applies(directory: Path, oracle: Oracle, applied_seq: int,
+                   gone: tuple[Path, ...] = ()) -> None:
+    """Reopen after a crash: the store applies on open up to `applied_seq`,
+    the files in `gone` were cleaned up, and the replicas equal the oracle."""
+    store = crashable(directory)
+    assert store.snapshot().applied_seq == applied_seq
+    for path in gone:
+        assert not path.exists()
+    oracle.check(directory)
+    store.close()
+
+
 def test_commit_then_apply(tmp_path: Path) -> None:
     d = tmp_path / "p1"
     store = PolicyStore.open(d, DISKS)
@@ -278,16 +302,9 @@ def test_crash_while_receiving_leaves_no_delta(tmp_path: Path) -> None:
 
 def test_crash_after_commit_before_apply(tmp_path: Path) -> None:
     d = tmp_path / "p"
-    store = crashable(d, DISKS)
-    oracle = Oracle()
-    ext = random_extents(random.Random(2))
-    send(store, 1, 3, ext)
-    oracle.apply(ext)
+    store, oracle, _ = crashable_with_delta(d, seed=2, last=3)
     crash(store)
-    store = crashable(d)  # applies on open
-    assert store.snapshot().applied_seq == 3
-    oracle.check(d)
-    store.close()
+    reopen_applies(d, oracle, 3)
 
 
 def test_crash_after_rename_before_state_update(tmp_path: Path) -> None:
@@ -335,11 +352,7 @@ def test_crash_after_rename_torn_file_is_discarded(tmp_path: Path) -> None:
 def test_crash_during_apply_redoes_it(tmp_path: Path) -> None:
     """Replica half-written (garbage in the delta's ranges), applied_seq not updated."""
     d = tmp_path / "p"
-    store = crashable(d, DISKS)
-    oracle = Oracle()
-    ext = random_extents(random.Random(4), 10)
-    send(store, 1, 9, ext)
-    oracle.apply(ext)
+    store, oracle, ext = crashable_with_delta(d, seed=4, last=9, n=10)
     committed_state = (d / "state.json").read_bytes()
     delta = d / "deltas" / delta_name(1, 9)
     saved = delta.read_bytes()
@@ -352,32 +365,19 @@ def test_crash_during_apply_redoes_it(tmp_path: Path) -> None:
             if e.disk_id == 0:
                 f.seek(e.offset)
                 f.write(os.urandom(e.length))
-    store = crashable(d)
-    assert store.snapshot().applied_seq == 9
-    assert not delta.exists()
-    oracle.check(d)
-    store.close()
+    reopen_applies(d, oracle, 9, gone=(delta,))
 
 
 def test_crash_after_apply_before_unlink(tmp_path: Path) -> None:
     d = tmp_path / "p"
-    store = crashable(d, DISKS)
-    oracle = Oracle()
-    ext = random_extents(random.Random(5))
-    send(store, 1, 2, ext)
-    oracle.apply(ext)
+    store, oracle, _ = crashable_with_delta(d, seed=5, last=2)
     delta = d / "deltas" / delta_name(1, 2)
     saved = delta.read_bytes()
     store.apply_pending()
     crash(store)
     delta.write_bytes(saved)
     (d / "state.json.tmp").write_text("{ torn")
-    store = crashable(d)
-    assert not delta.exists()
-    assert not (d / "state.json.tmp").exists()
-    assert store.snapshot().applied_seq == 2
-    oracle.check(d)
-    store.close()
+    reopen_applies(d, oracle, 2, gone=(delta, d / "state.json.tmp"))
 
 
 def test_corrupt_committed_delta_is_not_applied(tmp_path: Path) -> None:
