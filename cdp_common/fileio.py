@@ -58,6 +58,9 @@ class FileIO(Protocol):
         """Deallocate a range (reads as zeros, size kept); False when the file
         system cannot, in which case nothing changed."""
 
+    def allocate(self, fd: int, offset: int, length: int) -> None:
+        """os.posix_fallocate: reserve the range (grows the file, zeros), or ENOSPC now."""
+
     def fsync(self, fd: int) -> None:
         """os.fsync: the file's data and metadata are durable on return."""
 
@@ -108,6 +111,9 @@ class OsFileIO:
 
     def punch_hole(self, fd: int, offset: int, length: int) -> bool:
         return _punch_hole(fd, offset, length)
+
+    def allocate(self, fd: int, offset: int, length: int) -> None:
+        os.posix_fallocate(fd, offset, length)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)

@@ -161,6 +161,10 @@ class SimIO:
         self._step("punch_hole", self._fds.get(fd, "?"))
         return self.inner.punch_hole(fd, offset, length)
 
+    def allocate(self, fd: int, offset: int, length: int) -> None:
+        self._step("allocate", self._fds.get(fd, "?"))
+        self.inner.allocate(fd, offset, length)
+
     def _sync(self, op: str, fd: int) -> None:
         path = self._fds.get(fd, "?")
         self._step(op, path)

@@ -30,7 +30,7 @@ import re
 import struct
 
 from cdp_common.errors import StorageError
-from cdp_common.fsutil import fsync_dir
+from cdp_common.fileio import OS_IO, FileIO
 
 MAGIC = 0x42504443  # b"CDPB" little-endian
 VERSION = 1
@@ -44,9 +44,10 @@ class DirtyBitmap:
     """One disk's bitmap; use `DirtyBitmap.open`. All methods are synchronous."""
 
     def __init__(self, path: str, fd: int, block_bytes: int, disk_size: int,
-                 bits: bytearray) -> None:
+                 bits: bytearray, io: FileIO = OS_IO) -> None:
         self.path = path
         self.fd = fd
+        self.io = io
         self.block_bytes = block_bytes
         self.disk_size = disk_size
         self.blocks = -(-disk_size // block_bytes)
@@ -55,7 +56,8 @@ class DirtyBitmap:
         self._unsynced = False
 
     @classmethod
-    def open(cls, path: str, block_bytes: int, disk_size: int) -> DirtyBitmap:
+    def open(cls, path: str, block_bytes: int, disk_size: int,
+             io: FileIO = OS_IO) -> DirtyBitmap:
         """Open or create the bitmap at `path`.
 
         An existing bitmap with another block size or disk size is converted:
@@ -77,12 +79,12 @@ class DirtyBitmap:
             raise StorageError(f"dirty bitmap {path}: cannot read ({exc.strerror})") from None
         if old is not None and old[0] == block_bytes and old[1] == disk_size:
             try:
-                fd = os.open(path, os.O_RDWR)
+                fd = io.open(path, os.O_RDWR)
             except OSError as exc:
                 raise StorageError(f"dirty bitmap {path}: cannot open ({exc.strerror})") \
                     from None
-            return cls(path, fd, block_bytes, disk_size, bytearray(old[2][:nbytes]))
-        bm = cls._create(path, block_bytes, disk_size, nbytes)
+            return cls(path, fd, block_bytes, disk_size, bytearray(old[2][:nbytes]), io)
+        bm = cls._create(path, block_bytes, disk_size, nbytes, io)
         if old is not None:
             o_block, o_size, o_bits = old
             for b in _iter_set(o_bits, -(-o_size // o_block)):
@@ -104,23 +106,25 @@ class DirtyBitmap:
         return block, size, bits + bytes(need - len(bits))
 
     @classmethod
-    def _create(cls, path: str, block_bytes: int, disk_size: int, nbytes: int) -> DirtyBitmap:
+    def _create(cls, path: str, block_bytes: int, disk_size: int, nbytes: int,
+                io: FileIO) -> DirtyBitmap:
         tmp = path + ".tmp"
+        directory = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            io.makedirs(directory)
+            fd = io.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.posix_fallocate(fd, 0, HEADER_SIZE + nbytes)
-                os.pwrite(fd, HEADER.pack(MAGIC, VERSION, 0, 0, block_bytes, 0, disk_size, 0), 0)
-                os.fsync(fd)
-                os.rename(tmp, path)
-                fsync_dir(os.path.dirname(os.path.abspath(path)))
+                io.allocate(fd, 0, HEADER_SIZE + nbytes)
+                io.pwrite(fd, HEADER.pack(MAGIC, VERSION, 0, 0, block_bytes, 0, disk_size, 0), 0)
+                io.fsync(fd)
+                io.rename(tmp, path)
+                io.fsync_dir(directory)
             except BaseException:
-                os.close(fd)
+                io.close(fd)
                 raise
         except OSError as exc:
             raise StorageError(f"dirty bitmap {path}: cannot create ({exc.strerror})") from None
-        return cls(path, fd, block_bytes, disk_size, bytearray(nbytes))
+        return cls(path, fd, block_bytes, disk_size, bytearray(nbytes), io)
 
     # ------------------------------------------------------------ bits
 
@@ -186,7 +190,7 @@ class DirtyBitmap:
 
     def _write(self, lo: int, hi: int) -> None:
         try:
-            os.pwrite(self.fd, self.bits[lo:hi], HEADER_SIZE + lo)
+            self.io.pwrite(self.fd, self.bits[lo:hi], HEADER_SIZE + lo)
         except OSError as exc:
             raise StorageError(f"dirty bitmap {self.path}: write failed ({exc.strerror})") \
                 from None
@@ -196,7 +200,7 @@ class DirtyBitmap:
         if not self._unsynced:
             return
         try:
-            os.fsync(self.fd)
+            self.io.fsync(self.fd)
         except OSError as exc:
             raise StorageError(f"dirty bitmap {self.path}: fsync failed ({exc.strerror})") \
                 from None
@@ -205,7 +209,7 @@ class DirtyBitmap:
     def close(self) -> None:
         if self.fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(self.fd)
+                self.io.close(self.fd)
             self.fd = -1
 
 
