@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian/Ubuntu machine for cdp:
 #   1. system packages (installed only when missing, non-interactively),
-#   2. the virtualenv .venv with cdp installed editable with its dev extras
-#      (re-run only when pyproject.toml changed since the last install),
+#   2. the virtualenv .venv: the exact versions of requirements.lock, then cdp
+#      itself editable (re-run only when pyproject.toml or the lock changed),
 #   3. the generated protobuf/gRPC modules (re-run only when a .proto changed).
 # Safe to run again at any time; `make setup`, `make lab` and `make test` do.
 set -euo pipefail
@@ -51,10 +51,13 @@ if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv
 fi
 stamp=.venv/.cdp-installed
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)"
 if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]] || ! .venv/bin/python -c "import cdpctl" 2>/dev/null; then
-    say "installing cdp (editable) with dev extras into .venv"
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    # Exact versions from the lock file (scripts/lock.sh), so every machine runs
+    # what CI ran; then cdp itself, editable, without resolving anything again.
+    say "installing the locked dependencies and cdp (editable) into .venv"
+    .venv/bin/python -m pip install -q -r requirements.lock
+    .venv/bin/python -m pip install -q --no-deps -e .
     echo "$want" >"$stamp"
 else
     say ".venv up to date"
