@@ -36,7 +36,9 @@ teardown() {
 if [ "${WHEELS:-0}" = 1 ]; then
     say "building wheels into deploy/compose/wheels"
     py=${PYTHON:-$root/.venv/bin/python}
-    "$py" -m pip wheel -q --wheel-dir "$here/wheels" "$root" setuptools wheel >/dev/null
+    # the locked versions (requirements.lock), as the host's .venv has them
+    "$py" -m pip wheel -q --wheel-dir "$here/wheels" -c "$root/requirements.lock" \
+        "$root" setuptools wheel >/dev/null
 fi
 
 say "building the image (BASE_IMAGE=$BASE_IMAGE)"
