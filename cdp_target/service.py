@@ -38,6 +38,7 @@ import grpc
 
 from cdp_common import rpc
 from cdp_common.aio import in_thread
+from cdp_common.backoff import Backoff
 from cdp_common.delta import Extent
 from cdp_common.errors import (
     CdpError,
@@ -308,7 +309,8 @@ class TargetService(rgrpc.TargetServicer):
     # ------------------------------------------------------------ apply worker
 
     async def _apply_loop(self, rt: PolicyRuntime) -> None:
-        backoff = 1.0
+        # a full or failing disk: retry 1 s -> 30 s; a permanent error: every 30 s
+        backoff = Backoff(1.0, APPLY_RETRY_MAX_S, hold_s=APPLY_RETRY_MAX_S, jitter=0.0)
         extra = {"policy": rt.name}
 
         def on_applied(seq: int, seconds: float) -> None:
@@ -326,14 +328,13 @@ class TargetService(rgrpc.TargetServicer):
                 if str(exc) != rt.error:
                     log.error("apply failed: %s", exc, extra=extra)
                 rt.error = str(exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, APPLY_RETRY_MAX_S)
+                await backoff.wait(exc.transient)
                 rt.kick.set()
                 continue
             if rt.error:
                 log.info("apply recovered", extra=extra)
             rt.error = ""
-            backoff = 1.0
+            backoff.reset()
             log.debug("applied", extra={"policy": rt.name, "seq": applied})
 
     # ------------------------------------------------------------ Apply
