@@ -135,6 +135,11 @@ class Journal:
         self._dir_dirty = False
         self._write_gen = 0
         self._synced_gen = 0
+        # The first fsync failure, kept: after a failed fsync Linux may drop the
+        # dirty pages and report the next fsync as a success, so no later sync
+        # may claim durability for what was appended before (until a reopen
+        # re-reads and checks what really is on disk).
+        self._sync_failure: StorageError | None = None
         self._sync_lock: asyncio.Lock | None = None
         self._closed = False
 
@@ -395,8 +400,21 @@ class Journal:
         dir_dirty, self._dir_dirty = self._dir_dirty, False
         return dirty, dir_dirty
 
+    def _sync_failed(self, exc: OSError) -> StorageError:
+        """Remember the first fsync failure (see _sync_failure) and return it."""
+        if self._sync_failure is None:
+            self._sync_failure = StorageError(
+                f"journal {self.directory}: fsync failed ({exc.strerror}); records since "
+                "the last good sync may not be durable: restart the filter to recover")
+        return self._sync_failure
+
+    def _check_sync(self) -> None:
+        if self._sync_failure is not None:
+            raise self._sync_failure
+
     def sync(self) -> None:
         """fsync every segment written since the last sync (J4)."""
+        self._check_sync()
         gen = self._write_gen
         dirty, dir_dirty = self._take_dirty()
         try:
@@ -405,8 +423,7 @@ class Journal:
             if dir_dirty:
                 self.io.fsync_dir(self.directory)
         except OSError as exc:
-            raise StorageError(f"journal {self.directory}: fsync failed ({exc.strerror})") \
-                from exc
+            raise self._sync_failed(exc) from exc
         self._synced_gen = max(self._synced_gen, gen)
 
     async def sync_async(self) -> None:
@@ -415,12 +432,14 @@ class Journal:
         Returns only when every record appended before the call is durable,
         also when another sync_async is already running.
         """
+        self._check_sync()
         target = self._write_gen
         if self._synced_gen >= target and not self._dir_dirty:
             return
         if self._sync_lock is None:
             self._sync_lock = asyncio.Lock()
         async with self._sync_lock:
+            self._check_sync()
             if self._synced_gen >= target and not self._dir_dirty:
                 return
             gen = self._write_gen
@@ -439,8 +458,7 @@ class Journal:
                 await asyncio.to_thread(_fsync_fds, self.io, fds,
                                         self.directory if dir_dirty else None)
             except OSError as exc:
-                raise StorageError(f"journal {self.directory}: fsync failed "
-                                   f"({exc.strerror})") from exc
+                raise self._sync_failed(exc) from exc
             self._synced_gen = max(self._synced_gen, gen)
 
     # ------------------------------------------------------------ reading

@@ -4,6 +4,7 @@ monotonicity across restarts, cap accounting."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -15,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdp_common import records
-from cdp_common.errors import FormatError
+from cdp_common.errors import FormatError, StorageError
+from cdp_common.fileio import OsFileIO
 from cdp_filter.journal import Journal, JournalGapError, segment_name
 
 pytestmark = pytest.mark.timeout(60)
@@ -316,3 +318,37 @@ def test_leftover_trimmed_segments_before_an_advance_are_not_corruption(tmp_path
     assert j.last_seq == 11 and sorted(p.name for p in tmp_path.glob("*.seg")) == \
         [segment_name(11)]
     j.close()
+
+
+class FsyncFailsOnce(OsFileIO):
+    """The real file calls, except that the first fsync of a segment fails with EIO."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def fsync(self, fd: int) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        super().fsync(fd)
+
+
+async def test_an_fsync_failure_is_not_forgotten(tmp_path: Path) -> None:
+    """After a failed fsync the kernel may drop the dirty pages and call the next fsync a
+    success: no later sync may report the records durable, until a reopen checks them."""
+    io = FsyncFailsOnce()
+    j = Journal.open(str(tmp_path / "j"), 1 << 20, 1 << 30, policy="p", io=io)
+    fill(j, 3)
+    with pytest.raises(StorageError, match="fsync failed"):
+        j.sync()
+    assert io.failed
+    fill(j, 1)
+    with pytest.raises(StorageError, match="fsync failed"):
+        j.sync()                       # fsync would succeed now: still refused
+    with pytest.raises(StorageError, match="fsync failed"):
+        await j.sync_async()
+    j.close()
+    again = open_j(tmp_path / "j")     # a reopen checks what is on disk and goes on
+    assert again.last_seq == 4
+    again.sync()
+    again.close()
