@@ -35,6 +35,11 @@ def cmd_pki_issue(args: argparse.Namespace, ctx: Context) -> int:
         raise CdpError(f"no CA in {directory}; create one with `cdpctl pki init --dir {directory}`")
     if not labplan.valid_id(args.node_id):
         raise UsageError(f"NODE_ID {args.node_id!r}: letters, digits, '-', '_', '.' only")
+    existing = [p for p in (directory / f"{args.node_id}.pem", directory / f"{args.node_id}.key")
+                if p.exists()]
+    if existing and not args.force:
+        raise CdpError(f"{existing[0]} exists; not overwriting a node's certificate or key "
+                       "(pass --force to replace both, e.g. to renew)")
     try:
         pem, key = certs.create_node_cert(ca_pem, ca_key, directory, args.node_id, args.host)
     except ValueError as exc:
@@ -76,12 +81,15 @@ def register(sub: Subparsers, ctx: Context) -> None:
         description=textwrap.dedent("""\
             Issue DIR/NODE_ID.pem and DIR/NODE_ID.key signed by the CA in DIR, valid
             for the given host names and IP addresses (plus localhost and
-            127.0.0.1). Point the node's [tls] section at them."""),
+            127.0.0.1). Point the node's [tls] section at them. Refuses to
+            overwrite an existing certificate or key unless --force."""),
         epilog=epilog("cdpctl pki issue --dir /etc/cdp/pki filter-1 --host 192.0.2.10"))
     q.add_argument("--dir", required=True, help="PKI directory holding ca.pem and ca.key")
     q.add_argument("node_id", metavar="NODE_ID", help="node id, also the certificate's CN")
     q.add_argument("--host", action="append", default=[], metavar="H",
                    help="DNS name or IP address peers use to reach the node (repeatable)")
+    q.add_argument("--force", action="store_true",
+                   help="replace an existing NODE_ID.pem/.key (renewal); refused otherwise")
     q.set_defaults(func=cmd_pki_issue)
 
     p = sub.add_parser(

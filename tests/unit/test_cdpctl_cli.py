@@ -81,6 +81,14 @@ def test_pki_and_keygen(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     assert "node1.example" in sans.get_values_for_type(x509.DNSName)
     code, _, err = run(capsys, "pki", "issue", "--dir", str(pki_dir), "bad/id")
     assert code == 64 and "NODE_ID" in err
+    # an existing key is never overwritten silently; --force renews both files
+    before = (pki_dir / "node-1.key").read_bytes(), (pki_dir / "node-1.pem").read_bytes()
+    code, _, err = run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1")
+    assert code == 2 and "not overwriting" in err and "--force" in err
+    assert ((pki_dir / "node-1.key").read_bytes(), (pki_dir / "node-1.pem").read_bytes()) \
+        == before
+    assert run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1", "--force")[0] == 0
+    assert (pki_dir / "node-1.key").read_bytes() != before[0]
 
     key = tmp_path / "master.key"
     assert run(capsys, "keygen", str(key))[0] == 0
