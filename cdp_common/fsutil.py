@@ -78,3 +78,19 @@ def pread_full(fd: int, length: int, offset: int, io: FileIO = OS_IO) -> bytes:
         length -= len(b)
         offset += len(b)
     return b"".join(parts)
+
+
+def pread_upto(fd: int, limit: int | None = None, io: FileIO = OS_IO,
+               chunk: int = 8 << 20) -> bytes:
+    """The file's bytes from offset 0 up to `limit` (None: to the end), fewer if it
+    is shorter; read in `chunk`-sized preads (one read: no extra copy)."""
+    parts: list[bytes] = []
+    got = 0
+    while limit is None or got < limit:
+        want = chunk if limit is None else min(limit - got, chunk)
+        b = io.pread(fd, want, got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

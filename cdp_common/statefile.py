@@ -29,7 +29,7 @@ from typing import Any
 
 from cdp_common.errors import CorruptStateError, StorageError
 from cdp_common.fileio import OS_IO, FileIO, StrPath
-from cdp_common.fsutil import write_file_atomic
+from cdp_common.fsutil import pread_upto, write_file_atomic
 
 KIND_KEY = "kind"
 VERSION_KEY = "version"
@@ -42,14 +42,7 @@ def _read(path: StrPath, io: FileIO) -> bytes | None:
     except FileNotFoundError:
         return None
     try:
-        parts: list[bytes] = []
-        offset = 0
-        while True:
-            chunk = io.pread(fd, _READ_CHUNK, offset)
-            if not chunk:
-                return b"".join(parts)
-            parts.append(chunk)
-            offset += len(chunk)
+        return pread_upto(fd, None, io, _READ_CHUNK)
     finally:
         io.close(fd)
 

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from cdp_common import records, statefile
 from cdp_common.errors import CdpError, FormatError, StorageError
 from cdp_common.fileio import OS_IO, FileIO
+from cdp_common.fsutil import pread_upto
 
 log = logging.getLogger("filter.journal")
 
@@ -288,15 +289,7 @@ class Journal:
 
     def _read_all(self, fd: int, size: int) -> bytes:
         """The first `size` bytes of a file (fewer if it is shorter)."""
-        parts: list[bytes] = []
-        got = 0
-        while got < size:
-            chunk = self.io.pread(fd, min(size - got, _SCAN_CHUNK), got)
-            if not chunk:
-                break
-            parts.append(chunk)
-            got += len(chunk)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return pread_upto(fd, size, self.io, _SCAN_CHUNK)
 
     def _cut_whole(self, first_seq: int, path: str) -> None:
         """A whole segment is about to be dropped: show its bytes to on_cut first."""
