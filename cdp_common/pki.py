@@ -1,7 +1,9 @@
 """A small certificate authority for mutual TLS between cdp nodes.
 
-`cdpctl pki` and `cdpctl lab` use it: one CA, one certificate per node, each
-valid as both server and client, with SANs for the addresses peers dial.
+`cdpctl pki` and `cdpctl lab` use it: one CA, one certificate per node or
+operator, each valid as both server and client, with SANs for the addresses
+peers dial and one `cdp://<role>/<id>` URI naming who holds it
+(cdp_common.identity, docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cdp_common import identity
+
 VALID_DAYS = 825
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # a file that existed keeps its mode otherwise
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -55,12 +60,15 @@ def create_ca(directory: Path, name: str = "cdp CA") -> tuple[Path, Path]:
 
 
 def create_node_cert(ca_pem: Path, ca_key: Path, directory: Path, node_id: str,
-                     hosts: list[str]) -> tuple[Path, Path]:
-    """Issue <node_id>.pem/.key signed by the CA, valid for `hosts` (names or IPs)."""
+                     hosts: list[str], *, role: str, scope: str = "") -> tuple[Path, Path]:
+    """Issue <node_id>.pem/.key signed by the CA, valid for `hosts` (names or IPs), naming
+    `role` and `node_id` (an operator's also `scope`). Raises identity.IdentityError
+    (a ValueError) for a bad role, id or scope."""
+    uri = identity.make_uri(role, node_id, scope)
     ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
     ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
     for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))

@@ -40,7 +40,7 @@ def build_parser(ctx: Context | None = None) -> argparse.ArgumentParser:
             cdpctl status --json
             cdpctl lab down --dir ./lab
             cdpctl pki init --dir /etc/cdp/pki
-            cdpctl pki issue --dir /etc/cdp/pki filter-1 --host 192.0.2.10
+            cdpctl pki issue --dir /etc/cdp/pki filter-1 --role filter --host 192.0.2.10
             cdpctl keygen /etc/cdp/master.key"""))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in GROUPS:

@@ -184,9 +184,10 @@ def _prepare(plan: LabPlan) -> None:
         ca_pem, ca_key = plan.pki / "ca.pem", plan.pki / "ca.key"
         if not (ca_pem.exists() and ca_key.exists()):
             pki.create_ca(plan.pki, name="cdp lab CA")
-        for nid in (*(n.id for n in plan.nodes), labplan.CLI_CERT):
+        for nid, (role, scope) in plan.identities().items():
             if not (plan.pki / f"{nid}.pem").exists() or not (plan.pki / f"{nid}.key").exists():
-                pki.create_node_cert(ca_pem, ca_key, plan.pki, nid, [labplan.HOST, "localhost"])
+                pki.create_node_cert(ca_pem, ca_key, plan.pki, nid, [labplan.HOST, "localhost"],
+                                     role=role, scope=scope)
     if not plan.key_file.exists():
         crypto.write_new_key(plan.key_file)
     for node in plan.nodes:

@@ -9,7 +9,7 @@ what a lab looks like is tested here without starting anything.
 
 Layout under the lab directory:
 
-    pki/     ca.pem, ca.key, <node>.pem/.key, cdpctl.pem/.key (the CLI's client cert)
+    pki/     ca.pem, ca.key, <node>.pem/.key, cdpctl.pem/.key (the CLI's admin operator cert)
     config/  <node>.toml, master.key (shared by both proxies)
     data/    coordinator/state.db, target-1/<policy>/replicas/, filter-1/images/
     logs/    <node>.log (stdout + stderr of each daemon)
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdp_common import identity
 from cdp_common.names import NAME_RE
 from cdpctl import tomlw
 
@@ -115,6 +116,13 @@ class LabPlan:
             return {"insecure": True}
         return {"ca_file": str(self.pki / "ca.pem"), "cert_file": str(self.pki / f"{node_id}.pem"),
                 "key_file": str(self.pki / f"{node_id}.key")}
+
+    def identities(self) -> dict[str, tuple[str, str]]:
+        """Certificate name -> (role, scope) of every certificate the lab issues: one per
+        node, and CLI_CERT, the admin operator cdpctl uses in the lab."""
+        out = {n.id: (n.role, "") for n in self.nodes}
+        out[CLI_CERT] = (identity.OPERATOR, identity.ADMIN)
+        return out
 
     def node(self, node_id: str) -> NodePlan:
         for n in self.nodes:

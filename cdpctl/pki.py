@@ -11,9 +11,10 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from cdp_common import crypto
+from cdp_common import crypto, identity
 from cdp_common import pki as certs
 from cdp_common.errors import CdpError
+from cdp_common.names import NAME_RULE
 from cdpctl import labplan
 from cdpctl.cmdline import Context, Subparsers
 from cdpctl.state import UsageError
@@ -28,24 +29,33 @@ def cmd_pki_init(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def cmd_pki_issue(args: argparse.Namespace, ctx: Context) -> int:
-    directory = Path(args.dir)
+def _issue(directory: Path, name: str, hosts: list[str], role: str, scope: str,
+           force: bool) -> int:
     ca_pem, ca_key = directory / "ca.pem", directory / "ca.key"
     if not ca_pem.exists() or not ca_key.exists():
         raise CdpError(f"no CA in {directory}; create one with `cdpctl pki init --dir {directory}`")
-    if not labplan.valid_id(args.node_id):
-        raise UsageError(f"NODE_ID {args.node_id!r}: letters, digits, '-', '_', '.' only")
-    existing = [p for p in (directory / f"{args.node_id}.pem", directory / f"{args.node_id}.key")
-                if p.exists()]
-    if existing and not args.force:
-        raise CdpError(f"{existing[0]} exists; not overwriting a node's certificate or key "
+    if not labplan.valid_id(name):
+        raise UsageError(f"{name!r}: {NAME_RULE}")
+    existing = [p for p in (directory / f"{name}.pem", directory / f"{name}.key") if p.exists()]
+    if existing and not force:
+        raise CdpError(f"{existing[0]} exists; not overwriting a certificate or key "
                        "(pass --force to replace both, e.g. to renew)")
     try:
-        pem, key = certs.create_node_cert(ca_pem, ca_key, directory, args.node_id, args.host)
+        pem, key = certs.create_node_cert(ca_pem, ca_key, directory, name, hosts,
+                                          role=role, scope=scope)
     except ValueError as exc:
-        raise CdpError(f"cannot issue a certificate for {args.node_id}: {exc}") from None
-    print(f"issued {pem} and {key} for {args.node_id}")
+        raise CdpError(f"cannot issue a certificate for {name}: {exc}") from None
+    who = identity.Identity(role, name, scope)
+    print(f"issued {pem} and {key} for {who} ({who.uri()})")
     return 0
+
+
+def cmd_pki_issue(args: argparse.Namespace, ctx: Context) -> int:
+    return _issue(Path(args.dir), args.node_id, args.host, args.role, "", args.force)
+
+
+def cmd_pki_issue_operator(args: argparse.Namespace, ctx: Context) -> int:
+    return _issue(Path(args.dir), args.name, [], identity.OPERATOR, args.scope, args.force)
 
 
 def cmd_keygen(args: argparse.Namespace, ctx: Context) -> int:
@@ -64,10 +74,11 @@ def register(sub: Subparsers, ctx: Context) -> None:
         "pki", formatter_class=fmt, help="certificates for mutual TLS",
         description=textwrap.dedent("""\
             A small CA for cdp: every node gets a certificate valid as server and
-            client, signed by one CA that every node trusts."""),
+            client, signed by one CA that every node trusts, naming the node's
+            role and id; every operator gets one naming its scope."""),
         epilog=epilog("""\
             cdpctl pki init --dir /etc/cdp/pki
-            cdpctl pki issue --dir /etc/cdp/pki coordinator \\
+            cdpctl pki issue --dir /etc/cdp/pki coordinator --role coordinator \\
                 --host coord.example.org --host 192.0.2.1"""))
     pki_sub = p.add_subparsers(dest="pki_command", metavar="PKI_COMMAND", required=True)
     q = pki_sub.add_parser(
@@ -81,16 +92,39 @@ def register(sub: Subparsers, ctx: Context) -> None:
         description=textwrap.dedent("""\
             Issue DIR/NODE_ID.pem and DIR/NODE_ID.key signed by the CA in DIR, valid
             for the given host names and IP addresses (plus localhost and
-            127.0.0.1). Point the node's [tls] section at them. Refuses to
+            127.0.0.1), naming the node's ROLE and NODE_ID (SAN URI
+            cdp://ROLE/NODE_ID): peers allow it only what that role may do
+            (docs/SECURITY.md). NODE_ID must equal the node's [node] id. Point the
+            node's [tls] section at the files. Keys are mode 0600. Refuses to
             overwrite an existing certificate or key unless --force."""),
-        epilog=epilog("cdpctl pki issue --dir /etc/cdp/pki filter-1 --host 192.0.2.10"))
+        epilog=epilog("cdpctl pki issue --dir /etc/cdp/pki filter-1 --role filter "
+                      "--host 192.0.2.10"))
     q.add_argument("--dir", required=True, help="PKI directory holding ca.pem and ca.key")
     q.add_argument("node_id", metavar="NODE_ID", help="node id, also the certificate's CN")
+    q.add_argument("--role", required=True, choices=identity.NODE_ROLES,
+                   help="the node's role ('proxy' = a proxy with role both)")
     q.add_argument("--host", action="append", default=[], metavar="H",
                    help="DNS name or IP address peers use to reach the node (repeatable)")
     q.add_argument("--force", action="store_true",
                    help="replace an existing NODE_ID.pem/.key (renewal); refused otherwise")
     q.set_defaults(func=cmd_pki_issue)
+    q = pki_sub.add_parser(
+        "issue-operator", formatter_class=fmt, help="issue an operator (cdpctl) certificate",
+        description=textwrap.dedent("""\
+            Issue DIR/NAME.pem and DIR/NAME.key for an operator, signed by the CA
+            in DIR (SAN URI cdp://operator/NAME?scope=SCOPE). 'viewer' may read
+            status, health, policies, alarms and restore points; 'admin' may also
+            change policies, request syncs, restore and fail over
+            (docs/SECURITY.md). Point cdpctl at them with --ca/--cert/--key.
+            Refuses to overwrite an existing certificate or key unless --force."""),
+        epilog=epilog("cdpctl pki issue-operator --dir /etc/cdp/pki alice --scope admin"))
+    q.add_argument("--dir", required=True, help="PKI directory holding ca.pem and ca.key")
+    q.add_argument("name", metavar="NAME", help="operator name, also the certificate's CN")
+    q.add_argument("--scope", required=True, choices=identity.SCOPES,
+                   help="what the operator may do: admin (everything) or viewer (read only)")
+    q.add_argument("--force", action="store_true",
+                   help="replace an existing NAME.pem/.key (renewal); refused otherwise")
+    q.set_defaults(func=cmd_pki_issue_operator)
 
     p = sub.add_parser(
         "keygen", formatter_class=fmt, help="create a master key for payload encryption",

@@ -106,9 +106,9 @@ class TwoSites:
         for d in plan.dirs:
             d.mkdir(parents=True, exist_ok=True)
         pki.create_ca(plan.pki, name="cdp netns CA")
-        for nid in (*labplan.START_ORDER, labplan.CLI_CERT):
+        for nid, (role, scope) in plan.identities().items():
             pki.create_node_cert(plan.pki / "ca.pem", plan.pki / "ca.key", plan.pki, nid,
-                                 [SRC_IP, DR_IP, "127.0.0.1"])
+                                 [SRC_IP, DR_IP, "127.0.0.1"], role=role, scope=scope)
         crypto.write_new_key(plan.key_file)
         moves: dict[str, str] = {}
         for node in plan.nodes:

@@ -114,8 +114,10 @@ def etc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("etc-cdp")
     pki_dir = root / "pki"
     ca_pem, ca_key = pki.create_ca(pki_dir)
-    for node in ("coordinator", "filter-1", "source-proxy-1", "target-proxy-1", "target-1"):
-        pki.create_node_cert(ca_pem, ca_key, pki_dir, node, [])
+    for node, role in (("coordinator", "coordinator"), ("filter-1", "filter"),
+                       ("source-proxy-1", "source-proxy"), ("target-proxy-1", "target-proxy"),
+                       ("target-1", "target")):
+        pki.create_node_cert(ca_pem, ca_key, pki_dir, node, [], role=role)
     crypto.write_new_key(str(root / "master.key"))
     return root
 

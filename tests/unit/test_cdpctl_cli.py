@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
-from cdp_common import crypto
+from cdp_common import crypto, identity
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdpctl import cli, lab
@@ -66,29 +66,47 @@ def test_lab_up_rejects_bad_sizes_before_doing_anything(capsys: pytest.CaptureFi
 
 def test_pki_and_keygen(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     pki_dir = tmp_path / "pki"
-    code, _, err = run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1")
+    code, _, err = run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1", "--role", "filter")
     assert code == 2 and "no CA" in err
     assert run(capsys, "pki", "init", "--dir", str(pki_dir))[0] == 0
     assert (pki_dir / "ca.key").stat().st_mode & 0o777 == 0o600
     code, _, err = run(capsys, "pki", "init", "--dir", str(pki_dir))
     assert code == 2 and "already holds a CA" in err
-    code, out, _ = run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1", "--host",
-                       "192.0.2.7", "--host", "node1.example")
-    assert code == 0 and "node-1.pem" in out
+    code, _, err = run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1")
+    assert code == 64 and "--role" in err
+    code, out, _ = run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1", "--role",
+                       "filter", "--host", "192.0.2.7", "--host", "node1.example")
+    assert code == 0 and "node-1.pem" in out and "cdp://filter/node-1" in out
     from cryptography import x509
     cert = x509.load_pem_x509_certificate((pki_dir / "node-1.pem").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "node1.example" in sans.get_values_for_type(x509.DNSName)
-    code, _, err = run(capsys, "pki", "issue", "--dir", str(pki_dir), "bad/id")
-    assert code == 64 and "NODE_ID" in err
+    assert identity.from_certificate(cert) == identity.Identity(
+        "filter", "node-1", "", cert.serial_number)
+    assert (pki_dir / "node-1.key").stat().st_mode & 0o777 == 0o600
+    code, _, err = run(capsys, "pki", "issue", "--dir", str(pki_dir), "bad/id", "--role",
+                       "filter")
+    assert code == 64 and "bad/id" in err
     # an existing key is never overwritten silently; --force renews both files
     before = (pki_dir / "node-1.key").read_bytes(), (pki_dir / "node-1.pem").read_bytes()
-    code, _, err = run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1")
+    code, _, err = run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1", "--role",
+                       "filter")
     assert code == 2 and "not overwriting" in err and "--force" in err
     assert ((pki_dir / "node-1.key").read_bytes(), (pki_dir / "node-1.pem").read_bytes()) \
         == before
-    assert run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1", "--force")[0] == 0
+    assert run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1", "--role", "filter",
+               "--force")[0] == 0
     assert (pki_dir / "node-1.key").read_bytes() != before[0]
+    # operators: a scope is required; the certificate names it
+    code, _, err = run(capsys, "pki", "issue-operator", "--dir", str(pki_dir), "alice",
+                       "--scope", "root")
+    assert code == 64 and "--scope" in err and not (pki_dir / "alice.pem").exists()
+    code, out, _ = run(capsys, "pki", "issue-operator", "--dir", str(pki_dir), "alice",
+                       "--scope", "viewer")
+    assert code == 0 and "cdp://operator/alice?scope=viewer" in out
+    cert = x509.load_pem_x509_certificate((pki_dir / "alice.pem").read_bytes())
+    assert identity.from_certificate(cert) == identity.Identity(
+        "operator", "alice", "viewer", cert.serial_number)
 
     key = tmp_path / "master.key"
     assert run(capsys, "keygen", str(key))[0] == 0
@@ -177,7 +195,8 @@ def test_unreachable_coordinator_exits_3(capsys: pytest.CaptureFixture[str]) -> 
 def test_tls_to_plaintext_server_exits_3(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                          coordinator: tuple[str, CannedCoordinator]) -> None:
     assert run(capsys, "pki", "init", "--dir", str(tmp_path))[0] == 0
-    assert run(capsys, "pki", "issue", "--dir", str(tmp_path), "ops")[0] == 0
+    assert run(capsys, "pki", "issue-operator", "--dir", str(tmp_path), "ops",
+               "--scope", "admin")[0] == 0
     code, _, err = run(capsys, "health", "--coordinator", coordinator[0], "--timeout", "2",
                        "--ca", str(tmp_path / "ca.pem"), "--cert", str(tmp_path / "ops.pem"),
                        "--key", str(tmp_path / "ops.key"))

@@ -1,18 +1,19 @@
 #!/bin/sh
-# One-shot init of the compose test bed: a CA, a certificate per node for the
-# addresses it is reached at, one for cdpctl, and the proxies' master key.
+# One-shot init of the compose test bed: a CA, a certificate per node (naming its role) for
+# the addresses it is reached at, an admin operator certificate for cdpctl, and the proxies' master key.
 # Idempotent: keeps what a previous run created.
 set -eu
 S=/etc/cdp/secrets
 mkdir -p "$S/pki"
 [ -f "$S/pki/ca.pem" ] || cdpctl pki init --dir "$S/pki"
 issue() { [ -f "$S/pki/$1.pem" ] || cdpctl pki issue --dir "$S/pki" "$@"; }
-issue coordinator --host 198.51.100.5 --host 198.51.100.69 --host coordinator
-issue filter-1 --host 198.51.100.10 --host filter
-issue source-proxy-1 --host 198.51.100.11 --host 198.51.100.140 --host source-proxy
-issue target-proxy-1 --host 198.51.100.74 --host 198.51.100.141 --host target-proxy
-issue target-1 --host 198.51.100.75 --host target
-issue cdpctl
+operator() { [ -f "$S/pki/$1.pem" ] || cdpctl pki issue-operator --dir "$S/pki" "$@"; }
+issue coordinator --role coordinator --host 198.51.100.5 --host 198.51.100.69 --host coordinator
+issue filter-1 --role filter --host 198.51.100.10 --host filter
+issue source-proxy-1 --role source-proxy --host 198.51.100.11 --host 198.51.100.140 --host source-proxy
+issue target-proxy-1 --role target-proxy --host 198.51.100.74 --host 198.51.100.141 --host target-proxy
+issue target-1 --role target --host 198.51.100.75 --host target
+operator cdpctl --scope admin
 [ -f "$S/master.key" ] || cdpctl keygen "$S/master.key"
 # the daemons run as root in the test bed; keep the keys private anyway
 chmod 0600 "$S"/pki/*.key "$S/master.key"
