@@ -20,7 +20,7 @@ echo "== mypy"
 "$py/mypy" "${packages[@]}"
 
 tiers=()
-for t in tests/unit tests/integration tests/e2e; do
+for t in tests/unit tests/integration tests/security tests/e2e; do
     if compgen -G "$t/test_*.py" >/dev/null; then tiers+=("$t"); fi
 done
 echo "== pytest ${tiers[*]}"
