@@ -67,6 +67,12 @@ class AuthenticationError(CdpError, exit_code=5, grpc_status="PERMISSION_DENIED"
     """A frame failed its AEAD tag: wrong key, tampering, replay or reordering."""
 
 
+class NotAuthorizedError(AuthenticationError):
+    """The peer's certificate does not allow this: wrong role, scope or identity, a
+    revoked certificate, or a session its signed assignment does not name
+    (docs/SECURITY.md)."""
+
+
 class ProtocolError(CdpError, exit_code=6, grpc_status="INVALID_ARGUMENT"):
     """The peer broke the stream protocol (wrong message order, seq gap, ...)."""
 
