@@ -1,11 +1,12 @@
 """cdp-proxy daemon: the data mover, role = source, target or both, on the node
 skeleton (cdp_common.node).
 
-The master key is loaded once (at construction: a missing or bad key file is a
-ConfigError before anything binds). The node serves the servicer(s) of the
-role (`SourceProxy`, `TargetProxy`), registers as ROLE_SOURCE_PROXY /
-ROLE_TARGET_PROXY / ROLE_PROXY_BOTH and reports only the last error per
-policy. The data path never waits on the coordinator: streams are opened by
+The key ring (cdp_common.crypto.KeyRing: the master keys of proxy.key_file by
+key id, the first current) is loaded at construction (a missing or bad key
+file is a ConfigError before anything binds) and again on SIGHUP. The node
+serves the servicer(s) of the role (`SourceProxy`, `TargetProxy`), registers
+as ROLE_SOURCE_PROXY / ROLE_TARGET_PROXY / ROLE_PROXY_BOTH and reports only
+the last error per policy. The data path never waits on the coordinator: streams are opened by
 filters and source proxies with the addresses of their own assignments.
 
 A proxy keeps no state across streams (the filter's journal is the source of
@@ -21,7 +22,7 @@ import grpc
 
 from cdp_common import node
 from cdp_common.config import ProxyConfig
-from cdp_common.crypto import load_master_key
+from cdp_common.crypto import load_key_ring
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_proxy import metrics
@@ -41,16 +42,16 @@ class ProxyDaemon(node.NodeDaemon):
         self.config = config
         proxy = config.proxy
         # ConfigError (exit code 2, one line) if the key file is missing or bad
-        self.master_key = load_master_key(proxy.key_file) if proxy.key_file else None
+        self.keys = load_key_ring(proxy.key_file) if proxy.key_file else None
         self.errors = PolicyErrors()
         self.channels = Channels(config.tls, config.node.max_message_bytes)
         self.source: SourceProxy | None = None
         self.target: TargetProxy | None = None
         if proxy.role in ("source", "both"):
-            self.source = SourceProxy(config.node.id, proxy, self.channels, self.master_key,
+            self.source = SourceProxy(config.node.id, proxy, self.channels, self.keys,
                                       self.errors)
         if proxy.role in ("target", "both"):
-            self.target = TargetProxy(config.node.id, self.channels, self.master_key,
+            self.target = TargetProxy(config.node.id, self.channels, self.keys,
                                       self.errors)
         self._rate = metrics.ByteRate()
         self.node = node.Node(config, self, kind=f"proxy (role {proxy.role})",
@@ -74,16 +75,18 @@ class ProxyDaemon(node.NodeDaemon):
         await self.channels.close()
 
     def reload(self, config: ProxyConfig) -> None:
-        """SIGHUP: re-read proxy.key_file; sessions opened from now on use the new key
-        (open sessions keep theirs). A missing or bad key file raises ConfigError and
-        the old key stays."""
+        """SIGHUP: re-read the key ring of proxy.key_file. Sessions opened from now on
+        use it: a source proxy seals with its current key, a target proxy accepts
+        opens under any key it holds; open sessions keep the key they opened with.
+        A missing or bad key file raises ConfigError and the old ring stays."""
         if not config.proxy.key_file:
             return
-        key = load_master_key(config.proxy.key_file)
-        self.master_key = key
+        keys = load_key_ring(config.proxy.key_file)
+        self.keys = keys
         if self.source is not None:
-            self.source.master_key = key
+            self.source.keys = keys
         if self.target is not None:
-            self.target.master_key = key
-        log.info("reloaded the master key from %s", config.proxy.key_file,
+            self.target.keys = keys
+        log.info("reloaded the key ring from %s: key ids %s, new sessions seal with key id %d",
+                 config.proxy.key_file, ", ".join(map(str, keys.ids())), keys.current_id,
                  extra={"node": self.config.node.id})

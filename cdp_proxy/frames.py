@@ -26,6 +26,16 @@ before any of its bytes are used. Rules:
 
 Invariant: a frame that `accept` returned plaintext for was in order, genuine
 and in bounds; a frame it raised for changed nothing but the gate's refusal.
+
+Session opens (key confirmation): the sender names the key of its ring it uses
+(`key_id`) and MACs the open's claims under it (`seal_open`); the receiver's
+`check_open` verifies that MAC with the key its own ring holds under that id
+before anything is opened downstream, for every session, encrypted or not. So
+a peer without the master key reaches nothing, and no claim of the open (the
+encryption flag above all) can be flipped, nor an open moved to another
+session id or epoch. `encryption = false` therefore means: the payload travels
+in the clear with a CRC (TLS still protects the link), but the session proved
+the key like any other.
 """
 
 from __future__ import annotations
@@ -62,15 +72,34 @@ def chunk_of(f: rpb.DeltaFrame, plain: bytes) -> rpb.DeltaChunk:
         gap_end_seq=f.gap_end_seq, gap_end_time_ns=f.gap_end_time_ns)
 
 
-def require_key(encryption: bool, master_key: bytes | None) -> None:
-    """An encrypted session needs this proxy's key (never served in plaintext)."""
-    if encryption and master_key is None:
-        raise ConfigError("encryption requested but this proxy has no key_file",
-                          grpc_status="FAILED_PRECONDITION")
+def require_key(keys: crypto.KeyRing | None) -> crypto.KeyRing:
+    """Every session proves the master key, so a proxy without one serves none."""
+    if keys is None:
+        raise ConfigError("this proxy has no key_file: every session proves the master key, "
+                          "with encryption on or off", grpc_status="FAILED_PRECONDITION")
+    return keys
 
 
-def check_open(o: rpb.SessionOpen, master_key: bytes | None) -> None:
-    """The receiver's checks of a session open (before anything is forwarded)."""
+def claims_of(o: rpb.SessionOpen) -> crypto.OpenClaims:
+    """What the open MAC covers (everything the open claims but the MAC itself)."""
+    return crypto.OpenClaims(
+        policy=o.policy, session_id=o.session_id, epoch=o.epoch, key_id=o.key_id,
+        encryption=o.encryption, source_proxy_id=o.source_proxy_id,
+        target_address=o.target_address, captured_seq=o.captured_seq,
+        disks=tuple((d.disk_id, d.size_bytes, d.name) for d in o.disks))
+
+
+def seal_open(o: rpb.SessionOpen, keys: crypto.KeyRing | None) -> rpb.SessionOpen:
+    """Name the ring's current key in `o` and set its open MAC (the sender's side)."""
+    ring = require_key(keys)
+    o.key_id = ring.current_id
+    o.open_mac = crypto.open_mac(ring.current_key, claims_of(o))
+    return o
+
+
+def check_open(o: rpb.SessionOpen, keys: crypto.KeyRing | None) -> None:
+    """The receiver's checks of a session open (before anything is forwarded): the
+    shape (ProtocolError), then key confirmation (AuthenticationError)."""
     if not o.policy:
         raise ProtocolError("session open: policy is empty")
     if len(o.session_id) != crypto.SESSION_ID_BYTES:
@@ -80,17 +109,29 @@ def check_open(o: rpb.SessionOpen, master_key: bytes | None) -> None:
         raise ProtocolError("session open lacks target_address")
     if not o.disks or len({d.disk_id for d in o.disks}) != len(o.disks):
         raise ProtocolError("session open must list each disk once")
-    require_key(o.encryption, master_key)
+    ring = require_key(keys)
+    crypto.verify_open_mac(ring.key(o.key_id), claims_of(o), o.open_mac)
 
 
-def session_key(master_key: bytes | None, policy: str, session_id: bytes,
-                encryption: bool) -> bytes | None:
-    """The per-session AES key (None for a plaintext session); the caller checked
-    that a key exists when encryption is on."""
-    if not encryption:
+def session_key(keys: crypto.KeyRing | None, o: rpb.SessionOpen) -> bytes | None:
+    """The AES key of the session `o` opens (None for a plaintext session), from the
+    ring's key of `o.key_id`."""
+    if not o.encryption:
         return None
-    assert master_key is not None
-    return crypto.session_key(crypto.policy_key(master_key, policy), session_id)
+    return crypto.session_key(crypto.policy_key(require_key(keys).key(o.key_id), o.policy),
+                              o.session_id)
+
+
+def sealer_for(o: rpb.SessionOpen, keys: crypto.KeyRing | None,
+               compression_level: int) -> crypto.FrameSealer:
+    """The frame sealer of the session `o` (sealed with `seal_open`) opens."""
+    return crypto.FrameSealer(o.policy, o.session_id, session_key(keys, o), compression_level,
+                              key_id=o.key_id)
+
+
+def opener_for(o: rpb.SessionOpen, keys: crypto.KeyRing | None) -> crypto.FrameOpener:
+    """The frame opener of the session `o` (checked with `check_open`) opens."""
+    return crypto.FrameOpener(o.policy, o.session_id, session_key(keys, o), key_id=o.key_id)
 
 
 class FrameGate:

@@ -38,8 +38,8 @@ class MemoryPolicy:
 
 
 class MemoryTarget:
-    def __init__(self, master_key: bytes | None = None) -> None:
-        self.master_key = master_key
+    def __init__(self, keys: crypto.KeyRing | None = None) -> None:
+        self.keys = keys
         self.policies: dict[str, MemoryPolicy] = {}
         self.opened = 0
         self._acks_free = asyncio.Event()
@@ -84,7 +84,7 @@ class MemoryDeltaSink:
 
     async def open(self, request: rpb.SessionOpen) -> int:
         t = self.target
-        frames.check_open(request, t.master_key)
+        frames.check_open(request, t.keys)
         p = t.policies.setdefault(request.policy, MemoryPolicy())
         if request.epoch < p.epoch:
             raise FencedError(f"policy {request.policy}: epoch {request.epoch} is older than "
@@ -95,10 +95,8 @@ class MemoryDeltaSink:
         p.epoch, p.owner = request.epoch, self
         p.disk_sizes = {d.disk_id: d.size_bytes for d in request.disks}
         self.policy = p
-        key = frames.session_key(t.master_key, request.policy, request.session_id,
-                                 request.encryption)
-        self.gate = frames.FrameGate(crypto.FrameOpener(request.policy, request.session_id, key),
-                                     p.disk_sizes, p.durable_seq)
+        self.gate = frames.FrameGate(frames.opener_for(request, t.keys), p.disk_sizes,
+                                     p.durable_seq)
         t.opened += 1
         return p.durable_seq
 

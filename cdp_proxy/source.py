@@ -86,12 +86,13 @@ DEFAULT_RPO_S = 2.0
 
 class SourceProxy(rgrpc.SourceProxyServicer):
     def __init__(self, node_id: str, proxy: ProxySection, channels: Channels,
-                 master_key: bytes | None, errors: PolicyErrors | None = None,
+                 keys: crypto.KeyRing | None, errors: PolicyErrors | None = None,
                  offload: bool = False, sinks: SinkFactory | None = None) -> None:
         self.node_id = node_id
         self.proxy = proxy
         self.channels = channels
-        self.master_key = master_key
+        self.keys = keys
+        """The master-key ring; new sessions seal with its current key (SIGHUP swaps it)."""
         self.errors = errors if errors is not None else PolicyErrors()
         self.offload = offload
         self.sinks = sinks if sinks is not None else grpc_sinks(channels)
@@ -130,7 +131,7 @@ class SourceProxy(rgrpc.SourceProxyServicer):
             yield reply
 
 
-def check_hello(hello: rpb.ShipHello, master_key: bytes | None) -> None:
+def check_hello(hello: rpb.ShipHello, keys: crypto.KeyRing | None) -> None:
     if not hello.policy:
         raise ProtocolError("hello: policy is empty")
     if not hello.target_proxy_address or not hello.target_address:
@@ -142,7 +143,7 @@ def check_hello(hello: rpb.ShipHello, master_key: bytes | None) -> None:
     rpo = hello.rpo_interval_s
     if math.isnan(rpo) or rpo < 0 or math.isinf(rpo):
         raise ProtocolError(f"bad rpo_interval_s {rpo}")
-    frames.require_key(hello.encryption, master_key)
+    frames.require_key(keys)
 
 
 class _ShipSession(Session):
@@ -168,21 +169,20 @@ class _ShipSession(Session):
     async def run(self, hello: rpb.ShipHello, it: AsyncIterator[rpb.ShipRequest]) -> None:
         parent = self.parent
         self.policy = hello.policy
-        check_hello(hello, parent.master_key)
+        keys = parent.keys  # one ring for the whole session, even across a SIGHUP
+        check_hello(hello, keys)
         self.captured_seq = hello.captured_seq
-        session_id = os.urandom(crypto.SESSION_ID_BYTES)
-        self.sealer = crypto.FrameSealer(hello.policy, session_id, frames.session_key(
-            parent.master_key, hello.policy, session_id, hello.encryption),
-            max(0, min(22, hello.compression_level)))
+        opening = frames.seal_open(rpb.SessionOpen(
+            policy=hello.policy, session_id=os.urandom(crypto.SESSION_ID_BYTES),
+            epoch=hello.epoch, disks=list(hello.disks), source_proxy_id=parent.node_id,
+            captured_seq=hello.captured_seq, encryption=hello.encryption,
+            target_address=hello.target_address), keys)
+        self.sealer = frames.sealer_for(opening, keys, max(0, min(22, hello.compression_level)))
         with self.counted():
             try:
                 self.downstream = sink = parent._sink(hello)
                 self.peer = sink.peer
-                durable = await sink.open(rpb.SessionOpen(
-                    policy=hello.policy, session_id=session_id, epoch=hello.epoch,
-                    disks=list(hello.disks), source_proxy_id=parent.node_id,
-                    captured_seq=hello.captured_seq, encryption=hello.encryption,
-                    target_address=hello.target_address))
+                durable = await sink.open(opening)
                 self.acked_seq = durable
                 self.cutter = IntervalCutter(
                     hello.rpo_interval_s or DEFAULT_RPO_S, parent.proxy.interval_max_bytes,
@@ -190,7 +190,8 @@ class _ShipSession(Session):
                     disk_sizes={d.disk_id: d.size_bytes for d in hello.disks})
                 await self.context.write(rpb.ShipResponse(
                     welcome=rpb.ShipWelcome(resume_from_seq=durable)))
-                log.info("session open, resuming after seq %d", durable,
+                log.info("session open with key id %d, resuming after seq %d",
+                         opening.key_id, durable,
                          extra={"policy": self.policy, "peer": self.peer, "epoch": hello.epoch,
                                 "seq": durable})
                 reader = asyncio.create_task(self._reader(it), name="ship-reader")

@@ -56,11 +56,12 @@ QUEUE_FRAMES = 4
 
 
 class TargetProxy(rgrpc.TargetProxyServicer):
-    def __init__(self, node_id: str, channels: Channels, master_key: bytes | None,
+    def __init__(self, node_id: str, channels: Channels, keys: crypto.KeyRing | None,
                  errors: PolicyErrors | None = None, offload: bool = False) -> None:
         self.node_id = node_id
         self.channels = channels
-        self.master_key = master_key
+        self.keys = keys
+        """The master-key ring: a session uses the key its open names (SIGHUP swaps it)."""
         self.errors = errors if errors is not None else PolicyErrors()
         self.offload = offload
 
@@ -86,10 +87,14 @@ class _ReplicateSession(Session):
 
     async def run(self, o: rpb.SessionOpen, it: AsyncIterator[rpb.ReplicateRequest]) -> None:
         self.policy = o.policy
-        frames.check_open(o, self.parent.master_key)
+        keys = self.parent.keys
+        try:
+            frames.check_open(o, keys)  # key confirmation: before anything downstream
+        except AuthenticationError:
+            metrics.AUTH_FAILURES.inc()
+            raise
         self.peer = f"target {o.target_address}"
-        opener = crypto.FrameOpener(o.policy, o.session_id, frames.session_key(
-            self.parent.master_key, o.policy, o.session_id, o.encryption))
+        opener = frames.opener_for(o, keys)
         with self.counted():
             self.downstream = call = Downstream(
                 rgrpc.TargetStub(self.parent.channels.get(o.target_address)).Apply(), self.peer)
@@ -101,8 +106,8 @@ class _ReplicateSession(Session):
                                          durable)
             await self.context.write(rpb.ReplicateResponse(
                 accepted=rpb.SessionAccepted(durable_seq=durable)))
-            log.info("session open for source proxy %s, target durable seq %d",
-                     o.source_proxy_id, durable,
+            log.info("session open for source proxy %s with key id %d, target durable seq %d",
+                     o.source_proxy_id, o.key_id, durable,
                      extra={"policy": self.policy, "peer": self.peer, "epoch": o.epoch,
                             "seq": durable})
             # all tasks ending normally: the source half-closed, everything was

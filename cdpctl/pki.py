@@ -8,6 +8,7 @@ checks of the node id, each with a message that says what to do instead.
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 from pathlib import Path
 
@@ -59,11 +60,31 @@ def cmd_pki_issue_operator(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace, ctx: Context) -> int:
+    if args.rotate or args.retire is not None:
+        return _change_ring(Path(args.file), args.retire)
     try:
         crypto.write_new_key(args.file)
     except FileExistsError:
-        raise CdpError(f"{args.file} exists; not overwriting a key") from None
-    print(f"wrote a new master key to {args.file} (mode 0600)")
+        raise CdpError(f"{args.file} exists; not overwriting a key (to add a new key "
+                       f"and keep the old one: cdpctl keygen --rotate {args.file})") from None
+    print(f"wrote a new master key to {args.file} (key id 0, mode 0600)")
+    return 0
+
+
+def _change_ring(path: Path, retire: int | None) -> int:
+    """--rotate (retire None) or --retire ID: rewrite the ring atomically, or nothing."""
+    if not path.exists():
+        raise CdpError(f"{path} does not exist; create a key first with `cdpctl keygen {path}`")
+    ring = crypto.load_key_ring(path)  # ConfigError naming the file and line
+    if retire is None:
+        new = ring.rotated(os.urandom(crypto.KEY_BYTES))
+        what = (f"added key id {new.current_id} to {path}: proxies that load it seal new "
+                "sessions with it and still accept the older keys")
+    else:
+        new = ring.retired(retire)
+        what = f"retired key id {retire} from {path}"
+    crypto.write_key_ring(path, new)
+    print(f"{what} (key ids now {', '.join(map(str, new.ids()))}; mode 0600)")
     return 0
 
 
@@ -127,11 +148,24 @@ def register(sub: Subparsers, ctx: Context) -> None:
     q.set_defaults(func=cmd_pki_issue_operator)
 
     p = sub.add_parser(
-        "keygen", formatter_class=fmt, help="create a master key for payload encryption",
+        "keygen", formatter_class=fmt, help="create or rotate the master key ring",
         description=textwrap.dedent("""\
-            Write a fresh random 32-byte master key (hex) to FILE, mode 0600. Give
-            the same key file to the source and the target proxies
-            (proxy.key_file). Refuses to overwrite an existing file."""),
-        epilog=epilog("cdpctl keygen /etc/cdp/master.key"))
-    p.add_argument("file", metavar="FILE", help="key file to create")
+            Write a fresh random 32-byte master key (hex, key id 0) to FILE, mode
+            0600. Give the same key file to the source and the target proxies
+            (proxy.key_file). Refuses to overwrite an existing file.
+            --rotate adds a new random key to the ring in FILE under the next key
+            id, in front (new sessions seal with it) and keeps the older keys
+            (still accepted); --retire ID removes an old key once every proxy
+            runs the new one. Both rewrite FILE atomically, mode 0600, and refuse
+            a bad file without changing it. Runbook: docs/OPERATIONS.md."""),
+        epilog=epilog("""\
+            cdpctl keygen /etc/cdp/master.key
+            cdpctl keygen --rotate /etc/cdp/master.key
+            cdpctl keygen --retire 0 /etc/cdp/master.key"""))
+    p.add_argument("file", metavar="FILE", help="key file to create, rotate or retire from")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--rotate", action="store_true",
+                     help="add a new current key under the next key id, keep the others")
+    how.add_argument("--retire", type=int, metavar="ID",
+                     help="remove key id ID (never the current key)")
     p.set_defaults(func=cmd_keygen)

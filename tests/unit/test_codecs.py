@@ -192,7 +192,7 @@ def test_frames_round_trip(payloads: list[bytes], level: int, encrypted: bool) -
     opener = FrameOpener(POLICY, SID, key)
     for h, p in zip(_headers(len(payloads)), payloads, strict=True):
         env = sealer.seal(h, p)
-        assert env[0] == (1 if encrypted else 0)
+        assert env[0] == (2 if encrypted else 0)
         if encrypted and len(p) > 16:
             assert p not in env
         assert opener.open(h, env) == p

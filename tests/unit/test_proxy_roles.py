@@ -22,7 +22,7 @@ from cdp_common import crypto, records, rpc
 from cdp_common.config import NodeConfig, ProxyConfig, ProxySection, TlsConfig
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_proxy import metrics
+from cdp_proxy import frames, metrics
 from cdp_proxy.daemon import ProxyDaemon
 from cdp_target.service import TargetService
 
@@ -172,19 +172,18 @@ async def ended(call: Any, timeout_s: float = 10) -> grpc.aio.AioRpcError:
 
 
 async def test_wrong_key_is_permission_denied_and_nothing_committed(bed_factory: Any) -> None:
+    """The session open fails key confirmation: no welcome, nothing reaches the target."""
     bed = await bed_factory(source_key=b"a" * 32, target_key=b"b" * 32)
     failures = metrics.AUTH_FAILURES._value.get()
-    call, _ = await open_ship(bed)
-    w = Writer()
-    await call.write(rpb.ShipRequest(batch=rpb.RecordBatch(records=w.random_batch(50))))
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await read_acks_until(call, w.seq)
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "wrong key or tampered frame" in (err.value.details() or "")
-    assert POLICY in (err.value.details() or "")
+    call = rgrpc.SourceProxyStub(bed.channel).Ship()
+    await call.write(bed.hello())
+    err = await ended(call)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "failed key confirmation" in (err.details() or "")
+    assert "wrong key or tampered open" in (err.details() or "")
+    assert POLICY in (err.details() or "")
     assert metrics.AUTH_FAILURES._value.get() > failures
-    s = await bed.policy_state()
-    assert s is not None and s.durable_seq == 0
+    assert await bed.policy_state() is None, "the target saw an open it should never have"
     assert [p for p, _ in bed.source.errors.items()] == [POLICY]
     assert bed.source.reports()[0].error
 
@@ -273,12 +272,13 @@ async def test_tampered_frame_rejected_by_target_proxy(bed_factory: Any) -> None
     bed = await bed_factory()
     stub = rgrpc.TargetProxyStub(rpc.channel(bed.target_proxy.address, INSECURE, 8 << 20))
     sid = os.urandom(16)
-    key = crypto.session_key(crypto.policy_key(b"k" * 32, POLICY), sid)
-    sealer = crypto.FrameSealer(POLICY, sid, key)
-    call = stub.Replicate()
-    await call.write(rpb.ReplicateRequest(open=rpb.SessionOpen(
+    ring = crypto.KeyRing.single(b"k" * 32)
+    opening = frames.seal_open(rpb.SessionOpen(
         policy=POLICY, session_id=sid, epoch=1, disks=DISKS, encryption=True,
-        target_address=bed.target_addr)))
+        target_address=bed.target_addr), ring)
+    sealer = frames.sealer_for(opening, ring, 1)
+    call = stub.Replicate()
+    await call.write(rpb.ReplicateRequest(open=opening))
     resp = await asyncio.wait_for(call.read(), 10)
     assert resp.accepted.durable_seq == 0
     from cdp_common.delta import Extent, encode_chunks

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.timeout(60)
 
 INSECURE = TlsConfig(insecure=True)
 KEY = b"k" * 32
+RING = crypto.KeyRing.single(KEY)
 POLICY = "pol-c"
 DISKS = [rpb.DiskInfo(disk_id=0, name="d0", size_bytes=1 << 20)]
 WAIT_S = 10.0
@@ -51,7 +52,7 @@ class Env:
 @pytest.fixture(params=["memory", "grpc"])
 async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
     if request.param == "memory":
-        yield Env(MemoryTarget(KEY).sink, "memory")
+        yield Env(MemoryTarget(RING).sink, "memory")
         return
     service = TargetService(tmp_path / "target")
     await service.open_existing()
@@ -60,7 +61,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     await target.start()
     channels = Channels(INSECURE, 8 << 20)
     proxy = rpc.Server("127.0.0.1:0", INSECURE, 8 << 20)
-    rgrpc.add_TargetProxyServicer_to_server(TargetProxy("tp", channels, KEY), proxy.grpc)
+    rgrpc.add_TargetProxyServicer_to_server(TargetProxy("tp", channels, RING), proxy.grpc)
     await proxy.start()
     sinks: list[GrpcDeltaSink] = []
 
@@ -86,14 +87,16 @@ class Session:
         self.env = env
         self.sink = env.make()
         self.session_id = os.urandom(crypto.SESSION_ID_BYTES)
-        self.sealer = crypto.FrameSealer(POLICY, self.session_id, frames.session_key(
-            key, POLICY, self.session_id, True))
+        self.ring = crypto.KeyRing.single(key)
+        self.sealer: crypto.FrameSealer | None = None
 
     async def open(self, epoch: int = 1) -> int:
-        return await asyncio.wait_for(self.sink.open(rpb.SessionOpen(
+        opening = frames.seal_open(rpb.SessionOpen(
             policy=POLICY, session_id=self.session_id, epoch=epoch, disks=DISKS,
-            source_proxy_id="sp", encryption=True, target_address=self.env.target_address)),
-            WAIT_S)
+            source_proxy_id="sp", encryption=True, target_address=self.env.target_address),
+            self.ring)
+        self.sealer = frames.sealer_for(opening, self.ring, 1)
+        return await asyncio.wait_for(self.sink.open(opening), WAIT_S)
 
     def frames(self, first: int, last: int, nbytes: int = 8192,
                frame_bytes: int = 4096) -> list[rpb.DeltaFrame]:
@@ -101,6 +104,7 @@ class Session:
         chunks = list(encode_chunks([Extent(0, first * 4096, nbytes, os.urandom(nbytes))],
                                     frame_bytes))
         out = []
+        assert self.sealer is not None, "open the session first"
         for i, chunk in enumerate(chunks):
             h = crypto.FrameHeader(first, last, i, i == len(chunks) - 1, 1000 + last)
             out.append(frames.frame_of(h, self.sealer.seal(h, chunk), last))
@@ -200,8 +204,12 @@ async def test_frame_out_of_order_is_a_protocol_error(env: Env) -> None:
 
 async def test_wrong_key_is_permission_denied_and_nothing_is_durable(env: Env) -> None:
     s = Session(env, key=b"x" * 32)
-    assert await s.open() == 0
-    await s.refused(s.frames(1, 2), "PERMISSION_DENIED", "wrong key or tampered frame")
+    with pytest.raises(CdpError) as info:
+        await s.open()  # key confirmation fails before anything is opened downstream
+    assert upstream_status(info.value) == "PERMISSION_DENIED", info.value
+    assert not info.value.transient
+    assert "wrong key or tampered open" in str(info.value)
+    s.sink.close()
     assert await reopened(env) == 0
 
 

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from proxyfixtures import DISKS, Writer
 
-from cdp_common import records, rpc
+from cdp_common import crypto, records, rpc
 from cdp_common.config import ProxySection, TlsConfig
 from cdp_common.errors import CdpError, RemoteError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
@@ -32,6 +32,7 @@ from cdp_proxy.throttle import TokenBucket
 pytestmark = pytest.mark.timeout(30)
 
 KEY = b"k" * 32
+RING = crypto.KeyRing.single(KEY)
 POLICY = "pol-s"
 WAIT_S = 10.0
 
@@ -121,7 +122,8 @@ def proxy(target: Any, key: bytes | None = KEY, **section: Any) -> SourceProxy:
     return SourceProxy("sp", ProxySection(
         role="source", interval_max_bytes=section.pop("interval_max_bytes", 256 << 10),
         frame_bytes=section.pop("frame_bytes", 64 << 10), **section),
-        Channels(TlsConfig(insecure=True), 8 << 20), key, sinks=sinks)
+        Channels(TlsConfig(insecure=True), 8 << 20),
+        crypto.KeyRing.single(key) if key is not None else None, sinks=sinks)
 
 
 def batch(w: Writer, n: int) -> rpb.ShipRequest:
@@ -136,7 +138,7 @@ async def welcome(f: Filter) -> int:
 
 @pytest.mark.parametrize("encryption", [True, False])
 async def test_replicates_resumes_and_ends_cleanly(encryption: bool) -> None:
-    target = MemoryTarget(KEY)
+    target = MemoryTarget(RING)
     p = proxy(target)
     f = Filter(p)
     f.send(hello(encryption=encryption))
@@ -163,23 +165,23 @@ async def test_replicates_resumes_and_ends_cleanly(encryption: bool) -> None:
     assert target.opened == 2
 
 
-async def test_wrong_key_is_permission_denied_answered_and_reported() -> None:
-    target = MemoryTarget(b"b" * 32)
+@pytest.mark.parametrize("encryption", [True, False])
+async def test_wrong_key_is_permission_denied_answered_and_reported(encryption: bool) -> None:
+    """Key confirmation fails at the open, encrypted or not: no welcome, nothing stored."""
+    target = MemoryTarget(crypto.KeyRing.single(b"b" * 32))
     p = proxy(target, key=b"a" * 32)
     f = Filter(p)
-    f.send(hello())
-    assert await welcome(f) == 0
-    f.send(batch(Writer(), 20))
+    f.send(hello(encryption=encryption))
     code, details = await f.ended()
     assert code == grpc.StatusCode.PERMISSION_DENIED
-    assert "wrong key or tampered frame" in details and POLICY in details
+    assert "wrong key or tampered open" in details and POLICY in details
     assert dict(f.ctx.trailers).get(rpc.ANSWERED_KEY) == "1"
     assert target.durable_seq(POLICY) == 0
     assert [pol for pol, _ in p.errors.items()] == [POLICY]
 
 
 async def test_malformed_batch_and_seq_gap_are_invalid_argument() -> None:
-    p = proxy(MemoryTarget(KEY))
+    p = proxy(MemoryTarget(RING))
     bad = bytearray(records.encode(1, 1, 0, 0, b"x" * 100))
     bad[50] ^= 1
     for batch, text in [(bytes(bad), "malformed record batch"),
@@ -201,23 +203,27 @@ async def test_malformed_batch_and_seq_gap_are_invalid_argument() -> None:
 ])
 async def test_bad_first_message(first: rpb.ShipRequest, code: grpc.StatusCode,
                                  text: str) -> None:
-    target = MemoryTarget(KEY)
+    target = MemoryTarget(RING)
     f = Filter(proxy(target))
     f.send(first)
     assert await f.ended() == (code, text)
     assert target.opened == 0
 
 
-async def test_encryption_without_a_key_is_failed_precondition() -> None:
-    f = Filter(proxy(MemoryTarget(KEY), key=None))
-    f.send(hello())
+@pytest.mark.parametrize("encryption", [True, False])
+async def test_a_proxy_without_a_key_serves_no_session(encryption: bool) -> None:
+    target = MemoryTarget(RING)
+    f = Filter(proxy(target, key=None))
+    f.send(hello(encryption=encryption))
     code, details = await f.ended()
     assert code == grpc.StatusCode.FAILED_PRECONDITION
-    assert details == f"policy {POLICY!r}: encryption requested but this proxy has no key_file"
+    assert details == (f"policy {POLICY!r}: this proxy has no key_file: every session proves "
+                       "the master key, with encryption on or off")
+    assert target.opened == 0
 
 
 async def test_older_epoch_is_failed_precondition() -> None:
-    target = MemoryTarget(KEY)
+    target = MemoryTarget(RING)
     p = proxy(target)
     f = Filter(p)
     f.send(hello(epoch=5))
@@ -231,7 +237,7 @@ async def test_older_epoch_is_failed_precondition() -> None:
 
 
 async def test_backpressure_stops_reading_the_filter() -> None:
-    target = MemoryTarget(KEY)
+    target = MemoryTarget(RING)
     target.hold_acks()
     p = proxy(target, inflight_max_bytes=512 << 10, interval_max_bytes=256 << 10)
     f = Filter(p)
