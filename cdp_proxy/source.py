@@ -262,6 +262,16 @@ class _ShipSession(Session):
         while True:
             await asyncio.sleep(TICK_S)
             self._emit(self.cutter.tick(time.monotonic()))
+            self._check_key()
+
+    def _check_key(self) -> None:
+        """After a SIGHUP made another key current, end the session (transient: the
+        filter reconnects at once and resumes from the durable seq) so it reopens
+        under the new key and the old one can be retired (docs/OPERATIONS.md)."""
+        keys = self.parent.keys
+        if keys is not None and keys.current_id != self.sealer.key_id:
+            raise UnavailableError(f"the key ring was rotated: reopening the session under "
+                                   f"key id {keys.current_id} (was {self.sealer.key_id})")
 
     def _frames(self, d: Delta) -> Iterator[rpb.DeltaFrame]:
         """Seal one delta's chunks, one frame per step (in a worker thread if offloaded)."""

@@ -403,3 +403,35 @@ async def test_reporting_sink_reports_only_an_unanswered_unavailable() -> None:
     ok = UnreachableReportingSink(Recorder(), details.append)
     assert await ok.open(rpb.SessionOpen()) == 7
     assert len(details) == 1
+
+
+async def test_a_rotated_ring_reopens_the_session_under_the_new_key() -> None:
+    """SIGHUP with a new current key: the open session ends as transient (the filter
+    reconnects at once) and the next one seals with the new key id."""
+    target = MemoryTarget(RING)
+    p = proxy(target)
+    f = Filter(p)
+    f.send(hello())
+    assert await welcome(f) == 0
+    w = Writer()
+    f.send(batch(w, 10))
+    await f.acks_until(w.seq)
+    rotated = RING.rotated(b"n" * 32)
+    target.keys = rotated  # the target proxy reloads first
+    p.keys = rotated       # then the source proxy
+    code, details = await f.ended()
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "reopening the session under key id 1 (was 0)" in details
+    f = Filter(p)
+    f.send(hello(captured=w.seq))
+    assert await welcome(f) == w.seq
+    f.send(batch(w, 10))
+    await f.acks_until(w.seq)
+    assert target.images(POLICY) == w.oracle
+    # the old key retired at the target: sessions under key id 1 carry on
+    target.keys = crypto.KeyRing(rotated.keys[:1])
+    f.send(batch(w, 5))
+    await f.acks_until(w.seq)
+    assert target.images(POLICY) == w.oracle
+    f.send(None)
+    assert await f.ended() == (None, "")
