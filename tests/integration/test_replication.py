@@ -80,9 +80,9 @@ def test_wrong_key_on_target_proxy_is_refused(lab: Any, tmp_path: Path) -> None:
 
     def refused() -> None:
         p = policy(handle)
-        assert "wrong key or tampered frame" in p.get("reason", ""), p
+        assert "wrong key or tampered open" in p.get("reason", ""), p
     assert_eventually(refused, 30, 0.5, "the wrong key was not reported")
-    assert "wrong key or tampered frame" in handle.log("target-proxy-1")
+    assert "failed key confirmation" in handle.log("target-proxy-1")
     assert policy(handle)["durable_seq"] == 0
     assert sha256_file(replica) == before, "the replica changed under a wrong key"
     health = handle.cli("health")
