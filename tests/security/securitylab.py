@@ -73,7 +73,7 @@ def snapshot(lab: LabHandle) -> dict[str, Any]:
         "replicas": {d["name"]: _sha256(Path(d["replica_path"])) for d in lab.disks},
         "policies": _cli_json(lab, "policy", "list"),
         "epochs": {p["name"]: p.get("epoch") for p in status.get("policies", [])},
-        "restore_points": _cli_json(lab, "restore-points", "list", "lab"),
+        "restore_points": _cli_json(lab, "restore-points", "lab"),
         "journal": _files(lab.dir / "data" / "filter-1" / "journal"),
     }
 
