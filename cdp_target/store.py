@@ -216,17 +216,20 @@ class PolicyStore:
         with self._apply_lock:  # replicas first: a disk that cannot be made is never recorded
             for disk_id, spec in {**self.state.disks, **added}.items():
                 if disk_id not in self._fds:
-                    self._fds[disk_id] = self._open_replica(spec)
+                    self._fds[disk_id] = self._open_replica(spec, create=disk_id in added)
         if added:
             with self._state_lock:
                 self.state.disks.update(added)
                 self._write_state_locked()
 
-    def _open_replica(self, spec: DiskSpec) -> int:
+    def _open_replica(self, spec: DiskSpec, create: bool = False) -> int:
+        """Open a disk's replica; only a disk not recorded yet (`create`) may make one:
+        a recorded disk's replica was made (and fsynced) before the state named it,
+        so a missing one is an error (the store is quarantined), never silent zeros."""
         path = self.replicas_dir / f"{spec.name}.img"
         io = self.io
         try:
-            fd = io.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = io.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
             size = os.fstat(fd).st_size
             if size < spec.size_bytes:
                 io.ftruncate(fd, spec.size_bytes)  # sparse

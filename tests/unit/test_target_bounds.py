@@ -172,8 +172,10 @@ async def test_a_store_that_cannot_open_is_quarantined_and_the_others_run(
     await service.open_existing()
     await replicate(service, "good")
     await replicate(service, "bad")
+    await replicate(service, "gone")
     await service.close()
     (data / "bad" / STATE_FILE).write_text("{not json")
+    (data / "gone" / "replicas" / "vda.img").unlink()   # never silently made anew
     config = TargetConfig(node=NodeConfig(id="target-1", coordinator="127.0.0.1:1"),
                           target=TargetSection(data_dir=str(data)),
                           tls=TlsConfig(insecure=True))
@@ -181,7 +183,9 @@ async def test_a_store_that_cannot_open_is_quarantined_and_the_others_run(
     await daemon.service.open_existing()      # does not raise: the daemon starts
     try:
         assert sorted(daemon.service.policies) == ["good"]
-        assert "bad" in daemon.service.quarantined
+        assert sorted(daemon.service.quarantined) == ["bad", "gone"]
+        assert "vda.img" in daemon.service.quarantined["gone"]
+        assert not (data / "gone" / "replicas" / "vda.img").exists()
         reports = {r.policy: r for r in daemon.reports()}
         assert reports["bad"].error.startswith("store quarantined at start-up: ")
         assert STATE_FILE in reports["bad"].error or "bad" in reports["bad"].error
