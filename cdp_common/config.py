@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cdp_common.crypto import load_master_key
 from cdp_common.errors import ConfigError
 from cdp_common.names import is_name
 
@@ -25,6 +26,16 @@ T = TypeVar("T")
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+UINT32_MAX = 2**32 - 1
+"""Fields sent as uint32 in the protocol (capacity, heartbeat_ms, lease_ms) must fit."""
+MESSAGE_LIMIT = 2**31
+"""gRPC message limits are C ints: a limit must stay below 2^31."""
+MAX_DISK_BYTES = 64 * TiB
+"""Default largest disk a policy may have (`max_disk_bytes`)."""
+DEFAULT_INTERVAL_MAX_BYTES = 64 * MiB
+"""The source proxy's default interval_max_bytes; the target's default delta cap is twice it."""
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -58,8 +69,15 @@ class NodeConfig:
     advertise: str = doc("host:port peers use to reach this node (default: listen).", "")
     coordinator: str = doc("host:port of the coordinator.", "")
     metrics_listen: str = doc("host:port of the Prometheus /metrics HTTP server ('' = off).", "")
-    max_message_bytes: int = doc("Largest gRPC message accepted or sent.", 8 * MiB)
+    max_message_bytes: int = doc("Largest gRPC message accepted or sent (64 KiB .. 2 GiB - 1).",
+                                 8 * MiB)
     capacity: int = doc("Most policies this node serves at once (0 = unlimited).", 0)
+    max_concurrent_rpcs: int = doc("Most RPCs the gRPC server runs at once; more are refused "
+                                   "with RESOURCE_EXHAUSTED.", 4096)
+    max_streams_per_peer: int = doc("Most RPCs one peer (one certificate identity, or one "
+                                    "address without TLS) may have open at once.", 512)
+    first_message_timeout_s: float = doc("Seconds a stream may take to send its first "
+                                         "message before it is closed (DEADLINE_EXCEEDED).", 10.0)
 
 
 # ---------------------------------------------------------------- filter
@@ -68,7 +86,8 @@ class NodeConfig:
 class DiskConfig:
     name: str = doc("Disk name; the file <mountpoint>/<name> is the protected disk.")
     policy: str = doc("Policy (consistency group) the disk belongs to.")
-    size_bytes: int = doc("Disk size in bytes (multiple of 4096).")
+    size_bytes: int = doc("Disk size in bytes (multiple of 4096, at most "
+                          "filter.max_disk_bytes).")
     image: str = doc("Backing image path (default <data_dir>/images/<name>.img).", "")
 
 
@@ -85,6 +104,7 @@ class FilterSection:
                                "instead of holding writers back.", True)
     dirty_block_bytes: int = doc("Block size of the dirty-block bitmap (multiple of 4096).",
                                  64 * 1024)
+    max_disk_bytes: int = doc("Largest disk size accepted in [[disks]].", MAX_DISK_BYTES)
 
 
 @dataclass(frozen=True)
@@ -101,11 +121,17 @@ class FilterConfig:
 @dataclass(frozen=True)
 class ProxySection:
     role: str = doc("'source', 'target' or 'both'.", "source")
-    key_file: str = doc("File holding the 32-byte master key for payload encryption.", "")
+    key_file: str = doc("Master key ring for payload encryption: '<key id> <hex>' lines, "
+                        "newest first, or one 64-hex-character key (docs/FORMAT.md, Key ring).",
+                        "")
     interval_max_bytes: int = doc("Close an interval early when its records reach this size.",
-                                  64 * MiB)
+                                  DEFAULT_INTERVAL_MAX_BYTES)
     inflight_max_bytes: int = doc("Encoded bytes in flight to the target before the source "
-                                  "proxy stops reading from the filter.", 256 * MiB)
+                                  "proxy stops reading from the filter (per session).",
+                                  256 * MiB)
+    proxy_inflight_max_bytes: int = doc("Encoded bytes in flight across all sessions of the "
+                                        "source proxy: one budget for the whole proxy.",
+                                        1 * GiB)
     frame_bytes: int = doc("Plaintext size of one delta frame.", 1 * MiB)
 
 
@@ -128,6 +154,12 @@ class TargetSection:
                                       "(0 = the policy's).", 0.0)
     long_term_retention_s: float = doc("Overrides every policy's long-term retention "
                                        "(0 = the policy's).", 0.0)
+    restore_dir: str = doc("The only directory restores write images under (a restore's "
+                           "out_dir must be inside it; '' = <data_dir>/_restores).", "")
+    max_disk_bytes: int = doc("Largest disk an Apply stream may announce.", MAX_DISK_BYTES)
+    max_delta_bytes: int = doc("Largest delta (chunk payload bytes) accepted; a stream that "
+                               "sends more is ended and its partial delta discarded.",
+                               2 * DEFAULT_INTERVAL_MAX_BYTES)
 
 
 @dataclass(frozen=True)
@@ -177,6 +209,7 @@ class CoordinatorSection:
     db_path: str = doc("SQLite database file of the coordinator's state.")
     heartbeat_ms: int = doc("Heartbeat period asked of every node.", 1000)
     lease_ms: int = doc("A node is down when no heartbeat arrived for this long.", 3000)
+    max_disk_bytes: int = doc("Largest disk size a policy may have.", MAX_DISK_BYTES)
 
 
 @dataclass(frozen=True)
@@ -221,6 +254,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -254,6 +289,19 @@ def _positive(value: float, where: str) -> None:
         raise ConfigError(f"{where}: must be greater than 0, got {value}")
 
 
+def _between(value: float, lo: float, hi: float, where: str) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{where}: must be between {lo} and {hi}, got {value}")
+
+
+def _disk_size(value: int, limit: int, where: str, limit_name: str) -> None:
+    """A disk size: a positive multiple of 4096, at most `limit`."""
+    if value > limit:
+        raise ConfigError(f"{where}: {value} bytes is larger than {limit_name} ({limit})")
+    if value <= 0 or value % 4096:
+        raise ConfigError(f"{where}: must be a positive multiple of 4096, got {value}")
+
+
 def _address(value: str, where: str, allow_empty: bool = False) -> None:
     if allow_empty and not value:
         return
@@ -262,19 +310,39 @@ def _address(value: str, where: str, allow_empty: bool = False) -> None:
         raise ConfigError(f"{where}: expected host:port, got {value!r}")
 
 
+def _readable(path: str, where: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path} ({exc.strerror or exc})") from None
+
+
+def _validate_node(config: Any, node: NodeConfig) -> None:
+    if not is_name(node.id):
+        raise ConfigError(f"node.id: {node.id!r} is not a valid id")
+    _address(node.listen, "node.listen")
+    _address(node.advertise, "node.advertise", allow_empty=True)
+    _address(node.metrics_listen, "node.metrics_listen", allow_empty=True)
+    if not isinstance(config, CoordinatorConfig):
+        _address(node.coordinator, "node.coordinator")
+    _between(node.max_message_bytes, 64 * 1024, MESSAGE_LIMIT - 1, "node.max_message_bytes")
+    _between(node.capacity, 0, UINT32_MAX, "node.capacity")
+    _between(node.max_concurrent_rpcs, 1, MESSAGE_LIMIT - 1, "node.max_concurrent_rpcs")
+    _between(node.max_streams_per_peer, 1, MESSAGE_LIMIT - 1, "node.max_streams_per_peer")
+    _between(node.first_message_timeout_s, 0.1, 3600.0, "node.first_message_timeout_s")
+
+
 def validate(config: Any) -> None:
-    """Semantic checks beyond types; raises ConfigError naming the field."""
+    """Semantic checks beyond types; raises ConfigError naming the field.
+
+    Everything a daemon would trip over at run time is refused here, so
+    `check-config` saying ok means the values work: ranges, uint32 and
+    message-size limits, finite numbers (the loader refuses NaN and inf),
+    readable certificate and key files, a well-formed master key."""
     node = getattr(config, "node", None)
     if isinstance(node, NodeConfig):
-        if not is_name(node.id):
-            raise ConfigError(f"node.id: {node.id!r} is not a valid id")
-        _address(node.listen, "node.listen")
-        _address(node.advertise, "node.advertise", allow_empty=True)
-        _address(node.metrics_listen, "node.metrics_listen", allow_empty=True)
-        if not isinstance(config, CoordinatorConfig):
-            _address(node.coordinator, "node.coordinator")
-        if node.max_message_bytes < 64 * 1024:
-            raise ConfigError("node.max_message_bytes: must be at least 65536")
+        _validate_node(config, node)
     log_cfg = getattr(config, "log", None)
     if isinstance(log_cfg, LogConfig) and log_cfg.level not in ("", "debug", "info", "warning",
                                                                 "error"):
@@ -287,22 +355,57 @@ def validate(config: Any) -> None:
                 raise ConfigError(f"tls.{name}: required unless tls.insecure = true")
             if not Path(getattr(tls, name)).is_file():
                 raise ConfigError(f"tls.{name}: {getattr(tls, name)} does not exist")
+            _readable(getattr(tls, name), f"tls.{name}")
     if isinstance(config, FilterConfig):
         _validate_filter(config)
     elif isinstance(config, ProxyConfig):
-        if config.proxy.role not in ("source", "target", "both"):
-            raise ConfigError(f"proxy.role: expected 'source', 'target' or 'both', "
-                              f"got {config.proxy.role!r}")
-        if config.proxy.role != "source" and not config.proxy.key_file:
-            raise ConfigError("proxy.key_file: required for a target proxy")
-        if config.proxy.role != "target" and not config.proxy.key_file:
-            raise ConfigError("proxy.key_file: required for a source proxy")
-        for name in ("interval_max_bytes", "inflight_max_bytes", "frame_bytes"):
-            _positive(getattr(config.proxy, name), f"proxy.{name}")
-        if config.proxy.frame_bytes > config.node.max_message_bytes // 2:
-            raise ConfigError("proxy.frame_bytes: must be at most half of node.max_message_bytes")
+        _validate_proxy(config)
+    elif isinstance(config, TargetConfig):
+        _validate_target(config)
     elif isinstance(config, CoordinatorConfig):
         _validate_coordinator(config)
+
+
+def _validate_proxy(config: ProxyConfig) -> None:
+    p = config.proxy
+    if p.role not in ("source", "target", "both"):
+        raise ConfigError(f"proxy.role: expected 'source', 'target' or 'both', got {p.role!r}")
+    if p.role != "source" and not p.key_file:
+        raise ConfigError("proxy.key_file: required for a target proxy")
+    if p.role != "target" and not p.key_file:
+        raise ConfigError("proxy.key_file: required for a source proxy")
+    try:
+        load_master_key(p.key_file)
+    except ConfigError as exc:
+        raise ConfigError(f"proxy.{exc}") from None
+    for name in ("interval_max_bytes", "inflight_max_bytes", "proxy_inflight_max_bytes",
+                 "frame_bytes"):
+        _between(getattr(p, name), 1, 2**62, f"proxy.{name}")
+    if p.frame_bytes > config.node.max_message_bytes // 2:
+        raise ConfigError("proxy.frame_bytes: must be at most half of node.max_message_bytes")
+    if p.proxy_inflight_max_bytes < p.inflight_max_bytes:
+        raise ConfigError(f"proxy.proxy_inflight_max_bytes: must be at least "
+                          f"proxy.inflight_max_bytes ({p.inflight_max_bytes}), "
+                          f"got {p.proxy_inflight_max_bytes}")
+
+
+def _validate_target(config: TargetConfig) -> None:
+    t = config.target
+    if not t.data_dir:
+        raise ConfigError("target.data_dir: required")
+    for name in ("short_term_retention_s", "long_term_interval_s", "long_term_retention_s"):
+        value = getattr(t, name)
+        if value < 0:
+            raise ConfigError(f"target.{name}: must be 0 (the policy's) or more, got {value}")
+    if t.restore_dir and not Path(t.restore_dir).is_absolute():
+        raise ConfigError(f"target.restore_dir: must be an absolute path, got {t.restore_dir!r}")
+    _between(t.max_disk_bytes, 4096, 2**62, "target.max_disk_bytes")
+    _between(t.max_delta_bytes, 1 * MiB, 2**62, "target.max_delta_bytes")
+
+
+def restore_dir_of(t: TargetSection) -> Path:
+    """The directory restores write under: `restore_dir`, else <data_dir>/_restores."""
+    return Path(t.restore_dir) if t.restore_dir else Path(t.data_dir) / "_restores"
 
 
 def _validate_filter(config: FilterConfig) -> None:
@@ -317,6 +420,7 @@ def _validate_filter(config: FilterConfig) -> None:
                           f"got {f.dirty_block_bytes}")
     if f.batch_bytes > config.node.max_message_bytes // 2:
         raise ConfigError("filter.batch_bytes: must be at most half of node.max_message_bytes")
+    _between(f.max_disk_bytes, 4096, 2**62, "filter.max_disk_bytes")
     seen: set[str] = set()
     for i, disk in enumerate(config.disks):
         where = f"disks[{i}]"
@@ -327,20 +431,23 @@ def _validate_filter(config: FilterConfig) -> None:
         seen.add(disk.name)
         if not is_name(disk.policy):
             raise ConfigError(f"{where}.policy: {disk.policy!r} is not a valid policy name")
-        if disk.size_bytes <= 0 or disk.size_bytes % 4096:
-            raise ConfigError(f"{where}.size_bytes: must be a positive multiple of 4096, "
-                              f"got {disk.size_bytes}")
+        _disk_size(disk.size_bytes, f.max_disk_bytes, f"{where}.size_bytes",
+                   "filter.max_disk_bytes")
 
 
 def _validate_coordinator(config: CoordinatorConfig) -> None:
     c = config.coordinator
-    _positive(c.heartbeat_ms, "coordinator.heartbeat_ms")
+    if not c.db_path:
+        raise ConfigError("coordinator.db_path: required")
+    _between(c.heartbeat_ms, 1, UINT32_MAX, "coordinator.heartbeat_ms")
+    _between(c.lease_ms, 1, UINT32_MAX, "coordinator.lease_ms")
     if c.lease_ms <= c.heartbeat_ms:
         raise ConfigError("coordinator.lease_ms: must be longer than coordinator.heartbeat_ms")
+    _between(c.max_disk_bytes, 4096, 2**62, "coordinator.max_disk_bytes")
     names: set[str] = set()
     for i, p in enumerate(config.policies):
         where = f"policies[{i}]"
-        validate_policy(p, where)
+        validate_policy(p, where, max_disk_bytes=c.max_disk_bytes)
         if p.name in names:
             raise ConfigError(f"{where}.name: policy {p.name!r} is defined twice")
         names.add(p.name)
@@ -351,7 +458,8 @@ def _finite_positive(value: float, where: str) -> None:
         raise ConfigError(f"{where}: must be a number greater than 0, got {value}")
 
 
-def validate_policy(p: PolicyConfig, where: str = "") -> None:
+def validate_policy(p: PolicyConfig, where: str = "", *,
+                    max_disk_bytes: int = MAX_DISK_BYTES) -> None:
     """Semantic checks of one policy, shared by the config loader and the policy RPCs.
 
     Raises ConfigError naming the field (`where` prefixes it, e.g. "policies[0]")."""
@@ -369,9 +477,8 @@ def validate_policy(p: PolicyConfig, where: str = "") -> None:
         if d.name in seen:
             raise ConfigError(f"{pre}disks[{j}].name: disk {d.name!r} is listed twice")
         seen.add(d.name)
-        if d.size_bytes <= 0 or d.size_bytes % 4096:
-            raise ConfigError(f"{pre}disks[{j}].size_bytes: must be a positive multiple "
-                              f"of 4096, got {d.size_bytes}")
+        _disk_size(d.size_bytes, max_disk_bytes, f"{pre}disks[{j}].size_bytes",
+                   "max_disk_bytes")
     if len({d.filter for d in p.disks}) != 1:
         raise ConfigError(f"{pre}disks: all disks of a policy must be on one filter")
     if not is_name(p.target):
@@ -398,12 +505,13 @@ def validate_policy(p: PolicyConfig, where: str = "") -> None:
             raise ConfigError(f"{pre}{name}: {value!r} is not a valid node id")
 
 
-def build_policy(data: dict[str, Any], where: str = "") -> PolicyConfig:
+def build_policy(data: dict[str, Any], where: str = "", *,
+                 max_disk_bytes: int = MAX_DISK_BYTES) -> PolicyConfig:
     """A PolicyConfig from a TOML/JSON table: types, unknown keys, then validate_policy."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'policy'}: expected a table, got {data!r}")
     policy = _build(PolicyConfig, data, where)
-    validate_policy(policy, where)
+    validate_policy(policy, where, max_disk_bytes=max_disk_bytes)
     return policy
 
 

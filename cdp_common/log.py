@@ -1,10 +1,17 @@
 """Logging setup: one logger per module under a fixed vocabulary
-(`filter.journal`, `proxy.stream`, ...), text or JSON lines on stderr."""
+(`filter.journal`, `proxy.stream`, ...), text or JSON lines on stderr.
+
+A text line is one record: control characters in the message and in the
+fields (a node id or policy name a peer chose, say) are escaped as ``\\xNN``,
+so a forged name cannot end a line and forge the next one. JSON lines are
+safe by construction (json.dumps escapes them); a traceback keeps its lines.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import MutableMapping
@@ -30,14 +37,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_control(text: str) -> str:
+    """`text` with every control character (newline, CR, ESC, ...) as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        extra = " ".join(f"{n}={getattr(record, n)}" for n in _FIELDS if hasattr(record, n))
-        return f"{text} [{extra}]" if extra else text
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.msg, safe.args = escape_control(record.getMessage()), None
+        text = super().format(safe)
+        extra = " ".join(f"{n}={escape_control(str(getattr(record, n)))}"
+                         for n in _FIELDS if hasattr(record, n))
+        if not extra:
+            return text
+        head, sep, rest = text.partition("\n")  # a traceback follows the first line
+        return f"{head} [{extra}]{sep}{rest}"
 
 
 def setup(fmt: str = "text", level: str = "info") -> None:

@@ -34,7 +34,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
-from cdp_common import rpc
+from cdp_common import limits, rpc
 from cdp_common.aio import cancel_and_wait, in_thread
 from cdp_common.config import NodeConfig, TlsConfig
 from cdp_common.coordclient import AssignFn, CoordinatorClient, LoadFn
@@ -56,7 +56,8 @@ class NodeConfigured(Protocol):
 
 def server_interceptors(config: NodeConfigured) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors of every server of a node: the one place they are chosen."""
-    return []
+    limits.configure(config.node)  # the first-message deadline of this process's streams
+    return [limits.PeerStreamLimit(config.node.max_streams_per_peer)]
 
 
 class Component:
@@ -141,7 +142,8 @@ class Node:
             await self.component.open(self)
             server = self.server = rpc.Server(node.listen, self.config.tls,
                                               node.max_message_bytes,
-                                              interceptors=server_interceptors(self.config))
+                                              interceptors=server_interceptors(self.config),
+                                              max_concurrent_rpcs=node.max_concurrent_rpcs)
             self.component.add_servicers(server.grpc)
             await server.start()
             cleanup.push_async_callback(server.stop, self.grace_s)

@@ -1,7 +1,8 @@
 """The one place that builds gRPC servers and channels, and maps errors to and from gRPC.
 
 Mutual TLS unless the config says `insecure = true`; explicit message size
-limits; keepalive so a dead peer is noticed within seconds; grpc.health.v1 on
+limits; keepalive so a dead peer is noticed within seconds; a cap on the
+RPCs a server runs at once (`maximum_concurrent_rpcs`); grpc.health.v1 on
 every server; server interceptors passed in by the node skeleton
 (cdp_common.node), the one place that installs them.
 
@@ -31,6 +32,8 @@ from cdp_common.config import TlsConfig
 from cdp_common.errors import CdpError, ConfigError, RemoteError, RemoteProtocolError
 
 KEEPALIVE_MS = 2000
+DEFAULT_MAX_CONCURRENT_RPCS = 4096
+"""As the [node] max_concurrent_rpcs default (cdp_common.config.NodeConfig)."""
 
 
 def _options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -73,9 +76,13 @@ class Server:
     """A grpc.aio server with health checking, bound to one address."""
 
     def __init__(self, listen: str, tls: TlsConfig, max_message_bytes: int,
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 max_concurrent_rpcs: int | None = DEFAULT_MAX_CONCURRENT_RPCS) -> None:
+        """`max_concurrent_rpcs`: RPCs beyond it are refused by grpc with
+        RESOURCE_EXHAUSTED (node.max_concurrent_rpcs)."""
         self.grpc = grpc.aio.server(options=_options(max_message_bytes),
-                                    interceptors=list(interceptors) or None)
+                                    interceptors=list(interceptors) or None,
+                                    maximum_concurrent_rpcs=max_concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if tls.insecure:

@@ -405,6 +405,12 @@ class Journal:
         if self._sync_failure is not None:
             raise self._sync_failure
 
+    @property
+    def sync_failure(self) -> str:
+        """Why the journal refuses every sync until the filter restarts ('' = it does not).
+        Reported as the policy's error (cdp_filter.policy), so health is not OK."""
+        return str(self._sync_failure) if self._sync_failure is not None else ""
+
     def sync(self) -> None:
         """fsync every segment written since the last sync (J4)."""
         self._check_sync()

@@ -135,7 +135,7 @@ class PolicyRuntime:
             self.notice, self.notice_until = text, time.monotonic() + seconds
 
     def report(self) -> cpb.PolicyReport:
-        error = self.error
+        error = self.journal.sync_failure or self.error   # a failed fsync outranks the rest
         if not error and self.notice and time.monotonic() < self.notice_until:
             error = self.notice
         if not error and self.journal.over_cap and self.tracker is None:

@@ -39,7 +39,10 @@ account until the target acks its last seq; while the account is at or above
 `proxy.inflight_max_bytes` the reader stops reading from the filter, so gRPC
 flow control pushes back to the filter, whose journal absorbs the burst.
 Memory held by a session is thus bounded by inflight_max_bytes plus one open
-interval (interval_max_bytes) plus one batch.
+interval (interval_max_bytes) plus one batch. Every session's bytes also
+count against one proxy-wide budget (`proxy.proxy_inflight_max_bytes`,
+cdp_common.limits.ByteBudget): while it is full every session stops reading,
+so many policies cannot add up to more than it (plus one interval each).
 
 Any failure ends the filter's stream with a gRPC status naming the policy and
 the peer; a downstream's permanent answer is passed on, anything else is
@@ -61,7 +64,7 @@ from typing import Any
 
 import grpc
 
-from cdp_common import crypto, delta, records
+from cdp_common import crypto, delta, limits, records
 from cdp_common.config import ProxySection
 from cdp_common.errors import FormatError, ProtocolError, UnavailableError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
@@ -94,6 +97,8 @@ class SourceProxy(rgrpc.SourceProxyServicer):
         self.keys = keys
         """The master-key ring; new sessions seal with its current key (SIGHUP swaps it)."""
         self.errors = errors if errors is not None else PolicyErrors()
+        self.budget = limits.ByteBudget(proxy.proxy_inflight_max_bytes)
+        """In-flight bytes of all sessions (the proxy-wide back-pressure)."""
         self.offload = offload
         self.sinks = sinks if sinks is not None else grpc_sinks(channels)
         """Makes each session's downstream (tests pass a MemoryTarget's)."""
@@ -178,6 +183,7 @@ class _ShipSession(Session):
             captured_seq=hello.captured_seq, encryption=hello.encryption,
             target_address=hello.target_address), keys)
         self.sealer = frames.sealer_for(opening, keys, max(0, min(22, hello.compression_level)))
+        parent.budget.watch(self._recheck_space)
         with self.counted():
             try:
                 self.downstream = sink = parent._sink(hello)
@@ -203,6 +209,8 @@ class _ShipSession(Session):
                 if reader not in done:
                     raise UnavailableError(f"{self.peer} closed the stream")
             finally:
+                parent.budget.unwatch(self._recheck_space)
+                parent.budget.give(self.inflight)
                 metrics.INFLIGHT.dec(self.inflight)
                 self.inflight = 0
 
@@ -213,11 +221,12 @@ class _ShipSession(Session):
             return
         size = d.encoded_bytes
         self.inflight += size
+        self.parent.budget.take(size)
         metrics.INFLIGHT.inc(size)
         metrics.DELTAS.labels("source").inc()
         self.unacked.append((d.last_seq, size))
         self.all_acked.clear()
-        if self.inflight >= self.parent.proxy.inflight_max_bytes:
+        if self.inflight >= self.parent.proxy.inflight_max_bytes or self.parent.budget.full():
             self.space.clear()
         self.queue.put_nowait(d)  # bounded by the in-flight account, not by the queue
         log.debug("cut delta %d..%d: %d records, %d bytes, %d extents", d.first_seq,
@@ -317,7 +326,12 @@ class _ShipSession(Session):
         if freed:
             self.inflight -= freed
             metrics.INFLIGHT.dec(freed)
-            if self.inflight < self.parent.proxy.inflight_max_bytes:
-                self.space.set()
+            self.parent.budget.give(freed)   # wakes every session, this one too
+            self._recheck_space()
         if not self.unacked:
             self.all_acked.set()
+
+    def _recheck_space(self) -> None:
+        """Read again when both this session's and the proxy's account have room."""
+        if self.inflight < self.parent.proxy.inflight_max_bytes and not self.parent.budget.full():
+            self.space.set()

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import grpc
 
-from cdp_common import rpc
+from cdp_common import limits, rpc
 from cdp_common.aio import cancel_and_wait
 from cdp_common.config import TlsConfig
 from cdp_common.errors import CdpError, ProtocolError, RemoteError, UnavailableError
@@ -222,7 +222,7 @@ class Session:
         """Run the session; end the upstream call for any CdpError it raised."""
         try:
             it = aiter(request_iterator)
-            first = await anext(it, None)
+            first = await limits.first_message(it, f"{self.kind.name} stream")
             if first is None:
                 return
             kind = self.kind

@@ -2,8 +2,9 @@
 target.data_dir, on the node skeleton (cdp_common.node).
 
 open: every existing policy store (pending deltas are applied by each policy's
-apply worker). Then the node serves, registers as ROLE_TARGET and reports per
-policy in every heartbeat: durable_seq, applied_seq, newest_time_ns,
+apply worker); a store that fails to open is quarantined and reported in
+error in every heartbeat, the others run. Then the node serves, registers as
+ROLE_TARGET and reports per policy in every heartbeat: durable_seq, applied_seq, newest_time_ns,
 bytes_replicated, gaps and the last apply error. The data path never waits on
 the coordinator. Shutdown stops the coordinator client, then the
 server (streams end, partial deltas are discarded), lets an apply in progress
@@ -16,7 +17,7 @@ from __future__ import annotations
 import grpc
 
 from cdp_common import node
-from cdp_common.config import TargetConfig
+from cdp_common.config import TargetConfig, restore_dir_of
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
@@ -33,14 +34,17 @@ class TargetDaemon(node.NodeDaemon):
         self.service = TargetService(t.data_dir, retention_override={
             "short_term_retention_s": t.short_term_retention_s,
             "long_term_interval_s": t.long_term_interval_s,
-            "long_term_retention_s": t.long_term_retention_s})
-        self.restore = RestoreService(self.service)
+            "long_term_retention_s": t.long_term_retention_s},
+            max_disk_bytes=t.max_disk_bytes, max_delta_bytes=t.max_delta_bytes,
+            require_assignment=True)
+        self.restore = RestoreService(self.service, restore_dir_of(t))
         self.node = node.Node(config, self, kind="target", role=cpb.ROLE_TARGET,
                               grace_s=SHUTDOWN_GRACE_S,
                               on_assignments=self.restore.on_assignments(config.node.id))
 
     def reports(self) -> list[cpb.PolicyReport]:
-        out = []
+        out = [cpb.PolicyReport(policy=name, error=f"store quarantined at start-up: {why}")
+               for name, why in sorted(self.service.quarantined.items())]
         for name in sorted(self.service.policies):
             rt = self.service.policies[name]
             s = rt.store.snapshot()

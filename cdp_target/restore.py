@@ -17,9 +17,16 @@ Theory of operation
 3. the map's data pieces are written, segment by segment in file order,
    read in spans of up to READ_BLOCK bytes; so every byte of the image is
    written once, whatever the number of points behind it;
-4. one fsync per image, then each ``.partial`` is renamed to
-   ``<disk>.img`` and the directory fsynced. A crash or a corrupt segment
-   leaves only ``.partial`` files (deleted), never a wrong ``.img``.
+4. one fsync per image, then each ``.partial`` is linked as
+   ``<disk>.img`` (a link never replaces a file), unlinked, and the directory
+   fsynced. A crash or a corrupt segment leaves only ``.partial`` files
+   (deleted), never a wrong ``.img``.
+
+Files: a restore for an operator writes only under the target's
+``restore_dir`` (realpath prefix check, repeated on the directory actually
+opened); every file is made relative to that directory's fd with
+``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600, so a planted symlink is never
+followed and an existing image never overwritten.
 
 Failover (`Failover`) is a restore into ``<policy>/failover/`` plus a
 persisted state file ``<policy>/failover.json`` (cdp_common.statefile):
@@ -181,9 +188,10 @@ def write_pieces(seg_path: Path, items: list[tuple[int, int, int, int]], fds: di
         os.close(fd)
 
 
-def write_point(store: PolicyStore, point: Point, partial: dict[int, Path],
-                progress: Progress | None = None) -> tuple[str, int]:
-    """Write the images at `point` into new files `partial[disk_id]`, fsynced.
+def write_point(store: PolicyStore, point: Point, partial: dict[int, str],
+                progress: Progress | None = None, *, dir_fd: int) -> tuple[str, int]:
+    """Write the images at `point` into new files `partial[disk_id]` (names in the
+    directory `dir_fd`, made by `create_image`), fsynced.
 
     Steps 1-4 of the module docstring; the caller holds `store.paused()`.
     Returns the copy method ('reflink' or 'sparse') and the bytes written.
@@ -197,8 +205,7 @@ def write_point(store: PolicyStore, point: Point, partial: dict[int, Path],
         copies: dict[int, list[tuple[int, int]]] = {}
         for disk_id in sorted(partial):
             srcs[disk_id] = os.open(store.replica_path(disk_id), os.O_RDONLY | os.O_CLOEXEC)
-            fds[disk_id] = os.open(partial[disk_id],
-                                   os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            fds[disk_id] = create_image(partial[disk_id], dir_fd)
             size = sizes[disk_id]
             try:
                 fcntl.ioctl(fds[disk_id], FICLONE, srcs[disk_id])
@@ -283,30 +290,57 @@ class Restored:
     method: str
 
 
+def inside(path: Path, root: Path) -> bool:
+    """True when `path`, symlinks resolved, is `root` or below it (realpath prefix)."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def restore_images(store: PolicyStore, select: Callable[[], Point], out_dir: Path,
-                   progress: Progress | None = None) -> Restored:
-    """Write every disk's image at the selected point into out_dir (see module docstring)."""
+                   progress: Progress | None = None, root: Path | None = None) -> Restored:
+    """Write every disk's image at the selected point into out_dir (see module docstring).
+
+    `root`: out_dir must be inside it (the target's restore_dir), checked on the
+    directory actually opened. Every file is made relative to that directory's
+    fd with O_EXCL | O_NOFOLLOW, mode 0600: a planted symlink is never followed
+    (a leftover ``.partial``, link or not, is unlinked and made anew) and an
+    existing image is never replaced."""
     if not out_dir.is_absolute():
         raise FormatError(f"{out_dir}: the output directory must be an absolute path")
-    disks = store.state.disks
+    if root is not None and not inside(out_dir, root):
+        raise FormatError(f"{out_dir} is outside the target's restore_dir ({root}); "
+                          f"restore into a directory under it")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        dfd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise StorageError(f"{out_dir}: cannot create ({exc.strerror or exc})") from None
-    targets = {d.name: out_dir / f"{d.name}.img" for d in disks.values()}
-    exists = [str(p) for p in targets.values() if p.exists()]
-    if exists:
-        raise StorageError(f"{exists[0]} exists; restore into an empty directory")
-    partial = {name: p.with_name(p.name + ".partial") for name, p in targets.items()}
+    try:
+        if root is not None and not inside(Path(f"/proc/self/fd/{dfd}"), root):
+            raise FormatError(f"{out_dir} is outside the target's restore_dir ({root})")
+        return _restore_into(store, select, out_dir, dfd, progress)
+    finally:
+        os.close(dfd)
+
+
+def _restore_into(store: PolicyStore, select: Callable[[], Point], out_dir: Path, dfd: int,
+                  progress: Progress | None) -> Restored:
+    disks = store.state.disks
+    names = {d.name: f"{d.name}.img" for d in disks.values()}
+    for name in names.values():
+        if _lexists(name, dfd):
+            raise StorageError(f"{out_dir / name} exists; restore into an empty directory")
+    partial = {disk: f"{name}.partial" for disk, name in names.items()}
     try:
         with store.paused():
             point = select()
             method, total = write_point(store, point,
                                         {i: partial[d.name] for i, d in disks.items()},
-                                        progress)
-        for name, p in partial.items():
-            os.rename(p, targets[name])
-        fsync_dir(out_dir)
+                                        progress, dir_fd=dfd)
+        for disk, name in names.items():
+            os.link(partial[disk], name, src_dir_fd=dfd, dst_dir_fd=dfd,
+                    follow_symlinks=False)   # never replaces: EEXIST if one appeared
+        os.fsync(dfd)
         if progress is not None:
             progress("done", total, total)
     except OSError as exc:
@@ -314,10 +348,27 @@ def restore_images(store: PolicyStore, select: Callable[[], Point], out_dir: Pat
     finally:
         for p in partial.values():
             with contextlib.suppress(OSError):
-                p.unlink()
+                os.unlink(p, dir_fd=dfd)
     log.info("restored point %d into %s (%s copy)", point.id, out_dir, method,
              extra={"policy": store.dir.name, "seq": point.last_seq})
-    return Restored(point, targets, method)
+    return Restored(point, {d: out_dir / n for d, n in names.items()}, method)
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def create_image(name: str, dir_fd: int) -> int:
+    """A new image file `name` in `dir_fd`, 0600, never through a symlink: a leftover
+    of that name (a crashed restore's, or a planted link) is unlinked first."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+    return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o600, dir_fd=dir_fd)
 
 
 # ---------------------------------------------------------------- failover

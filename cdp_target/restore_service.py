@@ -55,8 +55,11 @@ def point_pb(cat: P.Catalog, p: P.Point) -> pb.PointInfo:
 
 
 class RestoreService(pgrpc.RestorePointsServicer):
-    def __init__(self, target: TargetService) -> None:
+    def __init__(self, target: TargetService, restore_dir: Path | None = None) -> None:
+        """`restore_dir`: the only directory Restore writes under (None: anywhere, for
+        tests of the service alone; the daemon passes [target] restore_dir)."""
         self.target = target
+        self.restore_dir = restore_dir
         self.failovers: dict[str, Failover] = {}
         self._ticker: asyncio.Task[None] | None = None
 
@@ -106,8 +109,11 @@ class RestoreService(pgrpc.RestorePointsServicer):
     # ------------------------------------------------------------ retention
 
     def on_assignments(self, node_id: str) -> Callable[[cpb.AssignmentSet], Awaitable[None]]:
-        """The CoordinatorClient callback: persist each policy's retention as assigned."""
+        """The CoordinatorClient callback: which policies are assigned here (only they
+        get a new store: TargetService.set_assigned), and each one's retention."""
         async def update(aset: cpb.AssignmentSet) -> None:
+            self.target.set_assigned({a.policy for a in aset.assignments
+                                      if a.target.node_id == node_id})
             for a in aset.assignments:
                 if a.target.node_id != node_id or not a.short_term_retention_s:
                     continue
@@ -214,8 +220,9 @@ class RestoreService(pgrpc.RestorePointsServicer):
             if not request.out_dir or not out.is_absolute():
                 raise FormatError(f"out_dir {request.out_dir!r}: an absolute path on the target "
                                   f"host is needed")
+            root = self.restore_dir
             async for msg in self._stream(lambda prog: restore_images(rt.local, select, out,
-                                                                      prog)):
+                                                                      prog, root)):
                 yield msg
         except CdpError as exc:
             await rpc.abort(context, exc)

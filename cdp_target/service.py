@@ -16,11 +16,27 @@ touches the store. Blocking store calls run through `in_thread`, which lets a
 cancelled caller go only once its thread is done, so two threads never work
 on one policy's receive path at once.
 
+Bounds (issue 10): the open's disks must be positive multiples of 4096 no
+larger than `max_disk_bytes`, checked before anything is created; a new
+policy's store is created only for a policy assigned to this target (see
+`set_assigned`), and a refused creation leaves nothing behind
+(cdp_target.store.LocalStores.open). A delta whose chunk payload would pass
+`max_delta_bytes` ends the stream before that chunk is written (the partial
+delta is discarded, as for a broken stream). The first message must come
+within the node's first-message deadline (cdp_common.limits).
+
+Quarantine: a store that fails to open at start-up does not stop the
+daemon; it is kept aside (`quarantined`, with the reason), reported in error
+in every heartbeat, and Apply for it is refused (FAILED_PRECONDITION) until
+an operator repairs its directory and restarts the target.
+
 Status codes: INVALID_ARGUMENT for malformed streams or chunks (the partial
 delta is discarded), FAILED_PRECONDITION for a fenced epoch, a replaced
-stream or disks that contradict the replicas, ABORTED for a seq gap,
-UNAVAILABLE for storage failures and shutdown (transient: the sender
-reconnects and resends from durable_seq).
+stream, disks that contradict the replicas, a quarantined store or a policy
+not assigned here, ABORTED for a seq gap, UNAVAILABLE for storage failures,
+shutdown and a new policy before any assignment was seen (transient: the
+sender reconnects and resends from durable_seq), DEADLINE_EXCEEDED for a
+stream without a first message.
 """
 
 from __future__ import annotations
@@ -36,9 +52,10 @@ from typing import Protocol
 
 import grpc
 
-from cdp_common import rpc
+from cdp_common import limits, rpc
 from cdp_common.aio import in_thread
 from cdp_common.backoff import Backoff
+from cdp_common.config import MAX_DISK_BYTES, TargetSection
 from cdp_common.delta import Extent
 from cdp_common.errors import (
     CdpError,
@@ -55,7 +72,7 @@ from cdp_target.applier import OnCorrupt
 from cdp_target.gaps import GapBook
 from cdp_target.repair import Repairer
 from cdp_target.store import POLICY_NAME, LocalStores, PolicyStore
-from cdp_target.storestate import DiskSpec, StoreState
+from cdp_target.storestate import DiskSpec, StoreState, check_disk_bounds
 from cdp_target.undostore import RetentionOverride
 
 __all__ = ["PolicyRuntime", "ReplicaStore", "ReplicaStores", "TargetService"]
@@ -63,6 +80,7 @@ __all__ = ["PolicyRuntime", "ReplicaStore", "ReplicaStores", "TargetService"]
 log = logging.getLogger("target.service")
 
 APPLY_RETRY_MAX_S = 30.0
+MAX_DELTA_BYTES: int = TargetSection.__dataclass_fields__["max_delta_bytes"].default  # type: ignore[assignment]
 
 
 class ReplicaStore(Protocol):
@@ -170,6 +188,18 @@ class RefusedError(CdpError, grpc_status="FAILED_PRECONDITION"):
     """The policy refuses Apply streams (a failover holds it)."""
 
 
+class QuarantinedError(RefusedError):
+    """The policy's store failed to open at start-up; it is kept aside until repaired."""
+
+
+class NotAssignedError(RefusedError):
+    """The coordinator has not assigned the policy to this target: no store is created."""
+
+
+class DeltaTooLargeError(ProtocolError):
+    """A delta larger than the target's max_delta_bytes; it is discarded."""
+
+
 @dataclass(eq=False)
 class _Stream:
     epoch: int
@@ -242,25 +272,58 @@ class TargetService(rgrpc.TargetServicer):
 
     def __init__(self, data_dir: str | Path,
                  retention_override: RetentionOverride | None = None,
-                 stores: ReplicaStores | None = None) -> None:
+                 stores: ReplicaStores | None = None, *,
+                 max_disk_bytes: int = MAX_DISK_BYTES,
+                 max_delta_bytes: int = MAX_DELTA_BYTES,
+                 require_assignment: bool = False) -> None:
         """`retention_override`: the target-wide retention ([target] config) for every
         policy (UndoStore); `stores`: where the stores come from (default: the
-        files under `data_dir`)."""
+        files under `data_dir`); `max_disk_bytes`, `max_delta_bytes`: the bounds
+        of the [target] config; `require_assignment`: create stores only for
+        policies the coordinator assigned here (`set_assigned`; the daemon sets
+        it; False lets any policy in, for tests of the service alone)."""
         self.data_dir = Path(data_dir)
         self.stores: ReplicaStores = stores if stores is not None else LocalStores(
             self.data_dir, retention_override=retention_override)
+        self.max_disk_bytes = max_disk_bytes
+        self.max_delta_bytes = max_delta_bytes
+        self.require_assignment = require_assignment
+        self.assigned: set[str] | None = None
+        """The policies assigned here; None until the first assignment set."""
         self.policies: dict[str, PolicyRuntime] = {}
+        self.quarantined: dict[str, str] = {}
+        """Policies whose store failed to open at start-up -> why."""
         self._create_lock = asyncio.Lock()
         self._closed = False
 
     # ------------------------------------------------------------ lifecycle
 
     async def open_existing(self) -> None:
-        """Open every policy store and start applying its pending deltas."""
+        """Open every policy store and start applying its pending deltas; a store that
+        fails to open is quarantined (the others keep running)."""
         for name in await in_thread(self.stores.existing):
-            store = await in_thread(self.stores.open, name, None)
+            try:
+                store = await in_thread(self.stores.open, name, None)
+            except (CdpError, OSError) as exc:
+                self.quarantined[name] = str(exc)
+                log.error("policy store quarantined: %s", exc, extra={"policy": name})
+                continue
             self._add(name, store)
             log.info("opened policy store", extra={"policy": name, "seq": store.durable_seq})
+
+    def set_assigned(self, policies: set[str]) -> None:
+        """The policies the coordinator assigns to this target (each assignment set).
+
+        Until the first call no new store is created (UNAVAILABLE: the sender
+        retries), while existing stores keep working: a coordinator that is
+        down does not stop replication, and a target that has not heard from
+        it cannot tell a rightful new policy from a forged one. A store of a
+        policy that is no longer assigned is kept (its restore points stay
+        restorable); only new stores need the assignment."""
+        self.assigned = set(policies)
+
+    def quarantine_reason(self, policy: str) -> str:
+        return self.quarantined.get(policy, "")
 
     async def close(self) -> None:
         """Stop streams and apply workers (an apply in progress finishes its delta)."""
@@ -299,6 +362,12 @@ class TargetService(rgrpc.TargetServicer):
             if rt is None:
                 if not disks:
                     raise InvalidRequestError(f"policy {policy}: open names no disks")
+                if self.require_assignment and self.assigned is None:
+                    raise UnavailableError(f"policy {policy}: no assignment received from the "
+                                           f"coordinator yet; a new policy store waits for it")
+                if self.require_assignment and policy not in (self.assigned or ()):
+                    raise NotAssignedError(f"policy {policy} is not assigned to this target; "
+                                           f"no store is created")
                 store = await in_thread(self.stores.open, policy, disks)
                 log.info("created policy store", extra={"policy": policy})
                 return self._add(policy, store)
@@ -344,7 +413,7 @@ class TargetService(rgrpc.TargetServicer):
         rt: PolicyRuntime | None = None
         me: _Stream | None = None
         try:
-            first = await anext(aiter(request_iterator), None)
+            first = await limits.first_message(aiter(request_iterator), "Apply stream")
             if first is None or first.WhichOneof("body") != "open":
                 raise ProtocolError("the first message of an Apply stream must be open")
             rt, me = await self._open(first.open, context.peer())
@@ -379,6 +448,11 @@ class TargetService(rgrpc.TargetServicer):
                 raise InvalidRequestError(
                     f"policy {req.policy}: disk id {d.disk_id} listed twice")
             disks[d.disk_id] = DiskSpec(d.name, d.size_bytes)
+        check_disk_bounds(req.policy, disks, self.max_disk_bytes)
+        if req.policy in self.quarantined:
+            raise QuarantinedError(f"policy {req.policy}: store quarantined at start-up "
+                                   f"({self.quarantined[req.policy]}); repair it and restart "
+                                   f"the target")
         rt = await self._runtime(req.policy, disks)
         if rt.refusal:
             raise RefusedError(rt.refusal)
@@ -437,6 +511,11 @@ class TargetService(rgrpc.TargetServicer):
                     raise ProtocolError(f"policy {rt.name}: chunk {c.index} of delta "
                                         f"[{c.first_seq}, {c.last_seq}] does not continue "
                                         f"chunk {next_index - 1} of delta {list(current)}")
+                if payload + len(c.extents) > self.max_delta_bytes:
+                    raise DeltaTooLargeError(
+                        f"policy {rt.name}: delta [{c.first_seq}, {c.last_seq}] passes "
+                        f"max_delta_bytes ({self.max_delta_bytes}) at chunk {c.index}; "
+                        f"discarded")
                 await in_thread(rt.store.add_chunk, c.extents)
                 next_index += 1
                 payload += len(c.extents)

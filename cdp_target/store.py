@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ from cdp_target.storestate import (
     load_state,
     save_state,
 )
-from cdp_target.undostore import RetentionOverride, UndoStore
+from cdp_target.undostore import RETENTION_FILE, RetentionOverride, UndoStore
 
 __all__ = ["POLICY_NAME", "QUARANTINE_DIR", "STATE_FILE", "CorruptDeltaError", "DeltaReader",
            "DiskMismatchError", "DiskSpec", "LocalStores", "PolicyStore", "StoreState",
@@ -212,20 +213,23 @@ class PolicyStore:
     def set_disks(self, disks: Mapping[int, DiskSpec]) -> None:
         """Check announced disks against the recorded ones, add new ones, open replicas."""
         added = check_disks(str(self.dir), self.state.disks, disks)
+        with self._apply_lock:  # replicas first: a disk that cannot be made is never recorded
+            for disk_id, spec in {**self.state.disks, **added}.items():
+                if disk_id not in self._fds:
+                    self._fds[disk_id] = self._open_replica(spec, create=disk_id in added)
         if added:
             with self._state_lock:
                 self.state.disks.update(added)
                 self._write_state_locked()
-        with self._apply_lock:
-            for disk_id, spec in self.state.disks.items():
-                if disk_id not in self._fds:
-                    self._fds[disk_id] = self._open_replica(spec)
 
-    def _open_replica(self, spec: DiskSpec) -> int:
+    def _open_replica(self, spec: DiskSpec, create: bool = False) -> int:
+        """Open a disk's replica; only a disk not recorded yet (`create`) may make one:
+        a recorded disk's replica was made (and fsynced) before the state named it,
+        so a missing one is an error (the store is quarantined), never silent zeros."""
         path = self.replicas_dir / f"{spec.name}.img"
         io = self.io
         try:
-            fd = io.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = io.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
             size = os.fstat(fd).st_size
             if size < spec.size_bytes:
                 io.ftruncate(fd, spec.size_bytes)  # sparse
@@ -481,5 +485,31 @@ class LocalStores:
             raise storage_error(f"{self.data_dir}: cannot open data dir", exc) from None
 
     def open(self, policy: str, disks: Mapping[int, DiskSpec] | None) -> PolicyStore:
-        return PolicyStore.open(self.data_dir / policy, disks, False, io=self.io,
-                                retention_override=self.retention_override)
+        """Open a policy's store; creating a new one that fails leaves nothing behind
+        (its directory is removed), so a refused policy cannot break the next start."""
+        directory = self.data_dir / policy
+        new = not (directory / STATE_FILE).exists()
+        existed = directory.exists()
+        try:
+            return PolicyStore.open(directory, disks, False, io=self.io,
+                                    retention_override=self.retention_override)
+        except BaseException:
+            if new:
+                self._discard_new(directory, existed)
+            raise
+
+    def _discard_new(self, directory: Path, existed: bool) -> None:
+        """Remove what a failed creation made: everything, or (when the directory held
+        a retention.json already, cdp_target.restore_service) all but that."""
+        with contextlib.suppress(OSError):
+            if not existed:
+                shutil.rmtree(directory)
+            else:
+                for p in directory.iterdir():
+                    if p.name == RETENTION_FILE:
+                        continue
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+            self.io.fsync_dir(self.data_dir)

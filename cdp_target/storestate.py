@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp_common import statefile
-from cdp_common.errors import FencedError, FormatError, ProtocolError
+from cdp_common.errors import FencedError, FormatError, InvalidRequestError, ProtocolError
 from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.names import NAME_RE
 
@@ -137,6 +137,20 @@ def check_disks(where: str, recorded: Mapping[int, DiskSpec],
             raise DiskMismatchError(f"disk name {spec.name!r} is already used by disk "
                                     f"{names[spec.name]}")
     return {i: s for i, s in announced.items() if i not in recorded}
+
+
+def check_disk_bounds(policy: str, disks: Mapping[int, DiskSpec], max_disk_bytes: int) -> None:
+    """Announced disk sizes are positive multiples of 4096, at most `max_disk_bytes`
+    (InvalidRequestError), checked before any store is opened or created."""
+    for disk_id, spec in sorted(disks.items()):
+        if spec.size_bytes > max_disk_bytes:
+            raise InvalidRequestError(
+                f"policy {policy}: disk {disk_id} ({spec.name!r}) of {spec.size_bytes} bytes "
+                f"is larger than this target's max_disk_bytes ({max_disk_bytes})")
+        if spec.size_bytes <= 0 or spec.size_bytes % 4096:
+            raise InvalidRequestError(
+                f"policy {policy}: disk {disk_id} ({spec.name!r}): size must be a positive "
+                f"multiple of 4096, got {spec.size_bytes}")
 
 
 def check_epoch(policy: str, epoch: int, seen: int) -> bool:

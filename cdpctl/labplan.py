@@ -138,6 +138,7 @@ class LabPlan:
             "coordinator": self.coordinator,
             "tls": self.tls(CLI_CERT),
             "mountpoint": str(self.mountpoint),
+            "restore_dir": str(self.root / "restores"),
             "processes": [
                 {"id": n.id, "role": n.role, "pid": pids[n.id], "address": n.address,
                  "metrics_address": n.metrics_address, "config": str(n.config),
@@ -199,7 +200,7 @@ def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
         }),
         TARGET_ID: ("target", "cdp_target", {
             "node": node_section(TARGET_ID),
-            "target": {"data_dir": str(target_data)},
+            "target": {"data_dir": str(target_data), "restore_dir": str(root / "restores")},
         }),
         TARGET_PROXY_ID: ("target-proxy", "cdp_proxy", {
             "node": node_section(TARGET_PROXY_ID),

@@ -416,18 +416,21 @@ def register(sub: Subparsers, ctx: Context) -> None:
             id, --time the newest point at or before an ISO 8601 time (UTC when no
             zone is given), --latest (the default) the newest. --loop also attaches
             each image as a read-only loop device and prints it; detach with
-            `losetup -d DEVICE`. Progress goes to stderr for long copies. DIR must not
-            hold the images already. Replication goes on meanwhile; applying new
-            deltas to the replica pauses during the copy."""),
+            `losetup -d DEVICE`. Progress goes to stderr for long copies. DIR must be
+            under the target's [target] restore_dir (the lab's: <lab>/restores) and
+            must not hold the images already; images are created 0600, never through
+            a symlink. Replication goes on meanwhile; applying new deltas to the
+            replica pauses during the copy."""),
         epilog=epilog("""\
-            cdpctl restore lab --latest --out /srv/restore
-            cdpctl restore lab --point 1234 --out /srv/restore --loop
-            cdpctl restore lab --time 2024-05-01T12:30:00Z --out /srv/r --json""",
+            cdpctl restore lab --latest --out /srv/restore/lab-1
+            cdpctl restore lab --point 1234 --out /srv/restore/lab-2 --loop
+            cdpctl restore lab --time 2024-05-01T12:30:00Z --out /srv/restore/r --json""",
                       notes))
     p.add_argument("policy", metavar="POLICY")
     _point_args(p, latest=True)
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="directory on the target host for the images")
+                   help="directory on the target host for the images, under its "
+                        "restore_dir")
     p.add_argument("--loop", action="store_true", help="attach read-only loop devices")
     common(p)
     p.set_defaults(func=cmd_restore)

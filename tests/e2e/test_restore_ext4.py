@@ -72,7 +72,7 @@ def test_every_restored_point_of_ext4_and_sqlite_checks_clean(lab: Any, tmp_path
     step = max(1, len(pts) // MAX_POINTS)
     chosen = [*pts[::step][:MAX_POINTS - 1], pts[-1]]
     for p in chosen:
-        out = tmp_path / f"r{p['id']}"
+        out = Path(handle.info["restore_dir"]) / f"r{p['id']}"  # the target's restore_dir
         doc = json.loads(handle.cli("restore", "lab", "--point", str(p["id"]), "--out",
                                     str(out), "--json", check=True).stdout)
         image = Path(doc["images"][0]["path"])

@@ -121,7 +121,7 @@ def sample(points: list[dict[str, Any]],
 
 
 def restore_matches(handle: Any, tmp: Path, point: dict[str, Any], want: str) -> None:
-    out = tmp / f"restore-{point['id']}"
+    out = Path(handle.info["restore_dir"]) / f"restore-{point['id']}"  # the target's restore_dir
     done = handle.cli("restore", POLICY, "--point", str(point["id"]), "--out", str(out),
                       "--json", check=True)
     doc = json.loads(done.stdout)

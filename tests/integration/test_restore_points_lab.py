@@ -126,7 +126,7 @@ def restore_and_compare(handle: Any, tmp: Path, pts: list[dict[str, Any]],
     """`cdpctl restore` of every point (a few CLI processes at a time), each image
     compared byte for byte with the oracle's prefix image at its last_seq."""
     def restore(p: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        out = tmp / f"restore-{p['id']}-{time.monotonic_ns()}"
+        out = Path(handle.info["restore_dir"]) / f"restore-{p['id']}-{time.monotonic_ns()}"
         done = handle.cli("restore", "lab", "--point", str(p["id"]), "--out", str(out),
                           "--json", check=True)
         return p, json.loads(done.stdout)

@@ -21,9 +21,11 @@ CLASSES = {"coordinator": CoordinatorConfig, "filter": FilterConfig, "source-pro
 
 
 def materialize(plan: labplan.LabPlan) -> None:
-    """Write configs and stand-in TLS files, as `lab up` would (validation wants them)."""
+    """Write configs, stand-in TLS files and a master key, as `lab up` would (validation
+    wants them; the proxies' master key must be well-formed)."""
     for d in plan.dirs:
         d.mkdir(parents=True, exist_ok=True)
+    plan.key_file.write_text("00" * 32 + "\n")
     for node in [*plan.nodes]:
         node.config.write_text(node.config_text)
         if not plan.insecure:

@@ -352,3 +352,30 @@ async def test_an_fsync_failure_is_not_forgotten(tmp_path: Path) -> None:
     assert again.last_seq == 4
     again.sync()
     again.close()
+
+
+def test_a_failed_fsync_is_the_policys_reported_error(tmp_path: Path) -> None:
+    """The sticky fsync failure is visible: the filter's heartbeat PolicyReport.error
+    says the journal failed its fsync and needs a restart (so `cdpctl health` is not
+    OK), and stays so while later syncs would succeed."""
+    from cdp_filter.policy import PolicyRuntime
+
+    io = FsyncFailsOnce()
+    j = Journal.open(str(tmp_path / "j"), 1 << 20, 1 << 30, policy="p", io=io)
+    rt = PolicyRuntime("p", j, [])
+    fill(j, 2)
+    assert j.sync_failure == "" and rt.report().error == ""
+    with pytest.raises(StorageError, match="fsync failed"):
+        j.sync()
+    fill(j, 1)
+    with contextlib.suppress(StorageError):
+        j.sync()
+    report = rt.report()
+    assert "fsync failed" in report.error and "restart the filter" in report.error
+    assert report.error == j.sync_failure
+    rt.error = "some later, lesser error"
+    assert "fsync failed" in rt.report().error
+    j.close()
+    again = open_j(tmp_path / "j")          # the restart clears it
+    assert again.sync_failure == "" and PolicyRuntime("p", again, []).report().error == ""
+    again.close()

@@ -435,3 +435,38 @@ async def test_a_rotated_ring_reopens_the_session_under_the_new_key() -> None:
     assert target.images(POLICY) == w.oracle
     f.send(None)
     assert await f.ended() == (None, "")
+
+
+async def test_one_inflight_budget_for_the_whole_proxy() -> None:
+    """Two sessions, each allowed 2 MiB in flight, share a 512 KiB proxy-wide budget:
+    together they stop reading at about the budget (plus one open interval and one
+    batch each), not at twice the per-session cap; acks free it for both."""
+    target = MemoryTarget(RING)
+    target.hold_acks()
+    p = proxy(target, inflight_max_bytes=2 << 20, proxy_inflight_max_bytes=512 << 10,
+              interval_max_bytes=256 << 10)
+    writers, filters = {}, {}
+    for name in ("pol-a", "pol-b"):
+        f = filters[name] = Filter(p)
+        h = hello().hello
+        h.policy = name
+        f.send(rpb.ShipRequest(hello=h))
+        assert await welcome(f) == 0
+        w = writers[name] = Writer()
+        for i in range(60):  # 60 x 64 KiB of incompressible data per session
+            f.send(rpb.ShipRequest(batch=rpb.RecordBatch(
+                records=w.record(0, (i % 16) * 65536, os.urandom(65536)))))
+    await asyncio.sleep(0.8)
+    pulled = sum(f.pulled for f in filters.values())
+    # 2 hellos + the budget (8 batches) + one open interval (4) and one batch each
+    assert pulled <= 2 + 8 + 2 * (4 + 1), pulled
+    assert p.budget.full()
+    target.release_acks()
+    for name, f in filters.items():
+        await f.acks_until(writers[name].seq)
+        assert f.pulled == 1 + 60
+        assert target.images(name)[0] == writers[name].oracle[0]
+    for f in filters.values():
+        f.send(None)
+        assert (await f.ended())[0] is None
+    assert p.budget.used == 0

@@ -312,6 +312,13 @@ class FakeCoordinator(cgrpc.CoordinatorServicer):
         self.reports = list(request.policies)
         return cpb.HeartbeatReply(known=True)
 
+    async def WatchAssignments(self, request: cpb.WatchRequest,
+                               context: grpc.aio.ServicerContext,
+                               ) -> AsyncIterator[cpb.AssignmentSet]:
+        yield cpb.AssignmentSet(assignments=[cpb.Assignment(
+            policy="p1", epoch=1, target=cpb.Endpoint(node_id="target-1"))])
+        await asyncio.Event().wait()   # the set stays current
+
 
 async def test_daemon_serves_and_reports(tmp_path: Path) -> None:
     coord = FakeCoordinator()
@@ -325,8 +332,16 @@ async def test_daemon_serves_and_reports(tmp_path: Path) -> None:
     task = asyncio.create_task(daemon.run())
     try:
         await asyncio.wait_for(daemon.ready.wait(), 10)
+        await eventually(lambda: daemon.service.assigned == {"p1"})
         async with rpc.channel(daemon.address, TLS, MSG) as ch:
             stub = rgrpc.TargetStub(ch)
+            stray = stub.Apply()   # only assigned policies get a store
+            await stray.write(open_req(policy="p2"))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stray.read()
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "not assigned to this target" in (refused.value.details() or "")
+            assert not (tmp_path / "data" / "p2").exists()
             call = stub.Apply()
             await call.write(open_req())
             assert (await call.read()).opened.durable_seq == 0
