@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cdp_common.assignsig import load_optional_verifier, load_signer
 from cdp_common.crypto import load_master_key
 from cdp_common.errors import ConfigError
 from cdp_common.names import is_name
@@ -53,6 +54,10 @@ class TlsConfig:
     ca_file: str = doc("PEM file of the CA that signs every node certificate.", "")
     cert_file: str = doc("PEM certificate of this node.", "")
     key_file: str = doc("PEM private key of this node.", "")
+    assignment_key_file: str = doc("The coordinator's Ed25519 public key (PEM): assignments "
+                                   "and sessions are accepted only when signed by it. "
+                                   "Required on filters, proxies and targets unless "
+                                   "tls.insecure = true; unused by the coordinator.", "")
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,9 @@ class CoordinatorSection:
     heartbeat_ms: int = doc("Heartbeat period asked of every node.", 1000)
     lease_ms: int = doc("A node is down when no heartbeat arrived for this long.", 3000)
     max_disk_bytes: int = doc("Largest disk size a policy may have.", MAX_DISK_BYTES)
+    signing_key_file: str = doc("Ed25519 private key (PEM) the coordinator signs assignments "
+                                "with (`cdpctl pki signing-key`); required unless "
+                                "tls.insecure = true.", "")
 
 
 @dataclass(frozen=True)
@@ -356,6 +364,9 @@ def validate(config: Any) -> None:
             if not Path(getattr(tls, name)).is_file():
                 raise ConfigError(f"tls.{name}: {getattr(tls, name)} does not exist")
             _readable(getattr(tls, name), f"tls.{name}")
+    if isinstance(tls, TlsConfig) and not isinstance(config, CoordinatorConfig) \
+            and (tls.assignment_key_file or not tls.insecure):
+        load_optional_verifier(tls.assignment_key_file, tls.insecure)
     if isinstance(config, FilterConfig):
         _validate_filter(config)
     elif isinstance(config, ProxyConfig):
@@ -444,6 +455,11 @@ def _validate_coordinator(config: CoordinatorConfig) -> None:
     if c.lease_ms <= c.heartbeat_ms:
         raise ConfigError("coordinator.lease_ms: must be longer than coordinator.heartbeat_ms")
     _between(c.max_disk_bytes, 4096, 2**62, "coordinator.max_disk_bytes")
+    if c.signing_key_file or not config.tls.insecure:
+        if not c.signing_key_file:
+            raise ConfigError("coordinator.signing_key_file: required unless tls.insecure = true"
+                              " (create one with `cdpctl pki signing-key`)")
+        load_signer(c.signing_key_file)
     names: set[str] = set()
     for i, p in enumerate(config.policies):
         where = f"policies[{i}]"

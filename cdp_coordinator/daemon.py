@@ -4,12 +4,14 @@ store, the Coordinator service, its ticker (leases, rebinds) and metrics."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 from prometheus_client import Counter, Gauge
 
-from cdp_common import node
+from cdp_common import assignsig, node
 from cdp_common.config import CoordinatorConfig
+from cdp_common.errors import ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdp_common.states import NodeState
 from cdp_coordinator.service import CoordinatorService
@@ -17,6 +19,7 @@ from cdp_coordinator.store import SqliteStore
 
 NODES = Gauge("cdp_coordinator_nodes", "Registered nodes by state.", ["state"])
 REBINDS = Counter("cdp_coordinator_rebinds", "Times a bound proxy or target was lost or replaced.")
+log = logging.getLogger("coord.daemon")
 RPO_LAG = Gauge("cdp_coordinator_rpo_lag_seconds", "RPO lag per policy.", ["policy"])
 EPOCH = Gauge("cdp_coordinator_policy_epoch", "Current assignment epoch per policy.", ["policy"])
 
@@ -34,7 +37,18 @@ class CoordinatorDaemon(node.NodeDaemon):
 
     async def open(self, node: node.Node) -> None:
         self.store = SqliteStore(self.config.coordinator.db_path)
-        self.service = CoordinatorService(self.config, self.store)
+        self.service = CoordinatorService(self.config, self.store, signer=self._signer())
+
+    def _signer(self) -> assignsig.Signer | None:
+        path, insecure = self.config.coordinator.signing_key_file, self.config.tls.insecure
+        if not path and insecure:
+            log.warning("no coordinator.signing_key_file: assignments are not signed "
+                        "(tls.insecure lab mode only)", extra={"node": self.config.node.id})
+            return None
+        if not path:
+            raise ConfigError("coordinator.signing_key_file: required unless tls.insecure = "
+                              "true (create one with `cdpctl pki signing-key`)")
+        return assignsig.load_signer(path)
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
         assert self.service is not None

@@ -42,7 +42,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cdp_common import rpc
+from cdp_common import assignsig, rpc
 from cdp_common.config import CoordinatorConfig, PolicyConfig, build_policy
 from cdp_common.errors import (
     AlreadyExistsError,
@@ -52,6 +52,7 @@ from cdp_common.errors import (
     NotFoundError,
     UnavailableError,
 )
+from cdp_common.pb.cdp.v1 import assignment_pb2 as apb
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdp_common.states import AlarmKind
@@ -86,8 +87,23 @@ def _endpoint(e: Endpoint) -> cpb.Endpoint:
     return cpb.Endpoint(node_id=e.node_id, address=e.address)
 
 
-def assignment_pb(a: Assignment, p: PolicyConfig, sync_request_id: int = 0) -> cpb.Assignment:
+def claims_pb(a: Assignment, p: PolicyConfig) -> apb.AssignmentClaims:
+    """What the coordinator vouches for in assignment `a` (cdp_common.assignsig)."""
+    return apb.AssignmentClaims(
+        policy=a.policy, epoch=a.epoch,
+        filter_id=a.filter.node_id, filter_address=a.filter.address,
+        source_proxy_id=a.source_proxy.node_id, source_proxy_address=a.source_proxy.address,
+        target_proxy_id=a.target_proxy.node_id, target_proxy_address=a.target_proxy.address,
+        target_id=a.target.node_id, target_address=a.target.address,
+        encryption=p.encryption,
+        disks=[apb.ClaimedDisk(disk_id=i, filter=d.filter, name=d.name, size_bytes=d.size_bytes)
+               for i, d in enumerate(p.disks)])
+
+
+def assignment_pb(a: Assignment, p: PolicyConfig, sync_request_id: int = 0,
+                  signer: assignsig.Signer | None = None) -> cpb.Assignment:
     return cpb.Assignment(
+        signed=signer.sign(claims_pb(a, p)) if signer is not None else None,
         policy=a.policy, epoch=a.epoch, filter=_endpoint(a.filter),
         source_proxy=_endpoint(a.source_proxy), target_proxy=_endpoint(a.target_proxy),
         target=_endpoint(a.target),
@@ -179,8 +195,10 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     def __init__(self, config: CoordinatorConfig, store: StateStore,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
-                 probe: Probe | None = None) -> None:
+                 probe: Probe | None = None, signer: assignsig.Signer | None = None) -> None:
         self.config = config
+        self.signer = signer
+        """Signs every assignment sent (None: unsigned, only with tls.insecure)."""
         self.store = store
         self.clock = clock
         self.wall = wall
@@ -237,7 +255,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     def assignment_set(self, node_id: str) -> cpb.AssignmentSet:
         return cpb.AssignmentSet(assignments=[
             assignment_pb(a, self.state.policies[a.policy],
-                          self.state.sync_requests.get(a.policy, 0))
+                          self.state.sync_requests.get(a.policy, 0), self.signer)
             for a in self.state.assignments_for(node_id)])
 
     async def ticker(self, period_s: float = TICK_S) -> None:

@@ -279,7 +279,8 @@ class Shipper:
             target_proxy_address=a.target_proxy.address, target_address=a.target.address,
             rpo_interval_s=a.rpo_interval_s, compression_level=a.compression_level,
             encryption=a.encryption, captured_seq=self.rt.journal.last_seq,
-            bandwidth_limit_mbps=a.bandwidth_limit_mbps, target_proxy_id=a.target_proxy.node_id)
+            bandwidth_limit_mbps=a.bandwidth_limit_mbps, target_proxy_id=a.target_proxy.node_id,
+            assignment=a.signed)
 
     async def _stream(self, a: cpb.Assignment) -> None:
         rt, journal = self.rt, self.rt.journal

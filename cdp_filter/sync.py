@@ -297,7 +297,8 @@ class Syncer:
                     policy=rt.name, disk_id=d.disk_id, offset=core.offset, length=0,
                     region_bytes=region, algorithm=digest.ALGORITHM,
                     target_proxy_address=a.target_proxy.address,
-                    target_address=a.target.address), timeout=CALL_TIMEOUT_S)
+                    target_address=a.target.address, assignment=a.signed),
+                    timeout=CALL_TIMEOUT_S)
                 try:
                     async for reply in call:
                         if core.id != sync_id or core.phase != "compare":

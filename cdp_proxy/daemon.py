@@ -20,7 +20,7 @@ import logging
 
 import grpc
 
-from cdp_common import node
+from cdp_common import assignsig, node
 from cdp_common.config import ProxyConfig
 from cdp_common.crypto import load_key_ring
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
@@ -44,15 +44,22 @@ class ProxyDaemon(node.NodeDaemon):
         # ConfigError (exit code 2, one line) if the key file is missing or bad
         self.keys = load_key_ring(proxy.key_file) if proxy.key_file else None
         self.errors = PolicyErrors()
+        # the coordinator's public key; ConfigError if TLS is on and it is missing or bad
+        verifier = assignsig.load_optional_verifier(config.tls.assignment_key_file,
+                                                    config.tls.insecure)
+        if verifier is None:
+            log.warning("no tls.assignment_key_file: sessions are not checked against signed "
+                        "assignments (tls.insecure lab mode only)",
+                        extra={"node": config.node.id})
         self.channels = Channels(config.tls, config.node.max_message_bytes)
         self.source: SourceProxy | None = None
         self.target: TargetProxy | None = None
         if proxy.role in ("source", "both"):
             self.source = SourceProxy(config.node.id, proxy, self.channels, self.keys,
-                                      self.errors)
+                                      self.errors, verifier=verifier)
         if proxy.role in ("target", "both"):
             self.target = TargetProxy(config.node.id, self.channels, self.keys,
-                                      self.errors)
+                                      self.errors, verifier=verifier)
         self._rate = metrics.ByteRate()
         self.node = node.Node(config, self, kind=f"proxy (role {proxy.role})",
                               role=ROLES[proxy.role], grace_s=SHUTDOWN_GRACE_S,

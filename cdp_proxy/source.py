@@ -64,12 +64,13 @@ from typing import Any
 
 import grpc
 
-from cdp_common import crypto, delta, limits, records
+from cdp_common import crypto, delta, identity, limits, records, rpc
+from cdp_common.assignsig import Verifier
 from cdp_common.config import ProxySection
-from cdp_common.errors import FormatError, ProtocolError, UnavailableError
+from cdp_common.errors import CdpError, FormatError, ProtocolError, UnavailableError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_proxy import digests, frames, metrics, throttle
+from cdp_proxy import binding, digests, frames, metrics, throttle
 from cdp_proxy.cutter import Delta, IntervalCutter
 from cdp_proxy.sink import (
     DeltaSink,
@@ -90,13 +91,16 @@ DEFAULT_RPO_S = 2.0
 class SourceProxy(rgrpc.SourceProxyServicer):
     def __init__(self, node_id: str, proxy: ProxySection, channels: Channels,
                  keys: crypto.KeyRing | None, errors: PolicyErrors | None = None,
-                 offload: bool = False, sinks: SinkFactory | None = None) -> None:
+                 offload: bool = False, sinks: SinkFactory | None = None,
+                 verifier: Verifier | None = None) -> None:
         self.node_id = node_id
         self.proxy = proxy
         self.channels = channels
         self.keys = keys
         """The master-key ring; new sessions seal with its current key (SIGHUP swaps it)."""
         self.errors = errors if errors is not None else PolicyErrors()
+        self.verifier = verifier
+        """Checks hellos against their signed assignments (None: insecure, unchecked)."""
         self.budget = limits.ByteBudget(proxy.proxy_inflight_max_bytes)
         """In-flight bytes of all sessions (the proxy-wide back-pressure)."""
         self.offload = offload
@@ -131,6 +135,11 @@ class SourceProxy(rgrpc.SourceProxyServicer):
     async def GetDigests(self, request: rpb.DigestRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.DigestReply]:
         """Relay to the target proxy (cdp_proxy/digests.py)."""
+        try:
+            binding.bind_digests(self.verifier, self.node_id, request, context,
+                                 identity.SOURCE_PROXY)
+        except CdpError as exc:
+            await rpc.abort(context, exc)
         async for reply in digests.relay(self.channels, request.target_proxy_address,
                                          "target proxy", request, context):
             yield reply
@@ -176,12 +185,13 @@ class _ShipSession(Session):
         self.policy = hello.policy
         keys = parent.keys  # one ring for the whole session, even across a SIGHUP
         check_hello(hello, keys)
+        binding.bind_hello(parent.verifier, parent.node_id, hello, self.context)
         self.captured_seq = hello.captured_seq
         opening = frames.seal_open(rpb.SessionOpen(
             policy=hello.policy, session_id=os.urandom(crypto.SESSION_ID_BYTES),
             epoch=hello.epoch, disks=list(hello.disks), source_proxy_id=parent.node_id,
             captured_seq=hello.captured_seq, encryption=hello.encryption,
-            target_address=hello.target_address), keys)
+            target_address=hello.target_address, assignment=hello.assignment), keys)
         self.sealer = frames.sealer_for(opening, keys, max(0, min(22, hello.compression_level)))
         parent.budget.watch(self._recheck_space)
         with self.counted():

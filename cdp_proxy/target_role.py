@@ -43,11 +43,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cdp_common import crypto
-from cdp_common.errors import AuthenticationError, FormatError, ProtocolError
+from cdp_common import crypto, identity, rpc
+from cdp_common.assignsig import Verifier
+from cdp_common.errors import AuthenticationError, CdpError, FormatError, ProtocolError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_proxy import digests, frames, metrics
+from cdp_proxy import binding, digests, frames, metrics
 from cdp_proxy.stream import Channels, Downstream, PolicyErrors, Session, StreamKind
 
 log = logging.getLogger("proxy.target")
@@ -57,8 +58,11 @@ QUEUE_FRAMES = 4
 
 class TargetProxy(rgrpc.TargetProxyServicer):
     def __init__(self, node_id: str, channels: Channels, keys: crypto.KeyRing | None,
-                 errors: PolicyErrors | None = None, offload: bool = False) -> None:
+                 errors: PolicyErrors | None = None, offload: bool = False,
+                 verifier: Verifier | None = None) -> None:
         self.node_id = node_id
+        self.verifier = verifier
+        """Checks session opens against their signed assignments (None: insecure)."""
         self.channels = channels
         self.keys = keys
         """The master-key ring: a session uses the key its open names (SIGHUP swaps it)."""
@@ -72,6 +76,11 @@ class TargetProxy(rgrpc.TargetProxyServicer):
     async def GetDigests(self, request: rpb.DigestRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.DigestReply]:
         """Relay to the target (cdp_proxy/digests.py)."""
+        try:
+            binding.bind_digests(self.verifier, self.node_id, request, context,
+                                 identity.TARGET_PROXY)
+        except CdpError as exc:
+            await rpc.abort(context, exc)
         async for reply in digests.relay(self.channels, request.target_address, "target",
                                          request, context):
             yield reply
@@ -93,6 +102,7 @@ class _ReplicateSession(Session):
         except AuthenticationError:
             metrics.AUTH_FAILURES.inc()
             raise
+        binding.bind_open(self.parent.verifier, self.parent.node_id, o, self.context)
         self.peer = f"target {o.target_address}"
         opener = frames.opener_for(o, keys)
         with self.counted():
@@ -100,7 +110,7 @@ class _ReplicateSession(Session):
                 rgrpc.TargetStub(self.parent.channels.get(o.target_address)).Apply(), self.peer)
             reply = await call.open(rpb.ApplyRequest(open=rpb.ApplyOpen(
                 policy=o.policy, epoch=o.epoch, disks=list(o.disks),
-                captured_seq=o.captured_seq)), "opened", "apply open")
+                captured_seq=o.captured_seq, assignment=o.assignment)), "opened", "apply open")
             durable = reply.opened.durable_seq
             self.gate = frames.FrameGate(opener, {d.disk_id: d.size_bytes for d in o.disks},
                                          durable)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import grpc
 
-from cdp_common import node
+from cdp_common import assignsig, node
 from cdp_common.config import TargetConfig, restore_dir_of
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
@@ -36,7 +36,10 @@ class TargetDaemon(node.NodeDaemon):
             "long_term_interval_s": t.long_term_interval_s,
             "long_term_retention_s": t.long_term_retention_s},
             max_disk_bytes=t.max_disk_bytes, max_delta_bytes=t.max_delta_bytes,
-            require_assignment=True)
+            require_assignment=True,
+            verifier=assignsig.load_optional_verifier(config.tls.assignment_key_file,
+                                                      config.tls.insecure),
+            node_id=config.node.id)
         self.restore = RestoreService(self.service, restore_dir_of(t))
         self.node = node.Node(config, self, kind="target", role=cpb.ROLE_TARGET,
                               grace_s=SHUTDOWN_GRACE_S,

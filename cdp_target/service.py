@@ -52,7 +52,7 @@ from typing import Protocol
 
 import grpc
 
-from cdp_common import limits, rpc
+from cdp_common import assignsig, limits, rpc
 from cdp_common.aio import in_thread
 from cdp_common.backoff import Backoff
 from cdp_common.config import MAX_DISK_BYTES, TargetSection
@@ -275,7 +275,8 @@ class TargetService(rgrpc.TargetServicer):
                  stores: ReplicaStores | None = None, *,
                  max_disk_bytes: int = MAX_DISK_BYTES,
                  max_delta_bytes: int = MAX_DELTA_BYTES,
-                 require_assignment: bool = False) -> None:
+                 require_assignment: bool = False,
+                 verifier: assignsig.Verifier | None = None, node_id: str = "") -> None:
         """`retention_override`: the target-wide retention ([target] config) for every
         policy (UndoStore); `stores`: where the stores come from (default: the
         files under `data_dir`); `max_disk_bytes`, `max_delta_bytes`: the bounds
@@ -288,6 +289,8 @@ class TargetService(rgrpc.TargetServicer):
         self.max_disk_bytes = max_disk_bytes
         self.max_delta_bytes = max_delta_bytes
         self.require_assignment = require_assignment
+        self.verifier, self.node_id = verifier, node_id
+        """Apply opens must carry a signed assignment naming `node_id` (None: insecure)."""
         self.assigned: set[str] | None = None
         """The policies assigned here; None until the first assignment set."""
         self.policies: dict[str, PolicyRuntime] = {}
@@ -416,7 +419,10 @@ class TargetService(rgrpc.TargetServicer):
             first = await limits.first_message(aiter(request_iterator), "Apply stream")
             if first is None or first.WhichOneof("body") != "open":
                 raise ProtocolError("the first message of an Apply stream must be open")
-            rt, me = await self._open(first.open, context.peer())
+            o = first.open
+            assignsig.check_apply(self.verifier, self.node_id, o.policy, o.epoch, o.assignment,
+                                  ((d.disk_id, d.size_bytes) for d in o.disks), context)
+            rt, me = await self._open(o, context.peer())
             yield rpb.ApplyResponse(opened=rpb.ApplyOpened(
                 durable_seq=rt.store.durable_seq))
             async for resp in self._receive(rt, me, request_iterator):

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cdp_common import crypto, pki, rpc
+from cdp_common import assignsig, crypto, pki, rpc
 from cdp_common.config import TlsConfig
 from cdp_common.errors import CdpError
 from cdpctl import labplan
@@ -188,6 +188,8 @@ def _prepare(plan: LabPlan) -> None:
             if not (plan.pki / f"{nid}.pem").exists() or not (plan.pki / f"{nid}.key").exists():
                 pki.create_node_cert(ca_pem, ca_key, plan.pki, nid, [labplan.HOST, "localhost"],
                                      role=role, scope=scope)
+        if not plan.signing_key.exists():
+            assignsig.new_key_pair(plan.signing_key, plan.signing_pub)
     if not plan.key_file.exists():
         crypto.write_new_key(plan.key_file)
     for node in plan.nodes:

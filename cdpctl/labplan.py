@@ -9,7 +9,8 @@ what a lab looks like is tested here without starting anything.
 
 Layout under the lab directory:
 
-    pki/     ca.pem, ca.key, <node>.pem/.key, cdpctl.pem/.key (the CLI's admin operator cert)
+    pki/     ca.pem, ca.key, <node>.pem/.key, cdpctl.pem/.key (the CLI's admin operator cert),
+             assignments.key/.pub (the coordinator's assignment signing key)
     config/  <node>.toml, master.key (shared by both proxies)
     data/    coordinator/state.db, target-1/<policy>/replicas/, filter-1/images/
     logs/    <node>.log (stdout + stderr of each daemon)
@@ -111,11 +112,23 @@ class LabPlan:
     def mountpoint(self) -> Path:
         return self.root / "mnt"
 
+    @property
+    def signing_key(self) -> Path:
+        """The coordinator's Ed25519 key that signs assignments (and .pub beside it)."""
+        return self.pki / "assignments.key"
+
+    @property
+    def signing_pub(self) -> Path:
+        return self.pki / "assignments.pub"
+
     def tls(self, node_id: str) -> dict[str, Any]:
         if self.insecure:
             return {"insecure": True}
-        return {"ca_file": str(self.pki / "ca.pem"), "cert_file": str(self.pki / f"{node_id}.pem"),
-                "key_file": str(self.pki / f"{node_id}.key")}
+        out = {"ca_file": str(self.pki / "ca.pem"), "cert_file": str(self.pki / f"{node_id}.pem"),
+               "key_file": str(self.pki / f"{node_id}.key")}
+        if node_id not in (COORDINATOR_ID, CLI_CERT):
+            out["assignment_key_file"] = str(self.signing_pub)
+        return out
 
     def identities(self) -> dict[str, tuple[str, str]]:
         """Certificate name -> (role, scope) of every certificate the lab issues: one per
@@ -191,7 +204,8 @@ def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
     docs: dict[str, tuple[str, str, dict[str, Any]]] = {
         COORDINATOR_ID: ("coordinator", "cdp_coordinator", {
             "node": node_section(COORDINATOR_ID),
-            "coordinator": {"db_path": str(data / COORDINATOR_ID / "state.db")},
+            "coordinator": {"db_path": str(data / COORDINATOR_ID / "state.db"),
+                            **({} if insecure else {"signing_key_file": str(plan.signing_key)})},
             "policies": [{
                 "name": POLICY, "target": TARGET_ID,
                 "disks": [{"filter": FILTER_ID, "name": d.name, "size_bytes": d.size_bytes}

@@ -12,7 +12,7 @@ import os
 import textwrap
 from pathlib import Path
 
-from cdp_common import crypto, identity
+from cdp_common import assignsig, crypto, identity
 from cdp_common import pki as certs
 from cdp_common.errors import CdpError
 from cdp_common.names import NAME_RULE
@@ -57,6 +57,16 @@ def cmd_pki_issue(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_pki_issue_operator(args: argparse.Namespace, ctx: Context) -> int:
     return _issue(Path(args.dir), args.name, [], identity.OPERATOR, args.scope, args.force)
+
+
+def cmd_pki_signing_key(args: argparse.Namespace, ctx: Context) -> int:
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    private, public = directory / "assignments.key", directory / "assignments.pub"
+    assignsig.new_key_pair(private, public)  # ConfigError if either exists
+    print(f"created the assignment signing key {private} (coordinator.signing_key_file, "
+          f"keep it secret) and {public} (tls.assignment_key_file of every other node)")
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace, ctx: Context) -> int:
@@ -146,6 +156,18 @@ def register(sub: Subparsers, ctx: Context) -> None:
     q.add_argument("--force", action="store_true",
                    help="replace an existing NAME.pem/.key (renewal); refused otherwise")
     q.set_defaults(func=cmd_pki_issue_operator)
+    q = pki_sub.add_parser(
+        "signing-key", formatter_class=fmt, help="create the coordinator's assignment signing key",
+        description=textwrap.dedent("""\
+            Create DIR/assignments.key (Ed25519, mode 0600) and DIR/assignments.pub.
+            The coordinator signs every assignment with the private key
+            ([coordinator] signing_key_file); filters, proxies and targets accept a
+            session only for an assignment signed by it ([tls] assignment_key_file =
+            the .pub), so no certificate alone can open one (docs/SECURITY.md).
+            Refuses to overwrite either file."""),
+        epilog=epilog("cdpctl pki signing-key --dir /etc/cdp/pki"))
+    q.add_argument("--dir", required=True, help="directory for assignments.key and .pub")
+    q.set_defaults(func=cmd_pki_signing_key)
 
     p = sub.add_parser(
         "keygen", formatter_class=fmt, help="create or rotate the master key ring",

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdp_common import crypto, pki
+from cdp_common import assignsig, crypto, pki
 from cdpctl import labplan
 
 SRC_IP, DR_IP = "192.0.2.1", "192.0.2.2"
@@ -106,6 +106,7 @@ class TwoSites:
         for d in plan.dirs:
             d.mkdir(parents=True, exist_ok=True)
         pki.create_ca(plan.pki, name="cdp netns CA")
+        assignsig.new_key_pair(plan.signing_key, plan.signing_pub)
         for nid, (role, scope) in plan.identities().items():
             pki.create_node_cert(plan.pki / "ca.pem", plan.pki / "ca.key", plan.pki, nid,
                                  [SRC_IP, DR_IP, "127.0.0.1"], role=role, scope=scope)

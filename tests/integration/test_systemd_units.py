@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from cdp_common import crypto, pki
+from cdp_common import assignsig, crypto, pki
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"
@@ -119,6 +119,7 @@ def etc(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        ("target-1", "target")):
         pki.create_node_cert(ca_pem, ca_key, pki_dir, node, [], role=role)
     crypto.write_new_key(str(root / "master.key"))
+    assignsig.new_key_pair(pki_dir / "assignments.key", pki_dir / "assignments.pub")
     return root
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cdp_common import assignsig
 from cdp_common.config import (
     CoordinatorConfig,
     FilterConfig,
@@ -26,6 +27,8 @@ def materialize(plan: labplan.LabPlan) -> None:
     for d in plan.dirs:
         d.mkdir(parents=True, exist_ok=True)
     plan.key_file.write_text("00" * 32 + "\n")
+    if not plan.insecure:
+        assignsig.new_key_pair(plan.signing_key, plan.signing_pub)
     for node in [*plan.nodes]:
         node.config.write_text(node.config_text)
         if not plan.insecure:

@@ -14,6 +14,7 @@ issue source-proxy-1 --role source-proxy --host 198.51.100.11 --host 198.51.100.
 issue target-proxy-1 --role target-proxy --host 198.51.100.74 --host 198.51.100.141 --host target-proxy
 issue target-1 --role target --host 198.51.100.75 --host target
 operator cdpctl --scope admin
+[ -f "$S/pki/assignments.key" ] || cdpctl pki signing-key --dir "$S/pki"
 [ -f "$S/master.key" ] || cdpctl keygen "$S/master.key"
 # the daemons run as root in the test bed; keep the keys private anyway
 chmod 0600 "$S"/pki/*.key "$S/master.key"
