@@ -80,6 +80,9 @@ class PolicyRuntime:
         # repaired from the images), reported as the error when there is none.
         self.notice = ""
         self.notice_until = 0.0
+        self.tail_cut_covered = False
+        """The journal's recovery cut a corrupt tail and marked it for a dirty-block
+        resync: a target ahead of the journal is then expected (shipper)."""
         self.closing = False
         self.durable_seq = journal.trimmed_through
         # Dirty-block tracking and digest sync, when dirty tracking is enabled.

@@ -16,9 +16,13 @@ back-pressured writers.
 
 Resume rules (`plan_resume`, pure):
 - resume_from_seq within the journal           -> resend after it;
-- resume_from_seq > last captured seq           -> our journal tail was lost
-  (e.g. power loss before a flush): skip our seq counter past it so no seq
-  the target holds is reused;
+- resume_from_seq > last captured seq           -> the target is ahead: our
+  journal tail was lost (power loss before a flush, a lost data dir) or the
+  target holds another history. Skip our seq counter past it (so no seq the
+  target holds is reused) only when the images get resynced too: the
+  journal's recovery marked the cut tail dirty, or an operator asked for a
+  digest sync after seeing the error. Otherwise the policy is in error
+  (TargetAheadError) and nothing is shipped: never a silent skip;
 - resume_from_seq + 1 < oldest seq still kept   -> the records the target needs
   were trimmed (the target lost acked data): cannot resend; report the error
   and retry, a resync is needed.
@@ -56,7 +60,7 @@ from cdp_common import rpc, statefile
 from cdp_common.backoff import Backoff
 from cdp_common.backoff import is_transient as backoff_transient
 from cdp_common.config import TlsConfig
-from cdp_common.errors import CdpError, RemoteError, UnavailableError
+from cdp_common.errors import CdpError, ProtocolError, RemoteError, UnavailableError
 from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
@@ -83,6 +87,10 @@ class Resume(enum.Enum):
     OK = "ok"
     ADVANCE = "advance"
     GAP = "gap"
+
+
+class TargetAheadError(CdpError, grpc_status="FAILED_PRECONDITION"):
+    """A welcome's durable seq is above what this filter ever captured."""
 
 
 def plan_resume(resume_from_seq: int, oldest_seq: int, last_seq: int) -> Resume:
@@ -148,6 +156,11 @@ class Shipper:
         # Called with resume_from_seq at every welcome, before trimming (digest sync).
         self.on_welcome: Callable[[int], None] | None = None
         self._last_report = -REPORT_INTERVAL_S
+        self._sent_seq = 0
+        """Highest seq sent on the current stream (or its welcome's): acks above are lies."""
+        self._ahead_floor: int | None = None
+        """While the target is ahead of the journal: the sync_request_id seen then; an
+        operator sync with a larger id releases the hold (`_accept_target_ahead`)."""
         self._report_task: asyncio.Task[object] | None = None
         if self._assignment is not None:
             log.info("resuming with remembered assignment epoch %d (source proxy %s)",
@@ -208,6 +221,10 @@ class Shipper:
                 self._changed.set()
             return
         if old is not None and assignment_key(old) == assignment_key(a):
+            if a.sync_request_id != old.sync_request_id:
+                self._assignment = a   # an operator sync: may release a target-ahead hold
+                if self._ahead_floor is not None:
+                    self._changed.set()
             return
         log.info("new assignment epoch %d: source proxy %s, target proxy %s, target %s",
                  a.epoch, a.source_proxy.address, a.target_proxy.address, a.target.address,
@@ -302,6 +319,7 @@ class Shipper:
                     f"target is durable through seq {resume} but the journal only keeps "
                     f"seqs from {journal.oldest_seq}: a resync of the policy is needed")
             if plan is Resume.ADVANCE:
+                self._accept_target_ahead(a, resume)
                 journal.advance_to(resume)
             if self.on_welcome is not None:
                 self.on_welcome(resume)
@@ -320,6 +338,7 @@ class Shipper:
             # (wrong key downstream) must not make the error flap.
             settle = asyncio.get_running_loop().call_later(SETTLE_S, self._clear_error)
             self._last_logged = ""
+            self._sent_seq = resume
             acks = asyncio.create_task(self._read_acks(session))
             await self._send_loop(session, journal.oldest_seq - 1 if skip else resume, acks,
                                   skip)
@@ -331,6 +350,31 @@ class Shipper:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await acks
             await session.close()
+
+    def _accept_target_ahead(self, a: cpb.Assignment, resume: int) -> None:
+        """The target is durable beyond the last seq captured here: the journal lost
+        records it had shipped (power loss, a lost data dir) or the target's state is
+        not ours. Skipping the seq counter forward is safe only when the images are
+        resynced too: when the journal's own recovery marked the cut tail for a
+        dirty-block resync, or once an operator asked for a digest sync (`cdpctl sync`)
+        after seeing this error. Otherwise nothing is shipped (TargetAheadError)."""
+        rt = self.rt
+        if rt.tail_cut_covered:
+            return
+        if self._ahead_floor is not None and a.sync_request_id > self._ahead_floor:
+            log.warning("target durable through seq %d, ahead of this journal (seq %d): "
+                        "operator sync %d accepted; skipping ahead and resyncing by digests",
+                        resume, rt.journal.last_seq, a.sync_request_id,
+                        extra=self._extra(seq=resume))
+            self._ahead_floor = None
+            return
+        if self._ahead_floor is None:
+            self._ahead_floor = a.sync_request_id
+        raise TargetAheadError(
+            f"target {a.target.node_id} is durable through seq {resume} but this filter "
+            f"captured only through seq {rt.journal.last_seq} (its journal lost records, or "
+            f"the target holds another history): nothing is shipped until an operator runs "
+            f"`cdpctl sync {rt.name}` (a digest resync makes the replica equal the disks)")
 
     async def _send_loop(self, session: RecordSession, sent: int,
                          acks: asyncio.Task[None], skip: bool = False) -> None:
@@ -344,7 +388,7 @@ class Shipper:
                     records=data, captured_seq=journal.last_seq, skips_lost_seqs=skip,
                     gap_begin_time_ns=gap_ns, gap_after_seq=gap_after))
                 skip = False
-                sent = last
+                sent = self._sent_seq = last
                 rt.m_shipped.inc(len(data))
                 if acks.done():
                     self._ack_reader_ended(acks)
@@ -376,5 +420,9 @@ class Shipper:
 
     async def _read_acks(self, session: RecordSession) -> None:
         async for durable_seq in session.acks():
+            if durable_seq > self._sent_seq:
+                # trimming on it would drop records the target never got
+                raise ProtocolError(f"source proxy acked seq {durable_seq}, above the last "
+                                    f"seq shipped ({self._sent_seq})")
             self._clear_error()
             await self.rt.trim_through(durable_seq)

@@ -87,6 +87,7 @@ class Storage:
                                    on_cut=repair)
             rt = PolicyRuntime(policy, journal, disks, fsync_journal=f.fsync_journal)
             rt.set_notice(repair.summary())
+            rt.tail_cut_covered = bool(repair.events) and repair.enabled
             self.runtimes[policy] = rt
             n = replay(rt)
             if n:

@@ -169,6 +169,8 @@ class _ShipSession(Session):
         self.cutter: IntervalCutter | None = None
         self.captured_seq = 0
         self.acked_seq = 0
+        self.emitted_seq = 0
+        """Last seq of the newest delta sent downstream: no honest ack is above it."""
         self.inflight = 0
         self.unacked: deque[tuple[int, int]] = deque()  # (last_seq, bytes)
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
@@ -199,7 +201,7 @@ class _ShipSession(Session):
                 self.downstream = sink = parent._sink(hello)
                 self.peer = sink.peer
                 durable = await sink.open(opening)
-                self.acked_seq = durable
+                self.acked_seq = self.emitted_seq = durable
                 self.cutter = IntervalCutter(
                     hello.rpo_interval_s or DEFAULT_RPO_S, parent.proxy.interval_max_bytes,
                     start_after_seq=durable,
@@ -235,6 +237,7 @@ class _ShipSession(Session):
         metrics.INFLIGHT.inc(size)
         metrics.DELTAS.labels("source").inc()
         self.unacked.append((d.last_seq, size))
+        self.emitted_seq = max(self.emitted_seq, d.last_seq)
         self.all_acked.clear()
         if self.inflight >= self.parent.proxy.inflight_max_bytes or self.parent.budget.full():
             self.space.clear()
@@ -323,6 +326,10 @@ class _ShipSession(Session):
     async def _acker(self, sink: DeltaSink) -> None:
         # None: the target proxy ended the stream with OK; run() reports it
         while (durable := await sink.ack()) is not None:
+            if durable > self.emitted_seq:
+                # passing it on would make the filter trim records the target lacks
+                raise ProtocolError(f"target proxy acked seq {durable}, above the last seq "
+                                    f"sent ({self.emitted_seq})")
             self.errors.clear(self.policy, self.started)
             self._release(durable)
             if durable > self.acked_seq:

@@ -35,6 +35,7 @@ class FakeProxy(rgrpc.SourceProxyServicer):
         self.batches = 0
         self.fail_after_batches: int | None = None
         self.hold_acks = False
+        self.ack_beyond = 0   # > 0: a lying proxy acks this many seqs beyond what it got
         self.errors: list[str] = []
 
     async def Ship(self, request_iterator: AsyncIterator[rpb.ShipRequest],
@@ -56,7 +57,8 @@ class FakeProxy(rgrpc.SourceProxyServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure")
             if not self.hold_acks:
                 self.durable = expect - 1
-                yield rpb.ShipResponse(ack=rpb.ShipAck(durable_seq=self.durable))
+                yield rpb.ShipResponse(ack=rpb.ShipAck(durable_seq=self.durable
+                                                       + self.ack_beyond))
 
 
 @pytest.fixture
@@ -176,11 +178,40 @@ async def test_unassigned_keeps_journaling(proxy: tuple[FakeProxy, str], rig: Ri
     await eventually(lambda: fake.durable == 4)
 
 
-async def test_target_ahead_of_journal_advances_seq(proxy: tuple[FakeProxy, str],
-                                                    rig: Rig) -> None:
+async def test_target_ahead_of_journal_waits_for_an_operator_sync(
+        proxy: tuple[FakeProxy, str], rig: Rig) -> None:
+    """A welcome above what was ever captured is never a silent skip: the policy is in
+    error, nothing ships, the seq counter stays; an operator sync releases it."""
     fake, address = proxy
-    fake.durable = 40  # the target has seqs our journal lost
+    fake.durable = 40  # the target has seqs our journal never had (or lost)
     rig.write(3)
+    a = assignment(address)
+    a.sync_request_id = 7   # an old, already handled request
+    rig.shipper.set_assignment(a)
+    rig.start()
+    await eventually(lambda: "durable through seq 40" in rig.rt.error)
+    assert "cdpctl sync p" in rig.rt.report().error
+    await asyncio.sleep(0.3)
+    assert rig.journal.last_seq == 3 and fake.seqs == []
+    # the operator asks for a sync after seeing the error: skip ahead, ship again
+    released = assignment(address)
+    released.sync_request_id = 8
+    rig.shipper.set_assignment(released)
+    await eventually(lambda: rig.shipper.connected)
+    assert rig.journal.last_seq == 40
+    rig.write(2)
+    await eventually(lambda: fake.durable == 42)
+    assert fake.seqs == [41, 42] and not fake.errors
+
+
+async def test_target_ahead_after_a_recovered_cut_skips_at_once(
+        proxy: tuple[FakeProxy, str], rig: Rig) -> None:
+    """The journal's recovery cut its tail and marked it for a dirty-block resync:
+    the target being ahead is expected, and the counter skips past it."""
+    fake, address = proxy
+    fake.durable = 40
+    rig.write(3)
+    rig.rt.tail_cut_covered = True
     rig.shipper.set_assignment(assignment(address))
     rig.start()
     await eventually(lambda: rig.shipper.connected)
@@ -188,6 +219,17 @@ async def test_target_ahead_of_journal_advances_seq(proxy: tuple[FakeProxy, str]
     rig.write(2)
     await eventually(lambda: fake.durable == 42)
     assert fake.seqs == [41, 42] and not fake.errors
+
+
+async def test_an_ack_above_what_was_shipped_trims_nothing(
+        proxy: tuple[FakeProxy, str], rig: Rig) -> None:
+    fake, address = proxy
+    fake.ack_beyond = 1000
+    rig.write(3)
+    rig.shipper.set_assignment(assignment(address))
+    rig.start()
+    await eventually(lambda: "above the last seq shipped (3)" in rig.rt.error)
+    assert rig.journal.oldest_seq == 1 and rig.journal.last_seq == 3   # nothing trimmed
 
 
 async def test_gap_is_reported(proxy: tuple[FakeProxy, str], rig: Rig) -> None:

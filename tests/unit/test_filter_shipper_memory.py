@@ -124,11 +124,16 @@ async def test_new_epoch_restarts_the_session(rig: Rig) -> None:
     assert rig.sink.seqs == list(range(1, 8))
 
 
-async def test_target_ahead_of_journal_advances_seq(tmp_path: Path) -> None:
+async def test_target_ahead_of_journal_needs_an_operator_sync(tmp_path: Path) -> None:
     rig = Rig(tmp_path, MemoryRecordSink(MemoryDownstream(durable_seq=40)))
     try:
         rig.write(3)
         rig.start()
+        await eventually(lambda: "durable through seq 40" in rig.rt.error)
+        assert rig.journal.last_seq == 3 and rig.sink.seqs == []
+        released = assignment()
+        released.sync_request_id = 1   # `cdpctl sync` after the error was shown
+        rig.shipper.set_assignment(released)
         await eventually(lambda: rig.shipper.connected)
         assert rig.journal.last_seq == 40
         rig.write(2)

@@ -24,7 +24,7 @@ from cdp_common.errors import CdpError, RemoteError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_proxy import metrics
 from cdp_proxy.sink import MeteredSink, ThrottledSink, UnreachableReportingSink
-from cdp_proxy.sink_memory import MemoryTarget
+from cdp_proxy.sink_memory import MemoryDeltaSink, MemoryTarget
 from cdp_proxy.source import SourceProxy
 from cdp_proxy.stream import Channels, upstream_status
 from cdp_proxy.throttle import TokenBucket
@@ -470,3 +470,26 @@ async def test_one_inflight_budget_for_the_whole_proxy() -> None:
         f.send(None)
         assert (await f.ended())[0] is None
     assert p.budget.used == 0
+
+
+class _LyingSink(MemoryDeltaSink):
+    """A downstream that acks 1000 seqs beyond what it got."""
+
+    async def ack(self) -> int | None:
+        got = await super().ack()
+        return None if got is None else got + 1000
+
+
+async def test_an_ack_above_what_was_sent_is_a_protocol_error() -> None:
+    """The filter would trim records the target never got: the session ends instead,
+    and the lie is not passed on."""
+    target = MemoryTarget(RING)
+    p = proxy(lambda hello: _LyingSink(target))
+    f = Filter(p)
+    f.send(hello())
+    assert await welcome(f) == 0
+    w = Writer()
+    f.send(batch(w, 10))
+    code, details = await f.ended()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert "above the last seq sent" in details
