@@ -22,6 +22,7 @@ from cdp_common.assignsig import load_optional_verifier, load_signer
 from cdp_common.crypto import load_master_key
 from cdp_common.errors import ConfigError
 from cdp_common.names import is_name
+from cdp_common.revocation import load_revoked
 
 T = TypeVar("T")
 
@@ -54,6 +55,9 @@ class TlsConfig:
     ca_file: str = doc("PEM file of the CA that signs every node certificate.", "")
     cert_file: str = doc("PEM certificate of this node.", "")
     key_file: str = doc("PEM private key of this node.", "")
+    revoked_file: str = doc("Revoked certificate serials, one hex serial per line ('#' "
+                            "comments; `cdpctl pki revoke` appends): their calls are refused. "
+                            "Re-read on SIGHUP.", "")
     assignment_key_file: str = doc("The coordinator's Ed25519 public key (PEM): assignments "
                                    "and sessions are accepted only when signed by it. "
                                    "Required on filters, proxies and targets unless "
@@ -364,6 +368,7 @@ def validate(config: Any) -> None:
             if not Path(getattr(tls, name)).is_file():
                 raise ConfigError(f"tls.{name}: {getattr(tls, name)} does not exist")
             _readable(getattr(tls, name), f"tls.{name}")
+        load_revoked(tls.revoked_file)
     if isinstance(tls, TlsConfig) and not isinstance(config, CoordinatorConfig) \
             and (tls.assignment_key_file or not tls.insecure):
         load_optional_verifier(tls.assignment_key_file, tls.insecure)

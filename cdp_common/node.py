@@ -34,7 +34,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
-from cdp_common import limits, rpc
+from cdp_common import authz, limits, rpc
 from cdp_common.aio import cancel_and_wait, in_thread
 from cdp_common.config import NodeConfig, TlsConfig
 from cdp_common.coordclient import AssignFn, CoordinatorClient, LoadFn
@@ -54,10 +54,22 @@ class NodeConfigured(Protocol):
     def tls(self) -> TlsConfig: ...
 
 
-def server_interceptors(config: NodeConfigured) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors of every server of a node: the one place they are chosen."""
+def server_interceptors(config: NodeConfigured, authorizer: authz.Authorizer | None
+                        ) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors of every server of a node: the one place they are chosen.
+    Authorization first, so a refused caller holds no stream slot."""
     limits.configure(config.node)  # the first-message deadline of this process's streams
-    return [limits.PeerStreamLimit(config.node.max_streams_per_peer)]
+    first: list[grpc.aio.ServerInterceptor] = [authorizer] if authorizer is not None else []
+    return [*first, limits.PeerStreamLimit(config.node.max_streams_per_peer)]
+
+
+def make_authorizer(config: NodeConfigured, kind: str) -> authz.Authorizer | None:
+    """The node's authorizer; None with tls.insecure (no identities), said loudly."""
+    if config.tls.insecure:
+        log.warning("%s %s: tls.insecure: no authentication and no authorization (labs and "
+                    "tests only)", kind, config.node.id, extra={"node": config.node.id})
+        return None
+    return authz.Authorizer(config.tls.revoked_file, config.node.id)
 
 
 class Component:
@@ -96,6 +108,8 @@ class Node:
         self.kind, self.role, self.grace_s = kind, role, grace_s
         self._on_assignments, self._load = on_assignments, load
         self.ready = asyncio.Event()
+        self.authorizer = make_authorizer(config, kind)
+        """The authorization interceptor of the node's server (None: insecure)."""
         self.server: rpc.Server | None = None
         self.coordinator: CoordinatorClient | None = None
         self.address = ""
@@ -133,6 +147,12 @@ class Node:
         self._stop.set()
 
     def reload(self, config: Any) -> None:
+        if self.authorizer is not None:
+            try:
+                self.authorizer.reload(config.tls.revoked_file)
+            except ConfigError as exc:
+                log.error("reload: %s; the old revocation list stays", exc,
+                          extra={"node": self.config.node.id})
         self.component.reload(config)
 
     async def run(self) -> None:
@@ -142,7 +162,8 @@ class Node:
             await self.component.open(self)
             server = self.server = rpc.Server(node.listen, self.config.tls,
                                               node.max_message_bytes,
-                                              interceptors=server_interceptors(self.config),
+                                              interceptors=server_interceptors(
+                                                  self.config, self.authorizer),
                                               max_concurrent_rpcs=node.max_concurrent_rpcs)
             self.component.add_servicers(server.grpc)
             await server.start()

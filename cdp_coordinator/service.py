@@ -49,9 +49,11 @@ from cdp_common.errors import (
     CdpError,
     ConfigError,
     InvalidRequestError,
+    NotAuthorizedError,
     NotFoundError,
     UnavailableError,
 )
+from cdp_common.names import NAME_RULE, is_name
 from cdp_common.pb.cdp.v1 import assignment_pb2 as apb
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
@@ -115,6 +117,28 @@ def assignment_pb(a: Assignment, p: PolicyConfig, sync_request_id: int = 0,
         short_term_retention_s=p.short_term_retention_s,
         long_term_interval_s=p.long_term_interval_s,
         long_term_retention_s=p.long_term_retention_s, sync_request_id=sync_request_id)
+
+
+IDENTITY_ROLE = {Role.FILTER: "filter", Role.SOURCE_PROXY: "source-proxy",
+                 Role.TARGET_PROXY: "target-proxy", Role.TARGET: "target",
+                 Role.PROXY_BOTH: "proxy"}
+"""The certificate role (cdp_common.identity) a node of each registered role holds."""
+
+
+def check_claim(context: Any, node_id: str, role: Role | None, what: str) -> None:
+    """A node speaks only for itself: its certificate's id (and role, when one is
+    claimed) must be the claimed ones. Ids are names in any mode (a newline in a node
+    id would forge status lines). Raises NotAuthorizedError / InvalidRequestError."""
+    if not is_name(node_id):
+        raise InvalidRequestError(f"{what}: node id {node_id!r} is not a valid name "
+                                  f"({NAME_RULE})")
+    who = assignsig.peer_of(context)
+    if who is None:
+        return   # tls.insecure: no identities (cdp_common.authz is not installed either)
+    if who.id != node_id or (role is not None and who.role != IDENTITY_ROLE.get(role)):
+        claimed = f"{IDENTITY_ROLE.get(role, 'node')} {node_id}" if role is not None \
+            else f"node {node_id}"
+        raise NotAuthorizedError(f"{what}: {who} may not speak for {claimed}")
 
 
 def node_info_pb(n: NodeInfo) -> cpb.NodeInfo:
@@ -239,6 +263,16 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             self._notify()
         return changed
 
+    def _check_live_role(self, node_id: str, role: Role) -> None:
+        """A live node keeps its role: another process cannot re-register its id as
+        something else while its lease runs (insecure labs included)."""
+        known = self.state.nodes.get(node_id)
+        if known is None or known.info.role == role or not known.up:
+            return
+        raise NotAuthorizedError(f"Register: node {node_id} is up as role "
+                                 f"{Role(known.info.role).name.lower()}; it cannot be "
+                                 f"re-registered as {role.name.lower()} while its lease runs")
+
     def register(self, info: NodeInfo) -> None:
         """Register (or re-register) a node, persist it, push changes. Raises StorageError."""
         self.state.register(info, self.clock())
@@ -309,6 +343,11 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         if n.role not in {int(r) for r in Role} or n.role == Role.UNSPECIFIED:
             await rpc.abort(context, InvalidRequestError(
                 f"node {n.id}: role {n.role} is not a valid role"))
+        try:
+            check_claim(context, n.id, Role(n.role), "Register")
+            self._check_live_role(n.id, Role(n.role))
+        except CdpError as exc:
+            await rpc.abort(context, exc)
         info = NodeInfo(id=n.id, role=int(n.role), site=n.site or "default", address=n.address,
                         capacity=n.capacity, metrics_address=n.metrics_address, pid=n.pid)
         try:
@@ -320,6 +359,10 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def Heartbeat(self, request: cpb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> cpb.HeartbeatReply:
+        try:
+            check_claim(context, request.node_id, None, "Heartbeat")
+        except CdpError as exc:
+            await rpc.abort(context, exc)
         reports = [report_from_pb(r) for r in request.policies]
         known = self.state.heartbeat(request.node_id, reports, self.clock(),
                                      bytes_per_s=request.bytes_per_s)
@@ -339,6 +382,10 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                                ) -> AsyncIterator[cpb.AssignmentSet]:
         if self._closed:
             await rpc.abort(context, UnavailableError("coordinator is shutting down"))
+        try:
+            check_claim(context, request.node_id, None, "WatchAssignments")
+        except CdpError as exc:
+            await rpc.abort(context, exc)
         w = _Watcher(request.node_id)
         w.last = self.assignment_set(request.node_id)
         self._watchers.add(w)
@@ -494,8 +541,16 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                                 ) -> cpb.ReportUnreachableReply:
         if not request.node_id and not request.address:
             await rpc.abort(context, InvalidRequestError("node_id and address are both empty"))
+        reporter = request.reporter
         try:
-            return await self.report_unreachable(request.reporter, request.node_id,
+            who = assignsig.peer_of(context)
+            reporter = reporter or (who.id if who is not None else "")
+            if reporter:
+                check_claim(context, reporter, None, "ReportUnreachable")
+        except CdpError as exc:
+            await rpc.abort(context, exc)
+        try:
+            return await self.report_unreachable(reporter, request.node_id,
                                                  request.address, request.policy, request.detail)
         except CdpError as exc:
             await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)

@@ -99,6 +99,12 @@ class FakeContext:
                     trailing_metadata: object = ()) -> NoReturn:
         raise Aborted(code, details)
 
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}   # plaintext: no certificate identity
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
 
 class DirectStub:
     """`CoordinatorStub` look-alike calling the servicer in process (unary RPCs)."""
