@@ -81,6 +81,7 @@ RULES: dict[str, tuple[str, ...]] = {
     # liveness (the coordinator probes nodes, cdpctl lab and health check them)
     "/grpc.health.v1.Health/Check": ("any",),
     "/grpc.health.v1.Health/Watch": ("any",),
+    "/grpc.health.v1.Health/List": ("any",),
 }
 
 WORDS = frozenset({*identity.NODE_ROLES, "node", "viewer", "admin", "any"})
@@ -105,8 +106,10 @@ def allows(rule: tuple[str, ...], who: Identity) -> bool:
 def describe(rule: tuple[str, ...]) -> str:
     """The rule in words, for refusals and docs/SECURITY.md."""
     names = {"admin": "admin operators", "viewer": "viewer or admin operators",
-             "node": "any node", "any": "any cdp certificate"}
-    return ", ".join(names.get(w, f"{w}s") for w in rule)
+             "node": "any node", "any": "any cdp certificate", "filter": "filters",
+             "source-proxy": "source proxies", "target-proxy": "target proxies",
+             "target": "targets", "coordinator": "the coordinator", "proxy": "proxies"}
+    return ", ".join(names[w] for w in rule)
 
 
 def check(method: str, who: Identity | None, revoked: frozenset[int]) -> None:

@@ -97,7 +97,8 @@ def test_node_installs_the_limit_and_the_deadline() -> None:
         config = TargetConfig(node=NodeConfig(id="t", max_streams_per_peer=7,
                                               first_message_timeout_s=3.5),
                               target=TargetSection(data_dir="/tmp/x"), tls=TLS)
-        found = [i for i in server_interceptors(config, None) if isinstance(i, limits.PeerStreamLimit)]
+        found = [i for i in server_interceptors(config, None)
+                 if isinstance(i, limits.PeerStreamLimit)]
         assert len(found) == 1 and found[0].limit == 7
         assert limits.first_message_timeout_s() == 3.5
     finally:
