@@ -179,7 +179,9 @@ def reload_config(config_cls: type[C], path: str, cli_log_level: str,
             _log.info("reload: TLS certificates re-read for new connections")
     except CdpError as exc:
         _log.error("reload: %s; keeping the old certificates", exc)
-    hook = getattr(daemon, "reload", None)
+    # a node daemon reloads through its node (the revocation list, then its own hook)
+    node = getattr(daemon, "node", None)
+    hook = getattr(node, "reload", None) or getattr(daemon, "reload", None)
     if callable(hook):
         try:
             hook(config)

@@ -6,6 +6,8 @@ A cdpctl command makes one or two unary calls, so `call` opens a channel,
 runs `fn(stub)` and closes it again. A failed call becomes an error on the
 documented exit-code scale:
 
+    PERMISSION_DENIED                              NotAuthorizedError (5): this
+                                                   certificate may not do that (always)
     INVALID_ARGUMENT                               UsageError (64): a field the
                                                    coordinator rejected, named in details
     NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION CdpError (2): the coordinator
@@ -24,7 +26,7 @@ from typing import TypeVar
 import grpc
 
 from cdp_common import rpc
-from cdp_common.errors import CdpError, CoordinatorUnreachable
+from cdp_common.errors import CdpError, CoordinatorUnreachable, NotAuthorizedError
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdpctl.resolve import Coordinator
 from cdpctl.state import UsageError
@@ -51,6 +53,8 @@ def error(coord: Coordinator, exc: grpc.RpcError, *, refusals: bool = True) -> C
     """The CdpError a failed coordinator call stands for (see the module docstring)."""
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return NotAuthorizedError(f"coordinator at {coord.address}: {details}")
     if refusals and code == grpc.StatusCode.INVALID_ARGUMENT:
         return UsageError(details)
     if refusals and code in _REFUSED:

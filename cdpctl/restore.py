@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from cdp_common import rpc
-from cdp_common.errors import CdpError
+from cdp_common.errors import CdpError, NotAuthorizedError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_common.pb.cdp.v1 import restore_pb2 as pb
@@ -157,6 +157,8 @@ class TargetClient:
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return TargetError(f"target at {self.address} unreachable ({what}): {details}")
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return NotAuthorizedError(f"target at {self.address} ({what}): {details}")
         return TargetError(f"{what}: {details}")
 
     def stream(self, what: str, it: Any, quiet: bool) -> pb.RestoreDone:
