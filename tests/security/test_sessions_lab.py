@@ -8,9 +8,10 @@ and nothing changed: the target's durable seq and epoch, the replica bytes,
 the policies and restore points (securitylab.snapshot). Then the lab's own
 filter -> proxies -> target still replicates.
 
-- Target.Apply straight at the target with the filter's certificate and with a
-  target-proxy certificate the assignment does not name: without an assignment,
-  at epoch 2^63, and with the real signed assignment replayed.
+- Target.Apply straight at the target with the filter's certificate (refused by
+  the authorization table) and with a target-proxy certificate the assignment
+  does not name (refused by the assignment check): without an assignment, at
+  epoch 2^63, and with the real signed assignment replayed.
 - TargetProxy.Replicate with the source proxy's certificate AND the master key:
   the real assignment at a forged epoch 2^63, and claims re-written to 2^63
   under the original signature. The policy is not fenced.
@@ -151,7 +152,9 @@ def test_sessions_need_a_signed_assignment_that_names_both_ends(lab: Any,
                 ("epoch 2^63, no assignment", HUGE_EPOCH, None),
                 ("the real assignment replayed", state.epoch, a.signed)):
             err = apply_attack(handle, tls, state, epoch, signed, f"{who}: {what}")
-            if signed is not None:
+            if who == "filter-1":   # the wrong role: the authorization table already
+                assert "may not call Target.Apply" in (err.details() or ""), err
+            elif signed is not None:  # the right role, but not the one assigned
                 assert "is not the target-proxy of lab" in (err.details() or ""), err
             unchanged(f"{who}: {what}")
 
