@@ -69,6 +69,34 @@ def cmd_pki_signing_key(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def cmd_pki_revoke(args: argparse.Namespace, ctx: Context) -> int:
+    import datetime
+
+    from cryptography import x509
+
+    from cdp_common.revocation import load_revoked
+    pem = Path(args.dir) / f"{args.name}.pem"
+    try:
+        cert = x509.load_pem_x509_certificate(pem.read_bytes())
+    except OSError as exc:
+        raise CdpError(f"cannot read {pem} ({exc.strerror})") from None
+    except ValueError:
+        raise CdpError(f"{pem} is not a PEM certificate") from None
+    out = Path(args.file)
+    revoked = load_revoked(str(out)) if out.exists() else frozenset()  # ConfigError if bad
+    serial = cert.serial_number
+    if serial in revoked:
+        print(f"{args.name} (serial {serial:x}) is already in {out}")
+        return 0
+    who = identity.from_certificate(cert)
+    day = datetime.datetime.now(datetime.UTC).date().isoformat()
+    with out.open("a", encoding="utf-8") as f:
+        f.write(f"serial={serial:X}  # {who or args.name}, revoked {day}\n")
+    print(f"revoked {args.name} (serial {serial:x}) in {out}; copy it to every node's "
+          "[tls] revoked_file and reload them (systemctl reload cdp-...)")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace, ctx: Context) -> int:
     if args.rotate or args.retire is not None:
         return _change_ring(Path(args.file), args.retire)
@@ -156,6 +184,18 @@ def register(sub: Subparsers, ctx: Context) -> None:
     q.add_argument("--force", action="store_true",
                    help="replace an existing NAME.pem/.key (renewal); refused otherwise")
     q.set_defaults(func=cmd_pki_issue_operator)
+    q = pki_sub.add_parser(
+        "revoke", formatter_class=fmt, help="add a certificate to a revocation list",
+        description=textwrap.dedent("""\
+            Append the serial of DIR/NAME.pem to FILE, the revocation list every node
+            reads from [tls] revoked_file (re-read on SIGHUP): calls with that
+            certificate are then refused. Creates FILE if needed; a serial already
+            listed is not added twice; a malformed FILE is left as it is."""),
+        epilog=epilog("cdpctl pki revoke --dir /etc/cdp/pki ops2 --file /etc/cdp/revoked"))
+    q.add_argument("--dir", required=True, help="PKI directory holding NAME.pem")
+    q.add_argument("name", metavar="NAME", help="node id or operator name of the certificate")
+    q.add_argument("--file", required=True, help="the revocation list to append to")
+    q.set_defaults(func=cmd_pki_revoke)
     q = pki_sub.add_parser(
         "signing-key", formatter_class=fmt, help="create the coordinator's assignment signing key",
         description=textwrap.dedent("""\

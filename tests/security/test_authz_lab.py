@@ -130,8 +130,10 @@ def test_operator_scopes_and_revocation(lab: Any, tmp_path: Path) -> None:
     revoked.write_text("# revoked certificates\n")
     handle.set_config("coordinator", "tls", revoked_file=str(revoked))
     assert cdpctl("status", *coord, *tls_args(admin2)).returncode in (0, 1)
+    done = cdpctl("pki", "revoke", "--dir", str(Path(admin2.cert_file).parent), "ops2",
+                  "--file", str(revoked), check=True)
     serial = x509.load_pem_x509_certificate(Path(admin2.cert_file).read_bytes()).serial_number
-    revoked.write_text(f"# revoked certificates\nserial={serial:X}\n")
+    assert f"serial {serial:x}" in done.stdout
     handle.kill("coordinator", signal.SIGHUP)
 
     def refused() -> None:

@@ -20,6 +20,7 @@ import pytest
 from cdp_common import crypto, identity
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
+from cdp_common.revocation import load_revoked
 from cdpctl import cli, lab
 from cdpctl.labplan import NodePlan
 from cdpctl.state import save_state
@@ -97,6 +98,18 @@ def test_pki_and_keygen(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     assert run(capsys, "pki", "issue", "--dir", str(pki_dir), "node-1", "--role", "filter",
                "--force")[0] == 0
     assert (pki_dir / "node-1.key").read_bytes() != before[0]
+    # revocation: the serial of NAME.pem is appended once; the list parses
+    revoked = tmp_path / "revoked"
+    code, out, _ = run(capsys, "pki", "revoke", "--dir", str(pki_dir), "node-1", "--file",
+                       str(revoked))
+    serial = x509.load_pem_x509_certificate((pki_dir / "node-1.pem").read_bytes()).serial_number
+    assert code == 0 and f"serial {serial:x}" in out
+    assert run(capsys, "pki", "revoke", "--dir", str(pki_dir), "node-1", "--file",
+               str(revoked))[0] == 0
+    assert load_revoked(str(revoked)) == {serial} and len(revoked.read_text().splitlines()) == 1
+    code, _, err = run(capsys, "pki", "revoke", "--dir", str(pki_dir), "nobody", "--file",
+                       str(revoked))
+    assert code == 2 and "cannot read" in err
     # operators: a scope is required; the certificate names it
     code, _, err = run(capsys, "pki", "issue-operator", "--dir", str(pki_dir), "alice",
                        "--scope", "root")
