@@ -420,7 +420,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     async def _build(self, context: grpc.aio.ServicerContext,
                      data: dict[str, Any]) -> PolicyConfig:
         try:
-            return build_policy(data)
+            return build_policy(data, max_disk_bytes=self.config.coordinator.max_disk_bytes)
         except ConfigError as exc:
             await rpc.abort(context, exc)
         raise AssertionError("unreachable")

@@ -226,3 +226,17 @@ async def test_alarms_raised_cleared_and_listed(transport: str) -> None:
         assert "error threshold 4s" in reply.events[1].message
         assert len((await stub.ListAlarms(cpb.ListAlarmsRequest(limit=1))).events) == 1
     svc.store.close()
+
+
+async def test_created_policies_obey_the_configured_disk_limit() -> None:
+    """[coordinator] max_disk_bytes bounds policies made over the API, not only the file."""
+    import dataclasses
+    svc = memory_service([seed()])
+    svc.config = dataclasses.replace(svc.config, coordinator=dataclasses.replace(
+        svc.config.coordinator, max_disk_bytes=1 << 20))
+    async with serve(svc, "direct") as stub:
+        big = {**GOOD, "disks": [{**GOOD["disks"][0], "size_bytes": 2 << 20}]}
+        with pytest.raises(Exception) as err:
+            await stub.CreatePolicy(cpb.CreatePolicyRequest(policy_json=json.dumps(big)))
+        assert "max_disk_bytes" in str(err.value), err.value
+        assert "db" not in svc.state.policies
