@@ -35,6 +35,7 @@ from cdp_common import identity
 from cdp_common.errors import ConfigError, NotAuthorizedError
 from cdp_common.identity import Identity
 from cdp_common.pb.cdp.v1 import assignment_pb2 as apb
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 
 CONTEXT = b"cdp-assignment-v1\0"
 SIGNATURE_BYTES = 64
@@ -214,6 +215,27 @@ def check_apply(verifier: Verifier | None, node_id: str, policy: str, epoch: int
     check_session(claims, where=where, policy=policy, epoch=epoch, me=(TARGET, node_id),
                   peer=peer_of(context), peer_role=TARGET_PROXY)
     check_disks(claims, disks, where)
+
+
+def check_assignment(verifier: Verifier, a: cpb.Assignment, node_id: str) -> None:
+    """A filter's check of an assignment the coordinator sent: signed, for this filter,
+    and every field it acts on (endpoints, epoch, encryption, disks) is the claims'.
+    So a node posing as the coordinator cannot point a filter's writes elsewhere."""
+    where = f"assignment of {a.policy} epoch {a.epoch}"
+    claims = verifier.verify(a.signed, where)
+    plain = (a.policy, a.epoch, a.filter.node_id, a.source_proxy.node_id,
+             a.source_proxy.address, a.target_proxy.node_id, a.target_proxy.address,
+             a.target.node_id, a.target.address, a.encryption,
+             sorted((d.disk_id, d.filter, d.name, d.size_bytes) for d in a.disks))
+    signed = (claims.policy, claims.epoch, claims.filter_id, claims.source_proxy_id,
+              claims.source_proxy_address, claims.target_proxy_id,
+              claims.target_proxy_address, claims.target_id, claims.target_address,
+              claims.encryption,
+              sorted((d.disk_id, d.filter, d.name, d.size_bytes) for d in claims.disks))
+    if plain != signed:
+        raise NotAuthorizedError(f"{where}: its fields differ from its signed claims")
+    if claims.filter_id not in ("", node_id):   # "": unassigned, for every node
+        raise NotAuthorizedError(f"{where}: names filter {claims.filter_id!r}, not {node_id}")
 
 
 def check_disks(claims: apb.AssignmentClaims, disks: Iterable[tuple[int, int]],

@@ -13,11 +13,13 @@ journals and images are fsynced and closed.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
-from cdp_common import node
+from cdp_common import assignsig, node
 from cdp_common.config import FilterConfig
+from cdp_common.errors import CdpError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_filter.mount import Mount
 from cdp_filter.policy import Disk, PolicyRuntime
@@ -26,6 +28,7 @@ from cdp_filter.shipper import Shipper
 from cdp_filter.storage import Storage
 from cdp_filter.sync import Syncer, load_core
 
+log = logging.getLogger("filter.daemon")
 
 def _link_of(shipper: Shipper) -> Callable[[], int]:
     """0 while the shipper has no welcomed stream, else which stream it is."""
@@ -39,6 +42,10 @@ class FilterDaemon(node.NodeDaemon):
         self.shippers: dict[str, Shipper] = {}
         self.mountpoint = config.filter.mountpoint
         self.mount = Mount(self.mountpoint)
+        self.verifier = assignsig.load_optional_verifier(config.tls.assignment_key_file,
+                                                         config.tls.insecure)
+        """Checks the coordinator's assignments (None: insecure and no key)."""
+        self._refused: dict[str, int] = {}
         self.node = node.Node(config, self, kind="cdp-filter", role=cpb.ROLE_FILTER,
                               grace_s=1.0, on_assignments=self._on_assignments)
 
@@ -72,9 +79,25 @@ class FilterDaemon(node.NodeDaemon):
     def reports(self) -> list[cpb.PolicyReport]:
         return [rt.report() for rt in self.runtimes.values()]
 
+    def _verified(self, a: cpb.Assignment) -> bool:
+        """Whether `a` is the coordinator's (signed, for this filter); logs the first
+        refusal of each policy and epoch. Without a verifier (insecure) every one is."""
+        if self.verifier is None:
+            return True
+        try:
+            assignsig.check_assignment(self.verifier, a, self.config.node.id)
+        except CdpError as exc:
+            if self._refused.get(a.policy) != a.epoch:
+                self._refused[a.policy] = a.epoch
+                log.error("ignoring an assignment: %s", exc, extra={"policy": a.policy})
+            return False
+        self._refused.pop(a.policy, None)
+        return True
+
     def _on_assignments(self, update: cpb.AssignmentSet) -> None:
         mine = {a.policy: a for a in update.assignments
-                if a.policy in self.shippers and a.filter.node_id in ("", self.config.node.id)}
+                if a.policy in self.shippers and a.filter.node_id in ("", self.config.node.id)
+                and self._verified(a)}
         for name, shipper in self.shippers.items():
             shipper.set_assignment(mine.get(name))
             syncer = self.runtimes[name].syncer

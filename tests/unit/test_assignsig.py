@@ -14,6 +14,7 @@ from cdp_common.assignsig import Signer, Verifier
 from cdp_common.errors import ConfigError, NotAuthorizedError
 from cdp_common.identity import Identity
 from cdp_common.pb.cdp.v1 import assignment_pb2 as apb
+from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 
 KEY = Ed25519PrivateKey.generate()
 TARGET_PROXY = Identity("target-proxy", "tp-1")
@@ -136,3 +137,30 @@ def test_key_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="required unless tls"):
         assignsig.load_optional_verifier("", insecure=False)
     assert assignsig.load_optional_verifier("", insecure=True) is None
+
+
+def _assignment() -> cpb.Assignment:
+    c = claims()
+    return cpb.Assignment(
+        policy=c.policy, epoch=c.epoch, encryption=c.encryption, signed=SIGNER.sign(c),
+        filter=cpb.Endpoint(node_id=c.filter_id, address=c.filter_address),
+        source_proxy=cpb.Endpoint(node_id=c.source_proxy_id, address=c.source_proxy_address),
+        target_proxy=cpb.Endpoint(node_id=c.target_proxy_id, address=c.target_proxy_address),
+        target=cpb.Endpoint(node_id=c.target_id, address=c.target_address),
+        disks=[cpb.PolicyDisk(disk_id=d.disk_id, filter=d.filter, name=d.name,
+                              size_bytes=d.size_bytes) for d in c.disks])
+
+
+def test_a_filter_acts_only_on_the_coordinators_assignments() -> None:
+    """A node posing as the coordinator cannot point a filter's writes elsewhere."""
+    assignsig.check_assignment(verifier(), _assignment(), "filter-1")
+    moved = _assignment()
+    moved.source_proxy.address = "203.0.113.66:1"
+    with pytest.raises(NotAuthorizedError, match="differ from its signed claims"):
+        assignsig.check_assignment(verifier(), moved, "filter-1")
+    unsigned = _assignment()
+    unsigned.ClearField("signed")
+    with pytest.raises(NotAuthorizedError, match="no signed assignment"):
+        assignsig.check_assignment(verifier(), unsigned, "filter-1")
+    with pytest.raises(NotAuthorizedError, match="names filter 'filter-1', not filter-2"):
+        assignsig.check_assignment(verifier(), _assignment(), "filter-2")
