@@ -217,25 +217,32 @@ def check_apply(verifier: Verifier | None, node_id: str, policy: str, epoch: int
     check_disks(claims, disks, where)
 
 
-def check_assignment(verifier: Verifier, a: cpb.Assignment, node_id: str) -> None:
-    """A filter's check of an assignment the coordinator sent: signed, for this filter,
-    and every field it acts on (endpoints, epoch, encryption, disks) is the claims'.
-    So a node posing as the coordinator cannot point a filter's writes elsewhere."""
+def check_assignment(verifier: Verifier, a: cpb.Assignment, node_id: str,
+                     role: str = FILTER) -> None:
+    """A node's check of an assignment the coordinator sent it (the filter's before it
+    ships, the target's before it creates a store or applies a retention): signed,
+    naming this node in `role` (or unassigned), and every field the node acts on
+    (endpoints, epoch, encryption, disks, retention) is the claims'. So a node
+    posing as the coordinator cannot point a filter's writes elsewhere or expire a
+    target's restore points."""
     where = f"assignment of {a.policy} epoch {a.epoch}"
     claims = verifier.verify(a.signed, where)
     plain = (a.policy, a.epoch, a.filter.node_id, a.source_proxy.node_id,
              a.source_proxy.address, a.target_proxy.node_id, a.target_proxy.address,
-             a.target.node_id, a.target.address, a.encryption,
+             a.target.node_id, a.target.address, a.encryption, a.short_term_retention_s,
+             a.long_term_interval_s, a.long_term_retention_s,
              sorted((d.disk_id, d.filter, d.name, d.size_bytes) for d in a.disks))
     signed = (claims.policy, claims.epoch, claims.filter_id, claims.source_proxy_id,
               claims.source_proxy_address, claims.target_proxy_id,
               claims.target_proxy_address, claims.target_id, claims.target_address,
-              claims.encryption,
+              claims.encryption, claims.short_term_retention_s, claims.long_term_interval_s,
+              claims.long_term_retention_s,
               sorted((d.disk_id, d.filter, d.name, d.size_bytes) for d in claims.disks))
     if plain != signed:
         raise NotAuthorizedError(f"{where}: its fields differ from its signed claims")
-    if claims.filter_id not in ("", node_id):   # "": unassigned, for every node
-        raise NotAuthorizedError(f"{where}: names filter {claims.filter_id!r}, not {node_id}")
+    named = _named(claims, role)[0]
+    if named not in ("", node_id):   # "": unassigned, for every node
+        raise NotAuthorizedError(f"{where}: names {role} {named!r}, not {node_id}")
 
 
 def check_disks(claims: apb.AssignmentClaims, disks: Iterable[tuple[int, int]],

@@ -97,7 +97,9 @@ def claims_pb(a: Assignment, p: PolicyConfig) -> apb.AssignmentClaims:
         source_proxy_id=a.source_proxy.node_id, source_proxy_address=a.source_proxy.address,
         target_proxy_id=a.target_proxy.node_id, target_proxy_address=a.target_proxy.address,
         target_id=a.target.node_id, target_address=a.target.address,
-        encryption=p.encryption,
+        encryption=p.encryption, short_term_retention_s=p.short_term_retention_s,
+        long_term_interval_s=p.long_term_interval_s,
+        long_term_retention_s=p.long_term_retention_s,
         disks=[apb.ClaimedDisk(disk_id=i, filter=d.filter, name=d.name, size_bytes=d.size_bytes)
                for i, d in enumerate(p.disks)])
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from cdp_common import rpc
+from cdp_common import assignsig, rpc
 from cdp_common.aio import in_thread
 from cdp_common.errors import CdpError, FormatError, NotFoundError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
@@ -61,6 +61,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
         self.target = target
         self.restore_dir = restore_dir
         self.failovers: dict[str, Failover] = {}
+        self._refused: dict[str, int] = {}
         self._ticker: asyncio.Task[None] | None = None
 
     async def attach(self) -> None:
@@ -112,9 +113,10 @@ class RestoreService(pgrpc.RestorePointsServicer):
         """The CoordinatorClient callback: which policies are assigned here (only they
         get a new store: TargetService.set_assigned), and each one's retention."""
         async def update(aset: cpb.AssignmentSet) -> None:
-            self.target.set_assigned({a.policy for a in aset.assignments
-                                      if a.target.node_id == node_id})
-            for a in aset.assignments:
+            mine = [a for a in aset.assignments
+                    if a.target.node_id == node_id and self._verified(a, node_id)]
+            self.target.set_assigned({a.policy for a in mine})
+            for a in mine:
                 if a.target.node_id != node_id or not a.short_term_retention_s:
                     continue
                 r = P.Retention(a.short_term_retention_s, a.long_term_interval_s,
@@ -124,6 +126,22 @@ class RestoreService(pgrpc.RestorePointsServicer):
                 except (CdpError, OSError) as exc:
                     log.warning("cannot record retention: %s", exc, extra={"policy": a.policy})
         return update
+
+    def _verified(self, a: cpb.Assignment, node_id: str) -> bool:
+        """Whether `a` is the coordinator's (cdp_common.assignsig.check_assignment):
+        only then may it create a store or change a retention here."""
+        verifier = self.target.verifier
+        if verifier is None:
+            return True
+        try:
+            assignsig.check_assignment(verifier, a, node_id, assignsig.TARGET)
+        except CdpError as exc:
+            if self._refused.get(a.policy) != a.epoch:
+                self._refused[a.policy] = a.epoch
+                log.error("ignoring an assignment: %s", exc, extra={"policy": a.policy})
+            return False
+        self._refused.pop(a.policy, None)
+        return True
 
     def _set_retention(self, policy: str, r: P.Retention) -> None:
         rt = self.target.policies.get(policy)

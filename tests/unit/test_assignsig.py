@@ -164,3 +164,14 @@ def test_a_filter_acts_only_on_the_coordinators_assignments() -> None:
         assignsig.check_assignment(verifier(), unsigned, "filter-1")
     with pytest.raises(NotAuthorizedError, match="names filter 'filter-1', not filter-2"):
         assignsig.check_assignment(verifier(), _assignment(), "filter-2")
+
+
+def test_a_target_takes_no_retention_the_coordinator_did_not_sign() -> None:
+    """A forged retention of seconds would expire every restore point but the newest."""
+    assignsig.check_assignment(verifier(), _assignment(), "target-1", "target")
+    short = _assignment()
+    short.short_term_retention_s = 2
+    with pytest.raises(NotAuthorizedError, match="differ from its signed claims"):
+        assignsig.check_assignment(verifier(), short, "target-1", "target")
+    with pytest.raises(NotAuthorizedError, match="names target 'target-1', not target-2"):
+        assignsig.check_assignment(verifier(), _assignment(), "target-2", "target")
