@@ -17,9 +17,24 @@ from typing import Any
 
 from cdp_common import assignsig, identity
 from cdp_common.assignsig import Verifier
-from cdp_common.errors import NotAuthorizedError
+from cdp_common.errors import FencedError, NotAuthorizedError
 from cdp_common.pb.cdp.v1 import assignment_pb2 as apb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
+
+
+class EpochFloor:
+    """The newest verified epoch per policy this proxy has served: an older signed
+    assignment (replayed by a node it still names) opens nothing here."""
+
+    def __init__(self) -> None:
+        self._newest: dict[str, int] = {}
+
+    def admit(self, policy: str, epoch: int, where: str) -> None:
+        newest = self._newest.get(policy, 0)
+        if epoch < newest:
+            raise FencedError(f"{where}: epoch {epoch} is older than epoch {newest} "
+                              "already served here")
+        self._newest[policy] = epoch
 
 
 def _check(verifier: Verifier, signed: apb.SignedAssignment, *, where: str, policy: str,
@@ -37,7 +52,7 @@ def _check(verifier: Verifier, signed: apb.SignedAssignment, *, where: str, poli
 
 
 def bind_hello(verifier: Verifier | None, node_id: str, hello: rpb.ShipHello,
-               context: Any) -> None:
+               context: Any, epochs: EpochFloor | None = None) -> None:
     """Source role: check a filter's hello; point it at the claims' target proxy and target."""
     if verifier is None:
         return
@@ -46,13 +61,15 @@ def bind_hello(verifier: Verifier | None, node_id: str, hello: rpb.ShipHello,
                     me=(identity.SOURCE_PROXY, node_id), context=context,
                     peer_role=identity.FILTER, disks=list(hello.disks),
                     encryption=hello.encryption)
+    if epochs is not None:
+        epochs.admit(hello.policy, claims.epoch, f"hello for {hello.policy}")
     hello.target_proxy_id = claims.target_proxy_id
     hello.target_proxy_address = claims.target_proxy_address
     hello.target_address = claims.target_address
 
 
 def bind_open(verifier: Verifier | None, node_id: str, o: rpb.SessionOpen,
-              context: Any) -> None:
+              context: Any, epochs: EpochFloor | None = None) -> None:
     """Target role: check a source proxy's session open; point it at the claims' target."""
     if verifier is None:
         return
@@ -60,6 +77,8 @@ def bind_open(verifier: Verifier | None, node_id: str, o: rpb.SessionOpen,
                     policy=o.policy, epoch=o.epoch, me=(identity.TARGET_PROXY, node_id),
                     context=context, peer_role=identity.SOURCE_PROXY, disks=list(o.disks),
                     encryption=o.encryption)
+    if epochs is not None:
+        epochs.admit(o.policy, claims.epoch, f"session open for {o.policy}")
     if o.target_address != claims.target_address:
         raise NotAuthorizedError(f"session open for {o.policy}: target {o.target_address} "
                                  f"is not the signed assignment's ({claims.target_address})")

@@ -100,6 +100,7 @@ class SourceProxy(rgrpc.SourceProxyServicer):
         """The master-key ring; new sessions seal with its current key (SIGHUP swaps it)."""
         self.errors = errors if errors is not None else PolicyErrors()
         self.verifier = verifier
+        self.epochs = binding.EpochFloor()
         """Checks hellos against their signed assignments (None: insecure, unchecked)."""
         self.budget = limits.ByteBudget(proxy.proxy_inflight_max_bytes)
         """In-flight bytes of all sessions (the proxy-wide back-pressure)."""
@@ -187,7 +188,7 @@ class _ShipSession(Session):
         self.policy = hello.policy
         keys = parent.keys  # one ring for the whole session, even across a SIGHUP
         check_hello(hello, keys)
-        binding.bind_hello(parent.verifier, parent.node_id, hello, self.context)
+        binding.bind_hello(parent.verifier, parent.node_id, hello, self.context, parent.epochs)
         self.captured_seq = hello.captured_seq
         opening = frames.seal_open(rpb.SessionOpen(
             policy=hello.policy, session_id=os.urandom(crypto.SESSION_ID_BYTES),

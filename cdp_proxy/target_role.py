@@ -62,6 +62,7 @@ class TargetProxy(rgrpc.TargetProxyServicer):
                  verifier: Verifier | None = None) -> None:
         self.node_id = node_id
         self.verifier = verifier
+        self.epochs = binding.EpochFloor()
         """Checks session opens against their signed assignments (None: insecure)."""
         self.channels = channels
         self.keys = keys
@@ -102,7 +103,8 @@ class _ReplicateSession(Session):
         except AuthenticationError:
             metrics.AUTH_FAILURES.inc()
             raise
-        binding.bind_open(self.parent.verifier, self.parent.node_id, o, self.context)
+        binding.bind_open(self.parent.verifier, self.parent.node_id, o, self.context,
+                          self.parent.epochs)
         self.peer = f"target {o.target_address}"
         opener = frames.opener_for(o, keys)
         with self.counted():
