@@ -111,8 +111,12 @@ def test_partition_loss_and_bandwidth_cap(sites: TwoSites) -> None:
         p = sites.policy()
         assert p["durable_seq"] == durable_before, p
         assert p["captured_seq"] > durable_before and p["journal_bytes"] > 0, p
-        down = {n["id"] for n in sites.status()["nodes"] if n["state"] != "up"}
-        assert {"target-1", "target-proxy-1"} <= down, down
+
+        def dr_site_down() -> bool:
+            # both DR nodes' leases run out, each a heartbeat period (1 s) apart at most
+            down = {n["id"] for n in sites.status()["nodes"] if n["state"] != "up"}
+            return {"target-1", "target-proxy-1"} <= down
+        sites.wait(dr_site_down, 10, "the DR site's nodes were not marked down")
         time.sleep(max(0.0, 9.0 - (time.monotonic() - t0)))   # three leases and more
         w.write(2 * MiB)
     finally:
