@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cdp_common.assignsig import load_optional_verifier, load_signer
-from cdp_common.crypto import load_master_key
 from cdp_common.errors import ConfigError
 from cdp_common.names import is_name
 from cdp_common.revocation import load_revoked
@@ -371,6 +369,7 @@ def validate(config: Any) -> None:
         load_revoked(tls.revoked_file)
     if isinstance(tls, TlsConfig) and not isinstance(config, CoordinatorConfig) \
             and (tls.assignment_key_file or not tls.insecure):
+        from cdp_common.assignsig import load_optional_verifier  # cryptography: only here
         load_optional_verifier(tls.assignment_key_file, tls.insecure)
     if isinstance(config, FilterConfig):
         _validate_filter(config)
@@ -391,6 +390,7 @@ def _validate_proxy(config: ProxyConfig) -> None:
     if p.role != "target" and not p.key_file:
         raise ConfigError("proxy.key_file: required for a source proxy")
     try:
+        from cdp_common.crypto import load_master_key  # zstandard, cryptography: only here
         load_master_key(p.key_file)
     except ConfigError as exc:
         raise ConfigError(f"proxy.{exc}") from None
@@ -464,6 +464,7 @@ def _validate_coordinator(config: CoordinatorConfig) -> None:
         if not c.signing_key_file:
             raise ConfigError("coordinator.signing_key_file: required unless tls.insecure = true"
                               " (create one with `cdpctl pki signing-key`)")
+        from cdp_common.assignsig import load_signer
         load_signer(c.signing_key_file)
     names: set[str] = set()
     for i, p in enumerate(config.policies):
