@@ -360,6 +360,7 @@ class Shipper:
         after seeing this error. Otherwise nothing is shipped (TargetAheadError)."""
         rt = self.rt
         if rt.tail_cut_covered:
+            rt.tail_cut_covered = False   # this cut only: a later lead is a new question
             return
         if self._ahead_floor is not None and a.sync_request_id > self._ahead_floor:
             log.warning("target durable through seq %d, ahead of this journal (seq %d): "
