@@ -19,6 +19,7 @@ key then verifies nothing (`Verifier` is None), which the daemons log at start.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,31 @@ def check_assignment(verifier: Verifier, a: cpb.Assignment, node_id: str,
     named = _named(claims, role)[0]
     if named not in ("", node_id):   # "": unassigned, for every node
         raise NotAuthorizedError(f"{where}: names {role} {named!r}, not {node_id}")
+
+
+class AssignmentGate:
+    """A node's filter over the assignment sets the coordinator pushes: `admits(a)` is
+    `check_assignment` as a yes/no that logs the first refusal of each policy and epoch
+    (sets arrive every change; one line per forgery is enough). Without a verifier
+    (insecure) every assignment is admitted."""
+
+    def __init__(self, verifier: Verifier | None, node_id: str, role: str,
+                 log: logging.Logger) -> None:
+        self.verifier, self.node_id, self.role, self.log = verifier, node_id, role, log
+        self._refused: dict[str, int] = {}
+
+    def admits(self, a: cpb.Assignment) -> bool:
+        if self.verifier is None:
+            return True
+        try:
+            check_assignment(self.verifier, a, self.node_id, self.role)
+        except NotAuthorizedError as exc:
+            if self._refused.get(a.policy) != a.epoch:
+                self._refused[a.policy] = a.epoch
+                self.log.error("ignoring an assignment: %s", exc, extra={"policy": a.policy})
+            return False
+        self._refused.pop(a.policy, None)
+        return True
 
 
 def check_disks(claims: apb.AssignmentClaims, disks: Iterable[tuple[int, int]],

@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 from cdp_common import assignsig, node
 from cdp_common.config import FilterConfig
-from cdp_common.errors import CdpError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_filter.mount import Mount
 from cdp_filter.policy import Disk, PolicyRuntime
@@ -42,10 +41,11 @@ class FilterDaemon(node.NodeDaemon):
         self.shippers: dict[str, Shipper] = {}
         self.mountpoint = config.filter.mountpoint
         self.mount = Mount(self.mountpoint)
-        self.verifier = assignsig.load_optional_verifier(config.tls.assignment_key_file,
-                                                         config.tls.insecure)
-        """Checks the coordinator's assignments (None: insecure and no key)."""
-        self._refused: dict[str, int] = {}
+        self.assignments = assignsig.AssignmentGate(
+            assignsig.load_optional_verifier(config.tls.assignment_key_file,
+                                             config.tls.insecure),
+            config.node.id, assignsig.FILTER, log)
+        """Admits only the coordinator's own assignments for this filter."""
         self.node = node.Node(config, self, kind="cdp-filter", role=cpb.ROLE_FILTER,
                               grace_s=1.0, on_assignments=self._on_assignments)
 
@@ -79,25 +79,10 @@ class FilterDaemon(node.NodeDaemon):
     def reports(self) -> list[cpb.PolicyReport]:
         return [rt.report() for rt in self.runtimes.values()]
 
-    def _verified(self, a: cpb.Assignment) -> bool:
-        """Whether `a` is the coordinator's (signed, for this filter); logs the first
-        refusal of each policy and epoch. Without a verifier (insecure) every one is."""
-        if self.verifier is None:
-            return True
-        try:
-            assignsig.check_assignment(self.verifier, a, self.config.node.id)
-        except CdpError as exc:
-            if self._refused.get(a.policy) != a.epoch:
-                self._refused[a.policy] = a.epoch
-                log.error("ignoring an assignment: %s", exc, extra={"policy": a.policy})
-            return False
-        self._refused.pop(a.policy, None)
-        return True
-
     def _on_assignments(self, update: cpb.AssignmentSet) -> None:
         mine = {a.policy: a for a in update.assignments
                 if a.policy in self.shippers and a.filter.node_id in ("", self.config.node.id)
-                and self._verified(a)}
+                and self.assignments.admits(a)}
         for name, shipper in self.shippers.items():
             shipper.set_assignment(mine.get(name))
             syncer = self.runtimes[name].syncer

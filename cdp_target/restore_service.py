@@ -61,7 +61,6 @@ class RestoreService(pgrpc.RestorePointsServicer):
         self.target = target
         self.restore_dir = restore_dir
         self.failovers: dict[str, Failover] = {}
-        self._refused: dict[str, int] = {}
         self._ticker: asyncio.Task[None] | None = None
 
     async def attach(self) -> None:
@@ -112,9 +111,11 @@ class RestoreService(pgrpc.RestorePointsServicer):
     def on_assignments(self, node_id: str) -> Callable[[cpb.AssignmentSet], Awaitable[None]]:
         """The CoordinatorClient callback: which policies are assigned here (only they
         get a new store: TargetService.set_assigned), and each one's retention."""
+        gate = assignsig.AssignmentGate(self.target.verifier, node_id, assignsig.TARGET, log)
+
         async def update(aset: cpb.AssignmentSet) -> None:
-            mine = [a for a in aset.assignments
-                    if a.target.node_id == node_id and self._verified(a, node_id)]
+            # only the coordinator's own may create a store or change a retention here
+            mine = [a for a in aset.assignments if a.target.node_id == node_id and gate.admits(a)]
             self.target.set_assigned({a.policy for a in mine})
             for a in mine:
                 if a.target.node_id != node_id or not a.short_term_retention_s:
@@ -126,22 +127,6 @@ class RestoreService(pgrpc.RestorePointsServicer):
                 except (CdpError, OSError) as exc:
                     log.warning("cannot record retention: %s", exc, extra={"policy": a.policy})
         return update
-
-    def _verified(self, a: cpb.Assignment, node_id: str) -> bool:
-        """Whether `a` is the coordinator's (cdp_common.assignsig.check_assignment):
-        only then may it create a store or change a retention here."""
-        verifier = self.target.verifier
-        if verifier is None:
-            return True
-        try:
-            assignsig.check_assignment(verifier, a, node_id, assignsig.TARGET)
-        except CdpError as exc:
-            if self._refused.get(a.policy) != a.epoch:
-                self._refused[a.policy] = a.epoch
-                log.error("ignoring an assignment: %s", exc, extra={"policy": a.policy})
-            return False
-        self._refused.pop(a.policy, None)
-        return True
 
     def _set_retention(self, policy: str, r: P.Retention) -> None:
         rt = self.target.policies.get(policy)

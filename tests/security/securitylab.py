@@ -4,6 +4,7 @@ and check afterwards that nothing changed.
 - `issue(lab, name, role, scope="")`: a certificate from the lab's own CA naming
   `role`/`name` (cdp_common.identity), as a `TlsConfig`. Every attack uses only
   such a certificate: one that should not allow what it tries.
+- `node_tls(lab, node_id)`: the lab's own certificate of a node (a stolen one).
 - `channel(lab, address, tls)`: a blocking gRPC channel to one of the lab's daemons.
 - `snapshot(lab)`: everything an attack must not change: the replica bytes
   (sha256 per disk), the coordinator's policies, epochs and restore points as the
@@ -37,6 +38,13 @@ def issue(lab: LabHandle, name: str, role: str, scope: str = "",
     pem, key = pki.create_node_cert(src / "ca.pem", src / "ca.key", out, name, list(hosts),
                                     role=role, scope=scope)
     return TlsConfig(ca_file=str(src / "ca.pem"), cert_file=str(pem), key_file=str(key))
+
+
+def node_tls(lab: LabHandle, node_id: str) -> TlsConfig:
+    """The lab's own certificate of `node_id` (a stolen one, for an attack)."""
+    pki = lab.dir / "pki"
+    return TlsConfig(ca_file=str(pki / "ca.pem"), cert_file=str(pki / f"{node_id}.pem"),
+                     key_file=str(pki / f"{node_id}.key"))
 
 
 def channel(lab: LabHandle, address: str, tls: TlsConfig) -> grpc.Channel:

@@ -23,7 +23,7 @@ import pytest
 from conftest import LabHandle, assert_eventually, cdpctl
 from cryptography import x509
 from labwait import wait_caught_up
-from securitylab import assert_unchanged, channel, issue, snapshot
+from securitylab import assert_unchanged, channel, issue, node_tls, snapshot
 from workload import MiB, Workload
 
 from cdp_common.config import TlsConfig
@@ -33,12 +33,6 @@ from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 pytestmark = pytest.mark.timeout(300)
 
 DISK = 64 * MiB
-
-
-def node_tls(lab: LabHandle, node_id: str) -> TlsConfig:
-    pki = lab.dir / "pki"
-    return TlsConfig(ca_file=str(pki / "ca.pem"), cert_file=str(pki / f"{node_id}.pem"),
-                     key_file=str(pki / f"{node_id}.key"))
 
 
 def tls_args(tls: TlsConfig) -> list[str]:

@@ -29,10 +29,9 @@ from typing import Any
 import grpc
 import pytest
 from labwait import wait_caught_up
-from securitylab import address_of, assert_unchanged, channel, snapshot
+from securitylab import address_of, assert_unchanged, channel, node_tls, snapshot
 from workload import MiB, Workload, sha256_file
 
-from cdp_common.config import TlsConfig
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 
@@ -40,12 +39,6 @@ pytestmark = pytest.mark.timeout(240)
 
 DISK = 64 * MiB
 FIRST_MESSAGE_TIMEOUT_S = 10.0   # the [node] default
-
-
-def lab_cert(lab: Any, node_id: str) -> TlsConfig:
-    pki = lab.dir / "pki"
-    return TlsConfig(ca_file=str(pki / "ca.pem"), cert_file=str(pki / f"{node_id}.pem"),
-                     key_file=str(pki / f"{node_id}.key"))
 
 
 def entries(directory: Path) -> list[str]:
@@ -64,7 +57,7 @@ def attack_huge_disk(lab: Any, target_data: Path) -> None:
     before = snapshot(lab)
     huge = rpb.ApplyRequest(open=rpb.ApplyOpen(policy="evil", epoch=1, disks=[
         rpb.DiskInfo(disk_id=0, name="disk0", size_bytes=2**63 - 1)]))
-    with (channel(lab, address_of(lab, "target-1"), lab_cert(lab, "target-proxy-1")) as ch,
+    with (channel(lab, address_of(lab, "target-1"), node_tls(lab, "target-proxy-1")) as ch,
           pytest.raises(grpc.RpcError) as refused):
         for _ in rgrpc.TargetStub(ch).Apply(iter([huge]), timeout=20):
             pass
@@ -111,7 +104,7 @@ def attack_silent_streams(lab: Any) -> None:
 
     def silent(name: str, address: str, cert: str, call: Any) -> None:
         started = time.monotonic()
-        with channel(lab, address, lab_cert(lab, cert)) as ch:
+        with channel(lab, address, node_tls(lab, cert)) as ch:
             try:
                 for _ in call(ch)(silent_until(stop), timeout=45):
                     pass

@@ -27,11 +27,10 @@ import grpc
 import pytest
 from conftest import LabHandle, assert_eventually, cdpctl
 from labwait import wait_caught_up
-from securitylab import address_of, assert_unchanged, channel, snapshot
+from securitylab import address_of, assert_unchanged, channel, node_tls, snapshot
 from workload import MiB, Workload
 
 from cdp_common import crypto, delta
-from cdp_common.config import TlsConfig
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_proxy import frames
@@ -39,13 +38,6 @@ from cdp_proxy import frames
 pytestmark = pytest.mark.timeout(300)
 
 DISK = 64 * MiB
-
-
-def source_proxy_tls(lab: LabHandle) -> TlsConfig:
-    """The lab's own source-proxy certificate: the right role, without the key."""
-    pki = lab.dir / "pki"
-    return TlsConfig(ca_file=str(pki / "ca.pem"), cert_file=str(pki / "source-proxy-1.pem"),
-                     key_file=str(pki / "source-proxy-1.key"))
 
 
 def target_state(lab: LabHandle) -> rpb.PolicyState:
@@ -83,7 +75,8 @@ def plaintext_frames(o: rpb.SessionOpen, first_seq: int) -> Iterator[rpb.Replica
 
 def replicate(lab: LabHandle, o: rpb.SessionOpen, first_seq: int) -> grpc.RpcError:
     """Run the attack's stream to its end; the error it ended with."""
-    with channel(lab, address_of(lab, "target-proxy-1"), source_proxy_tls(lab)) as ch:
+    # the lab's own source-proxy certificate: the right role, without the key
+    with channel(lab, address_of(lab, "target-proxy-1"), node_tls(lab, "source-proxy-1")) as ch:
         responses = rgrpc.TargetProxyStub(ch).Replicate(plaintext_frames(o, first_seq),
                                                         timeout=20)
         with pytest.raises(grpc.RpcError) as info:

@@ -31,7 +31,7 @@ import grpc
 import pytest
 from conftest import LabHandle
 from labwait import wait_caught_up
-from securitylab import address_of, assert_unchanged, channel, issue, snapshot
+from securitylab import address_of, assert_unchanged, channel, issue, node_tls, snapshot
 from workload import MiB, Workload
 
 from cdp_common import crypto, delta
@@ -47,12 +47,6 @@ pytestmark = pytest.mark.timeout(300)
 
 DISK = 64 * MiB
 HUGE_EPOCH = 2**63
-
-
-def node_tls(lab: LabHandle, node_id: str) -> TlsConfig:
-    pki = lab.dir / "pki"
-    return TlsConfig(ca_file=str(pki / "ca.pem"), cert_file=str(pki / f"{node_id}.pem"),
-                     key_file=str(pki / f"{node_id}.key"))
 
 
 def target_state(lab: LabHandle) -> rpb.PolicyState:
