@@ -34,6 +34,7 @@ from pathlib import Path
 
 from cdp_common import statefile
 from cdp_common.errors import CorruptStateError, StorageError
+from cdp_common.timefmt import iso_utc
 
 GAPS_FILE = "gaps.json"
 KIND = "gaps"
@@ -56,6 +57,13 @@ class GapRecord:
     def covers(self, last_seq: int) -> bool:
         """Is the restore point ending at last_seq inside this gap (inconsistent)?"""
         return self.begin_seq <= last_seq and (self.open or last_seq < self.end_seq)
+
+    def describe(self) -> str:
+        """The gap in words, for errors and replies."""
+        span = (f"last seq {self.begin_seq} and later (still open)" if self.open
+                else f"last seq {self.begin_seq}..{self.end_seq - 1}")
+        since = f", since {iso_utc(self.begin_time_ns)}" if self.begin_time_ns else ""
+        return f"{self.reason} gap: points with {span}{since}"
 
 
 class GapBook:
@@ -127,4 +135,8 @@ class GapBook:
             raise StorageError(f"{self.path}: cannot save gaps ({exc.strerror})") from None
 
     def inconsistent(self, last_seq: int) -> bool:
-        return any(g.covers(last_seq) for g in self.gaps)
+        return self.covering(last_seq) is not None
+
+    def covering(self, last_seq: int) -> GapRecord | None:
+        """The gap the point ending at last_seq lies in, or None: consistent."""
+        return next((g for g in self.gaps if g.covers(last_seq)), None)

@@ -91,6 +91,10 @@ class FailoverStateError(CdpError, grpc_status="FAILED_PRECONDITION"):
     """The request contradicts the policy's failover state."""
 
 
+class InconsistentPointError(CdpError, grpc_status="FAILED_PRECONDITION"):
+    """The chosen point lies in a gap and the caller did not allow that."""
+
+
 # ---------------------------------------------------------------- copying
 
 def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:

@@ -35,6 +35,7 @@ from cdp_target import points as P
 from cdp_target.restore import (
     Failover,
     FailoverStateError,
+    InconsistentPointError,
     Restored,
     pick_point,
     restore_images,
@@ -173,14 +174,37 @@ class RestoreService(pgrpc.RestorePointsServicer):
 
     # ------------------------------------------------------------ Restore / Failover
 
-    def _selector(self, rt: PolicyRuntime, req: pb.RestoreRequest) -> Callable[[], P.Point]:
+    def _selector(self, rt: PolicyRuntime, req: pb.RestoreRequest,
+                  chosen: dict[str, Any]) -> Callable[[], P.Point]:
+        """The point picker run under `store.paused()`: it refuses a point inside a
+        gap unless req.allow_inconsistent, and leaves its consistency in `chosen`
+        (computed from the gap book at that instant, never assumed)."""
         given = sum((bool(req.point_id), bool(req.time_ns), req.latest))
         if given != 1:
             raise FormatError("give exactly one of point_id, time_ns, latest")
-        return lambda: pick_point(rt.local, req.point_id, req.time_ns, req.latest)
+
+        def select() -> P.Point:
+            p = pick_point(rt.local, req.point_id, req.time_ns, req.latest)
+            with rt.gap_lock:
+                gap = rt.gaps.covering(p.last_seq)
+            if gap is not None and not req.allow_inconsistent:
+                raise InconsistentPointError(
+                    f"policy {req.policy}: restore point {p.id} (last seq {p.last_seq}) lies "
+                    f"in a gap ({gap.describe()}): its blocks mix old and new data. Choose a "
+                    f"point before the gap (`cdpctl restore-points {req.policy}`), wait for "
+                    f"the gap to close, or allow an inconsistent point explicitly")
+            chosen["gap"] = gap.describe() if gap is not None else ""
+            return p
+        return select
+
+    async def _drain(self, rt: PolicyRuntime, req: pb.RestoreRequest) -> None:
+        """The "latest" point holds every delta the target committed (acked), not
+        only the ones applied so far: apply them first, as `Create` does."""
+        if req.latest:
+            await in_thread(rt.local.apply_pending)
 
     async def _stream(self, run: Callable[[Callable[[str, int, int], None]], Restored],
-                      ) -> AsyncIterator[pb.RestoreProgress]:
+                      chosen: dict[str, Any]) -> AsyncIterator[pb.RestoreProgress]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[pb.RestoreProgress] = asyncio.Queue()
         last = [0.0]
@@ -212,20 +236,23 @@ class RestoreService(pgrpc.RestorePointsServicer):
                                last_seq=restored.point.last_seq),
             images=[pb.RestoredImage(disk=n, path=str(p), size_bytes=p.stat().st_size)
                     for n, p in sorted(restored.images.items())],
-            method=restored.method, seconds=seconds))
+            method=restored.method, seconds=seconds,
+            consistent=not chosen["gap"], gap=chosen["gap"]))
 
     async def Restore(self, request: pb.RestoreRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:
         rt = await self._runtime(request.policy, context)
         try:
-            select = self._selector(rt, request)
+            chosen: dict[str, Any] = {}
+            select = self._selector(rt, request, chosen)
             out = Path(request.out_dir)
             if not request.out_dir or not out.is_absolute():
                 raise FormatError(f"out_dir {request.out_dir!r}: an absolute path on the target "
                                   f"host is needed")
             root = self.restore_dir
+            await self._drain(rt, request)
             async for msg in self._stream(lambda prog: restore_images(rt.local, select, out,
-                                                                      prog, root)):
+                                                                      prog, root), chosen):
                 yield msg
         except CdpError as exc:
             await rpc.abort(context, exc)
@@ -235,7 +262,8 @@ class RestoreService(pgrpc.RestorePointsServicer):
         rt = await self._runtime(request.policy, context)
         fo = await self._failover(request.policy, rt)
         try:
-            select = self._selector(rt, request)
+            chosen: dict[str, Any] = {}
+            select = self._selector(rt, request, chosen)
             if fo.state:
                 raise FailoverStateError(f"policy {request.policy} is already failed over "
                                          f"({fo.state})")
@@ -244,7 +272,8 @@ class RestoreService(pgrpc.RestorePointsServicer):
             if rt.stream is not None:
                 rt.stream.replaced.set()
             try:
-                async for msg in self._stream(lambda prog: fo.start(select, prog)):
+                await self._drain(rt, request)
+                async for msg in self._stream(lambda prog: fo.start(select, prog), chosen):
                     yield msg
             finally:
                 self._mirror(rt, fo)

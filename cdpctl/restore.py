@@ -32,6 +32,7 @@ from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_common.pb.cdp.v1 import restore_pb2 as pb
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
+from cdp_common.timefmt import iso_utc as iso
 from cdpctl import status, table
 from cdpctl.cmdline import Context, Subparsers
 from cdpctl.resolve import Coordinator
@@ -61,12 +62,6 @@ def parse_time(text: str) -> int:
     return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
 
 
-def iso(time_ns: int) -> str:
-    """ns since the epoch -> ISO 8601 UTC with milliseconds, e.g. 2024-05-01T12:30:00.123Z."""
-    t = dt.datetime.fromtimestamp(time_ns / 1e9, tz=dt.UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
-
-
 def gap_dict(g: Any) -> dict[str, Any]:
     return {"begin_seq": g.begin_seq, "end_seq": g.end_seq,
             "begin_time": iso(g.begin_time_ns) if g.begin_time_ns else "",
@@ -83,11 +78,26 @@ def gap_of(last_seq: int, gaps: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def point_dict(p: pb.PointInfo, gaps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    g = gap_of(p.last_seq, gaps or [])
+def point_dict(p: pb.PointInfo, gaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """A listed point; `consistent` from the policy's gaps as the target gave them."""
+    g = gap_of(p.last_seq, gaps)
     return {"id": p.id, "kind": p.kind, "time": iso(p.time_ns), "last_seq": p.last_seq,
             "size_bytes": p.size_bytes, "consistent": g is None,
             "gap": None if g is None else g["reason"]}
+
+
+def chosen_point_dict(done: pb.RestoreDone) -> dict[str, Any]:
+    """The point a restore or failover used; `consistent` as the target computed it
+    when it chose the point (false from a target too old to say)."""
+    p = done.point
+    return {"id": p.id, "kind": p.kind, "time": iso(p.time_ns), "last_seq": p.last_seq,
+            "consistent": done.consistent, "gap": done.gap or None}
+
+
+def inconsistent_warning(point: dict[str, Any]) -> str:
+    return (f"WARNING: point {point['id']} is NOT consistent"
+            + (f" ({point['gap']})" if point.get("gap") else "")
+            + ": its blocks mix data from before and after the gap")
 
 
 def render_points(points: list[dict[str, Any]]) -> str:
@@ -212,7 +222,8 @@ def _request(args: argparse.Namespace, out_dir: str = "") -> pb.RestoreRequest:
                             ("--latest", getattr(args, "latest", False))) if v]
     if len(given) > 1:
         raise UsageError(f"{' and '.join(given)}: give only one")
-    req = pb.RestoreRequest(policy=args.policy, out_dir=out_dir)
+    req = pb.RestoreRequest(policy=args.policy, out_dir=out_dir,
+                            allow_inconsistent=args.allow_inconsistent)
     if args.point:
         req.point_id = args.point
     elif args.time:
@@ -245,13 +256,16 @@ def cmd_points(args: argparse.Namespace, ctx: Context) -> int:
         try:
             p = client.call("create", client.stub.Create,
                             pb.CreatePointRequest(policy=args.policy), timeout=args.timeout * 12)
+            gaps = client.gaps(args.policy, args.timeout)
         finally:
             client.close()
-        d = {**point_dict(p), "on_demand": True}
+        d = {**point_dict(p, gaps), "on_demand": True}
         if args.json:
             print(json.dumps(d, indent=2))
         else:
             print(f"long-term restore point {d['id']} at {d['time']} (last seq {d['last_seq']})")
+            if not d["consistent"]:
+                print(inconsistent_warning(d))
         return 0
     if len(words) != 1:
         raise UsageError("expected `restore-points POLICY` or `restore-points create POLICY`")
@@ -288,7 +302,7 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> int:
     finally:
         client.close()
     images = _images(done, args.loop, read_only=True)
-    doc = {"policy": args.policy, "point": point_dict(done.point), "images": images,
+    doc = {"policy": args.policy, "point": chosen_point_dict(done), "images": images,
            "method": done.method, "seconds": round(done.seconds, 3)}
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -296,6 +310,8 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> int:
         p = doc["point"]
         print(f"restored point {p['id']} ({p['time']}, last seq {p['last_seq']}) of policy "
               f"{args.policy} in {done.seconds:.2f}s ({done.method} copy):")
+        if not p["consistent"]:
+            print(inconsistent_warning(p))
         for img in images:
             print(f"  {img['disk']}: {img['path']}" + (f" -> {img['loop']} (read-only)"
                                                        if "loop" in img else ""))
@@ -314,9 +330,10 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
     else:
         raise UsageError("expected `failover POLICY`, `failover undo POLICY` or "
                          "`failover commit POLICY`")
-    if action != "start" and (args.point or args.time or args.loop):
-        raise UsageError(f"failover {action}: --point, --time and --loop go with "
-                         f"`failover POLICY`")
+    if action != "start" and (args.point or args.time or args.loop
+                              or args.allow_inconsistent):
+        raise UsageError(f"failover {action}: --point, --time, --loop and "
+                         f"--allow-inconsistent go with `failover POLICY`")
     client = _client(args, coord)
     try:
         if action == "start":
@@ -324,7 +341,7 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
                 _request(args), timeout=RESTORE_TIMEOUT_S), args.json)
             images = _images(done, args.loop, read_only=False)
             doc: dict[str, Any] = {"policy": args.policy, "state": "active",
-                                   "point": point_dict(done.point), "images": images,
+                                   "point": chosen_point_dict(done), "images": images,
                                    "seconds": round(done.seconds, 3)}
         else:
             fn = client.stub.FailoverUndo if action == "undo" else client.stub.FailoverCommit
@@ -348,6 +365,8 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
         p = doc["point"]
         print(f"policy {args.policy} is failed over to point {p['id']} ({p['time']}, last seq "
               f"{p['last_seq']}); replication is stopped, the source keeps journaling.")
+        if not p["consistent"]:
+            print(inconsistent_warning(p))
         print("writable disks:")
         for img in doc["images"]:
             print(f"  {img['disk']}: {img['path']}" + (f" -> {img['loop']}" if "loop" in img
@@ -376,7 +395,12 @@ def _point_args(p: argparse.ArgumentParser, *, latest: bool) -> None:
     g.add_argument("--point", type=int, metavar="ID", help="restore point id")
     g.add_argument("--time", metavar="ISO8601", help="newest point at or before this time")
     if latest:
-        g.add_argument("--latest", action="store_true", help="the newest point (default)")
+        g.add_argument("--latest", action="store_true",
+                       help="the newest point (default), after the target applies every "
+                            "delta it has acked")
+    p.add_argument("--allow-inconsistent", action="store_true",
+                   help="accept a point inside a gap (refused by default: its blocks mix "
+                        "old and new data); the result says consistent: false")
 
 
 def register(sub: Subparsers, ctx: Context) -> None:
@@ -422,7 +446,12 @@ def register(sub: Subparsers, ctx: Context) -> None:
             under the target's [target] restore_dir (the lab's: <lab>/restores) and
             must not hold the images already; images are created 0600, never through
             a symlink. Replication goes on meanwhile; applying new deltas to the
-            replica pauses during the copy."""),
+            replica pauses during the copy.
+
+            A point inside a gap (see `cdpctl restore-points`) is refused, naming the
+            gap, unless --allow-inconsistent; the result's `consistent` is what the
+            target found when it chose the point. --latest first applies every delta
+            the target has acked, so no acked write is left out."""),
         epilog=epilog("""\
             cdpctl restore lab --latest --out /srv/restore/lab-1
             cdpctl restore lab --point 1234 --out /srv/restore/lab-2 --loop
@@ -449,7 +478,9 @@ def register(sub: Subparsers, ctx: Context) -> None:
                  resumes replication from the durable seq;
               `failover commit POLICY` makes them the replicas' content for good; the
                  policy stays stopped (production moved to DR) and its older restore
-                 points are dropped. `cdpctl status` shows the policy's failover."""),
+                 points are dropped. `cdpctl status` shows the policy's failover.
+            As with `cdpctl restore`, a point inside a gap is refused unless
+            --allow-inconsistent, and the newest point includes every acked delta."""),
         epilog=epilog("""\
             cdpctl failover lab --loop
             cdpctl failover lab --time 2024-05-01T12:30:00Z --json

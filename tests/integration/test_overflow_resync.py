@@ -10,6 +10,7 @@ closed at a seq after which restore points are consistent again.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,45 @@ def test_target_down_past_journal_cap_resyncs_with_a_gap(lab: Any, tmp_path: Pat
     gap = target_state(handle).gaps[0]
     assert gap.begin_time_ns and gap.end_time_ns >= gap.begin_time_ns
     assert "resync done" in handle.log("filter-1")
+    restores_refuse_the_gap(handle, work, gap)
+
+
+def restores_refuse_the_gap(handle: Any, work: Workload, gap: rpb.Gap) -> None:
+    """A point inside the gap is refused (nothing written) unless allowed, and then
+    says consistent: false; "latest" holds every write the target acked."""
+    pts = json.loads(handle.cli("restore-points", "lab", "--json", check=True).stdout)
+    inside = [p for p in pts if gap.begin_seq <= p["last_seq"] < gap.end_seq]
+    assert inside, f"no restore point inside the gap {gap} to try: {pts}"
+    assert all(not p["consistent"] for p in inside), inside
+    point = inside[-1]
+    out = Path(handle.info["restore_dir"]) / "into-the-gap"
+    refused = handle.cli("restore", "lab", "--point", str(point["id"]), "--out", str(out))
+    assert refused.returncode != 0, refused.stdout
+    assert f"lies in a gap (overflow gap: points with last seq {gap.begin_seq}.." \
+        in refused.stderr, refused.stderr
+    assert not out.exists() or not any(out.iterdir()), "a refused restore wrote files"
+    allowed = handle.cli("restore", "lab", "--point", str(point["id"]), "--out", str(out),
+                         "--allow-inconsistent", "--json", check=True)
+    doc = json.loads(allowed.stdout)
+    assert doc["point"]["consistent"] is False and "overflow gap" in doc["point"]["gap"]
+    for img in doc["images"]:
+        os.unlink(img["path"])
+
+    work.write_bytes(1 * MiB)
+    expected = work.oracle_sha256()
+
+    def durable() -> None:  # acked by the target; applied or not does not matter
+        p = handle.status()["policies"][0]
+        assert p["captured_seq"] > gap.end_seq and p["durable_seq"] == p["captured_seq"], p
+    assert_eventually(durable, 60, 0.2, "the last write was not made durable")
+    latest = Path(handle.info["restore_dir"]) / "latest"
+    doc = json.loads(handle.cli("restore", "lab", "--latest", "--out", str(latest), "--json",
+                                check=True).stdout)
+    assert doc["point"]["consistent"] is True, doc
+    assert doc["point"]["last_seq"] >= gap.end_seq
+    [img] = doc["images"]
+    assert sha256_file(Path(img["path"])) == expected, "latest left out an acked write"
+    os.unlink(img["path"])
 
 
 def test_journal_volume_full_tracks_instead_of_failing(lab: Any, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import xxhash
 
 from cdp_common import digest
 from cdp_filter.sync import SyncCore, differing
+from cdp_target.gaps import GapBook, GapRecord
 from cdpctl import status
 from cdpctl import sync as sync_cmd
 
@@ -110,3 +111,14 @@ def test_restore_points_inside_a_gap_are_flagged() -> None:
     table = restore.render_points([{"id": 1, "kind": "short", "time": "t", "last_seq": 12,
                                     "size_bytes": 0, "consistent": False, "gap": "overflow"}])
     assert "NO (in a gap: overflow)" in table
+
+
+def test_the_gap_a_point_lies_in_is_named() -> None:
+    book = GapBook(Path("/nonexistent"), [GapRecord(10, 20, 0, 0, "overflow"),
+                                          GapRecord(30, 0, 1_700_000_000_000_000_000, 0,
+                                                    "resync")])
+    assert book.covering(9) is None and book.covering(20) is None
+    assert book.covering(19) is book.gaps[0] and book.covering(10**9) is book.gaps[1]
+    assert book.gaps[0].describe() == "overflow gap: points with last seq 10..19"
+    assert book.gaps[1].describe() == ("resync gap: points with last seq 30 and later "
+                                       "(still open), since 2023-11-14T22:13:20.000Z")
