@@ -217,6 +217,9 @@ class CoordinatorSection:
     heartbeat_ms: int = doc("Heartbeat period asked of every node.", 1000)
     lease_ms: int = doc("A node is down when no heartbeat arrived for this long.", 3000)
     max_disk_bytes: int = doc("Largest disk size a policy may have.", MAX_DISK_BYTES)
+    clock_skew_alarm_ms: int = doc("A node whose clock differs from the coordinator's by "
+                                   "more than this is alarmed (its policies turn warning); "
+                                   "the RPO lag is corrected for the offset either way.", 500)
     signing_key_file: str = doc("Ed25519 private key (PEM) the coordinator signs assignments "
                                 "with (`cdpctl pki signing-key`); required unless "
                                 "tls.insecure = true.", "")

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
-from cdp_common import rpc
+from cdp_common import clock, rpc
 from cdp_common.aio import cancel_and_wait
 from cdp_common.backoff import Backoff
 from cdp_common.config import NodeConfig, TlsConfig
@@ -77,7 +77,8 @@ class CoordinatorClient:
                     await self._register()
                 reply = await self._stub.Heartbeat(
                     cpb.HeartbeatRequest(node_id=self._info.id, policies=list(self._reports()),
-                                         bytes_per_s=self._load() if self._load else 0.0),
+                                         bytes_per_s=self._load() if self._load else 0.0,
+                                         sent_time_ns=clock.wall_ns()),
                     timeout=max(2.0, 2 * self._heartbeat_s))
                 if not reply.known:
                     self._registered.clear()

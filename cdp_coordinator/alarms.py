@@ -67,6 +67,8 @@ def level_of(state: PolicyState, rpo_lag_s: float, reason: str, rpo_warning_s: f
             return level, reason
         return level, f"RPO lag {rpo_lag_s:.1f}s >= error threshold {rpo_error_s:g}s"
     if level is AlarmLevel.WARNING:
+        if reason:  # a cause besides the lag (a skewed clock): say it first
+            return level, f"{reason} (RPO lag {rpo_lag_s:.1f}s)"
         return level, f"RPO lag {rpo_lag_s:.1f}s >= warning threshold {rpo_warning_s:g}s"
     return level, f"RPO lag {rpo_lag_s:.1f}s"
 

@@ -22,6 +22,8 @@ REBINDS = Counter("cdp_coordinator_rebinds", "Times a bound proxy or target was 
 log = logging.getLogger("coord.daemon")
 RPO_LAG = Gauge("cdp_coordinator_rpo_lag_seconds", "RPO lag per policy.", ["policy"])
 EPOCH = Gauge("cdp_coordinator_policy_epoch", "Current assignment epoch per policy.", ["policy"])
+CLOCK_OFFSET = Gauge("cdp_coordinator_node_clock_offset_seconds",
+                     "Node clock minus coordinator clock, from heartbeats.", ["node"])
 
 METRICS_PERIOD_S = 1.0
 SHUTDOWN_GRACE_S = 2.0
@@ -75,6 +77,9 @@ class CoordinatorDaemon(node.NodeDaemon):
         for p in status.policies:
             RPO_LAG.labels(policy=p.name).set(p.rpo_lag_s)
             EPOCH.labels(policy=p.name).set(p.epoch)
+        for n in status.nodes:
+            if n.clock_offset_s is not None:
+                CLOCK_OFFSET.labels(node=n.info.id).set(n.clock_offset_s)
         delta = service.state.rebinds - self._rebinds_seen
         if delta > 0:
             REBINDS.inc(delta)

@@ -151,6 +151,8 @@ class NodeStatus:
     state: NodeState
     last_seen_age_s: float
     """Seconds since the last heartbeat; -1 when not heard since the coordinator started."""
+    clock_offset_s: float | None = None
+    """Node clock minus coordinator clock (cdp_coordinator.clocks); None: not known."""
 
 
 @dataclass(frozen=True)

@@ -149,10 +149,14 @@ def node_info_pb(n: NodeInfo) -> cpb.NodeInfo:
 
 
 def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | None = None,
-              alarms: Mapping[str, str] | None = None) -> cpb.StatusReply:
+              alarms: Mapping[str, str] | None = None,
+              skew_alarm_s: float = 0.5) -> cpb.StatusReply:
     return cpb.StatusReply(
         nodes=[cpb.NodeStatus(info=node_info_pb(n.info), state=n.state,
-                              last_seen_age_s=n.last_seen_age_s) for n in status.nodes],
+                              last_seen_age_s=n.last_seen_age_s,
+                              clock_offset_s=n.clock_offset_s or 0.0,
+                              clock_offset_known=n.clock_offset_s is not None)
+               for n in status.nodes],
         policies=[cpb.PolicyStatus(
             name=p.name, source_proxy=p.source_proxy, target_proxy=p.target_proxy,
             target=p.target, filter=p.filter, epoch=p.epoch, captured_seq=p.captured_seq,
@@ -175,7 +179,7 @@ def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | N
             sync_phase=p.progress.sync_phase, sync_id=p.progress.sync_id,
             sync_done_id=p.progress.sync_done_id, sync_reason=p.progress.sync_reason,
             sync_request_id=p.sync_request_id) for p in status.policies],
-        now_ns=now_ns)
+        now_ns=now_ns, clock_skew_alarm_s=skew_alarm_s)
 
 
 def report_from_pb(r: cpb.PolicyReport) -> Report:
@@ -231,6 +235,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self.heartbeat_ms = config.coordinator.heartbeat_ms
         self.lease_ms = config.coordinator.lease_ms
         self.state = CoordinatorState(lease_s=self.lease_ms / 1000)
+        self.state.skew_alarm_s = config.coordinator.clock_skew_alarm_ms / 1000
         self._watchers: set[_Watcher] = set()
         self._unsaved: set[str] = set()
         self._closed = False
@@ -367,7 +372,9 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             await rpc.abort(context, exc)
         reports = [report_from_pb(r) for r in request.policies]
         known = self.state.heartbeat(request.node_id, reports, self.clock(),
-                                     bytes_per_s=request.bytes_per_s)
+                                     bytes_per_s=request.bytes_per_s,
+                                     sent_time_ns=request.sent_time_ns,
+                                     received_wall_s=self.wall())
         if known:
             asked = self.state.resyncs_asked(request.node_id, reports)
             for name in asked:
@@ -405,7 +412,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                         context: grpc.aio.ServicerContext) -> cpb.StatusReply:
         wall = self.wall()
         return status_pb(self.state.status(self.clock(), wall), int(wall * 1e9),
-                         self.state.policies, self.alarms.current)
+                         self.state.policies, self.alarms.current, self.state.skew_alarm_s)
 
     # ------------------------------------------------------------ policies
 

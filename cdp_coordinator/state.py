@@ -36,6 +36,7 @@ import logging
 from collections.abc import Iterable
 
 from cdp_common.config import PolicyConfig
+from cdp_coordinator.clocks import ClockBook
 from cdp_coordinator.leases import Leases, Renewal
 from cdp_coordinator.model import (
     NO_ENDPOINT,
@@ -81,6 +82,8 @@ class CoordinatorState:
         # coordinator restart the next heartbeat asks once more; a sync is idempotent).
         self.target_resyncs: dict[str, int] = {}
         self.reports: dict[tuple[str, str], Report] = {}
+        self.clocks = ClockBook()
+        self.skew_alarm_s = 0.5
         self.rebinds = 0
         """Times a bound proxy or target was lost or replaced (metrics)."""
         self._dirty: set[str] = set()
@@ -124,11 +127,15 @@ class CoordinatorState:
         self._recompute(now)
 
     def heartbeat(self, node_id: str, reports: Iterable[Report], now: float,
-                  bytes_per_s: float = 0.0) -> bool:
-        """Renew the node's lease and store its reports; False if the node is unknown."""
+                  bytes_per_s: float = 0.0, sent_time_ns: int = 0,
+                  received_wall_s: float = 0.0) -> bool:
+        """Renew the node's lease and store its reports; False if the node is unknown.
+        `sent_time_ns` (the node's clock) and `received_wall_s` (ours) feed the
+        clock offset estimate."""
         renewal = self.leases.renew(node_id, now, bytes_per_s)
         if renewal is Renewal.UNKNOWN:
             return False
+        self.clocks.note(node_id, sent_time_ns, received_wall_s)
         fresh = {(node_id, r.policy): r for r in reports}
         for key in [k for k in self.reports if k[0] == node_id and k not in fresh]:
             del self.reports[key]
@@ -213,7 +220,8 @@ class CoordinatorState:
     def status(self, now: float, wall_now: float | None = None) -> Status:
         """Everything the CLI shows; `wall_now` (epoch seconds) defaults to `now`."""
         return status(self.nodes, self.policies, self.assignments, self.reports,
-                      self.sync_requests, now, now if wall_now is None else wall_now)
+                      self.sync_requests, now, now if wall_now is None else wall_now,
+                      self.clocks.offsets(), self.skew_alarm_s)
 
     # ------------------------------------------------------------ assignment
 

@@ -6,9 +6,10 @@ RPO lag (DESIGN section 4): 0 when the target's durable seq has caught up with
 the filter's captured seq; else wall-now minus the oldest capture time known
 for the undelivered range: the target's `newest_time_ns` (newest durable
 write) or, before any durable write, the filter's `captured_time_ns` (a lower
-bound). Never negative (clock skew between nodes). Capture times come from the
-nodes' wall clocks, hence `wall_now` (epoch seconds), apart from the monotonic
-`now` that ages heartbeats.
+bound). Capture times come from the filter's wall clock, so wall-now is the
+coordinator's clock moved by the filter's estimated offset
+(cdp_coordinator.clocks); never negative. `wall_now` (epoch seconds) is apart
+from the monotonic `now` that ages heartbeats.
 
 A policy's state (`PolicyState`), first that applies:
 
@@ -18,6 +19,9 @@ A policy's state (`PolicyState`), first that applies:
                 peer): replication is failing whatever the lag says
     error       lag >= rpo_error_s
     warning     lag >= rpo_warning_s
+    warning     the filter's or the target's clock is off the coordinator's by
+                more than clock_skew_alarm_s (the lag is corrected, but restore
+                point times are that node's clock)
     ok          otherwise
 
 The reason shown is the assignment's reason, else the node errors
@@ -61,21 +65,36 @@ def rpo_state(lag_s: float, policy: PolicyConfig) -> PolicyState:
     return PolicyState.OK
 
 
-def node_status(node: Node, now: float) -> NodeStatus:
+def node_status(node: Node, now: float, offset_s: float | None = None) -> NodeStatus:
     return NodeStatus(info=node.info, state=node_state(node),
                       last_seen_age_s=-1.0 if node.last_seen is None
-                      else max(0.0, now - node.last_seen))
+                      else max(0.0, now - node.last_seen), clock_offset_s=offset_s)
+
+
+def skew_reasons(node_ids: tuple[str, ...], offsets: Mapping[str, float],
+                 alarm_s: float) -> list[str]:
+    out = []
+    for nid in dict.fromkeys(node_ids):
+        off = offsets.get(nid)
+        if off is not None and abs(off) > alarm_s:
+            out.append(f"clock of {nid} is {abs(off):.2f}s {'ahead of' if off > 0 else 'behind'}"
+                       f" the coordinator's (alarm above {alarm_s:g}s)")
+    return out
 
 
 def policy_status(p: PolicyConfig, a: Assignment | None,
                   reports: Mapping[tuple[str, str], Report], sync_request_id: int,
-                  wall: float) -> PolicyStatus:
-    """One policy's row; `reports` by (node id, policy)."""
+                  wall: float, offsets: Mapping[str, float] | None = None,
+                  skew_alarm_s: float = 0.5) -> PolicyStatus:
+    """One policy's row; `reports` by (node id, policy), `offsets` by node id."""
+    offsets = offsets or {}
     a = a or Assignment(policy=p.name)
     fid = policy_filter(p)
     f = reports.get((fid, p.name), Report(policy=p.name))
     t = reports.get((p.target, p.name), Report(policy=p.name))
-    lag = rpo_lag(f.captured_seq, f.captured_time_ns, t.durable_seq, t.newest_time_ns, wall)
+    lag = rpo_lag(f.captured_seq, f.captured_time_ns, t.durable_seq, t.newest_time_ns,
+                  wall + offsets.get(fid, 0.0))
+    skews = skew_reasons((fid, p.target), offsets, skew_alarm_s)
     errors = [f"{nid}: {r.error}" for (nid, pol), r in sorted(reports.items())
               if pol == p.name and r.error]
     reason = a.reason or "; ".join(errors)
@@ -87,6 +106,9 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
         state = PolicyState.ERROR
     else:
         state = rpo_state(lag, p)
+        if skews and state == PolicyState.OK:
+            state = PolicyState.WARNING
+        reason = "; ".join([reason] * bool(reason) + skews)
     return PolicyStatus(
         name=p.name, source_proxy=a.source_proxy.node_id,
         target_proxy=a.target_proxy.node_id, target=p.target, filter=fid, epoch=a.epoch,
@@ -100,10 +122,12 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
 
 def status(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
            assignments: Mapping[str, Assignment], reports: Mapping[tuple[str, str], Report],
-           sync_requests: Mapping[str, int], now: float, wall: float) -> Status:
+           sync_requests: Mapping[str, int], now: float, wall: float,
+           offsets: Mapping[str, float] | None = None, skew_alarm_s: float = 0.5) -> Status:
     """Everything the CLI shows, nodes and policies by id/name."""
+    offsets = offsets or {}
     return Status(
-        nodes=[node_status(n, now) for _, n in sorted(nodes.items())],
+        nodes=[node_status(n, now, offsets.get(nid)) for nid, n in sorted(nodes.items())],
         policies=[policy_status(p, assignments.get(name), reports,
-                                sync_requests.get(name, 0), wall)
+                                sync_requests.get(name, 0), wall, offsets, skew_alarm_s)
                   for name, p in sorted(policies.items())])

@@ -27,11 +27,11 @@ import logging
 import os
 import stat
 import subprocess
-import time
 from typing import Any
 
 import pyfuse3
 
+from cdp_common.clock import wall_ns
 from cdp_common.errors import CdpError, StorageError
 from cdp_filter.policy import Disk
 
@@ -60,7 +60,7 @@ class FilterFs(pyfuse3.Operations):
             self._by_name[d.name.encode()] = d
         self._uid = os.getuid()
         self._gid = os.getgid()
-        self._start_ns = time.time_ns()
+        self._start_ns = wall_ns()
         # Each disk's PolicyRuntime; set by the daemon (disk.policy is a name).
         self.runtimes: dict[str, Any] = {}
 
@@ -180,7 +180,7 @@ class FilterFs(pyfuse3.Operations):
                 if journal.over_cap:
                     await rt.wait_space()
                 # No await from here to the return: journal order == image order.
-                journal.append(time.time_ns(), d.disk_id, off, buf)
+                journal.append(wall_ns(), d.disk_id, off, buf)
                 os.pwrite(d.fd, buf, off)
         except CdpError as exc:
             log.error("write to %s at %d failed: %s", d.name, off, exc,

@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable
 
 from cdp_common import statefile
+from cdp_common.clock import wall_ns
 from cdp_common.errors import FormatError, StorageError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.records import FLAG_GAP_END, FLAG_RESYNC, GAP_END_PAYLOAD
@@ -129,7 +130,7 @@ class Tracker:
             # Any seq missing from the journal was dropped after its blocks were
             # marked (overflow step 1), so the stream may jump over it.
             self.m.mode = Mode.TRACKING
-            self.m.open_gap(time.time_ns(), self.rt.durable_seq, self.rt.journal.last_seq,
+            self.m.open_gap(wall_ns(), self.rt.durable_seq, self.rt.journal.last_seq,
                             "restart")
             log.warning("resuming dirty-block tracking: %d dirty blocks to resync", dirty,
                         extra=self._extra())
@@ -176,7 +177,7 @@ class Tracker:
                 self.overflow(f"journal reached its cap of {j.cap_bytes} bytes")
             else:
                 try:
-                    j.append(time.time_ns(), d.disk_id, off, buf)
+                    j.append(wall_ns(), d.disk_id, off, buf)
                 except StorageError as exc:
                     if not journal_full(exc):
                         raise
@@ -201,7 +202,7 @@ class Tracker:
             marked += self.bitmaps[disk_id].mark(off, length)
         for b in self.bitmaps:
             b.sync()
-        m.open_gap(time.time_ns(), lost_after, j.last_seq)
+        m.open_gap(wall_ns(), lost_after, j.last_seq)
         m.handle(Event.OVERFLOW)
         self.settle_seq = 0
         rt.fdatasync_images()
@@ -310,7 +311,7 @@ class Tracker:
         n = min(self.block_bytes, d.size - off)
         data = os.pread(d.fd, n, off)
         try:
-            seq = j.append(time.time_ns(), di, off, data, FLAG_RESYNC)
+            seq = j.append(wall_ns(), di, off, data, FLAG_RESYNC)
         except StorageError as exc:
             if not journal_full(exc):
                 raise
@@ -324,10 +325,10 @@ class Tracker:
     def _finish(self) -> None:
         m, j = self.m, self.rt.journal
         g = m.gap
-        payload = GAP_END_PAYLOAD.pack(g.begin_time_ns if g else time.time_ns(),
+        payload = GAP_END_PAYLOAD.pack(g.begin_time_ns if g else wall_ns(),
                                        g.lost_after_seq if g else self.rt.durable_seq)
         try:
-            seq = j.append(time.time_ns(), 0, 0, payload, FLAG_GAP_END)
+            seq = j.append(wall_ns(), 0, 0, payload, FLAG_GAP_END)
         except StorageError as exc:
             if not journal_full(exc):
                 raise
@@ -348,7 +349,7 @@ class Tracker:
     def open_sync_gap(self, reason: str) -> None:
         """A digest sync begins: restore points after the target's durable seq are not
         consistent until the sync's GAP_END (an open overflow gap is kept as it is)."""
-        self.m.open_gap(time.time_ns(), self.rt.durable_seq, 0, reason)
+        self.m.open_gap(wall_ns(), self.rt.durable_seq, 0, reason)
         self._persist()
         self.rt.appended.set()
 

@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cdp_common import records, statefile
+from cdp_common.clock import wall_ns
 from cdp_common.errors import FormatError, StorageError
 from cdp_filter import resync, sync
 from cdp_filter.dirty import DirtyBitmap
@@ -192,13 +192,13 @@ class CutRepair:
             data["mode"] = "tracking"
         data["settle_seq"] = 0
         if not isinstance(data.get("gap"), dict):
-            data["gap"] = {"begin_time_ns": time.time_ns(), "lost_after_seq": lost_after_seq,
+            data["gap"] = {"begin_time_ns": wall_ns(), "lost_after_seq": lost_after_seq,
                            "lost_through_seq": 0, "reason": "corrupt"}
         resync.save_state(self.directory, data)
 
     def _request_sync(self) -> None:
         core = sync.load_core(self.directory)
-        now = time.time_ns()
+        now = wall_ns()
         core.start(max(now, core.id + 1), "corrupt", sum(d.size for d in self.disks), now)
         sync.save_core(self.directory, core)
         log.warning("a cut record's extent is unknown: digest sync of every disk of the "

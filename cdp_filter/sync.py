@@ -55,6 +55,7 @@ from typing import Any
 import grpc
 
 from cdp_common import digest, rpc, statefile
+from cdp_common.clock import wall_ns
 from cdp_common.config import TlsConfig
 from cdp_common.errors import CdpError, FormatError, ProtocolError, StorageError
 from cdp_common.fileio import OS_IO, FileIO
@@ -232,7 +233,7 @@ class Syncer:
             return
         core.seeded = True
         if resume_from_seq == 0 and self._data_at_start and not core.phase:
-            self.request(time.time_ns(), "initial")
+            self.request(wall_ns(), "initial")
             log.info("the target holds nothing of this policy but the image holds data: "
                      "initial sync by digests", extra=self._extra())
         else:
@@ -245,7 +246,7 @@ class Syncer:
         self.request(a.sync_request_id, "operator")
 
     def request(self, sync_id: int, reason: str) -> None:
-        self.core.start(sync_id, reason, sum(d.size for d in self.rt.disks), time.time_ns())
+        self.core.start(sync_id, reason, sum(d.size for d in self.rt.disks), wall_ns())
         self._save()
         self._open_gap()
         self.wake.set()

@@ -45,6 +45,7 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
         "metrics_address": n.info.metrics_address, "pid": n.info.pid,
         "capacity": n.info.capacity, "state": n.state or "unknown",
         "last_seen_age_s": round(n.last_seen_age_s, 3),
+        "clock_offset_s": round(n.clock_offset_s, 3) if n.clock_offset_known else None,
     } for n in reply.nodes]
     policies = [{
         "name": p.name, "state": p.state or "unknown", "reason": p.reason,
@@ -66,7 +67,8 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
                   "begin_time_ns": g.begin_time_ns, "end_time_ns": g.end_time_ns,
                   "reason": g.reason} for g in p.gaps],
     } for p in reply.policies]
-    return {"now_ns": reply.now_ns, "nodes": nodes, "policies": policies}
+    return {"now_ns": reply.now_ns, "clock_skew_alarm_s": reply.clock_skew_alarm_s or 0.5,
+            "nodes": nodes, "policies": policies}
 
 
 def fetch_status(coord: Coordinator, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -97,6 +99,12 @@ def evaluate(status: dict[str, Any]) -> Verdict:
                                         f"{n.get('state', 'unknown')} (last seen "
                                         f"{format_seconds(float(n.get('last_seen_age_s', 0)))} "
                                         "ago)"})
+        elif (off := n.get("clock_offset_s")) is not None \
+                and abs(off) > float(status.get("clock_skew_alarm_s") or 0.5):
+            problems.append({"severity": "warning", "kind": "clock", "id": n["id"],
+                             "message": f"clock of {n['id']} is {abs(off):.2f}s "
+                                        f"{'ahead of' if off > 0 else 'behind'} the "
+                                        "coordinator's"})
     for p in status.get("policies", []):
         state = p.get("state", "unknown")
         if state == PolicyState.DISABLED:
@@ -124,12 +132,13 @@ def evaluate(status: dict[str, Any]) -> Verdict:
 
 def render_nodes(status: dict[str, Any]) -> str:
     rows = [(n["id"], n["role"], n["site"], n["state"], n["address"],
-             format_seconds(float(n["last_seen_age_s"])))
+             format_seconds(float(n["last_seen_age_s"])),
+             "?" if n.get("clock_offset_s") is None else f"{n['clock_offset_s']:+.3f}s")
             for n in sorted(status["nodes"], key=lambda n: (n["role"], n["id"]))]
     if not rows:
         return "no nodes registered"
-    return table.render(("NODE", "ROLE", "SITE", "STATE", "ADDRESS", "SEEN"), rows,
-                        right=("SEEN",))
+    return table.render(("NODE", "ROLE", "SITE", "STATE", "ADDRESS", "SEEN", "CLOCK"), rows,
+                        right=("SEEN", "CLOCK"))
 
 
 def render_policies(status: dict[str, Any]) -> str:

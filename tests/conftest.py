@@ -190,10 +190,11 @@ class LabHandle:
             assert_eventually(lambda: not _alive(pid), wait_s, 0.05,
                               f"{node_id} (pid {pid}) did not exit after signal {sig}")
 
-    def restart(self, node_id: str) -> int:
-        """Start a killed process again (same config, same ports); returns its new pid."""
+    def restart(self, node_id: str, env: dict[str, str] | None = None) -> int:
+        """Start a killed process again (same config, same ports, `env` added to its
+        environment); returns its new pid."""
         cdpctl("lab", "restart", "--dir", str(self.dir), node_id, check=True,
-               timeout=LAB_UP_TIMEOUT_S)
+               timeout=LAB_UP_TIMEOUT_S, env=env)
         return int(next(p for p in self.reload()["processes"] if p["id"] == node_id)["pid"])
 
     def set_config(self, node_id: str, section: str, **fields: Any) -> None:

@@ -100,7 +100,7 @@ def test_evaluate_does_not_modify_input(doc: dict[str, Any]) -> None:
 def test_render_status(doc: dict[str, Any]) -> None:
     text = status.render_status(doc)
     lines = text.splitlines()
-    assert lines[0].split() == ["NODE", "ROLE", "SITE", "STATE", "ADDRESS", "SEEN"]
+    assert lines[0].split() == ["NODE", "ROLE", "SITE", "STATE", "ADDRESS", "SEEN", "CLOCK"]
     assert any(line.startswith("filter-1") and " up " in line for line in lines)
     policy_header = next(i for i, line in enumerate(lines) if line.startswith("POLICY"))
     row = lines[policy_header + 1].split()
@@ -116,3 +116,18 @@ def test_render_empty_and_health() -> None:
     text = status.render_health(doc, status.evaluate(doc))
     assert "ERROR: target target-1 is down" in text
     assert text.endswith("health: ERROR")
+
+
+def test_a_skewed_node_clock_is_a_health_warning() -> None:
+    doc = status.status_dict(reply())
+    assert all(n["clock_offset_s"] is None for n in doc["nodes"])   # not reported: unknown
+    assert status.evaluate(doc).status == "ok"
+    doc["clock_skew_alarm_s"] = 0.5
+    doc["nodes"][1]["clock_offset_s"] = 0.4
+    assert status.evaluate(doc).status == "ok"
+    doc["nodes"][1]["clock_offset_s"] = -1.25
+    v = status.evaluate(doc)
+    assert v.status == "warning" and v.exit_code == 1
+    assert v.problems == [{"severity": "warning", "kind": "clock", "id": doc["nodes"][1]["id"],
+                           "message": f"clock of {doc['nodes'][1]['id']} is 1.25s behind the "
+                                      "coordinator's"}]

@@ -154,6 +154,12 @@ async def test_round_trip_and_rebind(tmp_path: Path) -> None:
                 assert (REGISTRY.get_sample_value("cdp_coordinator_rebinds_total") or 0) >= 1
                 assert REGISTRY.get_sample_value("cdp_coordinator_rpo_lag_seconds",
                                                  {"policy": "p1"}) == 0.0
+                # every node's heartbeats carry its clock: same host, offset ~0
+                for n in st.nodes:
+                    assert n.clock_offset_known and abs(n.clock_offset_s) < 0.5, n
+                offset = REGISTRY.get_sample_value("cdp_coordinator_node_clock_offset_seconds",
+                                                   {"node": "target-1"})
+                assert offset is not None and abs(offset) < 0.5
         finally:
             for n in nodes.values():
                 await n.client.stop()
