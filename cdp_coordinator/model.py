@@ -21,7 +21,7 @@ the coordinator, its alarms and cdpctl agree on every spelling.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cdp_common.config import PolicyConfig
 from cdp_common.states import NodeState, PolicyState
@@ -183,6 +183,8 @@ class PolicyStatus:
 class Status:
     nodes: list[NodeStatus]
     policies: list[PolicyStatus]
+    unknown: list[tuple[str, str]] = field(default_factory=list)
+    """(filter id, policy) protected by a filter but unknown to the coordinator."""
 
 
 def policy_filter(policy: PolicyConfig) -> str:

@@ -57,7 +57,7 @@ from cdp_common.names import NAME_RULE, is_name
 from cdp_common.pb.cdp.v1 import assignment_pb2 as apb
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
-from cdp_common.states import AlarmKind
+from cdp_common.states import AlarmKind, AlarmLevel
 from cdp_coordinator.alarms import AlarmEvent, AlarmTracker, Level, level_of
 from cdp_coordinator.model import (
     NO_PROGRESS,
@@ -148,6 +148,12 @@ def node_info_pb(n: NodeInfo) -> cpb.NodeInfo:
                         capacity=n.capacity, metrics_address=n.metrics_address, pid=n.pid)
 
 
+def unknown_message(node_id: str, policy: str) -> str:
+    return (f"{node_id} protects policy {policy}, which the coordinator does not know: "
+            f"its writes are captured but replicated nowhere (`cdpctl policy create`, or "
+            f"remove it from the filter's config)")
+
+
 def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | None = None,
               alarms: Mapping[str, str] | None = None,
               skew_alarm_s: float = 0.5) -> cpb.StatusReply:
@@ -179,7 +185,8 @@ def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | N
             sync_phase=p.progress.sync_phase, sync_id=p.progress.sync_id,
             sync_done_id=p.progress.sync_done_id, sync_reason=p.progress.sync_reason,
             sync_request_id=p.sync_request_id) for p in status.policies],
-        now_ns=now_ns, clock_skew_alarm_s=skew_alarm_s)
+        now_ns=now_ns, clock_skew_alarm_s=skew_alarm_s,
+        unknown_policies=[cpb.UnknownPolicy(node_id=n, policy=p) for n, p in status.unknown])
 
 
 def report_from_pb(r: cpb.PolicyReport) -> Report:
@@ -315,10 +322,13 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             return []
         wall = self.wall()
         levels = []
-        for p in self.state.status(self.clock(), wall).policies:
+        status = self.state.status(self.clock(), wall)
+        for p in status.policies:
             level, message = level_of(p.state, p.rpo_lag_s, p.reason, p.rpo_warning_s,
                                       p.rpo_error_s)
             levels.append(Level(p.name, level, p.rpo_lag_s, message))
+        for node_id, name in status.unknown:
+            levels.append(Level(name, AlarmLevel.ERROR, 0.0, unknown_message(node_id, name)))
         events = self.alarms.update(levels, wall)
         if events:
             events = self.store.add_alarms(events)

@@ -17,8 +17,12 @@ A policy's state (`PolicyState`), first that applies:
     unassigned  its assignment is incomplete (reason from placement)
     error       a node reports an error for it (wrong key, fenced, unreachable
                 peer): replication is failing whatever the lag says
+    error       its filter is up but does not report it (no such disk or policy
+                there): nothing is captured, however small the lag looks
     error       lag >= rpo_error_s
     warning     lag >= rpo_warning_s
+    warning     a gap is open (overflow, sync, repair): the points since it
+                began are not restorable until it closes
     warning     the filter's or the target's clock is off the coordinator's by
                 more than clock_skew_alarm_s (the lag is corrected, but restore
                 point times are that node's clock)
@@ -33,7 +37,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from cdp_common.config import PolicyConfig
-from cdp_common.states import PolicyState
+from cdp_common.states import NodeState, PolicyState
+from cdp_common.timefmt import iso_utc
 from cdp_coordinator.leases import node_state
 from cdp_coordinator.model import (
     Assignment,
@@ -41,6 +46,7 @@ from cdp_coordinator.model import (
     NodeStatus,
     PolicyStatus,
     Report,
+    Role,
     Status,
     policy_filter,
 )
@@ -85,8 +91,9 @@ def skew_reasons(node_ids: tuple[str, ...], offsets: Mapping[str, float],
 def policy_status(p: PolicyConfig, a: Assignment | None,
                   reports: Mapping[tuple[str, str], Report], sync_request_id: int,
                   wall: float, offsets: Mapping[str, float] | None = None,
-                  skew_alarm_s: float = 0.5) -> PolicyStatus:
-    """One policy's row; `reports` by (node id, policy), `offsets` by node id."""
+                  skew_alarm_s: float = 0.5, up: frozenset[str] = frozenset()) -> PolicyStatus:
+    """One policy's row; `reports` by (node id, policy), `offsets` by node id, `up`:
+    the ids of the nodes whose lease is alive."""
     offsets = offsets or {}
     a = a or Assignment(policy=p.name)
     fid = policy_filter(p)
@@ -95,8 +102,12 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
     lag = rpo_lag(f.captured_seq, f.captured_time_ns, t.durable_seq, t.newest_time_ns,
                   wall + offsets.get(fid, 0.0))
     skews = skew_reasons((fid, p.target), offsets, skew_alarm_s)
+    gap = open_gap(f, t)
     errors = [f"{nid}: {r.error}" for (nid, pol), r in sorted(reports.items())
               if pol == p.name and r.error]
+    if fid and (fid, p.name) not in reports and fid in up:
+        errors.append(f"{fid}: does not report policy {p.name} (a disk of it is not "
+                      f"attached there, or the filter's config lacks it): nothing is captured")
     reason = a.reason or "; ".join(errors)
     if not p.enabled:
         state, lag = PolicyState.DISABLED, 0.0
@@ -106,9 +117,10 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
         state = PolicyState.ERROR
     else:
         state = rpo_state(lag, p)
-        if skews and state == PolicyState.OK:
+        notes = ([gap] if gap else []) + skews
+        if notes and state == PolicyState.OK:
             state = PolicyState.WARNING
-        reason = "; ".join([reason] * bool(reason) + skews)
+        reason = "; ".join([reason] * bool(reason) + notes)
     return PolicyStatus(
         name=p.name, source_proxy=a.source_proxy.node_id,
         target_proxy=a.target_proxy.node_id, target=p.target, filter=fid, epoch=a.epoch,
@@ -126,8 +138,33 @@ def status(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
            offsets: Mapping[str, float] | None = None, skew_alarm_s: float = 0.5) -> Status:
     """Everything the CLI shows, nodes and policies by id/name."""
     offsets = offsets or {}
+    rows = [node_status(n, now, offsets.get(nid)) for nid, n in sorted(nodes.items())]
+    up = frozenset(r.info.id for r in rows if r.state == NodeState.UP)
     return Status(
-        nodes=[node_status(n, now, offsets.get(nid)) for nid, n in sorted(nodes.items())],
+        nodes=rows,
         policies=[policy_status(p, assignments.get(name), reports,
-                                sync_requests.get(name, 0), wall, offsets, skew_alarm_s)
-                  for name, p in sorted(policies.items())])
+                                sync_requests.get(name, 0), wall, offsets, skew_alarm_s, up)
+                  for name, p in sorted(policies.items())],
+        unknown=unknown_policies(nodes, policies, reports))
+
+
+def unknown_policies(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
+                     reports: Mapping[tuple[str, str], Report]) -> list[tuple[str, str]]:
+    """(filter id, policy) a filter protects that the coordinator does not know: it
+    is replicated nowhere the operator can see, so it is alarmed."""
+    return sorted((nid, pol) for nid, pol in reports
+                  if pol not in policies and nid in nodes
+                  and nodes[nid].info.role == Role.FILTER)
+
+
+def open_gap(f: Report, t: Report) -> str:
+    """Why restore points are not restorable right now ("" when none is open)."""
+    since = f.progress.gap_begin_time_ns
+    reason = f.progress.sync_reason or "overflow"
+    if t.gaps and not t.gaps[-1].end_seq:
+        since = since or t.gaps[-1].begin_time_ns
+        reason = t.gaps[-1].reason or reason
+    if not since:
+        return ""
+    return (f"{reason} gap open: restore points since {iso_utc(since)} are not "
+            f"restorable until it closes")

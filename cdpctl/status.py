@@ -68,7 +68,9 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
                   "reason": g.reason} for g in p.gaps],
     } for p in reply.policies]
     return {"now_ns": reply.now_ns, "clock_skew_alarm_s": reply.clock_skew_alarm_s or 0.5,
-            "nodes": nodes, "policies": policies}
+            "nodes": nodes, "policies": policies,
+            "unknown_policies": [{"node": u.node_id, "policy": u.policy}
+                                 for u in reply.unknown_policies]}
 
 
 def fetch_status(coord: Coordinator, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -105,6 +107,10 @@ def evaluate(status: dict[str, Any]) -> Verdict:
                              "message": f"clock of {n['id']} is {abs(off):.2f}s "
                                         f"{'ahead of' if off > 0 else 'behind'} the "
                                         "coordinator's"})
+    for u in status.get("unknown_policies", []):
+        problems.append({"severity": "error", "kind": "policy", "id": u["policy"],
+                         "message": f"{u['node']} protects policy {u['policy']}, which the "
+                                    "coordinator does not know: replicated nowhere"})
     for p in status.get("policies", []):
         state = p.get("state", "unknown")
         if state == PolicyState.DISABLED:

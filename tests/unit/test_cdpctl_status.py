@@ -131,3 +131,13 @@ def test_a_skewed_node_clock_is_a_health_warning() -> None:
     assert v.problems == [{"severity": "warning", "kind": "clock", "id": doc["nodes"][1]["id"],
                            "message": f"clock of {doc['nodes'][1]['id']} is 1.25s behind the "
                                       "coordinator's"}]
+
+
+def test_a_policy_only_a_filter_knows_is_a_health_error() -> None:
+    r = reply()
+    r.unknown_policies.add(node_id="filter-1", policy="local-only")
+    doc = status.status_dict(r)
+    assert doc["unknown_policies"] == [{"node": "filter-1", "policy": "local-only"}]
+    v = status.evaluate(doc)
+    assert v.status == "error" and v.exit_code == 2
+    assert any(x["id"] == "local-only" and "does not know" in x["message"] for x in v.problems)
