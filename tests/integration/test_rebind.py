@@ -213,6 +213,15 @@ def test_policy_crud_via_cli_and_metrics_everywhere(lab: Any, tmp_path: Path) ->
     assert shown["target"] == "target-1" and shown["enabled"] is True
     # a disabled policy is no health problem; the lab policy keeps replicating
     assert handle.cli("health").returncode == 0
+    # enabled, p2 names a disk filter-1 does not have: not "ok, lag 0" but an error
+    assert handle.cli("policy", "enable", "p2").returncode == 0
+
+    def p2_unprotected() -> None:
+        h = handle.cli("health")
+        assert h.returncode == 2 and "filter-1: does not report policy p2" in h.stdout, h.stdout
+    assert_eventually(p2_unprotected, 30, 0.5, "health said nothing of p2's missing disk")
+    assert handle.cli("policy", "disable", "p2").returncode == 0
+    assert handle.cli("health").returncode == 0
     assert handle.cli("policy", "edit", "lab", "--set", "bandwidth_limit_mbps=400").returncode == 0
     assert handle.cli("policy", "disable", "lab").returncode == 0
     st = handle.status()
