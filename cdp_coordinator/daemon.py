@@ -13,7 +13,7 @@ from cdp_common import assignsig, node
 from cdp_common.config import CoordinatorConfig
 from cdp_common.errors import ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
-from cdp_common.states import NodeState
+from cdp_common.states import NodeState, PolicyState
 from cdp_coordinator.service import CoordinatorService
 from cdp_coordinator.store import SqliteStore
 
@@ -22,6 +22,9 @@ REBINDS = Counter("cdp_coordinator_rebinds", "Times a bound proxy or target was 
 log = logging.getLogger("coord.daemon")
 RPO_LAG = Gauge("cdp_coordinator_rpo_lag_seconds", "RPO lag per policy.", ["policy"])
 EPOCH = Gauge("cdp_coordinator_policy_epoch", "Current assignment epoch per policy.", ["policy"])
+POLICY_STATE = Gauge("cdp_coordinator_policy_state",
+                     "1 for the policy's current protection state, 0 for the others.",
+                     ["policy", "state"])
 CLOCK_OFFSET = Gauge("cdp_coordinator_node_clock_offset_seconds",
                      "Node clock minus coordinator clock, from heartbeats.", ["node"])
 
@@ -77,6 +80,8 @@ class CoordinatorDaemon(node.NodeDaemon):
         for p in status.policies:
             RPO_LAG.labels(policy=p.name).set(p.rpo_lag_s)
             EPOCH.labels(policy=p.name).set(p.epoch)
+            for s in PolicyState:
+                POLICY_STATE.labels(policy=p.name, state=s.value).set(int(s == p.state))
         for n in status.nodes:
             if n.clock_offset_s is not None:
                 CLOCK_OFFSET.labels(node=n.info.id).set(n.clock_offset_s)

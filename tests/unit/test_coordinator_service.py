@@ -154,6 +154,11 @@ async def test_round_trip_and_rebind(tmp_path: Path) -> None:
                 assert (REGISTRY.get_sample_value("cdp_coordinator_rebinds_total") or 0) >= 1
                 assert REGISTRY.get_sample_value("cdp_coordinator_rpo_lag_seconds",
                                                  {"policy": "p1"}) == 0.0
+                shown = (await stub.GetStatus(cpb.StatusRequest(), timeout=5)).policies[0].state
+                state = {s: REGISTRY.get_sample_value("cdp_coordinator_policy_state",
+                                                      {"policy": "p1", "state": s})
+                         for s in ("ok", "warning", "error", "unassigned", "disabled")}
+                assert state[shown] == 1.0 and sum(v or 0 for v in state.values()) == 1.0, state
                 # every node's heartbeats carry its clock: same host, offset ~0
                 for n in st.nodes:
                     assert n.clock_offset_known and abs(n.clock_offset_s) < 0.5, n
