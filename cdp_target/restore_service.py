@@ -267,6 +267,9 @@ class RestoreService(pgrpc.RestorePointsServicer):
             if fo.state:
                 raise FailoverStateError(f"policy {request.policy} is already failed over "
                                          f"({fo.state})")
+            # a point that will be refused (in a gap) must not cost the stream
+            await self._drain(rt, request)
+            await in_thread(select)
             # refuse new deltas first, so the failover is a clean cut of the stream
             rt.refusal = f"policy {request.policy} is failed over"
             if rt.stream is not None:

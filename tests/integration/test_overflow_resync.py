@@ -98,6 +98,10 @@ def restores_refuse_the_gap(handle: Any, work: Workload, gap: rpb.Gap) -> None:
     assert f"lies in a gap (overflow gap: points with last seq {gap.begin_seq}.." \
         in refused.stderr, refused.stderr
     assert not out.exists() or not any(out.iterdir()), "a refused restore wrote files"
+    refused = handle.cli("failover", "lab", "--point", str(point["id"]))
+    assert refused.returncode != 0 and "lies in a gap" in refused.stderr, refused.stderr
+    points_doc = handle.cli("restore-points", "lab", check=True).stdout
+    assert "failover" not in points_doc, points_doc      # no failover state was left
     allowed = handle.cli("restore", "lab", "--point", str(point["id"]), "--out", str(out),
                          "--allow-inconsistent", "--json", check=True)
     doc = json.loads(allowed.stdout)
