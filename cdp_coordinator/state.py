@@ -124,6 +124,7 @@ class CoordinatorState:
 
     def register(self, info: NodeInfo, now: float) -> None:
         self.leases.register(info, now)
+        self.clocks.forget(info.id)   # a restarted node may run on a corrected clock
         self._recompute(now)
 
     def heartbeat(self, node_id: str, reports: Iterable[Report], now: float,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from coordfixtures import pol
 from hypothesis import given
 from hypothesis import strategies as st
+from test_coordinator_state import lab
 
 from cdp_common.states import PolicyState
 from cdp_coordinator.clocks import WINDOW, ClockBook
@@ -72,3 +73,11 @@ def test_lag_is_corrected_and_skew_warns() -> None:
     assert state == PolicyState.OK and not reason
     _, state, reason = _status({"target-1": -2.0})
     assert state == PolicyState.WARNING and "clock of target-1 is 2.00s behind" in reason
+
+
+def test_a_registering_node_starts_a_fresh_estimate() -> None:
+    s = lab()
+    s.heartbeat("filter-1", [], 0, sent_time_ns=int(1030 * 1e9), received_wall_s=1000.0)
+    assert abs((s.clocks.offset_s("filter-1") or 0) - 30.0) < 1e-6
+    s.register(s.nodes["filter-1"].info, 1.0)
+    assert s.clocks.offset_s("filter-1") is None
