@@ -29,3 +29,9 @@ OFFSET_NS = _offset_ns()
 def wall_ns() -> int:
     """Nanoseconds since the epoch, as this process's clock says (plus the test offset)."""
     return time.time_ns() + OFFSET_NS
+
+
+def describe_offset(node_id: str, offset_s: float) -> str:
+    """A node's clock offset (node minus coordinator) in words, for status and health."""
+    side = "ahead of" if offset_s > 0 else "behind"
+    return f"clock of {node_id} is {abs(offset_s):.2f}s {side} the coordinator's"

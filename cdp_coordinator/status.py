@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from cdp_common.clock import describe_offset
 from cdp_common.config import PolicyConfig
 from cdp_common.states import NodeState, PolicyState
 from cdp_common.timefmt import iso_utc
@@ -83,8 +84,7 @@ def skew_reasons(node_ids: tuple[str, ...], offsets: Mapping[str, float],
     for nid in dict.fromkeys(node_ids):
         off = offsets.get(nid)
         if off is not None and abs(off) > alarm_s:
-            out.append(f"clock of {nid} is {abs(off):.2f}s {'ahead of' if off > 0 else 'behind'}"
-                       f" the coordinator's (alarm above {alarm_s:g}s)")
+            out.append(f"{describe_offset(nid, off)} (alarm above {alarm_s:g}s)")
     return out
 
 

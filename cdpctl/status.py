@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdp_common.clock import describe_offset
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.states import NodeState, PolicyState
 from cdpctl import coordcall, table
@@ -104,9 +105,7 @@ def evaluate(status: dict[str, Any]) -> Verdict:
         elif (off := n.get("clock_offset_s")) is not None \
                 and abs(off) > float(status.get("clock_skew_alarm_s") or 0.5):
             problems.append({"severity": "warning", "kind": "clock", "id": n["id"],
-                             "message": f"clock of {n['id']} is {abs(off):.2f}s "
-                                        f"{'ahead of' if off > 0 else 'behind'} the "
-                                        "coordinator's"})
+                             "message": describe_offset(n["id"], off)})
     for u in status.get("unknown_policies", []):
         problems.append({"severity": "error", "kind": "policy", "id": u["policy"],
                          "message": f"{u['node']} protects policy {u['policy']}, which the "
