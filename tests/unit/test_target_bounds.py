@@ -6,6 +6,7 @@ restores write only under restore_dir, never through a planted symlink."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -61,6 +62,9 @@ async def replicate(service: TargetService, policy: str = "p1", first: int = 1) 
     assert acked == first and durable == first - 1
     rt = service.policies[policy]     # applied, so the files hold still for a comparison
     await mem.eventually(lambda: rt.store.snapshot().applied_seq == acked and not rt.kick.is_set())
+    # applied_seq is persisted before the pass deletes the delta file and runs
+    # retention: a pass of our own waits (apply lock) until that one has ended
+    assert await asyncio.to_thread(rt.store.apply_pending) == acked
     return acked
 
 
@@ -259,7 +263,6 @@ async def test_a_stream_without_a_first_message_is_closed(
 
 async def test_first_message_helper() -> None:
     async def never() -> AsyncIterator[int]:
-        import asyncio
         await asyncio.Event().wait()
         yield 1
 
