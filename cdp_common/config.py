@@ -111,6 +111,15 @@ class FilterSection:
                                "instead of holding writers back.", True)
     dirty_block_bytes: int = doc("Block size of the dirty-block bitmap (multiple of 4096).",
                                  64 * 1024)
+    power_loss_protection: bool = doc(
+        "Before the first write to a region since its writes were last made durable, "
+        "fsync a write-intent bit for it; after a host crash or power loss the regions "
+        "marked are resynced from the images, so the replica cannot silently lack a "
+        "write that reached an image but not the journal. Needs dirty_tracking.", True)
+    intent_region_bytes: int = doc("Region size of the write-intent bitmap (multiple of "
+                                   "4096): larger regions mean fewer fsyncs on first "
+                                   "writes and more to resync after a power loss.",
+                                   4 * MiB)
     max_disk_bytes: int = doc("Largest disk size accepted in [[disks]].", MAX_DISK_BYTES)
 
 
@@ -437,6 +446,13 @@ def _validate_filter(config: FilterConfig) -> None:
     if f.dirty_block_bytes <= 0 or f.dirty_block_bytes % 4096:
         raise ConfigError(f"filter.dirty_block_bytes: must be a positive multiple of 4096, "
                           f"got {f.dirty_block_bytes}")
+    if f.intent_region_bytes <= 0 or f.intent_region_bytes % 4096:
+        raise ConfigError(f"filter.intent_region_bytes: must be a positive multiple of 4096, "
+                          f"got {f.intent_region_bytes}")
+    if f.power_loss_protection and not f.dirty_tracking:
+        raise ConfigError("filter.power_loss_protection: needs filter.dirty_tracking (the "
+                          "regions written before a power loss are resynced by it); set "
+                          "power_loss_protection = false too to run without either")
     if f.batch_bytes > config.node.max_message_bytes // 2:
         raise ConfigError("filter.batch_bytes: must be at most half of node.max_message_bytes")
     _between(f.max_disk_bytes, 4096, 2**62, "filter.max_disk_bytes")

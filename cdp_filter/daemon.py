@@ -106,6 +106,8 @@ class FilterDaemon(node.NodeDaemon):
                 node.spawn(rt.tracker.run(), f"resync-{name}")
             if rt.syncer is not None:
                 node.spawn(rt.syncer.run(), f"sync-{name}")
+            if rt.intent is not None:
+                node.spawn(rt.run_checkpoints(), f"intent-{name}")
 
     async def stop(self) -> None:
         """Shippers are cancelled by now: release held writers, then unmount."""

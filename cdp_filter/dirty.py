@@ -199,12 +199,15 @@ class DirtyBitmap:
     def sync(self) -> None:
         if not self._unsynced:
             return
+        # Cleared first: sync() runs in a worker thread while the loop marks, and a
+        # mark landing during the fsync must leave the flag set for the next sync.
+        self._unsynced = False
         try:
             self.io.fsync(self.fd)
         except OSError as exc:
+            self._unsynced = True
             raise StorageError(f"dirty bitmap {self.path}: fsync failed ({exc.strerror})") \
                 from None
-        self._unsynced = False
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -6,14 +6,14 @@ Each disk is `<mountpoint>/<name>`, a fixed-size file backed by a sparse image.
 Files are opened with direct_io, so the kernel page cache is bypassed and every
 application (or loop device) write reaches `write()` here, in order of arrival.
 
-`write()` is the capture point. It runs on the event loop and does, without
-yielding in between: journal append (the record gets the policy's next seq),
-then pwrite to the image. Because nothing else runs between the two, the image
+`write()` is the capture point (`PolicyRuntime.write`). It runs on the event
+loop and does, without yielding in between: journal append (the record gets the
+policy's next seq), then pwrite to the image. Because nothing else runs between the two, the image
 always equals "base + journal records applied in seq order" (the journal is a
 redo log for the image, replayed at startup), and concurrent writes get seqs in
-the order they reach the image. The only await in the write path is the
-back-pressure wait when the journal is over its cap, which comes *before*
-the seq is taken.
+the order they reach the image. The only awaits in the write path, the
+back-pressure wait when the journal is over its cap and the fsync of a new
+write-intent bit (cdp_filter.intent), come *before* the seq is taken.
 
 flush/fsync make journal and image durable in worker threads. No handler ever
 touches the mount itself (that would deadlock the loop serving it).
@@ -170,18 +170,8 @@ class FilterFs(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOSPC)
             n = d.size - off
             buf = buf[:n]
-        rt = self.runtimes[d.policy]
-        journal = rt.journal
         try:
-            if rt.tracker is not None:
-                # Journals, or tracks dirty blocks when the journal is full (no await).
-                rt.tracker.capture(d, off, buf)
-            else:
-                if journal.over_cap:
-                    await rt.wait_space()
-                # No await from here to the return: journal order == image order.
-                journal.append(wall_ns(), d.disk_id, off, buf)
-                os.pwrite(d.fd, buf, off)
+            await self.runtimes[d.policy].write(d, off, buf)   # the capture (policy.py)
         except CdpError as exc:
             log.error("write to %s at %d failed: %s", d.name, off, exc,
                       extra={"disk": d.name, "policy": d.policy})
@@ -190,9 +180,6 @@ class FilterFs(pyfuse3.Operations):
             log.error("write to image of %s at %d failed: %s", d.name, off, exc.strerror,
                       extra={"disk": d.name, "policy": d.policy})
             raise pyfuse3.FUSEError(errno.EIO) from None
-        rt.appended.set()
-        rt.m_writes.inc()
-        rt.m_write_bytes.inc(n)
         return n
 
     async def _flush(self, fh: int) -> None:

@@ -425,6 +425,13 @@ class Journal:
             raise self._sync_failed(exc) from exc
         self._synced_gen = max(self._synced_gen, gen)
 
+    def sync_all(self) -> None:
+        """fsync every segment kept, written since the open or not: after a kill -9
+        what the dead process appended may still be only in the page cache."""
+        self._dirty.update(s for s in self._segments if s.fd >= 0)
+        self._dir_dirty = True
+        self.sync()
+
     async def sync_async(self) -> None:
         """Like sync(), with the fsyncs in a worker thread (the loop keeps serving).
 

@@ -12,17 +12,22 @@ long-lived fds.
 from __future__ import annotations
 
 import asyncio
-import os
+import logging
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from cdp_common.errors import UnavailableError
+from cdp_common.clock import wall_ns
+from cdp_common.errors import StorageError, UnavailableError
+from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_filter import metrics
+from cdp_filter.intent import CHECKPOINT_S, IntentLog
 from cdp_filter.journal import Journal
 from cdp_filter.overflow import OverflowMachine
+
+log = logging.getLogger("filter.policy")
 
 NOTICE_S = 60.0  # how long a notice (set_notice) is reported
 
@@ -68,11 +73,15 @@ class SyncWorker(Protocol):
 
 class PolicyRuntime:
     def __init__(self, name: str, journal: Journal, disks: list[Disk],
-                 fsync_journal: bool = True) -> None:
+                 fsync_journal: bool = True, io: FileIO = OS_IO,
+                 intent: IntentLog | None = None) -> None:
         self.name = name
         self.journal = journal
         self.disks = disks
         self.fsync_journal = fsync_journal
+        self.io = io
+        self.intent = intent
+        """Write-intent regions (power-loss protection); None when it is off."""
         self.appended = asyncio.Event()
         self.space = asyncio.Event()
         self.error = ""
@@ -106,7 +115,55 @@ class PolicyRuntime:
 
     def fdatasync_images(self) -> None:
         for d in self.disks:
-            os.fdatasync(d.fd)
+            self.io.fdatasync(d.fd)
+
+    # ------------------------------------------------------------ the capture point
+
+    async def write(self, d: Disk, off: int, buf: bytes) -> None:
+        """Capture one application write of `buf` at `off` (inside the disk): journal it
+        (or mark its blocks while tracking), then write the image.
+
+        Every await comes before the seq is taken: back-pressure while the journal
+        is over its cap, then the durable write-intent bits of its regions (W1 of
+        cdp_filter.intent); from the last check to the image write nothing yields,
+        so journal order == image order (fs.py).
+        """
+        n = len(buf)
+        while True:
+            if self.tracker is None and self.journal.over_cap:
+                await self.wait_space()
+            elif self.intent is not None and not self.intent.ready(d.disk_id, off, n):
+                await self.intent.admit(d.disk_id, off, n)
+            else:
+                break
+        if self.tracker is not None:
+            # Journals, or tracks dirty blocks when the journal is full (no await).
+            self.tracker.capture(d, off, buf)
+        else:
+            self.journal.append(wall_ns(), d.disk_id, off, buf)
+            self.io.pwrite(d.fd, buf, off)
+        self.appended.set()
+        self.m_writes.inc()
+        self.m_write_bytes.inc(n)
+
+    async def make_durable(self) -> None:
+        """Journal and dirty bitmaps fsynced: every captured write is remembered durably."""
+        if self.tracker is not None:
+            await asyncio.to_thread(self.tracker.sync_bitmaps)
+        await self.journal.sync_async()
+
+    async def run_checkpoints(self, interval_s: float = CHECKPOINT_S) -> None:
+        """Clear the write-intent bits of regions gone cold (W2), every `interval_s`."""
+        assert self.intent is not None
+        while not self.closing:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.intent.checkpoint(self.make_durable)
+            except StorageError as exc:
+                # The journal's sync failure is already this policy's error; the bits
+                # just stay set (a resync of their regions after a power cut).
+                log.warning("write-intent checkpoint failed: %s", exc,
+                            extra={"policy": self.name})
 
     async def sync_images(self) -> None:
         await asyncio.to_thread(self.fdatasync_images)
@@ -116,10 +173,10 @@ class PolicyRuntime:
         if self.tracker is not None:
             await asyncio.to_thread(self.tracker.sync_bitmaps)
         if self.fsync_journal:
-            await asyncio.gather(self.journal.sync_async(), asyncio.to_thread(os.fdatasync,
-                                                                               disk.fd))
+            await asyncio.gather(self.journal.sync_async(),
+                                 asyncio.to_thread(self.io.fdatasync, disk.fd))
         else:
-            await asyncio.to_thread(os.fdatasync, disk.fd)
+            await asyncio.to_thread(self.io.fdatasync, disk.fd)
 
     async def trim_through(self, seq: int) -> None:
         """The target acked `seq` durable: trim (images synced first) and wake writers."""
@@ -138,7 +195,10 @@ class PolicyRuntime:
             self.notice, self.notice_until = text, time.monotonic() + seconds
 
     def report(self) -> cpb.PolicyReport:
-        error = self.journal.sync_failure or self.error   # a failed fsync outranks the rest
+        # a failed fsync outranks the rest
+        error = (self.journal.sync_failure
+                 or (str(self.intent.failure) if self.intent and self.intent.failure else "")
+                 or self.error)
         if not error and self.notice and time.monotonic() < self.notice_until:
             error = self.notice
         if not error and self.journal.over_cap and self.tracker is None:

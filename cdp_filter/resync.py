@@ -10,9 +10,10 @@ append fails with ENOSPC/EDQUOT, it *overflows* (never fails the write):
 1. mark in the bitmaps every block the journal's unacked records touched
    (headers only), fsync the bitmaps (preallocated: no free space needed);
 2. open the gap (time, lost_after = seq acked so far, lost_through = last
-   seq); fdatasync the images (J3); drop every journal segment
-   (`Journal.drop_all`, which frees space before it writes its state);
-3. persist `state.json` (tmp + fsync + rename + dir fsync), wake writers.
+   seq) and persist `state.json` (tmp + fsync + rename + dir fsync);
+3. fdatasync the images (J3); drop every journal segment (`Journal.drop_all`,
+   which frees space before it writes its state); on a full volume, where
+   step 2 could not write, persist `state.json` now; wake writers.
 
 A crash between any two steps is safe: before 2 the journal still holds
 the records (replayed and shipped as usual, the marks only cost a resync);
@@ -49,6 +50,7 @@ from collections.abc import Callable
 from cdp_common import statefile
 from cdp_common.clock import wall_ns
 from cdp_common.errors import FormatError, StorageError
+from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.records import FLAG_GAP_END, FLAG_RESYNC, GAP_END_PAYLOAD
 from cdp_filter.dirty import DirtyBitmap
@@ -64,11 +66,11 @@ STEP_BLOCKS = 32         # blocks read per event-loop step
 NAP_S = 0.2
 
 
-def save_state(directory: str, data: dict[str, object]) -> None:
+def save_state(directory: str, data: dict[str, object], io: FileIO = OS_IO) -> None:
     """Durably replace the resync `state.json` in `directory` (docs/FORMAT.md §1a)."""
     path = os.path.join(directory, STATE_FILE)
     try:
-        statefile.save(path, STATE_KIND, STATE_VERSION, data)
+        statefile.save(path, STATE_KIND, STATE_VERSION, data, io)
     except OSError as exc:
         raise StorageError(f"{path}: cannot save resync state ({exc.strerror})") from None
 
@@ -99,10 +101,12 @@ class Tracker:
         self.clock = clock
         self.m = OverflowMachine()
         self.settle_seq = 0
+        self.target_ahead_ok = False
         self.wake = asyncio.Event()
         os.makedirs(directory, exist_ok=True)
+        self.io = rt.io
         self.bitmaps = [DirtyBitmap.open(os.path.join(directory, f"{d.name}.bitmap"),
-                                         block_bytes, d.size) for d in rt.disks]
+                                         block_bytes, d.size, rt.io) for d in rt.disks]
         self._load()
 
     def _extra(self, **kw: object) -> dict[str, object]:
@@ -120,8 +124,13 @@ class Tracker:
             loss = data.get("loss")
             self.m.loss = (int(loss[0]), int(loss[1])) if isinstance(loss, list) else None
             self.settle_seq = int(data.get("settle_seq", 0))  # type: ignore[call-overload]
+            # A power loss or a cut journal tail lost seqs the target may hold; their
+            # regions are marked, so the stream may skip ahead (until the gap ends).
+            self.target_ahead_ok = bool(data.get("target_ahead_ok", False))
         except (TypeError, ValueError, IndexError) as exc:
             raise FormatError(f"{path}: corrupt resync state ({exc})") from None
+        if self.target_ahead_ok and self.m.gap is not None:
+            self.rt.tail_cut_covered = True
         dirty = self.dirty_blocks
         if mode is Mode.JOURNALING and dirty and not self.settle_seq and not self.hold():
             mode = Mode.TRACKING  # bits without a reason: resync them to be safe
@@ -145,7 +154,8 @@ class Tracker:
                                            "lost_through_seq": g.lost_through_seq,
                                            "reason": g.reason},
             "loss": list(self.m.loss) if self.m.loss is not None else None,
-            "settle_seq": self.settle_seq})
+            "settle_seq": self.settle_seq,
+            "target_ahead_ok": self.target_ahead_ok and g is not None}, self.io)
 
     # ------------------------------------------------------------ properties
 
@@ -187,7 +197,7 @@ class Tracker:
             bm = self.bitmaps[d.disk_id]
             bm.mark(off, len(buf))
             m.written(d.disk_id, bm.block_range(off, len(buf)))
-        os.pwrite(d.fd, buf, off)
+        self.io.pwrite(d.fd, buf, off)
 
     def overflow(self, why: str) -> None:
         """Switch to dirty tracking (see the module docstring for the order of steps)."""
@@ -205,13 +215,14 @@ class Tracker:
         m.open_gap(wall_ns(), lost_after, j.last_seq)
         m.handle(Event.OVERFLOW)
         self.settle_seq = 0
+        # The state first: a restart after the drop must know which seqs the stream
+        # may jump (the journal's own state then says they were all acked). On a
+        # full volume it cannot be written yet; the drop frees space for it.
+        persisted = self._try_persist()
         rt.fdatasync_images()
         last = j.drop_all()
-        try:
-            self._persist()
-        except StorageError as exc:
-            # The bits are durable; a restart finds them and tracks again (_load).
-            log.error("%s", exc, extra=self._extra())
+        if not persisted:
+            self._try_persist()
         log.warning("%s: tracking dirty blocks; dropped journal seqs %d..%d (%d blocks marked, "
                     "%d dirty)", why, lost_after + 1, last, marked, self.dirty_blocks,
                     extra=self._extra(seq=last))
@@ -220,6 +231,15 @@ class Tracker:
         self._link_at_overflow = self.link()
         rt.space.set()
         self.wake.set()
+
+    def _try_persist(self) -> bool:
+        try:
+            self._persist()
+        except StorageError as exc:
+            # The bits are durable; a restart finds them and tracks again (_load).
+            log.error("%s", exc, extra=self._extra())
+            return False
+        return True
 
     def link_up(self) -> bool:
         gen = self.link()

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from cdp_common import records, statefile
 from cdp_common.clock import wall_ns
 from cdp_common.errors import FormatError, StorageError
+from cdp_common.fileio import OS_IO, FileIO
 from cdp_filter import resync, sync
 from cdp_filter.dirty import DirtyBitmap
 
@@ -133,8 +134,10 @@ class CutRepair:
     """
 
     def __init__(self, policy: str, directory: str, block_bytes: int,
-                 disks: Sequence[tuple[str, int]], enabled: bool = True) -> None:
+                 disks: Sequence[tuple[str, int]], enabled: bool = True,
+                 io: FileIO = OS_IO) -> None:
         self.policy = policy
+        self.io = io
         self.directory = directory
         self.block_bytes = block_bytes
         self.disks = [_Disk(n, s) for n, s in disks]
@@ -162,39 +165,11 @@ class CutRepair:
             self._request_sync()
 
     def _mark(self, s: Salvage) -> None:
-        marked = 0
-        for i, d in enumerate(self.disks):
-            mine = [(off, n) for disk, off, n in s.extents if disk == i]
-            if not mine:
-                continue
-            bm = DirtyBitmap.open(os.path.join(self.directory, f"{d.name}.bitmap"),
-                                  self.block_bytes, d.size)
-            try:
-                for off, n in mine:
-                    marked += bm.mark(off, n)
-                bm.sync()
-            finally:
-                bm.close()
-        self._track(s.first_seq - 1)
+        marked = mark_for_resync(self.directory, self.block_bytes,
+                                 [(d.name, d.size) for d in self.disks], s.extents,
+                                 s.first_seq - 1, "corrupt", self.io)
         log.warning("marked %d blocks dirty for the cut records; they are resent from the "
                     "images", marked, extra=self._extra())
-
-    def _track(self, lost_after_seq: int) -> None:
-        """Persist 'tracking, gap "corrupt", no settle_seq' in resync's state.json."""
-        path = os.path.join(self.directory, resync.STATE_FILE)
-        data: dict[str, object]
-        try:
-            data = statefile.load(path, resync.STATE_KIND, resync.STATE_VERSION) or {}
-        except (FormatError, StorageError):
-            data = {}   # unreadable: rewritten with tracking (the bits are what matters)
-        data.pop("version", None)
-        if data.get("mode", "journaling") == "journaling":
-            data["mode"] = "tracking"
-        data["settle_seq"] = 0
-        if not isinstance(data.get("gap"), dict):
-            data["gap"] = {"begin_time_ns": wall_ns(), "lost_after_seq": lost_after_seq,
-                           "lost_through_seq": 0, "reason": "corrupt"}
-        resync.save_state(self.directory, data)
 
     def _request_sync(self) -> None:
         core = sync.load_core(self.directory)
@@ -214,3 +189,43 @@ class CutRepair:
         return (f"journal corruption at seq {s.first_seq}: "
                 f"{sum(e.cut_bytes for e in self.events)} bytes cut, repaired from the source "
                 f"image by {how}")
+
+
+def mark_for_resync(directory: str, block_bytes: int, disks: Sequence[tuple[str, int]],
+                    extents: Sequence[tuple[int, int, int]], lost_after_seq: int,
+                    reason: str, io: FileIO = OS_IO) -> int:
+    """Mark `extents` (disk_id, offset, length) in the policy's dirty-block bitmaps
+    under `directory`, fsync them, then persist "tracking, gap `reason`, no
+    settle_seq" in resync's state.json, so the Tracker resends those blocks from the
+    images once the link is up (and an earlier resync's end cannot clear the new
+    bits). Returns how many blocks were newly marked. Idempotent: a crash before the
+    state is saved leaves bits that the next start resyncs anyway."""
+    io.makedirs(directory)
+    marked = 0
+    for i, (name, size) in enumerate(disks):
+        mine = [(off, n) for disk, off, n in extents if disk == i]
+        if not mine:
+            continue
+        bm = DirtyBitmap.open(os.path.join(directory, f"{name}.bitmap"), block_bytes, size, io)
+        try:
+            for off, n in mine:
+                marked += bm.mark(off, n)
+            bm.sync()
+        finally:
+            bm.close()
+    path = os.path.join(directory, resync.STATE_FILE)
+    data: dict[str, object]
+    try:
+        data = statefile.load(path, resync.STATE_KIND, resync.STATE_VERSION, io) or {}
+    except (FormatError, StorageError):
+        data = {}   # unreadable: rewritten with tracking (the bits are what matters)
+    data.pop("version", None)
+    if data.get("mode", "journaling") == "journaling":
+        data["mode"] = "tracking"
+    data["settle_seq"] = 0
+    data["target_ahead_ok"] = True   # the lost seqs' blocks are marked (resync.Tracker)
+    if not isinstance(data.get("gap"), dict):
+        data["gap"] = {"begin_time_ns": wall_ns(), "lost_after_seq": lost_after_seq,
+                       "lost_through_seq": 0, "reason": reason}
+    resync.save_state(directory, data, io)
+    return marked

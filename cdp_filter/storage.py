@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 
 from cdp_common.config import FilterConfig
 from cdp_common.errors import ConfigError, StorageError
+from cdp_common.fileio import OS_IO, FileIO
+from cdp_filter.intent import IntentLog, current_boot_id, load_boot_id, save_boot_id
 from cdp_filter.journal import Journal
 from cdp_filter.policy import Disk, PolicyRuntime
-from cdp_filter.salvage import CutRepair
+from cdp_filter.salvage import CutRepair, mark_for_resync
 
 log = logging.getLogger("filter.storage")
 
@@ -28,20 +31,20 @@ def image_path(config: FilterConfig, name: str, image: str) -> str:
     return image or os.path.join(config.filter.data_dir, "images", f"{name}.img")
 
 
-def open_image(path: str, size: int) -> int:
+def open_image(path: str, size: int, io: FileIO = OS_IO) -> int:
     """Open (creating sparse) the backing image of a disk; returns its fd."""
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        io.makedirs(os.path.dirname(os.path.abspath(path)))
+        fd = io.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise StorageError(f"image {path}: cannot open ({exc.strerror})") from None
     have = os.fstat(fd).st_size
     if have > size:
-        os.close(fd)
+        io.close(fd)
         raise ConfigError(f"image {path} is {have} bytes, larger than the disk's "
                           f"size_bytes {size}")
     if have < size:
-        os.ftruncate(fd, size)
+        io.ftruncate(fd, size)
     return fd
 
 
@@ -57,55 +60,107 @@ def replay(rt: PolicyRuntime) -> int:
         if rec.offset + rec.length > d.size:
             raise ConfigError(f"policy {rt.name}: journal record seq {rec.seq} writes past "
                               f"the end of disk {d.name} (size_bytes shrunk?)")
-        os.pwrite(d.fd, rec.data, rec.offset)
+        rt.io.pwrite(d.fd, rec.data, rec.offset)
         n += 1
     return n
 
 
+def recover_intent(rt: PolicyRuntime, intent: IntentLog, host_crashed: bool,
+                   dirty_dir: str, block_bytes: int) -> bool:
+    """After an unclean stop (bits set): if the host went down too, mark every region
+    marked for a resync from the images (cdp_filter.intent); returns whether it did."""
+    extents = intent.extents()
+    if not extents or not host_crashed:
+        return False
+    marked = mark_for_resync(dirty_dir, block_bytes, [(d.name, d.size) for d in rt.disks],
+                             extents, rt.journal.last_seq, "power-loss", rt.io)
+    log.warning("the host went down while this policy was being written (power loss or "
+                "crash): %d regions written since their last flush (%d dirty blocks) are "
+                "resynced from the images", len(extents), marked,
+                extra={"policy": rt.name, "seq": rt.journal.last_seq})
+    rt.set_notice(f"host crash or power loss: {len(extents)} regions written before it are "
+                  "resynced from the images (a gap until done)")
+    return True
+
+
 class Storage:
-    def __init__(self, config: FilterConfig) -> None:
+    def __init__(self, config: FilterConfig, io: FileIO = OS_IO,
+                 boot_id: Callable[[], str] = current_boot_id) -> None:
         self.config = config
+        self.io = io
+        self.boot_id = boot_id
         self.runtimes: dict[str, PolicyRuntime] = {}
         self.disks: list[Disk] = []
 
     def open(self) -> None:
-        f = self.config.filter
+        f, io = self.config.filter, self.io
+        intent_root = os.path.join(f.data_dir, "intent")
+        boot = self.boot_id()
+        last_boot = load_boot_id(intent_root, io)
+        host_crashed = not boot or boot != last_boot
         by_policy: dict[str, list[Disk]] = {}
         for dc in self.config.disks:
             disks = by_policy.setdefault(dc.policy, [])
             d = Disk(name=dc.name, policy=dc.policy, disk_id=len(disks), size=dc.size_bytes,
                      image=image_path(self.config, dc.name, dc.image))
-            d.fd = open_image(d.image, d.size)
+            d.fd = open_image(d.image, d.size, io)
             disks.append(d)
             self.disks.append(d)
         for policy, disks in by_policy.items():
-            repair = CutRepair(policy, os.path.join(f.data_dir, "dirty", policy),
-                               f.dirty_block_bytes, [(d.name, d.size) for d in disks],
-                               enabled=f.dirty_tracking)
+            dirty_dir = os.path.join(f.data_dir, "dirty", policy)
+            repair = CutRepair(policy, dirty_dir, f.dirty_block_bytes,
+                               [(d.name, d.size) for d in disks],
+                               enabled=f.dirty_tracking, io=io)
             journal = Journal.open(os.path.join(f.data_dir, "journal", policy),
                                    f.journal_segment_bytes, f.journal_cap_bytes, policy=policy,
-                                   on_cut=repair)
-            rt = PolicyRuntime(policy, journal, disks, fsync_journal=f.fsync_journal)
+                                   on_cut=repair, io=io)
+            intent = (IntentLog(os.path.join(intent_root, policy), f.intent_region_bytes,
+                                [(d.name, d.size) for d in disks], io)
+                      if f.power_loss_protection else None)
+            rt = PolicyRuntime(policy, journal, disks, fsync_journal=f.fsync_journal, io=io,
+                               intent=intent)
             rt.set_notice(repair.summary())
             rt.tail_cut_covered = bool(repair.events) and repair.enabled
             self.runtimes[policy] = rt
+            if intent is not None and recover_intent(rt, intent, host_crashed, dirty_dir,
+                                                     f.dirty_block_bytes):
+                rt.tail_cut_covered = True   # the target may hold seqs this journal lost
             n = replay(rt)
             if n:
                 log.info("replayed %d journal records onto the images", n,
                          extra={"policy": policy, "seq": journal.last_seq})
+            if intent is not None and intent.marked:
+                # What the dead process left (journal, replayed images) durable, then
+                # the bits are no longer needed: its regions are resynced or covered.
+                journal.sync_all()
+                rt.fdatasync_images()
+                intent.clear_all()
+        if f.power_loss_protection and boot != last_boot:
+            save_boot_id(intent_root, boot, io)
 
     def close(self) -> None:
         for rt in self.runtimes.values():
             try:
+                if rt.tracker is not None:
+                    rt.tracker.sync_bitmaps()
                 rt.journal.sync()
                 rt.fdatasync_images()
             except (OSError, StorageError) as exc:
                 log.error("final sync failed: %s", exc, extra={"policy": rt.name})
+            else:
+                if rt.intent is not None:
+                    try:
+                        rt.intent.clear_all()   # a clean stop: nothing left to fear
+                    except StorageError as exc:
+                        log.warning("cannot clear the write-intent bits: %s", exc,
+                                    extra={"policy": rt.name})
             rt.journal.close()
+            if rt.intent is not None:
+                rt.intent.close()
             if rt.tracker is not None:
                 rt.tracker.close()
         for d in self.disks:
             if d.fd >= 0:
                 with contextlib.suppress(OSError):
-                    os.close(d.fd)
+                    self.io.close(d.fd)
                 d.fd = -1
