@@ -13,13 +13,17 @@ journals and images are fsynced and closed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
 
 from cdp_common import assignsig, node
 from cdp_common.config import FilterConfig
+from cdp_common.errors import CdpError, ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+from cdp_filter import diskset
 from cdp_filter.mount import Mount
 from cdp_filter.policy import Disk, PolicyRuntime
 from cdp_filter.resync import Tracker
@@ -48,6 +52,14 @@ class FilterDaemon(node.NodeDaemon):
         """Admits only the coordinator's own assignments for this filter."""
         self.node = node.Node(config, self, kind="cdp-filter", role=cpb.ROLE_FILTER,
                               grace_s=1.0, on_assignments=self._on_assignments)
+        self.manifest: dict[str, diskset.ManagedPolicy] = {}
+        """The disks created for the coordinator's policies (cdp_filter.diskset)."""
+        self.declared = set(diskset.declared_disks(config.disks))
+        self.refusals: dict[str, str] = {}
+        """Why an assigned policy is not (fully) honoured here, reported as its error."""
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._node: node.Node | None = None
+        self._early: cpb.AssignmentSet | None = None
 
     @property
     def runtimes(self) -> dict[str, PolicyRuntime]:
@@ -57,57 +69,173 @@ class FilterDaemon(node.NodeDaemon):
     def disks(self) -> list[Disk]:
         return self.storage.disks
 
-    def _make_shippers(self) -> None:
-        f = self.config.filter
-        for name, rt in self.runtimes.items():
-            shipper = self.shippers[name] = Shipper(
-                rt, self.config.node.id, [d.info() for d in rt.disks], self.config.tls,
-                self.config.node.max_message_bytes, f.batch_bytes,
-                os.path.join(f.data_dir, f"assignment.{name}.json"))
-            if not f.dirty_tracking:
-                continue
-            directory = os.path.join(f.data_dir, "dirty", name)
-            core = load_core(directory)
-            rt.tracker = Tracker(rt, directory, f.dirty_block_bytes,
-                                 link=_link_of(shipper), hold=core.comparing)
-            rt.syncer = Syncer(rt, rt.tracker, core, directory, self.config.tls,
-                               self.config.node.max_message_bytes,
-                               assignment=shipper.current_assignment,
-                               connected=shipper.is_connected)
-            shipper.on_welcome = rt.syncer.on_welcome
+    def _make_workers(self, rt: PolicyRuntime) -> None:
+        """The shipper, and with dirty tracking the tracker and the syncer, of a policy."""
+        f, name = self.config.filter, rt.name
+        shipper = self.shippers[name] = Shipper(
+            rt, self.config.node.id, [d.info() for d in rt.disks], self.config.tls,
+            self.config.node.max_message_bytes, f.batch_bytes,
+            os.path.join(f.data_dir, f"assignment.{name}.json"))
+        if not f.dirty_tracking:
+            return
+        directory = os.path.join(f.data_dir, "dirty", name)
+        core = load_core(directory)
+        rt.tracker = Tracker(rt, directory, f.dirty_block_bytes,
+                             link=_link_of(shipper), hold=core.comparing)
+        rt.syncer = Syncer(rt, rt.tracker, core, directory, self.config.tls,
+                           self.config.node.max_message_bytes,
+                           assignment=shipper.current_assignment,
+                           connected=shipper.is_connected)
+        shipper.on_welcome = rt.syncer.on_welcome
+
+    def _start_workers(self, node: node.Node, name: str) -> None:
+        shipper, rt = self.shippers[name], self.runtimes[name]
+        if node.coordinator is not None:
+            shipper.on_unreachable = node.coordinator.report_unreachable
+        tasks = [node.spawn(shipper.run(), f"shipper-{name}")]
+        if rt.tracker is not None:
+            tasks.append(node.spawn(rt.tracker.run(), f"resync-{name}"))
+        if rt.syncer is not None:
+            tasks.append(node.spawn(rt.syncer.run(), f"sync-{name}"))
+        if rt.intent is not None:
+            tasks.append(node.spawn(rt.run_checkpoints(), f"intent-{name}"))
+        self._tasks[name] = tasks
 
     def reports(self) -> list[cpb.PolicyReport]:
-        return [rt.report() for rt in self.runtimes.values()]
+        out = []
+        for name, rt in self.runtimes.items():
+            if name in self.shippers:   # not while a deleted policy waits for its handles
+                report = rt.report()
+                if not report.error and name in self.refusals:
+                    report.error = self.refusals[name]
+                out.append(report)
+        out.extend(cpb.PolicyReport(policy=name, error=why)
+                   for name, why in sorted(self.refusals.items()) if name not in self.runtimes)
+        return out
 
     def _on_assignments(self, update: cpb.AssignmentSet) -> None:
-        mine = {a.policy: a for a in update.assignments
-                if a.policy in self.shippers and a.filter.node_id in ("", self.config.node.id)
-                and self.assignments.admits(a)}
+        if self._node is None:
+            self._early = update   # applied once the mount is up (start)
+            return
+        me = self.config.node.id
+        admitted = {a.policy: a for a in update.assignments
+                    if a.filter.node_id in ("", me) and self.assignments.admits(a)}
+        self._reconcile({name: [diskset.DiskSpec(d.disk_id, d.name, d.size_bytes)
+                                for d in a.disks if d.filter in ("", me)]
+                         for name, a in admitted.items()})
         for name, shipper in self.shippers.items():
-            shipper.set_assignment(mine.get(name))
+            shipper.set_assignment(admitted.get(name))
             syncer = self.runtimes[name].syncer
             if syncer is not None:
-                syncer.on_assignment(mine.get(name))
+                syncer.on_assignment(admitted.get(name))
+
+    # ------------------------------------------------------------ policies come and go
+
+    def _reconcile(self, assigned: dict[str, list[diskset.DiskSpec]]) -> None:
+        attached = {name: [diskset.DiskSpec(d.disk_id, d.name, d.size) for d in rt.disks]
+                    for name, rt in self.runtimes.items()
+                    if name not in self.declared and name in self.shippers}
+        plan = diskset.plan(self.config.disks, self.manifest, assigned, attached,
+                            self.config.filter.max_disk_bytes)
+        refusals = dict(plan.errors)
+        for name in plan.detach:
+            self._detach(name)
+        for name, specs in plan.grow.items():
+            refusals[name] = (f"policy {name}: growing {', '.join(d.name for d in specs)} "
+                              "is not supported yet (the disks keep their size)")
+        for name, specs in plan.attach.items():
+            why = self._attach(name, specs)
+            if why:
+                refusals[name] = why
+        for name in sorted(set(refusals) - set(self.refusals)):
+            log.error("%s", refusals[name], extra={"policy": name})
+        self.refusals = refusals
+
+    def _attach(self, name: str, specs: list[diskset.DiskSpec]) -> str:
+        """Create (or re-attach) a managed policy's disks and capture; '' or why not."""
+        assert self._node is not None
+        data_dir = self.config.filter.data_dir
+        old = self.manifest.get(name)
+        disks = self.storage.managed_disks(name, specs)
+        for d in disks:
+            if old is None and os.path.lexists(d.image):
+                return (f"policy {name}: disk {d.name}: {d.image} already exists and belongs "
+                        "to no policy here; to protect an existing image declare it in "
+                        "[[disks]], else remove the file")
+            if old is not None and not os.path.exists(d.image):
+                return (f"policy {name}: disk {d.name}: its image {d.image} is missing; "
+                        "not created empty (that would lose the disk's data)")
+        self.manifest[name] = diskset.ManagedPolicy(diskset.ACTIVE, list(specs))
+        try:
+            diskset.save_manifest(data_dir, self.manifest)
+            rt = self.storage.open_policy(name, disks)
+        except CdpError as exc:
+            self._forget(name, old, disks)
+            return f"policy {name}: cannot attach its disks: {exc}"
+        self._make_workers(rt)
+        self.mount.add(rt.disks, rt)
+        self._start_workers(self._node, name)
+        log.info("policy %s: %s %s", name, "re-attached" if old else "created",
+                 ", ".join(f"{d.name} ({d.size} bytes, image {d.image})" for d in disks),
+                 extra={"policy": name})
+        return ""
+
+    def _forget(self, name: str, old: diskset.ManagedPolicy | None, disks: list[Disk]) -> None:
+        """Undo a failed attach: the manifest as it was, no image left that we created."""
+        if old is None:
+            self.manifest.pop(name, None)
+            for d in disks:
+                with contextlib.suppress(OSError):
+                    os.unlink(d.image)
+        else:
+            self.manifest[name] = old
+        with contextlib.suppress(CdpError):
+            diskset.save_manifest(self.config.filter.data_dir, self.manifest)
+
+    def _detach(self, name: str) -> None:
+        """The policy is no longer assigned here: stop capturing; its data stays."""
+        rt = self.runtimes[name]
+        for task in self._tasks.pop(name, []):
+            task.cancel()
+        self.shippers.pop(name, None)
+        if rt.tracker is not None:
+            # Later writes through handles still open only mark blocks, so a policy
+            # attached again with these disks resyncs them.
+            rt.tracker.overflow("policy deleted")
+        self.manifest[name] = diskset.ManagedPolicy(
+            diskset.DELETED, [diskset.DiskSpec(d.disk_id, d.name, d.size) for d in rt.disks])
+        try:
+            diskset.save_manifest(self.config.filter.data_dir, self.manifest)
+        except CdpError as exc:
+            log.error("%s", exc, extra={"policy": name})
+        rt.close()
+        log.warning("policy %s is no longer assigned to this filter: capture stopped; its "
+                    "disks are detached once closed, their data kept until purged", name,
+                    extra={"policy": name})
+        self.mount.hide(name, lambda: self.storage.close_policy(name))
 
     # ------------------------------------------------------------ node hooks
 
     async def open(self, node: node.Node) -> None:
-        self.storage.open()
-        self._make_shippers()
+        self.manifest = diskset.load_manifest(self.config.filter.data_dir)
+        clash = sorted(set(self.manifest) & self.declared)
+        if clash:
+            raise ConfigError(f"policy {clash[0]} is declared in [[disks]] but was created "
+                              f"here by the coordinator ({diskset.MANIFEST_FILE}): remove "
+                              "its [[disks]] or purge the policy")
+        self.storage.open({name: p.disks for name, p in self.manifest.items()
+                           if p.state == diskset.ACTIVE})
+        for rt in self.runtimes.values():
+            self._make_workers(rt)
 
     async def start(self, node: node.Node) -> None:
         self.mount.start(self.disks, self.runtimes, on_lost=node.shutdown)
-        for name, shipper in self.shippers.items():
-            if node.coordinator is not None:
-                shipper.on_unreachable = node.coordinator.report_unreachable
-            node.spawn(shipper.run(), f"shipper-{name}")
-            rt = self.runtimes[name]
-            if rt.tracker is not None:
-                node.spawn(rt.tracker.run(), f"resync-{name}")
-            if rt.syncer is not None:
-                node.spawn(rt.syncer.run(), f"sync-{name}")
-            if rt.intent is not None:
-                node.spawn(rt.run_checkpoints(), f"intent-{name}")
+        for name in self.shippers:
+            self._start_workers(node, name)
+        self._node = node
+        if self._early is not None:
+            update, self._early = self._early, None
+            self._on_assignments(update)
 
     async def stop(self) -> None:
         """Shippers are cancelled by now: release held writers, then unmount."""

@@ -27,6 +27,7 @@ import logging
 import os
 import stat
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -43,7 +44,13 @@ ATTR_TIMEOUT_S = 300.0
 
 
 class FilterFs(pyfuse3.Operations):
-    """pyfuse3 operations over the configured disks (inodes ROOT+1 .. ROOT+n)."""
+    """pyfuse3 operations over the attached disks (inodes ROOT+1, ROOT+2, ... in the
+    order attached; never reused while mounted).
+
+    Disks come and go at run time (cdp_filter.diskset): `add` attaches a policy's
+    disks, `hide` takes them out of the directory at once and calls `on_gone`
+    for the policy once no open handle of its disks is left (until then writes
+    through those handles still work)."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -51,18 +58,62 @@ class FilterFs(pyfuse3.Operations):
 
     def __init__(self, disks: list[Disk]) -> None:
         super().__init__()
-        self._disks = disks
         self._by_inode: dict[int, Disk] = {}
         self._by_name: dict[bytes, Disk] = {}
-        for i, d in enumerate(disks):
-            d.inode = ROOT + 1 + i
-            self._by_inode[d.inode] = d
-            self._by_name[d.name.encode()] = d
+        self._open: dict[int, int] = {}           # inode -> open handles
+        self._hidden: dict[str, Callable[[], None]] = {}   # policy -> on_gone
+        self._next_inode = ROOT + 1
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._start_ns = wall_ns()
         # Each disk's PolicyRuntime; set by the daemon (disk.policy is a name).
         self.runtimes: dict[str, Any] = {}
+        for d in disks:
+            self._attach(d)
+
+    def _attach(self, d: Disk) -> None:
+        d.inode = self._next_inode
+        self._next_inode += 1
+        self._by_inode[d.inode] = d
+        self._by_name[d.name.encode()] = d
+
+    @property
+    def _disks(self) -> list[Disk]:
+        """The disks listed in the directory, in inode order."""
+        return sorted(self._by_name.values(), key=lambda d: d.inode)
+
+    def add(self, disks: list[Disk], runtime: Any) -> None:
+        """Attach a policy's disks (names not in use: cdp_filter.diskset checked)."""
+        for d in disks:
+            self._attach(d)
+        if disks:
+            self.runtimes[disks[0].policy] = runtime
+
+    def hide(self, policy: str, on_gone: Callable[[], None]) -> list[str]:
+        """Take the policy's disks out of the directory; `on_gone()` once none is open.
+        Returns the names hidden (for the kernel's dentry cache: `invalidate`)."""
+        names = [n for n, d in self._by_name.items() if d.policy == policy]
+        for n in names:
+            del self._by_name[n]
+        self._hidden[policy] = on_gone
+        self._maybe_gone(policy)
+        return [n.decode() for n in names]
+
+    def _maybe_gone(self, policy: str) -> None:
+        if policy not in self._hidden:
+            return
+        mine = [i for i, d in self._by_inode.items() if d.policy == policy]
+        if any(self._open.get(i, 0) for i in mine):
+            return
+        for i in mine:
+            del self._by_inode[i]
+            self._open.pop(i, None)
+        self.runtimes.pop(policy, None)
+        self._hidden.pop(policy)()
+
+    def open_handles(self, policy: str) -> int:
+        return sum(n for i, n in self._open.items()
+                   if i in self._by_inode and self._by_inode[i].policy == policy)
 
     # ------------------------------------------------------------ attributes
 
@@ -129,10 +180,11 @@ class FilterFs(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        for i, d in enumerate(self._disks):
-            if i < start_id:
+        # The offset of an entry is its inode: stable while disks come and go.
+        for d in self._disks:
+            if d.inode <= start_id:
                 continue
-            if not pyfuse3.readdir_reply(token, d.name.encode(), self._attr(d.inode), i + 1):
+            if not pyfuse3.readdir_reply(token, d.name.encode(), self._attr(d.inode), d.inode):
                 return
 
     async def releasedir(self, fh: int) -> None:
@@ -141,18 +193,26 @@ class FilterFs(pyfuse3.Operations):
     # ------------------------------------------------------------ files
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if inode not in self._by_inode:
+        d = self._by_inode.get(inode)
+        if d is None or d.policy in self._hidden:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT else errno.ENOENT)
         if flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EPERM)
+        self._open[inode] = self._open.get(inode, 0) + 1
         return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
+
+    def _disk(self, fh: int) -> Disk:
+        d = self._by_inode.get(fh)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return d
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        d = self._by_inode[fh]
+        d = self._disk(fh)
         if off >= d.size:
             return b""
         try:
@@ -163,7 +223,7 @@ class FilterFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        d = self._by_inode[fh]
+        d = self._disk(fh)
         n = len(buf)
         if off + n > d.size:
             if off >= d.size:
@@ -183,7 +243,7 @@ class FilterFs(pyfuse3.Operations):
         return n
 
     async def _flush(self, fh: int) -> None:
-        d = self._by_inode[fh]
+        d = self._disk(fh)
         try:
             await self.runtimes[d.policy].flush(d)
         except (CdpError, OSError) as exc:
@@ -197,7 +257,14 @@ class FilterFs(pyfuse3.Operations):
         await self._flush(fh)
 
     async def release(self, fh: int) -> None:
-        return None
+        left = self._open.get(fh, 0) - 1
+        if left > 0:
+            self._open[fh] = left
+            return
+        self._open.pop(fh, None)
+        d = self._by_inode.get(fh)
+        if d is not None:
+            self._maybe_gone(d.policy)
 
     async def forget(self, inode_list: Any) -> None:
         return None

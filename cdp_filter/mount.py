@@ -28,12 +28,13 @@ class Mount:
         self._task: asyncio.Task[None] | None = None
         self._mounted = False
         self._stopping = False
+        self.ops: fs.FilterFs | None = None
 
     def start(self, disks: list[Disk], runtimes: dict[str, PolicyRuntime],
               on_lost: Callable[[], Awaitable[None]]) -> None:
         """Mount and serve; `on_lost()` if the FUSE loop ends unasked (unmounted from outside)."""
         fs.prepare_mountpoint(self.mountpoint)
-        ops = fs.FilterFs(disks)
+        ops = self.ops = fs.FilterFs(disks)
         ops.runtimes = dict(runtimes)
         try:
             pyfuse3.init(ops, self.mountpoint, fs.mount_options())
@@ -43,6 +44,30 @@ class Mount:
         self._mounted = True
         self._task = asyncio.create_task(self._main(on_lost), name="fuse")
         log.info("mounted %d disks at %s", len(disks), self.mountpoint)
+
+    def add(self, disks: list[Disk], runtime: PolicyRuntime) -> None:
+        """Attach a policy's disks at run time: they appear under the mountpoint now."""
+        assert self.ops is not None
+        self.ops.add(disks, runtime)
+        log.info("attached %s at %s", ", ".join(d.name for d in disks), self.mountpoint,
+                 extra={"policy": runtime.name})
+
+    def hide(self, policy: str, on_gone: Callable[[], None]) -> None:
+        """Take a policy's disks out of the mount; `on_gone()` once no handle is open."""
+        assert self.ops is not None
+        names = self.ops.hide(policy, on_gone)
+        for name in names:   # the kernel's cached dentries, or lookups would still work
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(),
+                                           ignore_enoent=True)
+        left = self.ops.open_handles(policy)
+        if left:
+            log.info("detaching %s: %d open handles left, detached when they are closed",
+                     ", ".join(names), left, extra={"policy": policy})
+
+    async def refresh(self, disk: Disk) -> None:
+        """The disk's size changed: make the kernel forget the attributes it cached."""
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(pyfuse3.invalidate_inode, disk.inode, True)
 
     async def _main(self, on_lost: Callable[[], Awaitable[None]]) -> None:
         try:

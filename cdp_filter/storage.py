@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from cdp_common.config import FilterConfig
 from cdp_common.errors import ConfigError, StorageError
 from cdp_common.fileio import OS_IO, FileIO
+from cdp_filter.diskset import DiskSpec
 from cdp_filter.intent import IntentLog, current_boot_id, load_boot_id, save_boot_id
 from cdp_filter.journal import Journal
 from cdp_filter.policy import Disk, PolicyRuntime
@@ -91,22 +92,44 @@ class Storage:
         self.boot_id = boot_id
         self.runtimes: dict[str, PolicyRuntime] = {}
         self.disks: list[Disk] = []
+        self.host_crashed = False
+        """The host went down since the last start (cdp_filter.intent)."""
 
-    def open(self) -> None:
+    def open(self, managed: Mapping[str, Sequence[DiskSpec]] | None = None) -> None:
+        """Open the [[disks]] of the config and the `managed` policies' disks."""
         f, io = self.config.filter, self.io
         intent_root = os.path.join(f.data_dir, "intent")
         boot = self.boot_id()
         last_boot = load_boot_id(intent_root, io)
-        host_crashed = not boot or boot != last_boot
+        self.host_crashed = not boot or boot != last_boot
         by_policy: dict[str, list[Disk]] = {}
         for dc in self.config.disks:
             disks = by_policy.setdefault(dc.policy, [])
-            d = Disk(name=dc.name, policy=dc.policy, disk_id=len(disks), size=dc.size_bytes,
-                     image=image_path(self.config, dc.name, dc.image))
-            d.fd = open_image(d.image, d.size, io)
-            disks.append(d)
-            self.disks.append(d)
+            disks.append(Disk(name=dc.name, policy=dc.policy, disk_id=len(disks),
+                              size=dc.size_bytes,
+                              image=image_path(self.config, dc.name, dc.image)))
+        for policy, specs in (managed or {}).items():
+            by_policy[policy] = self.managed_disks(policy, specs)
         for policy, disks in by_policy.items():
+            self.open_policy(policy, disks)
+        if f.power_loss_protection and boot != last_boot:
+            save_boot_id(intent_root, boot, io)
+
+    def managed_disks(self, policy: str, specs: Sequence[DiskSpec]) -> list[Disk]:
+        return [Disk(name=s.name, policy=policy, disk_id=s.disk_id, size=s.size_bytes,
+                     image=image_path(self.config, s.name, "")) for s in specs]
+
+    def open_policy(self, policy: str, disks: list[Disk]) -> PolicyRuntime:
+        """Open one policy's images, journal and write-intent bitmaps, recover and
+        replay; on failure everything it opened is closed again."""
+        f, io = self.config.filter, self.io
+        opened: list[Disk] = []
+        journal: Journal | None = None
+        intent: IntentLog | None = None
+        try:
+            for d in disks:
+                d.fd = open_image(d.image, d.size, io)
+                opened.append(d)
             dirty_dir = os.path.join(f.data_dir, "dirty", policy)
             repair = CutRepair(policy, dirty_dir, f.dirty_block_bytes,
                                [(d.name, d.size) for d in disks],
@@ -114,15 +137,14 @@ class Storage:
             journal = Journal.open(os.path.join(f.data_dir, "journal", policy),
                                    f.journal_segment_bytes, f.journal_cap_bytes, policy=policy,
                                    on_cut=repair, io=io)
-            intent = (IntentLog(os.path.join(intent_root, policy), f.intent_region_bytes,
-                                [(d.name, d.size) for d in disks], io)
-                      if f.power_loss_protection else None)
+            if f.power_loss_protection:
+                intent = IntentLog(os.path.join(f.data_dir, "intent", policy),
+                                   f.intent_region_bytes, [(d.name, d.size) for d in disks], io)
             rt = PolicyRuntime(policy, journal, disks, fsync_journal=f.fsync_journal, io=io,
                                intent=intent)
             rt.set_notice(repair.summary())
             rt.tail_cut_covered = bool(repair.events) and repair.enabled
-            self.runtimes[policy] = rt
-            if intent is not None and recover_intent(rt, intent, host_crashed, dirty_dir,
+            if intent is not None and recover_intent(rt, intent, self.host_crashed, dirty_dir,
                                                      f.dirty_block_bytes):
                 rt.tail_cut_covered = True   # the target may hold seqs this journal lost
             n = replay(rt)
@@ -135,31 +157,54 @@ class Storage:
                 journal.sync_all()
                 rt.fdatasync_images()
                 intent.clear_all()
-        if f.power_loss_protection and boot != last_boot:
-            save_boot_id(intent_root, boot, io)
+        except BaseException:
+            if intent is not None:
+                intent.close()
+            if journal is not None:
+                journal.close()
+            for d in opened:
+                with contextlib.suppress(OSError):
+                    io.close(d.fd)
+                d.fd = -1
+            raise
+        self.runtimes[policy] = rt
+        self.disks.extend(disks)
+        return rt
+
+    def close_policy(self, policy: str) -> None:
+        """Make one policy's state durable and close it (a detached policy)."""
+        rt = self.runtimes.pop(policy)
+        self._close_runtime(rt)
+        for d in rt.disks:
+            self.disks.remove(d)
 
     def close(self) -> None:
-        for rt in self.runtimes.values():
-            try:
-                if rt.tracker is not None:
-                    rt.tracker.sync_bitmaps()
-                rt.journal.sync()
-                rt.fdatasync_images()
-            except (OSError, StorageError) as exc:
-                log.error("final sync failed: %s", exc, extra={"policy": rt.name})
-            else:
-                if rt.intent is not None:
-                    try:
-                        rt.intent.clear_all()   # a clean stop: nothing left to fear
-                    except StorageError as exc:
-                        log.warning("cannot clear the write-intent bits: %s", exc,
-                                    extra={"policy": rt.name})
-            rt.journal.close()
-            if rt.intent is not None:
-                rt.intent.close()
+        for rt in list(self.runtimes.values()):
+            self._close_runtime(rt)
+        self.runtimes.clear()
+        self.disks.clear()
+
+    def _close_runtime(self, rt: PolicyRuntime) -> None:
+        try:
             if rt.tracker is not None:
-                rt.tracker.close()
-        for d in self.disks:
+                rt.tracker.sync_bitmaps()
+            rt.journal.sync()
+            rt.fdatasync_images()
+        except (OSError, StorageError) as exc:
+            log.error("final sync failed: %s", exc, extra={"policy": rt.name})
+        else:
+            if rt.intent is not None:
+                try:
+                    rt.intent.clear_all()   # a clean stop: nothing left to fear
+                except StorageError as exc:
+                    log.warning("cannot clear the write-intent bits: %s", exc,
+                                extra={"policy": rt.name})
+        rt.journal.close()
+        if rt.intent is not None:
+            rt.intent.close()
+        if rt.tracker is not None:
+            rt.tracker.close()
+        for d in rt.disks:
             if d.fd >= 0:
                 with contextlib.suppress(OSError):
                     self.io.close(d.fd)
