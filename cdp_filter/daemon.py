@@ -106,8 +106,9 @@ class FilterDaemon(node.NodeDaemon):
         for name, rt in self.runtimes.items():
             if name in self.shippers:   # not while a deleted policy waits for its handles
                 report = rt.report()
-                if not report.error and name in self.refusals:
-                    report.error = self.refusals[name]
+                if name in self.refusals:   # the cause first: it explains what follows
+                    report.error = "; ".join(e for e in (self.refusals[name], report.error)
+                                             if e)
                 out.append(report)
         out.extend(cpb.PolicyReport(policy=name, error=why)
                    for name, why in sorted(self.refusals.items()) if name not in self.runtimes)
@@ -141,8 +142,9 @@ class FilterDaemon(node.NodeDaemon):
         for name in plan.detach:
             self._detach(name)
         for name, specs in plan.grow.items():
-            refusals[name] = (f"policy {name}: growing {', '.join(d.name for d in specs)} "
-                              "is not supported yet (the disks keep their size)")
+            why = self._grow(name, specs)
+            if why:
+                refusals[name] = why
         for name, specs in plan.attach.items():
             why = self._attach(name, specs)
             if why:
@@ -178,6 +180,24 @@ class FilterDaemon(node.NodeDaemon):
         log.info("policy %s: %s %s", name, "re-attached" if old else "created",
                  ", ".join(f"{d.name} ({d.size} bytes, image {d.image})" for d in disks),
                  extra={"policy": name})
+        return ""
+
+    def _grow(self, name: str, specs: list[diskset.DiskSpec]) -> str:
+        """Grow a managed policy's disks (the manifest first: a start grows the image
+        to what it says); the next stream announces the new sizes."""
+        rt = self.runtimes[name]
+        sizes = {s.disk_id: s.size_bytes for s in specs}
+        self.manifest[name] = diskset.ManagedPolicy(diskset.ACTIVE, [
+            diskset.DiskSpec(d.disk_id, d.name, sizes.get(d.disk_id, d.size)) for d in rt.disks])
+        try:
+            diskset.save_manifest(self.config.filter.data_dir, self.manifest)
+            grown = self.storage.grow(rt, sizes)
+        except CdpError as exc:
+            return f"policy {name}: cannot grow its disks: {exc}"
+        self.shippers[name].disks = [d.info() for d in rt.disks]
+        if self._node is not None:
+            for d in grown:
+                self._node.spawn(self.mount.refresh(d), f"refresh-{d.name}")
         return ""
 
     def _forget(self, name: str, old: diskset.ManagedPolicy | None, disks: list[Disk]) -> None:

@@ -126,6 +126,28 @@ class DirtyBitmap:
             raise StorageError(f"dirty bitmap {path}: cannot create ({exc.strerror})") from None
         return cls(path, fd, block_bytes, disk_size, bytearray(nbytes), io)
 
+    def grow(self, disk_size: int) -> None:
+        """The disk grew: bits for its new blocks (clear), in place and durable.
+
+        The new bytes are allocated first, then the header names the new size
+        (fsync): a crash before the header leaves the old bitmap, which open()
+        converts; nothing is ever unmarked."""
+        if disk_size <= self.disk_size:
+            return
+        nbytes = _nbytes(disk_size, self.block_bytes)
+        try:
+            if nbytes > len(self.bits):
+                self.io.allocate(self.fd, HEADER_SIZE + len(self.bits), nbytes - len(self.bits))
+            self.io.pwrite(self.fd, HEADER.pack(MAGIC, VERSION, 0, 0, self.block_bytes, 0,
+                                                disk_size, 0), 0)
+            self.io.fsync(self.fd)
+        except OSError as exc:
+            raise StorageError(f"dirty bitmap {self.path}: cannot grow ({exc.strerror})") \
+                from None
+        self.bits.extend(bytes(nbytes - len(self.bits)))
+        self.disk_size = disk_size
+        self.blocks = -(-disk_size // self.block_bytes)
+
     # ------------------------------------------------------------ bits
 
     def block_range(self, offset: int, length: int) -> range:

@@ -251,6 +251,10 @@ class Tracker:
         return gen != self._link_at_overflow or (
             g is not None and self.rt.durable_seq >= g.lost_through_seq)
 
+    def grow(self, disk_id: int, size: int) -> None:
+        """The disk grew to `size` bytes (its new blocks start clean)."""
+        self.bitmaps[disk_id].grow(size)
+
     def sync_bitmaps(self) -> None:
         for b in self.bitmaps:
             b.sync()

@@ -105,7 +105,8 @@ def assignment_key(a: cpb.Assignment) -> tuple[object, ...]:
     """What, when it changes, requires a new stream."""
     return (a.epoch, a.source_proxy.node_id, a.source_proxy.address, a.target_proxy.address,
             a.target.address, a.rpo_interval_s, a.compression_level, a.encryption,
-            a.bandwidth_limit_mbps)
+            a.bandwidth_limit_mbps,
+            tuple(sorted((d.disk_id, d.size_bytes) for d in a.disks)))  # a grown disk
 
 
 def usable(a: cpb.Assignment | None) -> bool:

@@ -171,6 +171,31 @@ class Storage:
         self.disks.extend(disks)
         return rt
 
+    def grow(self, rt: PolicyRuntime, sizes: Mapping[int, int]) -> list[Disk]:
+        """Grow disks of a policy (disk_id -> new size): image, dirty and write-intent
+        bitmaps; returns the disks grown. Shrinking never happens here (diskset)."""
+        grown = []
+        for d in rt.disks:
+            size = sizes.get(d.disk_id, d.size)
+            if size <= d.size:
+                continue
+            # The bitmaps first: a write past the old end must find its bits.
+            if rt.tracker is not None:
+                rt.tracker.grow(d.disk_id, size)
+            if rt.intent is not None:
+                rt.intent.bitmaps[d.disk_id].grow(size)
+            try:
+                self.io.ftruncate(d.fd, size)   # sparse
+                self.io.fsync(d.fd)
+            except OSError as exc:
+                raise StorageError(f"image {d.image}: cannot grow to {size} bytes "
+                                   f"({exc.strerror})") from None
+            log.info("disk %s grown from %d to %d bytes", d.name, d.size, size,
+                     extra={"policy": rt.name, "disk": d.name})
+            d.size = size
+            grown.append(d)
+        return grown
+
     def close_policy(self, policy: str) -> None:
         """Make one policy's state durable and close it (a detached policy)."""
         rt = self.runtimes.pop(policy)

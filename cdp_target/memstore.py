@@ -82,10 +82,11 @@ class MemoryStore:
 
     def set_disks(self, disks: Mapping[int, DiskSpec]) -> None:
         with self.disk.lock:
-            added = check_disks(self.name, self.disk.state.disks, disks)
-            self.disk.state.disks.update(added)
-            for disk_id, spec in added.items():
-                self.disk.images[disk_id] = bytearray(spec.size_bytes)
+            changed = check_disks(self.name, self.disk.state.disks, disks)
+            self.disk.state.disks.update(changed)
+            for disk_id, spec in changed.items():   # added, or grown (zeros at the end)
+                image = self.disk.images.setdefault(disk_id, bytearray())
+                image.extend(bytes(spec.size_bytes - len(image)))
 
     def open_session(self, epoch: int) -> int:
         with self.disk.lock:

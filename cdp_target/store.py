@@ -211,12 +211,30 @@ class PolicyStore:
             self._closed = True
 
     def set_disks(self, disks: Mapping[int, DiskSpec]) -> None:
-        """Check announced disks against the recorded ones, add new ones, open replicas."""
-        added = check_disks(str(self.dir), self.state.disks, disks)
+        """Check announced disks against the recorded ones, add new ones, grow grown
+        ones, open replicas."""
+        changed = check_disks(str(self.dir), self.state.disks, disks)
+        added = {i: s for i, s in changed.items() if i not in self.state.disks}
+        grown = {i: s for i, s in changed.items() if i in self.state.disks}
         with self._apply_lock:  # replicas first: a disk that cannot be made is never recorded
             for disk_id, spec in {**self.state.disks, **added}.items():
                 if disk_id not in self._fds:
                     self._fds[disk_id] = self._open_replica(spec, create=disk_id in added)
+            if grown:
+                # The state first: a replica shorter than recorded is grown on open,
+                # one longer would be refused (quarantined) as not ours.
+                with self._state_lock:
+                    self.state.disks.update(grown)
+                    self._write_state_locked()
+                for disk_id, spec in grown.items():
+                    try:
+                        self.io.ftruncate(self._fds[disk_id], spec.size_bytes)  # sparse
+                        self.io.fsync(self._fds[disk_id])
+                    except OSError as exc:
+                        raise storage_error(f"{self.replica_path(disk_id)}: cannot grow to "
+                                            f"{spec.size_bytes} bytes", exc) from None
+                    log.info("disk %s grown to %d bytes", spec.name, spec.size_bytes,
+                             extra={"policy": self.name})
         if added:
             with self._state_lock:
                 self.state.disks.update(added)

@@ -118,25 +118,27 @@ def save_state(directory: Path, state: StoreState, io: FileIO = OS_IO) -> None:
 
 def check_disks(where: str, recorded: Mapping[int, DiskSpec],
                 announced: Mapping[int, DiskSpec]) -> dict[int, DiskSpec]:
-    """The announced disks not recorded yet; DiskMismatchError when they contradict."""
+    """The announced disks not recorded yet, or grown (same id and name, larger);
+    DiskMismatchError when they contradict (renamed, shrunk, a name used twice)."""
     for disk_id, spec in announced.items():
         if not _DISK_NAME.match(spec.name):
             raise DiskMismatchError(f"disk {disk_id}: {spec.name!r} is not a valid disk name")
         if spec.size_bytes <= 0:
             raise DiskMismatchError(f"disk {disk_id} ({spec.name}): size must be positive")
         old = recorded.get(disk_id)
-        if old is not None and old != spec:
+        if old is not None and old != spec and not (old.name == spec.name
+                                                     and spec.size_bytes > old.size_bytes):
             raise DiskMismatchError(
                 f"policy store {where}: disk {disk_id} was {old.name!r} of "
                 f"{old.size_bytes} bytes, now announced as {spec.name!r} of "
-                f"{spec.size_bytes} bytes; resizing or renaming a protected disk "
+                f"{spec.size_bytes} bytes; shrinking or renaming a protected disk "
                 f"needs a new policy or a resync")
     names = {d.name: i for i, d in recorded.items()}
     for disk_id, spec in announced.items():
         if names.get(spec.name, disk_id) != disk_id:
             raise DiskMismatchError(f"disk name {spec.name!r} is already used by disk "
                                     f"{names[spec.name]}")
-    return {i: s for i, s in announced.items() if i not in recorded}
+    return {i: s for i, s in announced.items() if recorded.get(i) != s}
 
 
 def check_disk_bounds(policy: str, disks: Mapping[int, DiskSpec], max_disk_bytes: int) -> None:

@@ -9,6 +9,7 @@ handle is closed, and keeps its data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from workload import MiB, Workload, sha256_file
 pytestmark = pytest.mark.timeout(300)
 
 SIZE = 32 * MiB
+BIG = 48 * MiB
 
 
 def policy_row(handle: Any, name: str) -> dict[str, Any]:
@@ -61,6 +63,38 @@ def test_a_policy_creates_attaches_replicates_and_detaches_its_disk(
             assert replica.exists() and sha256_file(replica) == source, "replica differs"
         assert_eventually(p2_caught_up, 120, 1.0, "p2 did not replicate its new disk")
         held.read(4096)
+
+        # growing the disk: the file, the image and the replica grow; the bytes stay
+        prefix = source
+        grown = handle.cli("policy", "edit", "p2", "--disk", f"filter-1:disk9:{BIG // MiB}M")
+        assert grown.returncode == 0, grown.stderr
+        assert_eventually(lambda: disk9.stat().st_size == BIG, 20, 0.2,
+                          "the disk did not grow under the mount")
+        tail = os.urandom(MiB)
+        fd = os.open(disk9, os.O_WRONLY)
+        try:
+            os.pwrite(fd, tail, BIG - MiB)    # past the old end
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with open(disk9, "rb") as f:
+            assert hashlib.sha256(f.read(SIZE)).hexdigest() == prefix, "the old bytes changed"
+            f.seek(BIG - MiB)
+            assert f.read() == tail
+        source = sha256_file(disk9)
+        assert_eventually(p2_caught_up, 120, 1.0, "p2 did not replicate the grown disk")
+        assert replica.stat().st_size == BIG
+        shrink = handle.cli("policy", "edit", "p2", "--disk", f"filter-1:disk9:{SIZE // MiB}M")
+        if shrink.returncode == 0:   # refused by the filter if the coordinator let it by
+            def shrink_refused() -> None:
+                h = handle.cli("health")
+                assert h.returncode == 2 and "shrinking is refused" in h.stdout, h.stdout
+            assert_eventually(shrink_refused, 30, 0.5, "a shrink was not refused")
+            assert disk9.stat().st_size == BIG
+            assert handle.cli("policy", "edit", "p2", "--disk",
+                              f"filter-1:disk9:{BIG // MiB}M").returncode == 0
+        else:
+            assert "shrink" in shrink.stderr, shrink.stderr
 
     # the lab's own disk kept working and replicating
     work = Workload(lab_disk, 64 * MiB, seed=3)

@@ -205,12 +205,18 @@ def test_abort_discards_and_the_resend_is_accepted(impl: Impl) -> None:
 
 def test_disks_that_contradict_the_replicas_are_refused(impl: Impl) -> None:
     s = impl.open()
-    with pytest.raises(DiskMismatchError):
-        s.set_disks({0: DiskSpec("vda", SIZE * 2)})
+    with pytest.raises(DiskMismatchError, match="shrinking or renaming"):
+        s.set_disks({0: DiskSpec("vda", SIZE // 2)})
+    with pytest.raises(DiskMismatchError, match="shrinking or renaming"):
+        s.set_disks({0: DiskSpec("vdz", SIZE)})
     with pytest.raises(DiskMismatchError):
         s.set_disks({2: DiskSpec("vda", SIZE)})
     s.set_disks({2: DiskSpec("vdc", 4096)})
     assert s.snapshot().disks[2] == DiskSpec("vdc", 4096)
+    s.set_disks({0: DiskSpec("vda", SIZE * 2)})      # a grown disk is kept, larger
+    assert s.snapshot().disks[0] == DiskSpec("vda", SIZE * 2)
+    s = impl.restart(s, False)
+    assert s.snapshot().disks[0] == DiskSpec("vda", SIZE * 2)
     s.close()
 
 

@@ -169,7 +169,7 @@ async def test_disk_mismatch_is_failed_precondition(h: Harness) -> None:
     await call.done_writing()
     await status_of(call)
     call = h.stub.Apply()
-    await call.write(open_req(disks=[rpb.DiskInfo(disk_id=0, name="vda", size_bytes=2 * SIZE)]))
+    await call.write(open_req(disks=[rpb.DiskInfo(disk_id=0, name="vda", size_bytes=SIZE // 2)]))
     code, details = await status_of(call)
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "disk 0 was 'vda'" in details

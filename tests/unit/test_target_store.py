@@ -260,7 +260,7 @@ def test_disk_changes(tmp_path: Path) -> None:
     d = tmp_path / "p"
     PolicyStore.open(d, DISKS).close()
     with pytest.raises(DiskMismatchError, match="disk 0 was 'vda' of 262144 bytes"):
-        PolicyStore.open(d, {0: DiskSpec("vda", SIZE * 2)})
+        PolicyStore.open(d, {0: DiskSpec("vda", SIZE // 2)})
     with pytest.raises(DiskMismatchError, match="renaming"):
         PolicyStore.open(d, {0: DiskSpec("vdz", SIZE)})
     with pytest.raises(DiskMismatchError, match="already used"):
@@ -272,6 +272,14 @@ def test_disk_changes(tmp_path: Path) -> None:
     assert set(store.snapshot().disks) == {0, 1, 2}
     assert (d / "replicas" / "vdc.img").stat().st_size == 8192
     store.close()
+    # Growing a disk keeps its bytes and adds zeros; the next open agrees.
+    replica = d / "replicas" / "vda.img"
+    replica.write_bytes(b"\x5a" * SIZE)
+    store = PolicyStore.open(d, {0: DiskSpec("vda", SIZE * 2)})
+    assert store.snapshot().disks[0] == DiskSpec("vda", SIZE * 2)
+    store.close()
+    assert replica.read_bytes() == b"\x5a" * SIZE + bytes(SIZE)
+    PolicyStore.open(d, None).close()
 
 
 def test_replicas_are_sparse(tmp_path: Path) -> None:
