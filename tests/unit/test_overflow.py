@@ -79,6 +79,42 @@ def test_bitmap_power_loss_keeps_synced_marks_and_creation_is_atomic(tmp_path: P
         reopened.close()
 
 
+def test_bitmap_grows_in_place_and_a_power_cut_never_unmarks(tmp_path: Path) -> None:
+    """grow(): bits for the new blocks, the old marks kept; a power cut at each of its
+    steps leaves a bitmap that opens at either size with every synced mark."""
+    def prepare(root: Path) -> tuple[SimIO, DirtyBitmap]:
+        io = SimIO([root])
+        bm = DirtyBitmap.open(str(root / "d.bitmap"), 64 * KB, 1 << 20, io=io)
+        bm.mark(0, 1)
+        bm.mark(15 * 64 * KB, 1)
+        bm.sync()
+        return io, bm
+
+    io, bm = prepare(tmp_path / "dry")
+    start = len(io.steps)
+    bm.grow(3 << 20)
+    steps = len(io.steps) - start
+    assert steps == 3, io.steps[start:]
+    assert bm.blocks == 48 and bm.is_set(0) and bm.is_set(15) and not bm.is_set(40)
+    bm.mark(40 * 64 * KB, 1)
+    assert bm.is_set(40) and bm.count == 3
+    bm.close()
+    again = DirtyBitmap.open(str(tmp_path / "dry" / "d.bitmap"), 64 * KB, 3 << 20)
+    assert again.blocks == 48 and again.is_set(15) and again.is_set(40)
+    again.close()
+    for n in range(steps):
+        root = tmp_path / f"cut{n}"
+        io, bm = prepare(root)
+        io.crash_at = len(io.steps) + n
+        with pytest.raises(SimulatedCrash):
+            bm.grow(3 << 20)
+        io.power_cut()
+        for size in (1 << 20, 3 << 20):   # the start after the cut opens it at either
+            reopened = DirtyBitmap.open(str(root / "d.bitmap"), 64 * KB, size)
+            assert reopened.is_set(0) and reopened.is_set(15) and reopened.count == 2
+            reopened.close()
+
+
 def test_machine_transitions_and_ack_clearing() -> None:
     m = OverflowMachine()
     assert m.handle(Event.LINK_READY) is Action.NONE and m.mode is Mode.JOURNALING
