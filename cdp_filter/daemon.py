@@ -164,9 +164,10 @@ class FilterDaemon(node.NodeDaemon):
                 return (f"policy {name}: disk {d.name}: {d.image} already exists and belongs "
                         "to no policy here; to protect an existing image declare it in "
                         "[[disks]], else remove the file")
-            if old is not None and not os.path.exists(d.image):
-                return (f"policy {name}: disk {d.name}: its image {d.image} is missing; "
-                        "not created empty (that would lose the disk's data)")
+        if old is not None:
+            why = self._missing_image(name, disks)
+            if why:
+                return why
         self.manifest[name] = diskset.ManagedPolicy(diskset.ACTIVE, list(specs))
         try:
             diskset.save_manifest(data_dir, self.manifest)
@@ -180,6 +181,14 @@ class FilterDaemon(node.NodeDaemon):
         log.info("policy %s: %s %s", name, "re-attached" if old else "created",
                  ", ".join(f"{d.name} ({d.size} bytes, image {d.image})" for d in disks),
                  extra={"policy": name})
+        return ""
+
+    @staticmethod
+    def _missing_image(name: str, disks: list[Disk]) -> str:
+        for d in disks:
+            if not os.path.exists(d.image):
+                return (f"policy {name}: disk {d.name}: its image {d.image} is missing; "
+                        "not created empty (that would lose the disk's data)")
         return ""
 
     def _grow(self, name: str, specs: list[diskset.DiskSpec]) -> str:
@@ -243,8 +252,21 @@ class FilterDaemon(node.NodeDaemon):
             raise ConfigError(f"policy {clash[0]} is declared in [[disks]] but was created "
                               f"here by the coordinator ({diskset.MANIFEST_FILE}): remove "
                               "its [[disks]] or purge the policy")
-        self.storage.open({name: p.disks for name, p in self.manifest.items()
-                           if p.state == diskset.ACTIVE})
+        self.storage.open()
+        for name, p in sorted(self.manifest.items()):
+            if p.state != diskset.ACTIVE:
+                continue
+            # One managed policy that cannot open must not keep the others down.
+            disks = self.storage.managed_disks(name, p.disks)
+            why = self._missing_image(name, disks)
+            if not why:
+                try:
+                    self.storage.open_policy(name, disks)
+                except CdpError as exc:
+                    why = f"policy {name}: cannot attach its disks: {exc}"
+            if why:
+                log.error("%s", why, extra={"policy": name})
+                self.refusals[name] = why
         for rt in self.runtimes.values():
             self._make_workers(rt)
 

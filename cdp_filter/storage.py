@@ -95,8 +95,8 @@ class Storage:
         self.host_crashed = False
         """The host went down since the last start (cdp_filter.intent)."""
 
-    def open(self, managed: Mapping[str, Sequence[DiskSpec]] | None = None) -> None:
-        """Open the [[disks]] of the config and the `managed` policies' disks."""
+    def open(self) -> None:
+        """Open the [[disks]] of the config (managed policies: `open_policy`)."""
         f, io = self.config.filter, self.io
         intent_root = os.path.join(f.data_dir, "intent")
         boot = self.boot_id()
@@ -108,8 +108,6 @@ class Storage:
             disks.append(Disk(name=dc.name, policy=dc.policy, disk_id=len(disks),
                               size=dc.size_bytes,
                               image=image_path(self.config, dc.name, dc.image)))
-        for policy, specs in (managed or {}).items():
-            by_policy[policy] = self.managed_disks(policy, specs)
         for policy, disks in by_policy.items():
             self.open_policy(policy, disks)
         if f.power_loss_protection and boot != last_boot:

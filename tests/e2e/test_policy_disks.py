@@ -96,6 +96,13 @@ def test_a_policy_creates_attaches_replicates_and_detaches_its_disk(
         else:
             assert "shrink" in shrink.stderr, shrink.stderr
 
+    # a kill -9 and a start: the managed disk is attached again from the manifest,
+    # before and whatever the coordinator says, with its bytes
+    handle.kill("filter-1")
+    handle.restart("filter-1")
+    assert_eventually(lambda: disk9.exists(), 20, 0.2, "disk9 was not attached at start")
+    assert disk9.stat().st_size == BIG and sha256_file(disk9) == source
+
     # the lab's own disk kept working and replicating
     work = Workload(lab_disk, 64 * MiB, seed=3)
     work.write_bytes(2 * MiB)
