@@ -100,6 +100,7 @@ class Report:
     progress: SyncProgress = NO_PROGRESS   # filter
     gaps: tuple[Gap, ...] = ()             # target
     resync_request_id: int = 0             # target: a corrupt delta needs a resync
+    no_store: bool = False                 # target: assigned there, no data yet
 
 
 @dataclass(frozen=True)

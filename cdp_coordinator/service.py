@@ -204,7 +204,7 @@ def report_from_pb(r: cpb.PolicyReport) -> Report:
                   or r.sync_done_id else NO_PROGRESS,
                   gaps=tuple(Gap(g.begin_seq, g.end_seq, g.begin_time_ns, g.end_time_ns,
                                  g.reason) for g in r.gaps),
-                  resync_request_id=r.resync_request_id)
+                  resync_request_id=r.resync_request_id, no_store=r.no_store)
 
 
 class _Watcher:

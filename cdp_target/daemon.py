@@ -5,7 +5,9 @@ open: every existing policy store (pending deltas are applied by each policy's
 apply worker); a store that fails to open is quarantined and reported in
 error in every heartbeat, the others run. Then the node serves, registers as
 ROLE_TARGET and reports per policy in every heartbeat: durable_seq, applied_seq, newest_time_ns,
-bytes_replicated, gaps and the last apply error. The data path never waits on
+bytes_replicated, gaps and the last apply error (or the failover refusal); a
+policy assigned here whose first stream has not arrived is reported with
+`no_store` (coordinator.proto PolicyReport). The data path never waits on
 the coordinator. Shutdown stops the coordinator client, then the
 server (streams end, partial deltas are discarded), lets an apply in progress
 finish its current delta, stops the retention tick and closes the stores; everything is crash safe
@@ -65,6 +67,11 @@ class TargetDaemon(node.NodeDaemon):
                                                           end_time_ns=g.end_time_ns,
                                                           reason=g.reason)
                                               for g in rt.gaps.gaps]))
+        # Assigned here, but no stream has arrived yet: say so, so the coordinator
+        # tells "waiting for the first data" from "does not report it" (an error).
+        waiting = (self.service.assigned or set()) - set(self.service.policies) \
+            - set(self.service.quarantined)
+        out += [cpb.PolicyReport(policy=name, no_store=True) for name in sorted(waiting)]
         return out
 
     async def open(self, node: node.Node) -> None:

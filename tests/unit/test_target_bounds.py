@@ -190,7 +190,13 @@ async def test_a_store_that_cannot_open_is_quarantined_and_the_others_run(
         assert sorted(daemon.service.quarantined) == ["bad", "gone"]
         assert "vda.img" in daemon.service.quarantined["gone"]
         assert not (data / "gone" / "replicas" / "vda.img").exists()
+        assert not any(r.no_store for r in daemon.reports())   # nothing assigned yet
+        daemon.service.set_assigned({"good", "bad", "new"})
+        listed = [(r.policy, r.no_store) for r in daemon.reports()]
+        assert sorted(listed) == [("bad", False), ("gone", False), ("good", False),
+                                  ("new", True)]               # each policy once
         reports = {r.policy: r for r in daemon.reports()}
+        assert reports["new"].error == "" and reports["new"].durable_seq == 0
         assert reports["bad"].error.startswith("store quarantined at start-up: ")
         assert STATE_FILE in reports["bad"].error or "bad" in reports["bad"].error
         assert reports["good"].error == ""

@@ -333,6 +333,10 @@ async def test_daemon_serves_and_reports(tmp_path: Path) -> None:
     try:
         await asyncio.wait_for(daemon.ready.wait(), 10)
         await eventually(lambda: daemon.service.assigned == {"p1"})
+        # assigned, no stream yet: reported with no_store, so the coordinator can tell
+        # "waiting for the first data" from "does not report it"
+        await eventually(lambda: [(r.policy, r.no_store) for r in coord.reports]
+                         == [("p1", True)])
         async with rpc.channel(daemon.address, TLS, MSG) as ch:
             stub = rgrpc.TargetStub(ch)
             stray = stub.Apply()   # only assigned policies get a store
@@ -352,6 +356,7 @@ async def test_daemon_serves_and_reports(tmp_path: Path) -> None:
         await eventually(lambda: bool(coord.reports) and coord.reports[0].applied_seq == 2)
         rep = coord.reports[0]
         assert (rep.policy, rep.durable_seq, rep.newest_time_ns) == ("p1", 2, 123)
+        assert len(coord.reports) == 1 and not rep.no_store
         assert rep.bytes_replicated == 16 + 4096
         assert coord.nodes[0].role == cpb.ROLE_TARGET
         assert coord.nodes[0].address == daemon.address
