@@ -14,13 +14,21 @@ AttributeError instead of a branch that is never taken.
 Leaf code: imports nothing from the daemons.
 
     NodeState     up | down
-    PolicyState   ok | warning | error | unassigned | disabled
+    PolicyState   ok | degraded | error | unprotected
     AlarmLevel    ok | warning | error              (ordered: ok < warning < error)
     AlarmKind     raised | lowered | cleared
 
-How a policy state maps to an alarm level (`PolicyState.alarm_level`):
-warning/error as is; unassigned is an error (nothing is replicated, the lag
-only grows); ok and disabled (the operator's choice) are ok.
+How a policy state maps to an alarm level and a `cdpctl health` severity
+(`policy_level`): ok is ok; degraded is a warning; error is an error;
+unprotected is ok when the policy is disabled (the operator chose not to
+protect it; status still shows it, with the reason) and a warning otherwise
+(nothing of it is on the DR site yet: a new policy waiting for its first
+data; the coordinator turns it into an error once that lasts rpo_error_s).
+So `health` never exits 0 while an enabled policy is not protected.
+
+Older coordinators said warning, unassigned and disabled; `PolicyState.parse`
+reads them as degraded, error and unprotected, so a newer cdpctl judges an
+older coordinator's status the same way.
 """
 
 from __future__ import annotations
@@ -52,27 +60,43 @@ _LEVEL_RANK = {AlarmLevel.OK: 0, AlarmLevel.WARNING: 1, AlarmLevel.ERROR: 2}
 
 
 class PolicyState(enum.StrEnum):
-    """Protection state of a policy in status, health and JSON."""
+    """Protection state of a policy in status, health, metrics and JSON
+    (cdp_coordinator.status computes it; every state but ok carries reasons)."""
 
-    OK = "ok"
-    WARNING = "warning"          # RPO lag at or over the warning threshold
-    ERROR = "error"              # lag over the error threshold, or a node reports an error
-    UNASSIGNED = "unassigned"    # no complete assignment (no proxy or target): nothing moves
-    DISABLED = "disabled"        # the operator turned it off
+    OK = "ok"                    # captured, shipped, durable, within RPO, no open gap
+    DEGRADED = "degraded"        # an open gap, or RPO lag at or over the warning threshold
+    ERROR = "error"              # something that should protect the policy does not
+    UNPROTECTED = "unprotected"  # disabled, or nothing of it has reached the target yet
 
-    @property
-    def alarm_level(self) -> AlarmLevel:
-        """The alarm level this state raises (see the module docstring)."""
-        return _POLICY_LEVEL[self]
+    @classmethod
+    def parse(cls, text: str) -> PolicyState | None:
+        """The state a wire string names, older names included; None if unknown."""
+        try:
+            return cls(text)
+        except ValueError:
+            return _LEGACY.get(text)
 
+
+_LEGACY = {"warning": PolicyState.DEGRADED, "unassigned": PolicyState.ERROR,
+           "disabled": PolicyState.UNPROTECTED}
 
 _POLICY_LEVEL = {
     PolicyState.OK: AlarmLevel.OK,
-    PolicyState.WARNING: AlarmLevel.WARNING,
+    PolicyState.DEGRADED: AlarmLevel.WARNING,
     PolicyState.ERROR: AlarmLevel.ERROR,
-    PolicyState.UNASSIGNED: AlarmLevel.ERROR,
-    PolicyState.DISABLED: AlarmLevel.OK,
+    PolicyState.UNPROTECTED: AlarmLevel.WARNING,
 }
+
+
+def policy_level(state: str, enabled: bool = True) -> AlarmLevel:
+    """Alarm level and health severity of a policy state (see the module docstring);
+    an unknown state string is an error (never silently fine)."""
+    parsed = PolicyState.parse(state)
+    if parsed is None:
+        return AlarmLevel.ERROR
+    if parsed is PolicyState.UNPROTECTED and not enabled:
+        return AlarmLevel.OK
+    return _POLICY_LEVEL[parsed]
 
 
 class AlarmKind(enum.StrEnum):

@@ -18,10 +18,11 @@ memory is the current level per policy; the coordinator restores it from the
 event log at start-up (`restore`), so a restart neither repeats a raise nor
 forgets to clear one.
 
-Level of a policy (`level_of`): `PolicyState.alarm_level` (cdp_common.states):
-warning/error as is; unassigned is an error (nothing is being replicated, the
-lag will only grow); ok and disabled are ok. The message says why (the status
-reason, or the lag against the threshold).
+Level of a policy (`level_of`): `policy_level` (cdp_common.states): degraded
+is a warning, error an error, unprotected a warning unless the policy is
+disabled (the operator's choice: ok), ok is ok. The message is the status
+reason (which names every cause, the lag against its threshold included),
+or the lag when there is none.
 
 Levels and kinds are the `AlarmLevel` / `AlarmKind` StrEnums, so the event
 log and the wire keep the plain strings.
@@ -32,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from cdp_common.states import AlarmKind, AlarmLevel, PolicyState
+from cdp_common.states import AlarmKind, AlarmLevel, PolicyState, policy_level
 
 LEVELS = tuple(AlarmLevel)
 
@@ -56,19 +57,15 @@ class AlarmEvent:
     id: int = 0    # assigned by the store
 
 
-def level_of(state: PolicyState, rpo_lag_s: float, reason: str, rpo_warning_s: float,
-             rpo_error_s: float) -> tuple[AlarmLevel, str]:
+def level_of(state: PolicyState | str, rpo_lag_s: float, reason: str, rpo_warning_s: float,
+             rpo_error_s: float, enabled: bool = True) -> tuple[AlarmLevel, str]:
     """(alarm level, message) of one policy status."""
-    level = PolicyState(state).alarm_level
-    if state == PolicyState.UNASSIGNED:
-        return level, f"unassigned: {reason}" if reason else "unassigned"
+    level = policy_level(state, enabled)
+    if reason:
+        return level, reason
     if level is AlarmLevel.ERROR:
-        if reason:
-            return level, reason
         return level, f"RPO lag {rpo_lag_s:.1f}s >= error threshold {rpo_error_s:g}s"
     if level is AlarmLevel.WARNING:
-        if reason:  # a cause besides the lag (a skewed clock): say it first
-            return level, f"{reason} (RPO lag {rpo_lag_s:.1f}s)"
         return level, f"RPO lag {rpo_lag_s:.1f}s >= warning threshold {rpo_warning_s:g}s"
     return level, f"RPO lag {rpo_lag_s:.1f}s"
 

@@ -178,6 +178,7 @@ class PolicyStatus:
     progress: SyncProgress = NO_PROGRESS
     gaps: tuple[Gap, ...] = ()
     sync_request_id: int = 0
+    enabled: bool = True
 
 
 @dataclass(frozen=True)

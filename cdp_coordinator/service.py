@@ -325,7 +325,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         status = self.state.status(self.clock(), wall)
         for p in status.policies:
             level, message = level_of(p.state, p.rpo_lag_s, p.reason, p.rpo_warning_s,
-                                      p.rpo_error_s)
+                                      p.rpo_error_s, p.enabled)
             levels.append(Level(p.name, level, p.rpo_lag_s, message))
         for node_id, name in status.unknown:
             levels.append(Level(name, AlarmLevel.ERROR, 0.0, unknown_message(node_id, name)))

@@ -26,6 +26,11 @@ I-c).
 Heartbeats carry each node's complete set of reports: a policy a node no
 longer reports (a proxy whose error cleared) loses its stale entry.
 
+`since` remembers when each policy was added (or moved to another filter or
+target): for one lease after that, status counts a node that does not report
+it yet as "waiting", not as an error (the assignment may not have reached it).
+In memory: after a restart every policy starts a fresh lease of grace.
+
 The names below are re-exported so that `from cdp_coordinator.state import
 NodeInfo, Role, ...` keeps working.
 """
@@ -68,6 +73,11 @@ __all__ = [
 alog = logging.getLogger("coord.assign")
 
 
+def policy_nodes(p: PolicyConfig) -> tuple[frozenset[str], str]:
+    """The filters and the target that must report a policy."""
+    return frozenset(d.filter for d in p.disks), p.target
+
+
 class CoordinatorState:
     """Nodes, policies, assignments and reports of one coordinator."""
 
@@ -86,6 +96,9 @@ class CoordinatorState:
         self.skew_alarm_s = 0.5
         self.rebinds = 0
         """Times a bound proxy or target was lost or replaced (metrics)."""
+        self.since: dict[str, float] = {}
+        """When (now) each policy was added or moved to another filter or target: for one
+        lease after that, a node not reporting it may not have heard of it yet (status)."""
         self._dirty: set[str] = set()
         self._epoch_floor: dict[str, int] = {}
 
@@ -104,6 +117,7 @@ class CoordinatorState:
         """Load persisted state: nodes are down but in grace for one lease."""
         self.leases.restore(nodes, now)
         for p in policies:
+            self._note_since(p, now)
             self.policies[p.name] = p
         for a in assignments:
             self._remember_epoch(a)
@@ -117,6 +131,8 @@ class CoordinatorState:
         for name in set(self.policies) - set(new):
             self._forget(name)
             alog.warning("policy removed", extra={"policy": name})
+        for p in new.values():
+            self._note_since(p, now)
         self.policies = new
         self._recompute(now)
 
@@ -158,6 +174,7 @@ class CoordinatorState:
             # new parameters (RPO, retention, bandwidth...) travel in the
             # assignment: push it even when the endpoints stay the same
             self._dirty.add(policy.name)
+        self._note_since(policy, now)
         self.policies[policy.name] = policy
         self._recompute(now)
 
@@ -222,15 +239,21 @@ class CoordinatorState:
         """Everything the CLI shows; `wall_now` (epoch seconds) defaults to `now`."""
         return status(self.nodes, self.policies, self.assignments, self.reports,
                       self.sync_requests, now, now if wall_now is None else wall_now,
-                      self.clocks.offsets(), self.skew_alarm_s)
+                      self.clocks.offsets(), self.skew_alarm_s, self.since, self.lease_s)
 
     # ------------------------------------------------------------ assignment
 
     def _remember_epoch(self, a: Assignment) -> None:
         self._epoch_floor[a.policy] = max(self._epoch_floor.get(a.policy, 0), a.epoch)
 
+    def _note_since(self, p: PolicyConfig, now: float) -> None:
+        old = self.policies.get(p.name)
+        if old is None or p.name not in self.since or policy_nodes(old) != policy_nodes(p):
+            self.since[p.name] = now
+
     def _forget(self, name: str) -> None:
         """Drop a policy's assignment, keeping its epoch as a floor; push the removal."""
+        self.since.pop(name, None)
         a = self.assignments.pop(name, None)
         if a is not None:
             self._remember_epoch(a)

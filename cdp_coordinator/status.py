@@ -11,30 +11,49 @@ coordinator's clock moved by the filter's estimated offset
 (cdp_coordinator.clocks); never negative. `wall_now` (epoch seconds) is apart
 from the monotonic `now` that ages heartbeats.
 
-A policy's state (`PolicyState`), first that applies:
+A policy's state (`PolicyState`) is computed from facts: the assignment, the
+reports of its nodes, their leases, the lag and the policy's age. Each fact
+that stands in the way of "ok" adds a reason; the state is the most severe
+class that has one, and the reason shown is all of them, most severe first:
 
-    disabled    the operator disabled it (lag shown as 0)
-    unassigned  its assignment is incomplete (reason from placement)
-    error       a node reports an error for it (wrong key, fenced, unreachable
-                peer): replication is failing whatever the lag says
-    error       its filter is up but does not report it (no such disk or policy
-                there): nothing is captured, however small the lag looks
-    error       lag >= rpo_error_s
-    warning     lag >= rpo_warning_s
-    warning     a gap is open (overflow, sync, repair): the points since it
-                began are not restorable until it closes
-    warning     the filter's or the target's clock is off the coordinator's by
-                more than clock_skew_alarm_s (the lag is corrected, but restore
-                point times are that node's clock)
-    ok          otherwise
+    unprotected  disabled by the operator (lag shown as 0; no other reason
+                 counts: nothing is meant to be protected)
+    error        no complete assignment: "unassigned: <placement's reason>"
+    error        a node reports an error for it (wrong key, fenced, frozen
+                 after a failover commit, a failed journal fsync, a full or
+                 quarantined target store, an unreachable peer)
+    error        a filter of it is not registered or down, or is up and does
+                 not report it (no such disk or policy there) once the policy
+                 is older than the grace: nothing is captured, however small
+                 the lag looks
+    error        its target is up and does not report it once the policy is
+                 older than the grace (a target reports every policy assigned
+                 to it, `no_store` until the first stream arrives)
+    error        its target still has no store rpo_error_s after the policy
+                 was added: nothing ever reached the DR site
+    error        lag >= rpo_error_s
+    unprotected  its target has no store yet (no stream has arrived): nothing
+                 is on the DR site, not one restore point
+    unprotected  within the grace (one lease after the policy was added or
+                 moved to another filter or target), a node that does not
+                 report it yet: it may not have heard of it yet
+    degraded     lag >= rpo_warning_s
+    degraded     a gap is open (overflow, sync, repair): the points since it
+                 began are not restorable until it closes
+    degraded     the filter's or the target's clock is off the coordinator's by
+                 more than clock_skew_alarm_s (the lag is corrected, but restore
+                 point times are that node's clock)
+    ok           none of the above
 
-The reason shown is the assignment's reason, else the node errors
-("node: error; ...", by node id).
+`age_s` is how long the coordinator has known the policy (monotonic; infinite
+when not known, i.e. no grace); `grace_s` is one lease.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from cdp_common.clock import describe_offset
 from cdp_common.config import PolicyConfig
@@ -65,10 +84,11 @@ def rpo_lag(captured_seq: int, captured_time_ns: int, durable_seq: int,
 
 
 def rpo_state(lag_s: float, policy: PolicyConfig) -> PolicyState:
+    """The state the lag alone calls for."""
     if lag_s >= policy.rpo_error_s:
         return PolicyState.ERROR
     if lag_s >= policy.rpo_warning_s:
-        return PolicyState.WARNING
+        return PolicyState.DEGRADED
     return PolicyState.OK
 
 
@@ -88,12 +108,19 @@ def skew_reasons(node_ids: tuple[str, ...], offsets: Mapping[str, float],
     return out
 
 
+DISABLED_REASON = "disabled by the operator: nothing is replicated (the filter keeps journaling)"
+
+
 def policy_status(p: PolicyConfig, a: Assignment | None,
                   reports: Mapping[tuple[str, str], Report], sync_request_id: int,
                   wall: float, offsets: Mapping[str, float] | None = None,
-                  skew_alarm_s: float = 0.5, up: frozenset[str] = frozenset()) -> PolicyStatus:
+                  skew_alarm_s: float = 0.5, up: frozenset[str] | None = None,
+                  known: frozenset[str] | None = None, age_s: float = math.inf,
+                  grace_s: float = 0.0) -> PolicyStatus:
     """One policy's row; `reports` by (node id, policy), `offsets` by node id, `up`:
-    the ids of the nodes whose lease is alive."""
+    the ids of the nodes whose lease is alive, `known`: of every registered node
+    (None: leases are not judged, every node counts as registered and up),
+    `age_s`/`grace_s`: see the module docstring."""
     offsets = offsets or {}
     a = a or Assignment(policy=p.name)
     fid = policy_filter(p)
@@ -101,26 +128,12 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
     t = reports.get((p.target, p.name), Report(policy=p.name))
     lag = rpo_lag(f.captured_seq, f.captured_time_ns, t.durable_seq, t.newest_time_ns,
                   wall + offsets.get(fid, 0.0))
-    skews = skew_reasons((fid, p.target), offsets, skew_alarm_s)
-    gap = open_gap(f, t)
-    errors = [f"{nid}: {r.error}" for (nid, pol), r in sorted(reports.items())
-              if pol == p.name and r.error]
-    if fid and (fid, p.name) not in reports and fid in up:
-        errors.append(f"{fid}: does not report policy {p.name} (a disk of it is not "
-                      f"attached there, or the filter's config lacks it): nothing is captured")
-    reason = a.reason or "; ".join(errors)
     if not p.enabled:
-        state, lag = PolicyState.DISABLED, 0.0
-    elif a.reason:
-        state = PolicyState.UNASSIGNED
-    elif errors:
-        state = PolicyState.ERROR
+        state, lag, reason = PolicyState.UNPROTECTED, 0.0, DISABLED_REASON
     else:
-        state = rpo_state(lag, p)
-        notes = ([gap] if gap else []) + skews
-        if notes and state == PolicyState.OK:
-            state = PolicyState.WARNING
-        reason = "; ".join([reason] * bool(reason) + notes)
+        facts = _Facts(p, a, reports, up, known, age_s, grace_s)
+        facts.judge(f, t, lag, skew_reasons((fid, p.target), offsets, skew_alarm_s))
+        state, reason = facts.state(), facts.reason()
     return PolicyStatus(
         name=p.name, source_proxy=a.source_proxy.node_id,
         target_proxy=a.target_proxy.node_id, target=p.target, filter=fid, epoch=a.epoch,
@@ -129,21 +142,111 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
         state=state, reason=reason,
         rpo_interval_s=p.rpo_interval_s, rpo_warning_s=p.rpo_warning_s,
         rpo_error_s=p.rpo_error_s, progress=f.progress, gaps=t.gaps,
-        sync_request_id=sync_request_id)
+        sync_request_id=sync_request_id, enabled=p.enabled)
+
+
+@dataclass
+class _Facts:
+    """The reasons of one enabled policy, by the state they call for."""
+
+    p: PolicyConfig
+    a: Assignment
+    reports: Mapping[tuple[str, str], Report]
+    up: frozenset[str] | None
+    known: frozenset[str] | None
+    age_s: float
+    grace_s: float
+    errors: list[str] = field(default_factory=list)
+    unprotected: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
+
+    def judge(self, f: Report, t: Report, lag: float, skews: list[str]) -> None:
+        p, a = self.p, self.a
+        unassigned = f"unassigned: {a.reason}" if a.reason else ""
+        if unassigned:
+            self.errors.append(f"{unassigned} (nothing is replicated)")
+        # a filter repeats the assignment's reason as its error: say it once
+        self.errors += [f"{nid}: {r.error}" for (nid, pol), r in sorted(self.reports.items())
+                        if pol == p.name and r.error and r.error != unassigned]
+        for fid in dict.fromkeys(d.filter for d in p.disks):
+            self._filter(fid)
+        self._target(t)
+        if lag >= p.rpo_error_s:
+            self.errors.append(f"RPO lag {lag:.1f}s >= error threshold {p.rpo_error_s:g}s")
+        elif lag >= p.rpo_warning_s:
+            self.degraded.append(f"RPO lag {lag:.1f}s >= warning threshold "
+                                 f"{p.rpo_warning_s:g}s")
+        gap = open_gap(f, t)
+        self.degraded += ([gap] if gap else []) + skews
+
+    def _filter(self, fid: str) -> None:
+        name = self.p.name
+        if self.known is not None and fid not in self.known:
+            self.errors.append(f"filter {fid} is not registered: nothing of policy {name} "
+                               "is captured")
+        elif self.up is not None and fid not in self.up:
+            self.errors.append(f"filter {fid} is down: what it captures of policy {name} "
+                               "is not seen")
+        elif (fid, name) in self.reports:
+            return
+        elif self.age_s < self.grace_s:
+            self.unprotected.append(f"waiting for {fid} to report policy {name} "
+                                    f"(assigned {self.age_s:.1f}s ago)")
+        else:
+            self.errors.append(f"{fid}: does not report policy {name} (a disk of it is not "
+                               "attached there, or the filter's config lacks it): nothing "
+                               "is captured")
+
+    def _target(self, t: Report) -> None:
+        name, tid = self.p.name, self.p.target
+        if self.up is not None and tid not in self.up:
+            return   # not registered, not a target or down: the assignment's reason says it
+        if (tid, name) not in self.reports:
+            if self.age_s < self.grace_s:
+                self.unprotected.append(f"waiting for {tid} to report policy {name} "
+                                        f"(assigned {self.age_s:.1f}s ago)")
+            else:
+                self.errors.append(f"{tid}: does not report policy {name} (assigned to it, "
+                                   "yet it says nothing of it): nothing is known to be "
+                                   "durable there")
+        elif t.no_store:
+            if self.age_s >= self.p.rpo_error_s:
+                since = "" if math.isinf(self.age_s) else f" {self.age_s:.0f}s after it was added"
+                self.errors.append(f"{tid} has nothing of policy {name}{since} (no stream has "
+                                   "arrived): nothing is protected")
+            else:
+                self.unprotected.append(f"nothing of policy {name} is on {tid} yet (no stream "
+                                        "has arrived): no restore point")
+
+    def state(self) -> PolicyState:
+        if self.errors:
+            return PolicyState.ERROR
+        if self.unprotected:
+            return PolicyState.UNPROTECTED
+        if self.degraded:
+            return PolicyState.DEGRADED
+        return PolicyState.OK
+
+    def reason(self) -> str:
+        return "; ".join(self.errors + self.unprotected + self.degraded)
 
 
 def status(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
            assignments: Mapping[str, Assignment], reports: Mapping[tuple[str, str], Report],
            sync_requests: Mapping[str, int], now: float, wall: float,
-           offsets: Mapping[str, float] | None = None, skew_alarm_s: float = 0.5) -> Status:
-    """Everything the CLI shows, nodes and policies by id/name."""
-    offsets = offsets or {}
+           offsets: Mapping[str, float] | None = None, skew_alarm_s: float = 0.5,
+           since: Mapping[str, float] | None = None, grace_s: float = 0.0) -> Status:
+    """Everything the CLI shows, nodes and policies by id/name; `since`: when (the
+    monotonic `now`) each policy was added or moved to another filter or target."""
+    offsets, since = offsets or {}, since or {}
     rows = [node_status(n, now, offsets.get(nid)) for nid, n in sorted(nodes.items())]
     up = frozenset(r.info.id for r in rows if r.state == NodeState.UP)
     return Status(
         nodes=rows,
         policies=[policy_status(p, assignments.get(name), reports,
-                                sync_requests.get(name, 0), wall, offsets, skew_alarm_s, up)
+                                sync_requests.get(name, 0), wall, offsets, skew_alarm_s, up,
+                                frozenset(nodes),
+                                now - since[name] if name in since else math.inf, grace_s)
                   for name, p in sorted(policies.items())],
         unknown=unknown_policies(nodes, policies, reports))
 

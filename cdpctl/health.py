@@ -71,10 +71,14 @@ def register(sub: Subparsers, ctx: Context) -> None:
         "health", formatter_class=ctx.formatter, help="is everything up and within its RPO?",
         description=textwrap.dedent("""\
             Ask the coordinator for the state of every node and policy and judge it:
-            ok when every node is up and every policy is ok, warning when a
-            policy's RPO lag is above its warning threshold, error when a node is
-            down or a policy is in error or has no proxy assigned. The exit code
-            says which, so this fits a monitoring check."""),
+            ok when every node is up and every policy is ok (or disabled);
+            warning when a policy is degraded (an open gap, RPO lag over its
+            warning threshold) or enabled but unprotected (nothing on its target
+            yet), or a node's clock is skewed; error when a node is down, a
+            policy is in error (no proxy, a node not reporting it, a failed
+            fsync, a frozen policy, lag over its error threshold...) or a filter
+            protects a policy the coordinator does not know. The exit code says
+            which, so this fits a monitoring check; every problem has its reason."""),
         epilog=ctx.epilog("""\
             cdpctl health
             cdpctl health --coordinator 192.0.2.1:7000 --ca ca.pem --cert ops.pem --key ops.key

@@ -326,9 +326,10 @@ def register(sub: Subparsers, ctx: Context) -> None:
     p = sub.add_parser(
         "alarms", formatter_class=fmt, help="RPO alarm events (raised, lowered, cleared)",
         description=textwrap.dedent("""\
-            The coordinator's RPO alarm log: an event each time a policy's RPO
-            lag crosses its warning or error threshold (or it loses its proxies)
-            and when it recovers, oldest first, plus the alarms active now.
+            The coordinator's alarm log: an event each time a policy's state
+            raises or lowers its level (degraded or unprotected: warning; error:
+            error; see `cdpctl health`) and when it recovers, oldest first, plus
+            the alarms active now.
             Exits 1 while an alarm is active, 0 otherwise."""),
         epilog=epilog("""\
             cdpctl alarms

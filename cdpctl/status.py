@@ -5,12 +5,20 @@ turns `Coordinator.GetStatus` into plain dicts (`status_dict`), which is also
 the `--json` output. `evaluate` is a pure function from that dict to an
 overall verdict, a list of problems and the exit code:
 
-    0 ok       every node up, every policy "ok" with no error reported
-    1 warning  some policy in "warning" (RPO lag above its warning threshold),
-               or "ok" while a node reports an error on it (its `reason`)
-    2 error    a node down, a policy in "error" or "unassigned"
-               (a "disabled" policy is the operator's choice, not a problem)
+    0 ok       every node up, every policy "ok" (or "unprotected" because the
+               operator disabled it: not a problem, `status` shows it)
+    1 warning  some policy "degraded" (an open gap, RPO lag over its warning
+               threshold, a skewed clock) or "unprotected" while enabled (nothing
+               of it has reached the target yet), a node's clock skewed, or an
+               "ok" policy from an older coordinator with an error reported
+    2 error    a node down, a policy in "error" (or in a state this cdpctl does
+               not know), a policy only a filter knows
     3          the coordinator cannot be reached (raised by fetch_status)
+
+The severity of a policy state is `cdp_common.states.policy_level`, the same
+function that sets the coordinator's alarm level. An older coordinator's
+"warning", "unassigned" and "disabled" are read as degraded, error and
+unprotected (`status_dict` shows the new names).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any
 
 from cdp_common.clock import describe_offset
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
-from cdp_common.states import NodeState, PolicyState
+from cdp_common.states import AlarmLevel, NodeState, PolicyState, policy_level
 from cdpctl import coordcall, table
 from cdpctl.resolve import Coordinator
 from cdpctl.units import format_bytes, format_seconds
@@ -49,7 +57,7 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
         "clock_offset_s": round(n.clock_offset_s, 3) if n.clock_offset_known else None,
     } for n in reply.nodes]
     policies = [{
-        "name": p.name, "state": p.state or "unknown", "reason": p.reason,
+        "name": p.name, "state": policy_state_name(p.state), "reason": p.reason,
         "filter": p.filter, "source_proxy": p.source_proxy, "target_proxy": p.target_proxy,
         "target": p.target, "epoch": p.epoch,
         "captured_seq": p.captured_seq, "durable_seq": p.durable_seq,
@@ -72,6 +80,12 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
             "nodes": nodes, "policies": policies,
             "unknown_policies": [{"node": u.node_id, "policy": u.policy}
                                  for u in reply.unknown_policies]}
+
+
+def policy_state_name(wire: str) -> str:
+    """The state as this cdpctl names it (older coordinators' names mapped)."""
+    state = PolicyState.parse(wire)
+    return str(state) if state is not None else (wire or "unknown")
 
 
 def fetch_status(coord: Coordinator, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -112,21 +126,20 @@ def evaluate(status: dict[str, Any]) -> Verdict:
                                     "coordinator does not know: replicated nowhere"})
     for p in status.get("policies", []):
         state = p.get("state", "unknown")
-        if state == PolicyState.DISABLED:
-            continue  # the operator's choice; `cdpctl status` shows it
-        if state == PolicyState.OK:
-            if p.get("reason"):
-                # Within its RPO, but a node reports an error on it (wrong key,
-                # unreachable peer, ...): the lag will grow, say so now.
-                problems.append({"severity": "warning", "kind": "policy", "id": p["name"],
-                                 "message": f"policy {p['name']} reports errors: {p['reason']}"})
-            continue
-        severity = "warning" if state == PolicyState.WARNING else "error"
+        level = policy_level(state, bool(p.get("enabled", True)))
         reason = p.get("reason") or ""
-        if state in (PolicyState.WARNING, PolicyState.ERROR) and not reason:
+        if level is AlarmLevel.OK:
+            if state == PolicyState.OK and reason:
+                # An older coordinator's "ok" while a node reports an error on it
+                # (wrong key, unreachable peer, ...): the lag will grow, say so now.
+                problems.append({"severity": "warning", "kind": "policy", "id": p["name"],
+                                 "message": f"policy {p['name']} reports errors: {reason}"})
+            continue   # ok, or disabled: the operator's choice; `cdpctl status` shows it
+        if not reason and PolicyState.parse(state) in (PolicyState.DEGRADED,
+                                                       PolicyState.ERROR):
             reason = f"RPO lag {format_seconds(float(p.get('rpo_lag_s', 0)))}"
         message = f"policy {p['name']} is {state}" + (f": {reason}" if reason else "")
-        problems.append({"severity": severity, "kind": "policy", "id": p["name"],
+        problems.append({"severity": str(level), "kind": "policy", "id": p["name"],
                          "message": message})
     if any(x["severity"] == "error" for x in problems):
         return Verdict("error", EXIT_ERROR, problems)

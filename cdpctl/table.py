@@ -1,11 +1,12 @@
 """Aligned tables for human output (scripts use --json).
 
 On a terminal the header is bold and state words are coloured (ok/up/alive
-green, warning yellow, error/down/dead red); piped or redirected output, a
-TERM of "dumb" or a set NO_COLOR (https://no-color.org convention) gives
-plain text, byte for byte what scripts and tests have always seen. Padding is
-computed on the plain text, so colours never break the alignment. No
-third-party dependency: a table of a few columns does not need one.
+green, warning/degraded/unprotected yellow, error/down/dead red); piped or
+redirected output, a TERM of "dumb" or a set NO_COLOR (https://no-color.org
+convention) gives plain text, byte for byte what scripts and tests have
+always seen. Padding is computed on the plain text, so colours never break
+the alignment. No third-party dependency: a table of a few columns does not
+need one.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import TextIO
 BOLD, RESET = "\x1b[1m", "\x1b[0m"
 GREEN, YELLOW, RED = "\x1b[32m", "\x1b[33m", "\x1b[31m"
 STATE_COLORS = {"ok": GREEN, "up": GREEN, "alive": GREEN, "serving": GREEN,
-                "warning": YELLOW, "degraded": YELLOW,
-                "error": RED, "down": RED, "dead": RED, "unassigned": RED}
+                "warning": YELLOW, "degraded": YELLOW, "unprotected": YELLOW,
+                "error": RED, "down": RED, "dead": RED}
 
 
 def use_color(stream: TextIO | None = None, env: Mapping[str, str] | None = None) -> bool:

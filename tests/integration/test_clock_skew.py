@@ -46,7 +46,7 @@ def test_a_skewed_filter_clock_is_alarmed_and_corrected(lab: Any, tmp_path: Path
             if n["id"] != "filter-1" and n["role"] != "coordinator":
                 assert n["clock_offset_s"] is not None and abs(n["clock_offset_s"]) < 0.5, n
         p = st["policies"][0]
-        assert p["state"] == "warning", p
+        assert p["state"] == "degraded", p
         assert "clock of filter-1 is 30.0" in p["reason"] and "ahead of" in p["reason"], p
         return st
     assert_eventually(offset_seen, 30, 0.5, "the filter's clock offset was not reported")

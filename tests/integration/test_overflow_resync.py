@@ -66,6 +66,14 @@ def test_target_down_past_journal_cap_resyncs_with_a_gap(lab: Any, tmp_path: Pat
         work.write_bytes(4 * CAP)  # never fails, never blocks for long
         log = handle.log("filter-1")
         assert "tracking dirty blocks" in log, "the filter did not switch to dirty tracking"
+
+        def gap_shown() -> None:   # the open gap is a reason, whatever else is wrong
+            p = handle.status()["policies"][0]
+            assert p["state"] in ("degraded", "error"), p
+            assert "overflow gap open: restore points since " in p["reason"], p
+            assert "are not restorable until it closes" in p["reason"], p
+        assert_eventually(gap_shown, 30, 0.5, "status did not show the open gap")
+        assert handle.cli("health").returncode != 0
     finally:
         os.kill(target_pid, signal.SIGCONT)
     work.write_bytes(2 * MiB)  # writes during/after the resync are journaled and win
@@ -81,6 +89,11 @@ def test_target_down_past_journal_cap_resyncs_with_a_gap(lab: Any, tmp_path: Pat
     gap = target_state(handle).gaps[0]
     assert gap.begin_time_ns and gap.end_time_ns >= gap.begin_time_ns
     assert "resync done" in handle.log("filter-1")
+
+    def ok_again() -> None:
+        p = handle.status()["policies"][0]
+        assert (p["state"], p["reason"]) == ("ok", ""), p
+    assert_eventually(ok_again, 30, 0.5, "the policy did not return to ok")
     restores_refuse_the_gap(handle, work, gap)
 
 

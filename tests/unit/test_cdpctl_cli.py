@@ -156,13 +156,15 @@ def healthy_reply(policy_state: str = "ok", node_state: str = "up") -> cpb.Statu
     return cpb.StatusReply(
         nodes=[cpb.NodeStatus(info=cpb.NodeInfo(id="filter-1", role=cpb.ROLE_FILTER),
                               state=node_state)],
-        policies=[cpb.PolicyStatus(name="lab", state=policy_state, durable_seq=5,
+        policies=[cpb.PolicyStatus(name="lab", state=policy_state, durable_seq=5, enabled=True,
                                    source_proxy="source-proxy-1", target_proxy="target-proxy-1")])
 
 
 @pytest.mark.parametrize(("policy_state", "node_state", "verdict", "exit_code"), [
-    ("ok", "up", "ok", 0), ("warning", "up", "warning", 1), ("error", "up", "error", 2),
-    ("unassigned", "up", "error", 2), ("ok", "down", "error", 2),
+    ("ok", "up", "ok", 0), ("degraded", "up", "warning", 1), ("error", "up", "error", 2),
+    ("unprotected", "up", "warning", 1), ("ok", "down", "error", 2),
+    # an older coordinator's names
+    ("warning", "up", "warning", 1), ("unassigned", "up", "error", 2),
 ])
 def test_health_exit_codes(capsys: pytest.CaptureFixture[str],
                            coordinator: tuple[str, CannedCoordinator], policy_state: str,

@@ -24,7 +24,7 @@ def reply() -> cpb.StatusReply:
                                  target_proxy="target-proxy-1", target="target-1",
                                  filter="filter-1", epoch=3, captured_seq=120, durable_seq=100,
                                  applied_seq=90, rpo_lag_s=1.25, bytes_replicated=5 << 20,
-                                 journal_bytes=4096, state="ok", rpo_interval_s=2,
+                                 journal_bytes=4096, state="ok", rpo_interval_s=2, enabled=True,
                                  rpo_warning_s=15, rpo_error_s=60)]
     return cpb.StatusReply(nodes=nodes, policies=policies, now_ns=123)
 
@@ -55,12 +55,45 @@ def test_nothing_registered_is_ok() -> None:
     assert status.evaluate({"nodes": [], "policies": []}).exit_code == 0
 
 
-def test_warning_policy(doc: dict[str, Any]) -> None:
-    doc["policies"][0].update(state="warning", rpo_lag_s=20.0)
+def test_degraded_policy(doc: dict[str, Any]) -> None:
+    doc["policies"][0].update(state="degraded", rpo_lag_s=20.0)
     v = status.evaluate(doc)
     assert (v.status, v.exit_code) == ("warning", 1)
     assert v.problems[0]["severity"] == "warning"
-    assert "RPO lag 20.0s" in v.problems[0]["message"]
+    assert v.problems[0]["message"] == "policy lab is degraded: RPO lag 20.0s"
+    doc["policies"][0]["reason"] = "overflow gap open: restore points since T are not restorable"
+    assert status.evaluate(doc).problems[0]["message"] == (
+        "policy lab is degraded: overflow gap open: restore points since T are not restorable")
+
+
+def test_unprotected_is_a_warning_unless_disabled(doc: dict[str, Any]) -> None:
+    """Enabled but nothing on the target yet: never exit 0. Disabled: the operator's
+    choice, exit 0 (status still shows it with its reason)."""
+    doc["policies"][0].update(state="unprotected", reason="nothing of policy lab is on "
+                              "target-1 yet (no stream has arrived): no restore point")
+    v = status.evaluate(doc)
+    assert (v.status, v.exit_code) == ("warning", 1)
+    assert v.problems[0]["message"].startswith("policy lab is unprotected: nothing of")
+    doc["policies"][0].update(enabled=False, reason="disabled by the operator")
+    assert status.evaluate(doc) == status.Verdict("ok", 0, [])
+    assert "policy lab: disabled by the operator" in status.render_status(doc)
+
+
+def test_an_older_coordinators_state_names_are_mapped() -> None:
+    r = reply()
+    r.policies[0].state = "warning"
+    assert status.status_dict(r)["policies"][0]["state"] == "degraded"
+    r.policies[0].state = "unassigned"
+    assert status.status_dict(r)["policies"][0]["state"] == "error"
+    r.policies[0].state = "disabled"
+    r.policies[0].enabled = False
+    doc = status.status_dict(r)
+    assert doc["policies"][0]["state"] == "unprotected"
+    assert status.evaluate(doc).exit_code == 0
+    r.policies[0].state = "from-the-future"
+    doc = status.status_dict(r)
+    assert doc["policies"][0]["state"] == "from-the-future"
+    assert status.evaluate(doc).exit_code == 2     # unknown: never silently fine
 
 
 @pytest.mark.parametrize("state", ["error", "unassigned", ""])
@@ -82,7 +115,7 @@ def test_ok_policy_with_reported_error_is_a_warning(doc: dict[str, Any]) -> None
 
 
 def test_node_down_is_error_and_beats_warning(doc: dict[str, Any]) -> None:
-    doc["policies"][0]["state"] = "warning"
+    doc["policies"][0]["state"] = "degraded"
     doc["nodes"][2].update(state="down", last_seen_age_s=7.5)
     v = status.evaluate(doc)
     assert (v.status, v.exit_code) == ("error", 2)

@@ -77,12 +77,15 @@ def test_toml_rejects_what_it_cannot_write() -> None:
 def test_table_on_a_terminal_is_coloured_but_aligns_like_plain() -> None:
     import re
 
-    rows = [("lab", 7, "ok"), ("db", 12345, "error"), ("x", 1, "warning")]
+    rows = [("lab", 7, "ok"), ("db", 12345, "error"), ("x", 1, "degraded"),
+            ("y", 0, "unprotected")]
     plain = table.render(("NAME", "SEQ", "STATE"), rows, right=("SEQ",), color=False)
     tty = table.render(("NAME", "SEQ", "STATE"), rows, right=("SEQ",), color=True)
     assert table.BOLD + "NAME" in tty
     assert table.GREEN + "ok" + table.RESET in tty
     assert table.RED + "error" + table.RESET in tty
+    assert table.YELLOW + "degraded" + table.RESET in tty
+    assert table.YELLOW + "unprotected" + table.RESET in tty
     assert re.sub(r"\x1b\[[0-9;]*m", "", tty) == plain
 
 

@@ -66,13 +66,13 @@ def test_lag_is_corrected_and_skew_warns() -> None:
     for off in (30.0, -30.0):
         lag, state, reason = _status({"filter-1": off, "target-1": 0.01})
         assert abs(lag - 3.0) < 1e-3, (off, lag)       # the same lag, whatever the clock
-        assert state == PolicyState.WARNING
+        assert state == PolicyState.DEGRADED
         assert reason == (f"clock of filter-1 is 30.00s {'ahead of' if off > 0 else 'behind'}"
                           f" the coordinator's (alarm above 0.5s)")
     lag, state, reason = _status({"filter-1": 0.2})
     assert state == PolicyState.OK and not reason
     _, state, reason = _status({"target-1": -2.0})
-    assert state == PolicyState.WARNING and "clock of target-1 is 2.00s behind" in reason
+    assert state == PolicyState.DEGRADED and "clock of target-1 is 2.00s behind" in reason
 
 
 def test_a_registering_node_starts_a_fresh_estimate() -> None:

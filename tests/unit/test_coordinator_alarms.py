@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cdp_common.states import AlarmLevel, PolicyState, policy_level
 from cdp_coordinator.alarms import AlarmTracker, Level, level_of
 from cdp_coordinator.store import SqliteStore
 
@@ -46,13 +47,33 @@ def test_deleted_policy_is_cleared_and_restore_avoids_repeats() -> None:
 
 def test_level_of_states() -> None:
     assert level_of("ok", 1, "", 15, 60)[0] == "ok"
-    assert level_of("disabled", 0, "disabled", 15, 60)[0] == "ok"
-    assert level_of("warning", 20, "", 15, 60) == (
+    assert level_of("degraded", 20, "", 15, 60) == (
         "warning", "RPO lag 20.0s >= warning threshold 15s")
+    assert level_of("degraded", 1, "overflow gap open: ...", 15, 60) == (
+        "warning", "overflow gap open: ...")
     assert level_of("error", 70, "", 15, 60)[1] == "RPO lag 70.0s >= error threshold 60s"
     assert level_of("error", 1, "target-1: fenced", 15, 60) == ("error", "target-1: fenced")
-    assert level_of("unassigned", 0, "no healthy source proxy", 15, 60) == (
+    assert level_of("error", 0, "unassigned: no healthy source proxy", 15, 60) == (
         "error", "unassigned: no healthy source proxy")
+    # unprotected: the operator's choice when disabled, else nothing is protected yet
+    assert level_of("unprotected", 0, "disabled by the operator", 15, 60, enabled=False) == (
+        "ok", "disabled by the operator")
+    assert level_of("unprotected", 0, "nothing of policy p is on target-1 yet", 15, 60) == (
+        "warning", "nothing of policy p is on target-1 yet")
+    # a state this coordinator does not know is never fine
+    assert level_of("bogus", 0, "", 15, 60)[0] == "error"
+
+
+def test_older_state_names_keep_their_severity() -> None:
+    assert PolicyState.parse("warning") is PolicyState.DEGRADED
+    assert PolicyState.parse("unassigned") is PolicyState.ERROR
+    assert PolicyState.parse("disabled") is PolicyState.UNPROTECTED
+    assert PolicyState.parse("degraded") is PolicyState.DEGRADED
+    assert PolicyState.parse("nonsense") is None
+    assert policy_level("warning") is AlarmLevel.WARNING
+    assert policy_level("unassigned") is AlarmLevel.ERROR
+    assert policy_level("disabled", enabled=False) is AlarmLevel.OK
+    assert [s.value for s in PolicyState] == ["ok", "degraded", "error", "unprotected"]
 
 
 def test_store_event_log(tmp_path: Path) -> None:

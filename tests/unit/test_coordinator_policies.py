@@ -134,7 +134,8 @@ async def test_policy_crud_over_grpc_and_seed_if_absent(transport: str) -> None:
         assert svc.state.assignments["db"].reason == "disabled"
         status = await stub.GetStatus(cpb.StatusRequest())
         st = {p.name: p for p in status.policies}["db"]
-        assert st.state == "disabled" and not st.enabled and st.bandwidth_limit_mbps == 50
+        assert st.state == "unprotected" and not st.enabled and st.bandwidth_limit_mbps == 50
+        assert st.reason.startswith("disabled by the operator")
         await stub.SetPolicyEnabled(cpb.SetPolicyEnabledRequest(name="db", enabled=True))
         assert svc.state.assignments["db"].reason == ""
         # delete the seeded policy: a restart with the same config does not bring it back

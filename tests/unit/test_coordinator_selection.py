@@ -103,7 +103,8 @@ def test_disabled_policy_gets_no_proxies_and_filter_keeps_it() -> None:
     assert [x.policy for x in s.assignments_for("filter-1")] == ["p1"]
     assert s.load("sp-1") == 0 and s.rebinds == rebinds
     st = s.status(1).policies[0]
-    assert st.state == "disabled" and st.rpo_lag_s == 0.0
+    assert st.state == "unprotected" and st.rpo_lag_s == 0.0 and not st.enabled
+    assert st.reason.startswith("disabled by the operator")
     s.set_policy(policy("p1"), 2)
     assert src(s) == "sp-1" and s.assignments["p1"].reason == ""
     assert s.assignments["p1"].epoch == e1 + 2

@@ -157,7 +157,7 @@ async def test_round_trip_and_rebind(tmp_path: Path) -> None:
                 shown = (await stub.GetStatus(cpb.StatusRequest(), timeout=5)).policies[0].state
                 state = {s: REGISTRY.get_sample_value("cdp_coordinator_policy_state",
                                                       {"policy": "p1", "state": s})
-                         for s in ("ok", "warning", "error", "unassigned", "disabled")}
+                         for s in ("ok", "degraded", "error", "unprotected")}
                 assert state[shown] == 1.0 and sum(v or 0 for v in state.values()) == 1.0, state
                 # every node's heartbeats carry its clock: same host, offset ~0
                 for n in st.nodes:

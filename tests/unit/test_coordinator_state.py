@@ -79,11 +79,17 @@ def test_role_and_site_must_fit() -> None:
     assert a.source_proxy.node_id == "" and a.target_proxy.node_id == ""
     assert a.reason == ("no healthy source proxy on site east; "
                         "no healthy target proxy on site west")
+    assert s.status(0).policies[0].state == "error"
     s.register(node("both-east", Role.PROXY_BOTH, "east"), 1)
     s.register(node("both-west", Role.PROXY_BOTH, "west"), 1)
     a = s.assignments["p1"]
     assert (a.source_proxy.node_id, a.target_proxy.node_id) == ("both-east", "both-west")
     assert a.reason == ""
+    p = s.status(1).policies[0]
+    assert p.state == "error" and p.reason.startswith("filter filter-1 is not registered")
+    s.register(node("filter-1", Role.FILTER, "east"), 1)
+    s.heartbeat("filter-1", [Report("p1")], 1)
+    s.heartbeat("target-1", [Report("p1")], 1)
     assert s.status(1).policies[0].state == "ok"
 
 
@@ -113,7 +119,9 @@ def test_capacity_is_respected() -> None:
     s.set_policies(ps, 0)
     assert [s.assignments[p.name].source_proxy.node_id for p in ps] == ["sp-1", "sp-2", ""]
     assert s.assignments["p2"].reason == "no healthy source proxy on site default"
-    assert s.status(0).policies[2].state == "unassigned"
+    p = s.status(0).policies[2]
+    assert p.state == "error" and p.reason.startswith(
+        "unassigned: no healthy source proxy on site default (nothing is replicated)")
     s.register(node("sp-3", Role.SOURCE_PROXY, capacity=0), 1)
     assert s.assignments["p2"].source_proxy.node_id == "sp-3"
     assert s.assignments["p2"].reason == ""
@@ -165,7 +173,8 @@ def test_no_proxy_then_proxy_appears() -> None:
     s.tick(0)
     a = s.assignments["p1"]
     assert a.reason == "no healthy source proxy on site default"
-    assert s.status(0).policies[0].state == "unassigned"
+    p = s.status(0).policies[0]
+    assert p.state == "error" and p.reason.startswith("unassigned: no healthy source proxy")
     s.register(node("sp-1", Role.SOURCE_PROXY), 1)
     assert s.tick(1) == ["p1"]
     b = s.assignments["p1"]
@@ -296,8 +305,12 @@ def test_rpo_states_from_reports() -> None:
         ("sp-1", "tp-1", "filter-1", "target-1")
     s.heartbeat("filter-1", [Report("p1", captured_seq=150, captured_time_ns=1010 * 10**9)], 0)
     assert state_at(1003) == ("ok", 3.0)
-    assert state_at(1006) == ("warning", 6.0)
+    assert state_at(1006) == ("degraded", 6.0)
+    assert s.status(0, wall_now=1006).policies[0].reason == \
+        "RPO lag 6.0s >= warning threshold 5s"
     assert state_at(1021) == ("error", 21.0)
+    assert s.status(0, wall_now=1021).policies[0].reason == \
+        "RPO lag 21.0s >= error threshold 20s"
     s.heartbeat("sp-1", [Report("p1", error="target proxy unreachable")], 0)
     assert s.status(0, wall_now=1003).policies[0].reason == "sp-1: target proxy unreachable"
 
