@@ -395,8 +395,8 @@ class Failover:
         if self.state == "active":
             return f"policy {name} is failed over (point {self.doc['point_id']})"  # type: ignore[index]
         if self.state in ("committing", "committed"):
-            return (f"policy {name}: failover committed, production moved to DR; "
-                    f"replication is stopped")
+            return (f"policy {name} is frozen: failover committed, production moved to "
+                    f"DR; replication is stopped")
         return ""
 
     def recover(self) -> None:

@@ -287,6 +287,7 @@ def test_failover_undo_and_commit(tmp_path: Path) -> None:
         f.write(b"PRODUCTION MOVED")
     fo.commit()
     assert fo.state == "committed" and store.frozen
+    assert fo.refusal().startswith("policy pol is frozen: failover committed")
     assert (store.dir / "replicas" / "vda.img").read_bytes()[:16] == b"PRODUCTION MOVED"
     assert len(store.undo.catalog.points) == 1
     # deltas are no longer applied; the state survives a restart
@@ -296,6 +297,7 @@ def test_failover_undo_and_commit(tmp_path: Path) -> None:
     fo2 = Failover(run.store)
     fo2.recover()
     assert fo2.state == "committed" and run.store.frozen
+    assert "is frozen" in fo2.refusal()
     with pytest.raises(FailoverStateError):
         fo2.undo()
 
