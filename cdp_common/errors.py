@@ -136,8 +136,8 @@ class RemoteProtocolError(RemoteError, ProtocolError, exit_code=6):
 
 EXIT_CODES: tuple[tuple[int, str, str], ...] = (
     (EXIT_OK, "ok", "clean exit, config valid, everything healthy"),
-    (EXIT_WARNING, "warning", "RPO lag above a policy's warning threshold, an active "
-                              "alarm (cdpctl)"),
+    (EXIT_WARNING, "warning", "a policy degraded or unprotected while enabled, a skewed "
+                              "clock, an active alarm (cdpctl)"),
     (CdpError.exit_code, "error", "invalid config, a failed command, a fatal error; "
                                   "a node down or a policy in error (cdpctl)"),
     (CoordinatorUnreachable.exit_code, "coordinator unreachable", "the coordinator "
