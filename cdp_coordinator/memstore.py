@@ -38,7 +38,6 @@ class MemoryBacking:
     """Name -> policy JSON."""
     assignments: dict[str, tuple[int, str]] = field(default_factory=dict)
     """Policy -> (largest epoch saved, assignment JSON of the latest save)."""
-    seeded: set[str] = field(default_factory=set)
     alarms: list[AlarmEvent] = field(default_factory=list)
     """Oldest first, with their ids."""
     last_alarm_id: int = 0
@@ -73,21 +72,8 @@ class MemoryStore:
             stored = rows.get(a.policy, (a.epoch, ""))[0]
             rows[a.policy] = (max(stored, a.epoch), assignment_to_json(a))
 
-    def seed_policies(self, policies: list[PolicyConfig]) -> list[PolicyConfig]:
-        b = self.backing
-        added = []
-        for p in policies:
-            if p.name in b.seeded:
-                continue
-            b.seeded.add(p.name)
-            if p.name not in b.policies:
-                b.policies[p.name] = policy_to_json(p)
-                added.append(p)
-        return added
-
     def save_policy(self, policy: PolicyConfig) -> None:
         self.backing.policies[policy.name] = policy_to_json(policy)
-        self.backing.seeded.add(policy.name)
 
     def delete_policy(self, name: str) -> None:
         self.backing.policies.pop(name, None)

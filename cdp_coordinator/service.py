@@ -11,10 +11,14 @@ watcher is bounded.
 Time: leases use `clock` (monotonic seconds); RPO lag uses `wall` (epoch
 seconds), because capture times come from the nodes' wall clocks.
 
-Policies: the store is authoritative; the config file's policies seed it
-(see store.py). The policy RPCs validate with the same code as the config
-loader (`cdp_common.config.build_policy`) and refuse bad input with
-INVALID_ARGUMENT naming the field, changing nothing.
+Policies: the store is authoritative, except that the config file's policies
+are applied to it at every start (cdp_coordinator.reconcile; a CLI change to
+one of them is answered with a warning saying so). The policy RPCs validate
+with the same code as the config loader (`cdp_common.config.build_policy`)
+plus the disk rules (cdp_coordinator.diskrules: one disk, one policy; no
+shrinking) and refuse bad input with INVALID_ARGUMENT naming the field,
+changing nothing. A delete with `purge` hands the deleted policy's nodes a
+purge order for PURGE_KEEP_S (in memory) in their assignment sets.
 
 Unreachable reports: `ReportUnreachable` probes the named node with a
 grpc.health.v1 Check (PROBE_TIMEOUT_S, the coordinator's own TLS). A failed
@@ -59,6 +63,7 @@ from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdp_common.states import AlarmKind, AlarmLevel
 from cdp_coordinator.alarms import AlarmEvent, AlarmTracker, Level, level_of
+from cdp_coordinator.diskrules import disk_conflicts
 from cdp_coordinator.model import (
     NO_PROGRESS,
     Assignment,
@@ -70,6 +75,7 @@ from cdp_coordinator.model import (
     Status,
     SyncProgress,
 )
+from cdp_coordinator.reconcile import config_owned, reconcile
 from cdp_coordinator.state import CoordinatorState
 from cdp_coordinator.store import StateStore, policy_to_json
 
@@ -78,6 +84,8 @@ plog = logging.getLogger("coord.policy")
 alarm_log = logging.getLogger("coord.alarm")
 
 TICK_S = 0.2
+PURGE_KEEP_S = 24 * 3600.0
+"""How long a purge order is handed to the nodes of a deleted policy."""
 PROBE_TIMEOUT_S = 1.0
 PROBE_MIN_INTERVAL_S = 1.0
 
@@ -251,10 +259,15 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self._probed_ok: dict[str, float] = {}
         self.alarms = AlarmTracker()
         self.alarms.restore(store.alarm_levels())
-        seeded = store.seed_policies(list(config.policies))
-        for p in seeded:
-            plog.info("policy seeded from the config file", extra={"policy": p.name})
         snap = store.load()
+        changes = reconcile(config.policies, {p.name: p for p in snap.policies})
+        for change in changes:   # the config file's policies are the file's, every start
+            store.save_policy(change.policy)
+            plog.info("policy %s", change.text, extra={"policy": change.policy.name})
+        if changes:
+            snap = store.load()
+        self.purges: dict[str, tuple[float, frozenset[str]]] = {}
+        """Policies deleted with purge: (until when, the nodes that held data of it)."""
         now = clock()
         self.state.restore(snap.nodes, snap.policies, snap.assignments, now)
         self._alarms_from = now + self.lease_ms / 1000
@@ -301,10 +314,15 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                 w.offer(current)
 
     def assignment_set(self, node_id: str) -> cpb.AssignmentSet:
+        now = self.clock()
+        for name in [n for n, (until, _) in self.purges.items() if until < now]:
+            del self.purges[name]
         return cpb.AssignmentSet(assignments=[
             assignment_pb(a, self.state.policies[a.policy],
                           self.state.sync_requests.get(a.policy, 0), self.signer)
-            for a in self.state.assignments_for(node_id)])
+            for a in self.state.assignments_for(node_id)],
+            purge_policies=sorted(n for n, (_, nodes) in self.purges.items()
+                                  if node_id in nodes))
 
     async def ticker(self, period_s: float = TICK_S) -> None:
         """Expire leases, push changes and track alarms until cancelled."""
@@ -451,8 +469,15 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         assert p is not None
         return p
 
+    def _config_warning(self, name: str, what: str) -> str:
+        why = config_owned(name, self.config.policies, "")
+        return f"{why}; the next coordinator start {what}" if why else ""
+
     async def _store_policy(self, context: grpc.aio.ServicerContext, p: PolicyConfig,
-                            what: str) -> cpb.PolicyReply:
+                            what: str, old: PolicyConfig | None = None) -> cpb.PolicyReply:
+        why = disk_conflicts(p, old, self.state.policies)
+        if why:
+            await rpc.abort(context, InvalidRequestError(why))
         try:
             self.store.save_policy(p)
         except CdpError as exc:
@@ -460,7 +485,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self.state.set_policy(p, self.clock())
         plog.info("policy %s", what, extra={"policy": p.name})
         await self._flush_or_abort(context)
-        return cpb.PolicyReply(policy_json=policy_to_json(p))
+        return cpb.PolicyReply(policy_json=policy_to_json(p), warning=self._config_warning(
+            p.name, "applies the file again") if old is not None else "")
 
     async def CreatePolicy(self, request: cpb.CreatePolicyRequest,
                            context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
@@ -468,6 +494,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         if p.name in self.state.policies:
             await rpc.abort(context, AlreadyExistsError(
                 f"name: a policy named {p.name!r} already exists"))
+        self.purges.pop(p.name, None)   # a new policy of that name is not purged
         return await self._store_policy(context, p, "created")
 
     async def UpdatePolicy(self, request: cpb.UpdatePolicyRequest,
@@ -479,25 +506,43 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                 "name: a policy cannot be renamed (create a new one)"))
         data = {**dataclasses.asdict(old), **patch}
         p = await self._build(context, data)
-        return await self._store_policy(context, p, "updated")
+        return await self._store_policy(context, p, "updated", old)
 
     async def SetPolicyEnabled(self, request: cpb.SetPolicyEnabledRequest,
                                context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
         old = await self._existing(context, request.name)
         p = dataclasses.replace(old, enabled=request.enabled)
         return await self._store_policy(context, p,
-                                        "enabled" if request.enabled else "disabled")
+                                        "enabled" if request.enabled else "disabled", old)
 
-    async def DeletePolicy(self, request: cpb.PolicyName,
+    async def DeletePolicy(self, request: cpb.DeletePolicyRequest,
                            context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        if request.purge and request.name not in self.state.policies:
+            # Deleted before: whichever node still keeps data of it deletes it (a node
+            # purges only a policy it does not serve, so telling every one is safe).
+            if not is_name(request.name):
+                await rpc.abort(context, InvalidRequestError(
+                    f"name: {request.name!r} is not a policy name ({NAME_RULE})"))
+            self.purges[request.name] = (self.clock() + PURGE_KEEP_S,
+                                         frozenset(self.state.nodes))
+            plog.info("purge of a deleted policy sent to every node",
+                      extra={"policy": request.name})
+            self._notify()   # no assignment changed: push the order itself
+            return cpb.PolicyReply()
         old = await self._existing(context, request.name)
         try:
             self.store.delete_policy(old.name)
         except CdpError as exc:
             await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
+        if request.purge:
+            nodes = frozenset({d.filter for d in old.disks} | {old.target})
+            self.purges[old.name] = (self.clock() + PURGE_KEEP_S, nodes)
         self.state.delete_policy(old.name, self.clock())
+        plog.info("policy deleted%s", " (data purged on its nodes)" if request.purge else "",
+                  extra={"policy": old.name})
         await self._flush_or_abort(context)
-        return cpb.PolicyReply(policy_json=policy_to_json(old))
+        return cpb.PolicyReply(policy_json=policy_to_json(old), warning=self._config_warning(
+            old.name, "creates it again from the file"))
 
     async def GetPolicy(self, request: cpb.PolicyName,
                         context: grpc.aio.ServicerContext) -> cpb.PolicyReply:

@@ -14,10 +14,9 @@ power loss may lose the last few, and epochs then still only grow because the
 target refuses older epochs and the coordinator bumps on the next rebind).
 
 Policies are edited from the CLI (policy RPCs) and stored here; the config
-file's `[[policies]]` only *seed* the store: a config policy is added the
-first time its name is seen (the name goes into `seeded`), never again, so a
-policy edited or deleted from the CLI stays edited or deleted across
-restarts even though the config file still lists it.
+file's `[[policies]]` are applied to the store at every start
+(cdp_coordinator.reconcile). The `seeded` table of older versions, which made
+them seed the store only once, is kept in the schema but no longer used.
 
 The RPO alarm event log (`alarms`) is append-only; the current alarm level
 per policy is the level of its newest event.
@@ -107,26 +106,18 @@ class StateStore(Protocol):
         """Insert or replace the node (by id)."""
 
     def save_policies(self, policies: list[PolicyConfig]) -> None:
-        """Upsert these policies and delete the others (their epochs are kept;
-        the seeded names are not touched)."""
+        """Upsert these policies and delete the others (their epochs are kept)."""
 
     def save_assignments(self, assignments: list[Assignment]) -> None:
         """Upsert by policy: the stored endpoints/reason become the given ones; the
         stored epoch becomes the larger of stored and given (an older epoch never
         wins, even when it comes last)."""
 
-    def seed_policies(self, policies: list[PolicyConfig]) -> list[PolicyConfig]:
-        """Seed from the config file: every name never seeded before is marked
-        seeded and, if no policy of that name is stored, stored. Returns the
-        policies stored, in the given order. A name seeded once is never seeded
-        again, so a policy edited or deleted from the CLI stays so."""
-
     def save_policy(self, policy: PolicyConfig) -> None:
-        """Insert or replace one policy and mark its name seeded (so that a config
-        policy of the same name does not come back after a delete)."""
+        """Insert or replace one policy."""
 
     def delete_policy(self, name: str) -> None:
-        """Delete the policy if stored (its seeded mark and epoch are kept)."""
+        """Delete the policy if stored (its epoch is kept)."""
 
     def add_alarms(self, events: list[AlarmEvent]) -> list[AlarmEvent]:
         """Append the events, in order; returns them with their ids, which grow
@@ -287,24 +278,10 @@ class SqliteStore:
                     "epoch = MAX(epoch, excluded.epoch), data = excluded.data",
                     (a.policy, a.epoch, assignment_to_json(a)))
 
-    def seed_policies(self, policies: list[PolicyConfig]) -> list[PolicyConfig]:
-        added = []
-        with self._tx() as db:
-            for p in policies:
-                if db.execute("SELECT 1 FROM seeded WHERE name = ?", (p.name,)).fetchone():
-                    continue
-                db.execute("INSERT INTO seeded VALUES (?)", (p.name,))
-                if db.execute("SELECT 1 FROM policies WHERE name = ?", (p.name,)).fetchone():
-                    continue
-                db.execute("INSERT INTO policies VALUES (?, ?)", (p.name, policy_to_json(p)))
-                added.append(p)
-        return added
-
     def save_policy(self, policy: PolicyConfig) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO policies VALUES (?, ?)",
                        (policy.name, policy_to_json(policy)))
-            db.execute("INSERT OR IGNORE INTO seeded VALUES (?)", (policy.name,))
 
     def delete_policy(self, name: str) -> None:
         with self._tx() as db:

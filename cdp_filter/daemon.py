@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Callable
 
 from cdp_common import assignsig, node
@@ -60,6 +61,7 @@ class FilterDaemon(node.NodeDaemon):
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._node: node.Node | None = None
         self._early: cpb.AssignmentSet | None = None
+        self._purge_after_close: set[str] = set()
 
     @property
     def runtimes(self) -> dict[str, PolicyRuntime]:
@@ -124,6 +126,9 @@ class FilterDaemon(node.NodeDaemon):
         self._reconcile({name: [diskset.DiskSpec(d.disk_id, d.name, d.size_bytes)
                                 for d in a.disks if d.filter in ("", me)]
                          for name, a in admitted.items()})
+        for name in update.purge_policies:
+            if name not in admitted:
+                self._purge(name)
         for name, shipper in self.shippers.items():
             shipper.set_assignment(admitted.get(name))
             syncer = self.runtimes[name].syncer
@@ -241,7 +246,45 @@ class FilterDaemon(node.NodeDaemon):
         log.warning("policy %s is no longer assigned to this filter: capture stopped; its "
                     "disks are detached once closed, their data kept until purged", name,
                     extra={"policy": name})
-        self.mount.hide(name, lambda: self.storage.close_policy(name))
+        self.mount.hide(name, lambda: self._closed(name))
+
+    def _purge(self, name: str) -> None:
+        """The coordinator purged a deleted policy: delete what this filter kept of it
+        (images, journal, bitmaps, cached assignment). Only a managed policy that is
+        deleted here, never a declared or an attached one; once its last handle is
+        closed when it is still detaching."""
+        p = self.manifest.get(name)
+        if name in self.declared:
+            log.warning("purge of policy %s ignored: it is declared in [[disks]]", name,
+                        extra={"policy": name})
+            return
+        if p is None or p.state != diskset.DELETED:
+            return
+        if name in self.runtimes:
+            self._purge_after_close.add(name)   # still open: when its last handle closes
+            return
+        f = self.config.filter
+        for d in self.storage.managed_disks(name, p.disks):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(d.image)
+        for sub in ("journal", "dirty", "intent"):
+            shutil.rmtree(os.path.join(f.data_dir, sub, name), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(f.data_dir, f"assignment.{name}.json"))
+        del self.manifest[name]
+        try:
+            diskset.save_manifest(f.data_dir, self.manifest)
+        except CdpError as exc:
+            log.error("%s", exc, extra={"policy": name})
+        log.warning("policy %s purged: its images and journal are deleted", name,
+                    extra={"policy": name})
+
+    def _closed(self, name: str) -> None:
+        """The last handle of a detached policy's disks is closed."""
+        self.storage.close_policy(name)
+        if name in self._purge_after_close:
+            self._purge_after_close.discard(name)
+            self._purge(name)
 
     # ------------------------------------------------------------ node hooks
 

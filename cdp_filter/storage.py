@@ -79,8 +79,6 @@ def recover_intent(rt: PolicyRuntime, intent: IntentLog, host_crashed: bool,
                 "crash): %d regions written since their last flush (%d dirty blocks) are "
                 "resynced from the images", len(extents), marked,
                 extra={"policy": rt.name, "seq": rt.journal.last_seq})
-    rt.set_notice(f"host crash or power loss: {len(extents)} regions written before it are "
-                  "resynced from the images (a gap until done)")
     return True
 
 

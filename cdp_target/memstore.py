@@ -13,6 +13,7 @@ to the `ReplicaStore` contract (cdp_target.service).
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -191,3 +192,9 @@ class MemoryStores:
         store = MemoryStore(policy, disk, side)
         store.set_disks(disks or {})
         return store
+
+    def remove(self, policy: str) -> bool:
+        with self._lock:
+            had = self.disks.pop(policy, None) is not None
+        shutil.rmtree(self.side_dir / policy, ignore_errors=True)
+        return had

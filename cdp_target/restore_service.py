@@ -118,6 +118,11 @@ class RestoreService(pgrpc.RestorePointsServicer):
             # only the coordinator's own may create a store or change a retention here
             mine = [a for a in aset.assignments if a.target.node_id == node_id and gate.admits(a)]
             self.target.set_assigned({a.policy for a in mine})
+            for name in aset.purge_policies:   # never one assigned here (TargetService)
+                try:
+                    await self.target.purge(name)
+                except CdpError as exc:
+                    log.error("purge failed: %s", exc, extra={"policy": name})
             for a in mine:
                 if a.target.node_id != node_id or not a.short_term_retention_s:
                     continue

@@ -183,6 +183,9 @@ class ReplicaStores(Protocol):
     def open(self, policy: str, disks: Mapping[int, DiskSpec] | None) -> ReplicaStore:
         """Open (or create, when `disks` is given) a policy's store, recovered, not applied."""
 
+    def remove(self, policy: str) -> bool:
+        """Delete a (closed) policy's store and everything in it; False if it had none."""
+
 
 class RefusedError(CdpError, grpc_status="FAILED_PRECONDITION"):
     """The policy refuses Apply streams (a failover holds it)."""
@@ -324,6 +327,34 @@ class TargetService(rgrpc.TargetServicer):
         policy that is no longer assigned is kept (its restore points stay
         restorable); only new stores need the assignment."""
         self.assigned = set(policies)
+
+    async def purge(self, policy: str) -> bool:
+        """Delete a policy's store: replica, deltas, restore points (the coordinator
+        purged the deleted policy). Never one assigned here; returns whether a store
+        was deleted."""
+        if policy in (self.assigned or ()) or not POLICY_NAME.match(policy):
+            return False
+        async with self._create_lock:
+            rt = self.policies.pop(policy, None)
+            if rt is not None:
+                rt.stop.set()
+                if rt.stream is not None:
+                    rt.stream.replaced.set()
+                if rt.worker is not None:
+                    rt.worker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await rt.worker
+                if rt.stream is not None:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(rt.stream.done.wait(), 5)
+                await in_thread(rt.store.close)
+            quarantined = self.quarantined.pop(policy, None) is not None
+            removed = await in_thread(self.stores.remove, policy)
+        if removed or rt is not None or quarantined:
+            log.warning("policy store purged: replica, deltas and restore points deleted",
+                        extra={"policy": policy})
+            return True
+        return False
 
     def quarantine_reason(self, policy: str) -> str:
         return self.quarantined.get(policy, "")

@@ -516,6 +516,18 @@ class LocalStores:
                 self._discard_new(directory, existed)
             raise
 
+    def remove(self, policy: str) -> bool:
+        """Delete a closed policy store's directory (after a purge); False if none."""
+        directory = self.data_dir / policy
+        if not POLICY_NAME.match(policy) or not directory.is_dir():
+            return False
+        try:
+            shutil.rmtree(directory)
+            self.io.fsync_dir(self.data_dir)
+        except OSError as exc:
+            raise storage_error(f"{directory}: cannot delete the policy store", exc) from None
+        return True
+
     def _discard_new(self, directory: Path, existed: bool) -> None:
         """Remove what a failed creation made: everything, or (when the directory held
         a retention.json already, cdp_target.restore_service) all but that."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 import tomllib
 from datetime import UTC, datetime
@@ -147,11 +148,13 @@ def show_text(p: dict[str, Any]) -> str:
 
 
 def _emit(args: argparse.Namespace, reply: cpb.PolicyReply, verb: str) -> int:
-    p = json.loads(reply.policy_json)
+    p = json.loads(reply.policy_json) if reply.policy_json else {"name": args.name}
     if args.json:
         print(json.dumps(p, indent=2))
     else:
         print(f"policy {p['name']} {verb}")
+    if reply.warning:
+        print(f"cdpctl: warning: {reply.warning}", file=sys.stderr)
     return 0
 
 
@@ -197,8 +200,14 @@ def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_delete(args: argparse.Namespace, ctx: Context) -> int:
     reply = call(ctx.coordinator(args), lambda s: s.DeletePolicy(
-        cpb.PolicyName(name=args.name), timeout=args.timeout))
-    return _emit(args, reply, "deleted (replicas on the target are kept)")
+        cpb.DeletePolicyRequest(name=args.name, purge=args.purge), timeout=args.timeout))
+    if args.purge:
+        return _emit(args, reply, "deleted; its nodes delete what they kept of it (the "
+                     "filter's images and journal, the target's replicas and restore points)"
+                     if reply.policy_json else "purged: every node deletes what it kept of it")
+    return _emit(args, reply, "deleted: capture stops and its disks are detached; their data "
+                 "(the filter's images and journal, the target's replicas and restore points) "
+                 f"is kept until `cdpctl policy delete {args.name} --purge`")
 
 
 def cmd_enable(args: argparse.Namespace, ctx: Context) -> int:
@@ -267,9 +276,13 @@ def register(sub: Subparsers, ctx: Context) -> None:
             (one filter), its target, RPO interval and thresholds, compression,
             encryption, bandwidth limit and optional pinned proxies. The
             coordinator validates every field and refuses a bad value with a
-            message naming it; nothing is changed then. Policies from the
-            coordinator config file only seed the store: once a policy exists,
-            edit it here."""),
+            message naming it; nothing is changed then. A disk belongs to one
+            policy; it may grow, never shrink. The filter creates the disks a
+            policy names (sparse images) and attaches them to its mount; a
+            deleted policy's disks are detached once closed and their data kept
+            until `delete --purge`. Policies in the coordinator config file are
+            the file's: every coordinator start applies it again, so edit them
+            there (a change made here says so in a warning)."""),
         epilog=epilog("""\
             cdpctl policy create db --target target-1 --disk filter-1:disk0:10G \\
                 --set rpo_warning_s=30 --set rpo_error_s=120
@@ -311,7 +324,7 @@ def register(sub: Subparsers, ctx: Context) -> None:
     for name, helptext, func in (
             ("list", "list every policy", cmd_list),
             ("show", "every field of one policy", cmd_show),
-            ("delete", "delete a policy (replicas on the target are kept)", cmd_delete),
+            ("delete", "delete a policy (its data is kept unless --purge)", cmd_delete),
             ("enable", "assign proxies again and resume shipping", cmd_enable),
             ("disable", "stop shipping; the filter keeps journaling", cmd_enable)):
         q = psub.add_parser(name, formatter_class=fmt, help=helptext,
@@ -320,6 +333,11 @@ def register(sub: Subparsers, ctx: Context) -> None:
                                           + ("" if name == "list" else " db")))
         if name != "list":
             q.add_argument("name", metavar="NAME")
+        if name == "delete":
+            q.add_argument("--purge", action="store_true",
+                           help="also delete what its nodes kept of it: the filter's images "
+                                "and journal, the target's replicas and restore points "
+                                "(for a policy already deleted: every node's); irreversible")
         common(q)
         q.set_defaults(func=func)
 

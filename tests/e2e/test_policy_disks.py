@@ -3,8 +3,10 @@
 `cdpctl policy create` alone makes a new disk appear under the filter's mount
 (no restart; the lab's own disk keeps replicating); ext4 on it replicates byte
 for byte; a policy naming a disk the filter cannot attach makes health exit 2
-with the filter's reason; deleting the policy detaches the disk once its last
-handle is closed, and keeps its data.
+with the filter's reason; growing it grows the file and the replica, a shrink
+is refused; a kill -9 and a start attach it again; deleting the policy
+detaches the disk once its last handle is closed and keeps its data (and the
+replica) until `policy delete --purge`, which deletes both.
 """
 
 from __future__ import annotations
@@ -136,3 +138,17 @@ def test_a_policy_creates_attaches_replicates_and_detaches_its_disk(
     assert manifest["policies"]["p2"]["state"] == "deleted", manifest
     assert_eventually(lambda: handle.cli("health").returncode == 0, 60, 1.0,
                       "health is not OK once the deleted policies are gone")
+    assert replica.exists()   # the DR copy is kept too
+
+    # purged: the filter's image and journal and the target's store are deleted
+    purged = handle.cli("policy", "delete", "p2", "--purge")
+    assert purged.returncode == 0 and "purged" in purged.stdout, purged
+
+    def gone() -> None:
+        assert not (images / "disk9.img").exists()
+        assert not (images.parent / "journal" / "p2").exists()
+        assert "p2" not in json.loads((images.parent / "disks.json").read_text())["policies"]
+        assert not (replicas / "p2").exists()
+    assert_eventually(gone, 30, 0.5, "p2 was not purged on its nodes")
+    assert sha256_file(lab_replica) == work.oracle_sha256()   # nothing else touched
+    assert handle.cli("health").returncode == 0

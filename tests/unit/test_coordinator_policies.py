@@ -1,9 +1,10 @@
 """Policy validation (every field), policy CRUD and ReportUnreachable over real gRPC and
-by calling the servicer directly (in-memory store), seed-if-absent across restarts, alarms
-through the service (injected clocks)."""
+by calling the servicer directly (in-memory store), the disk rules, config-file policies
+applied at every start, purge orders, alarms through the service (injected clocks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -20,7 +21,7 @@ from cdp_coordinator.state import Report
 pytestmark = pytest.mark.timeout(30)
 
 GOOD: dict[str, Any] = {"name": "db", "target": "target-1",
-                        "disks": [{"filter": "filter-1", "name": "disk0", "size_bytes": 1 << 20}]}
+                        "disks": [{"filter": "filter-1", "name": "disk7", "size_bytes": 1 << 20}]}
 
 
 @pytest.mark.parametrize(("patch", "field"), [
@@ -84,7 +85,7 @@ def seed() -> PolicyConfig:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_policy_crud_over_grpc_and_seed_if_absent(transport: str) -> None:
+async def test_policy_crud_over_grpc_and_config_reconciled(transport: str) -> None:
     backing = MemoryBacking()
     clock = Clock()
     svc = memory_service([seed()], backing, clock=clock)
@@ -110,6 +111,27 @@ async def test_policy_crud_over_grpc_and_seed_if_absent(transport: str) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.CreatePolicy(cpb.CreatePolicyRequest(policy_json=json.dumps(GOOD)))
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        # one disk, one policy; a disk grows, never shrinks (nothing changes when refused)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreatePolicy(cpb.CreatePolicyRequest(policy_json=json.dumps(
+                {**GOOD, "name": "db2"})))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "filter-1:disk7 is already a disk of policy db" in err.value.details()
+        assert "db2" not in svc.state.policies
+        for size, ok in ((1 << 19, False), (1 << 21, True)):
+            patch = json.dumps({"disks": [{"filter": "filter-1", "name": "disk7",
+                                           "size_bytes": size}]})
+            if ok:
+                reply = await stub.UpdatePolicy(cpb.UpdatePolicyRequest(name="db",
+                                                                        patch_json=patch))
+                assert reply.warning == ""        # a CLI policy: no config file to fight
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.UpdatePolicy(cpb.UpdatePolicyRequest(name="db", patch_json=patch))
+                assert "would shrink from 1048576 to 524288 bytes" in err.value.details()
+        assert svc.state.policies["db"].disks[0].size_bytes == 1 << 21
+        assert [d.size_bytes for x in svc.assignment_set("filter-1").assignments
+                if x.policy == "db" for d in x.disks] == [1 << 21]
         # update merges; a bad patch changes nothing; rename refused
         up = json.loads((await stub.UpdatePolicy(cpb.UpdatePolicyRequest(
             name="db", patch_json='{"pinned_source_proxy": "sp-2", '
@@ -138,13 +160,37 @@ async def test_policy_crud_over_grpc_and_seed_if_absent(transport: str) -> None:
         assert st.reason.startswith("disabled by the operator")
         await stub.SetPolicyEnabled(cpb.SetPolicyEnabledRequest(name="db", enabled=True))
         assert svc.state.assignments["db"].reason == ""
-        # delete the seeded policy: a restart with the same config does not bring it back
-        await stub.DeletePolicy(cpb.PolicyName(name="lab"))
+        # the config file's policy: a CLI change is answered with a warning ...
+        edited = await stub.UpdatePolicy(cpb.UpdatePolicyRequest(
+            name="lab", patch_json='{"rpo_warning_s": 7}'))
+        assert "declared in the coordinator's config file" in edited.warning
+        assert "the next coordinator start applies the file again" in edited.warning
+        gone = await stub.DeletePolicy(cpb.DeletePolicyRequest(name="lab"))
+        assert "creates it again from the file" in gone.warning
+        # ... and a delete with purge hands its nodes the order, not the others
+        await stub.DeletePolicy(cpb.DeletePolicyRequest(name="db", purge=True))
+        assert list(svc.assignment_set("filter-1").purge_policies) == ["db"]
+        assert list(svc.assignment_set("target-1").purge_policies) == ["db"]
+        assert list(svc.assignment_set("sp-1").purge_policies) == []
+        await stub.CreatePolicy(cpb.CreatePolicyRequest(policy_json=json.dumps(GOOD)))
+        assert list(svc.assignment_set("filter-1").purge_policies) == []   # a new db
+        # a policy deleted before: every node gets the order (each checks it serves none)
+        assert (await stub.DeletePolicy(cpb.DeletePolicyRequest(name="old", purge=True))
+                ).policy_json == ""
+        assert all("old" in svc.assignment_set(n.id).purge_policies for n in NODES)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.DeletePolicy(cpb.DeletePolicyRequest(name="old"))   # without purge
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
     svc.store.close()
+    # ... because every start applies the file again: lab is back, as the file says
     svc2 = memory_service([seed()], backing, clock=clock)
-    assert set(svc2.state.policies) == {"db"}
-    assert svc2.state.policies["db"].pinned_source_proxy == "sp-2"
+    assert set(svc2.state.policies) == {"db", "lab"}
+    assert svc2.state.policies["lab"] == seed()
     svc2.store.close()
+    changed = dataclasses.replace(seed(), rpo_warning_s=42.0, rpo_error_s=90.0)
+    svc3 = memory_service([changed], backing, clock=clock)
+    assert svc3.state.policies["lab"] == changed
+    svc3.store.close()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -134,25 +134,6 @@ def test_redo_of_saves_is_idempotent(h: Harness) -> None:
     assert [p.name for p in once.policies] == ["p1", "p3"]
 
 
-def test_seed_policies(h: Harness) -> None:
-    seeds = [pol("a"), pol("b")]
-    assert h.store.seed_policies(seeds) == seeds
-    assert h.store.seed_policies(seeds) == []                 # seeded once only
-    h.store.delete_policy("a")
-    h.store.save_policy(pol("b", rpo_interval_s=9.0))         # edited from the CLI
-    h.store.save_policy(pol("c"))                             # created from the CLI
-    h.store.delete_policy("c")
-    store = h.restart()
-    assert store.seed_policies([pol("a"), pol("b"), pol("c"), pol("d")]) == [pol("d")]
-    assert store.load().policies == [pol("b", rpo_interval_s=9.0), pol("d")]
-    # a name stored (not seeded) before its first seed is marked seeded, not replaced
-    store.save_policies([*store.load().policies, pol("e", rpo_interval_s=3.0)])
-    assert store.seed_policies([pol("e")]) == []
-    assert store.load().policies[-1] == pol("e", rpo_interval_s=3.0)
-    store.delete_policy("e")
-    assert h.restart().seed_policies([pol("e")]) == []
-
-
 def test_alarms_appended_in_order_and_listed(h: Harness) -> None:
     saved = h.store.add_alarms([event("a", AlarmLevel.WARNING, 1),
                                 event("b", AlarmLevel.ERROR, 2)])

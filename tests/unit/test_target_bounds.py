@@ -372,3 +372,29 @@ def test_lab_plan_sets_restore_dir(tmp_path: Path) -> None:
     target = plan.node("target-1").config_text
     assert f'restore_dir = "{tmp_path / "lab" / "restores"}"' in target
     assert json.dumps(doc)
+
+
+# ---------------------------------------------------------------- purge
+
+@pytest.mark.parametrize("kind", ["files", "memory"])
+async def test_a_purge_deletes_an_unassigned_store_only(tmp_path: Path, kind: str) -> None:
+    data = tmp_path / "data"
+    stores = LocalStores(data) if kind == "files" else MemoryStores(tmp_path / "side")
+    service = TargetService(data, stores=stores, require_assignment=True)
+    await service.open_existing()
+    try:
+        service.set_assigned({"p1", "p2"})
+        await replicate(service, "p1")
+        await replicate(service, "p2")
+        assert not await service.purge("p2")           # assigned here: never
+        assert stores.existing() == ["p1", "p2"]
+        service.set_assigned({"p2"})
+        assert await service.purge("p1")
+        assert "p1" not in service.policies and stores.existing() == ["p2"]
+        if kind == "files":
+            assert not (data / "p1").exists()
+        assert not await service.purge("p1")            # done already: nothing to do
+        assert not await service.purge("../etc")
+        await replicate(service, "p2", first=2)          # the other store is untouched
+    finally:
+        await service.close()
