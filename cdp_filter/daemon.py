@@ -3,7 +3,17 @@
 
 Startup order matters for I3 (crash anywhere): storage opens first (images,
 journal recovery and redo, cdp_filter.storage), *before* the mount appears;
-only then is the file system mounted and shipping started.
+only then is the file system mounted and shipping started. The disks are the
+config's [[disks]] and those the manifest lists (cdp_filter.diskset), each
+managed policy opened on its own so one that cannot open is refused alone.
+
+At run time every admitted assignment set is reconciled with the disks
+(`_reconcile`, the plan of cdp_filter.diskset): a new managed policy is
+created and attached (manifest first, then images, journal, workers, mount),
+a grown one grown, an unassigned one detached (workers cancelled, tracking
+only, out of the directory at once, closed with its last handle), a purged
+one deleted; what cannot be done is the policy's reported error. Updates
+that arrive before the mount is up are applied once it is.
 
 Shutdown (the node's order): the shippers, trackers and syncers are
 cancelled, writers held back by the journal cap are released, the FUSE loop
