@@ -24,8 +24,6 @@ raise, and `fsync_dir` takes a directory path. Reads are in the seam too
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 from collections.abc import Sequence
@@ -146,6 +144,8 @@ _libc: Any = None
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
     """fallocate(PUNCH_HOLE|KEEP_SIZE) through libc (os has no fallocate with a mode)."""
     global _libc
+    import ctypes  # here: most processes never punch a hole
+    import ctypes.util
     if _libc is None:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)

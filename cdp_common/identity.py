@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from cryptography import x509
-
 from cdp_common.names import is_name
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 SCHEME = "cdp"
 FILTER, SOURCE_PROXY, TARGET_PROXY, PROXY, TARGET, COORDINATOR, OPERATOR = (
@@ -93,6 +94,7 @@ def parse_uri(uri: str, serial: int = 0) -> Identity:
 
 
 def from_certificate(cert: x509.Certificate) -> Identity | None:
+    from cryptography import x509  # here: cdpctl's parser needs this module's names only
     """The identity of `cert`: its one cdp:// SAN URI, None if it has none.
     Raises IdentityError for a malformed one or for two of them."""
     try:
@@ -111,6 +113,7 @@ def from_certificate(cert: x509.Certificate) -> Identity | None:
 @functools.lru_cache(maxsize=256)
 def from_pem(pem: bytes) -> Identity | None:
     """`from_certificate` of a PEM certificate (cached: one parse per peer)."""
+    from cryptography import x509
     return from_certificate(x509.load_pem_x509_certificate(pem))
 
 

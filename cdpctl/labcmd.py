@@ -10,11 +10,17 @@ from __future__ import annotations
 import argparse
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cdpctl import lab, labplan, table
+from cdpctl import labplan, lazy, table
 from cdpctl.cmdline import Context, Subparsers, print_json
 from cdpctl.state import UsageError
 from cdpctl.units import parse_size
+
+if TYPE_CHECKING:
+    from cdpctl import lab
+else:   # grpc and the PKI, loaded when a lab command runs (cdpctl.lazy)
+    lab = lazy.module("cdpctl.lab")
 
 
 def cmd_lab_up(args: argparse.Namespace, ctx: Context) -> int:

@@ -11,14 +11,22 @@ import argparse
 import os
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cdp_common import assignsig, crypto, identity
-from cdp_common import pki as certs
+from cdp_common import identity
 from cdp_common.errors import CdpError
 from cdp_common.names import NAME_RULE
-from cdpctl import labplan
+from cdpctl import labplan, lazy
 from cdpctl.cmdline import Context, Subparsers
 from cdpctl.state import UsageError
+
+if TYPE_CHECKING:
+    from cdp_common import assignsig, crypto
+    from cdp_common import pki as certs
+else:   # cryptography, loaded when a command runs (cdpctl.lazy)
+    assignsig = lazy.module("cdp_common.assignsig")
+    crypto = lazy.module("cdp_common.crypto")
+    certs = lazy.module("cdp_common.pki")
 
 
 def cmd_pki_init(args: argparse.Namespace, ctx: Context) -> int:

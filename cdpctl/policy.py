@@ -23,14 +23,19 @@ import textwrap
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
-from cdpctl import table
+from cdpctl import lazy, table
 from cdpctl.cmdline import Context, Subparsers
-from cdpctl.coordcall import call
 from cdpctl.state import UsageError
 from cdpctl.units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+    from cdpctl import coordcall
+else:   # loaded when a command runs, not for --help (cdpctl.lazy)
+    cpb = lazy.module("cdp_common.pb.cdp.v1.coordinator_pb2")
+    coordcall = lazy.module("cdpctl.coordcall")
 
 FIELDS_HELP = """\
 fields (as in the coordinator config's [[policies]]; --set FIELD=VALUE, VALUE
@@ -162,7 +167,7 @@ def _emit(args: argparse.Namespace, reply: cpb.PolicyReply, verb: str) -> int:
 
 def cmd_create(args: argparse.Namespace, ctx: Context) -> int:
     doc = build_doc(args)
-    reply = call(ctx.coordinator(args), lambda s: s.CreatePolicy(
+    reply = coordcall.call(ctx.coordinator(args), lambda s: s.CreatePolicy(
         cpb.CreatePolicyRequest(policy_json=json.dumps(doc)), timeout=args.timeout))
     return _emit(args, reply, "created")
 
@@ -176,14 +181,14 @@ def cmd_edit(args: argparse.Namespace, ctx: Context) -> int:
     patch.update(parse_sets(args.set))
     if not patch:
         raise UsageError("nothing to change: give --set FIELD=VALUE, --target, --disk or --file")
-    reply = call(ctx.coordinator(args), lambda s: s.UpdatePolicy(
+    reply = coordcall.call(ctx.coordinator(args), lambda s: s.UpdatePolicy(
         cpb.UpdatePolicyRequest(name=args.name, patch_json=json.dumps(patch)),
         timeout=args.timeout))
     return _emit(args, reply, "updated")
 
 
 def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
-    reply = call(ctx.coordinator(args), lambda s: s.ListPolicies(
+    reply = coordcall.call(ctx.coordinator(args), lambda s: s.ListPolicies(
         cpb.ListPoliciesRequest(), timeout=args.timeout))
     policies = [json.loads(t) for t in reply.policies_json]
     print(json.dumps({"policies": policies}, indent=2) if args.json else _rows(policies))
@@ -191,7 +196,7 @@ def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
-    reply = call(ctx.coordinator(args), lambda s: s.GetPolicy(
+    reply = coordcall.call(ctx.coordinator(args), lambda s: s.GetPolicy(
         cpb.PolicyName(name=args.name), timeout=args.timeout))
     p = json.loads(reply.policy_json)
     print(json.dumps(p, indent=2) if args.json else show_text(p))
@@ -199,7 +204,7 @@ def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_delete(args: argparse.Namespace, ctx: Context) -> int:
-    reply = call(ctx.coordinator(args), lambda s: s.DeletePolicy(
+    reply = coordcall.call(ctx.coordinator(args), lambda s: s.DeletePolicy(
         cpb.DeletePolicyRequest(name=args.name, purge=args.purge), timeout=args.timeout))
     if args.purge:
         return _emit(args, reply, "deleted; its nodes delete what they kept of it (the "
@@ -212,7 +217,7 @@ def cmd_delete(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_enable(args: argparse.Namespace, ctx: Context) -> int:
     enabled = args.policy_command == "enable"
-    reply = call(ctx.coordinator(args), lambda s: s.SetPolicyEnabled(
+    reply = coordcall.call(ctx.coordinator(args), lambda s: s.SetPolicyEnabled(
         cpb.SetPolicyEnabledRequest(name=args.name, enabled=enabled), timeout=args.timeout))
     return _emit(args, reply, "enabled" if enabled else
                  "disabled (the filter keeps journaling; enable it to resume shipping)")
@@ -246,7 +251,7 @@ def render_alarms(doc: dict[str, Any]) -> str:
 def cmd_alarms(args: argparse.Namespace, ctx: Context) -> int:
     if args.limit < 1:
         raise UsageError("--limit: must be at least 1")
-    reply = call(ctx.coordinator(args), lambda s: s.ListAlarms(
+    reply = coordcall.call(ctx.coordinator(args), lambda s: s.ListAlarms(
         cpb.ListAlarmsRequest(policy=args.policy or "", limit=args.limit), timeout=args.timeout))
     doc = alarms_dict(reply)
     print(json.dumps(doc, indent=2) if args.json else render_alarms(doc))

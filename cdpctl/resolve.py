@@ -19,10 +19,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cdp_common.config import TlsConfig
+from cdpctl import lazy
 from cdpctl.state import UsageError, load_state
+
+if TYPE_CHECKING:
+    from cdp_common import config
+    from cdp_common.config import TlsConfig
+else:   # only a command that connects needs it
+    config = lazy.module("cdp_common.config")
 
 DEFAULT_LAB_DIR = "lab"
 
@@ -53,9 +59,9 @@ def _check_address(value: str, where: str) -> str:
 def _lab_tls(state: dict[str, Any], where: Path) -> TlsConfig:
     tls = state.get("tls") or {}
     if tls.get("insecure"):
-        return TlsConfig(insecure=True)
+        return config.TlsConfig(insecure=True)
     try:
-        return TlsConfig(ca_file=tls["ca_file"], cert_file=tls["cert_file"],
+        return config.TlsConfig(ca_file=tls["ca_file"], cert_file=tls["cert_file"],
                          key_file=tls["key_file"])
     except KeyError as exc:
         raise UsageError(f"{where}: tls.{exc.args[0]} missing") from None
@@ -92,13 +98,14 @@ def resolve(*, coordinator: str | None, lab_dir_arg: str | None, ca: str | None,
     if insecure:
         if given:
             raise UsageError(f"--insecure contradicts {', '.join(given)}")
-        tls = TlsConfig(insecure=True)
+        tls = config.TlsConfig(insecure=True)
     elif given:
         if len(given) != 3:
             missing = [n for n in ("--ca", "--cert", "--key") if n not in given]
             raise UsageError(f"{', '.join(missing)} missing: TLS needs --ca, --cert and --key")
         assert ca and cert and key
-        tls = TlsConfig(ca_file=str(cwd / ca), cert_file=str(cwd / cert), key_file=str(cwd / key))
+        tls = config.TlsConfig(ca_file=str(cwd / ca), cert_file=str(cwd / cert),
+                               key_file=str(cwd / key))
     elif (state := lab_state()) is not None:
         tls = _lab_tls(state, directory / "lab.json")
     else:

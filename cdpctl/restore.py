@@ -22,22 +22,31 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-
-from cdp_common import rpc
 from cdp_common.errors import CdpError, NotAuthorizedError
-from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
-from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_common.pb.cdp.v1 import restore_pb2 as pb
-from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
 from cdp_common.timefmt import iso_utc as iso
-from cdpctl import status, table
+from cdpctl import lazy, status, table
 from cdpctl.cmdline import Context, Subparsers
 from cdpctl.resolve import Coordinator
 from cdpctl.state import UsageError
 from cdpctl.units import format_bytes
+
+if TYPE_CHECKING:
+    import grpc
+
+    from cdp_common import rpc
+    from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
+    from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
+    from cdp_common.pb.cdp.v1 import restore_pb2 as pb
+    from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
+else:   # loaded when a command runs, not for --help (cdpctl.lazy)
+    grpc = lazy.module("grpc")
+    rpc = lazy.module("cdp_common.rpc")
+    rpb = lazy.module("cdp_common.pb.cdp.v1.replication_pb2")
+    rgrpc = lazy.module("cdp_common.pb.cdp.v1.replication_pb2_grpc")
+    pb = lazy.module("cdp_common.pb.cdp.v1.restore_pb2")
+    pgrpc = lazy.module("cdp_common.pb.cdp.v1.restore_pb2_grpc")
 
 PROGRESS_EVERY_S = 0.5
 RESTORE_TIMEOUT_S = 3600.0

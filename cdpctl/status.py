@@ -25,31 +25,40 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdp_common.clock import describe_offset
-from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.states import AlarmLevel, NodeState, PolicyState, policy_level
-from cdpctl import coordcall, table
+from cdpctl import lazy, table
 from cdpctl.resolve import Coordinator
 from cdpctl.units import format_bytes, format_seconds
 
+if TYPE_CHECKING:
+    from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+    from cdpctl import coordcall
+else:   # loaded when a command talks to the coordinator, not for --help
+    cpb = lazy.module("cdp_common.pb.cdp.v1.coordinator_pb2")
+    coordcall = lazy.module("cdpctl.coordcall")
+
 EXIT_OK, EXIT_WARNING, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
 
-ROLE_NAMES = {
-    cpb.ROLE_UNSPECIFIED: "unspecified",
-    cpb.ROLE_FILTER: "filter",
-    cpb.ROLE_SOURCE_PROXY: "source-proxy",
-    cpb.ROLE_TARGET_PROXY: "target-proxy",
-    cpb.ROLE_TARGET: "target",
-    cpb.ROLE_PROXY_BOTH: "proxy",
-}
+
+def role_name(role: int) -> str:
+    names: dict[int, str] = {
+        cpb.ROLE_UNSPECIFIED: "unspecified",
+        cpb.ROLE_FILTER: "filter",
+        cpb.ROLE_SOURCE_PROXY: "source-proxy",
+        cpb.ROLE_TARGET_PROXY: "target-proxy",
+        cpb.ROLE_TARGET: "target",
+        cpb.ROLE_PROXY_BOTH: "proxy",
+    }
+    return names.get(role, str(role))
 
 
 def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
     """The JSON document of `cdpctl status --json`."""
     nodes = [{
-        "id": n.info.id, "role": ROLE_NAMES.get(n.info.role, str(n.info.role)),
+        "id": n.info.id, "role": role_name(n.info.role),
         "site": n.info.site, "address": n.info.address,
         "metrics_address": n.info.metrics_address, "pid": n.info.pid,
         "capacity": n.info.capacity, "state": n.state or "unknown",

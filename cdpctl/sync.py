@@ -21,14 +21,19 @@ import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from cdp_common.errors import CdpError
-from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
-from cdpctl import status
+from cdpctl import lazy, status
 from cdpctl.cmdline import Context, Subparsers
-from cdpctl.coordcall import call
 from cdpctl.state import UsageError
+
+if TYPE_CHECKING:
+    from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+    from cdpctl import coordcall
+else:   # loaded when a command runs, not for --help (cdpctl.lazy)
+    cpb = lazy.module("cdp_common.pb.cdp.v1.coordinator_pb2")
+    coordcall = lazy.module("cdpctl.coordcall")
 from cdpctl.units import format_seconds
 
 EXIT_TIMEOUT = 2
@@ -153,7 +158,7 @@ def cmd_sync(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("--timeout: must be greater than 0")
     request_id = 0
     if not args.attach:
-        reply = call(coord, lambda stub: stub.RequestSync(
+        reply = coordcall.call(coord, lambda stub: stub.RequestSync(
             cpb.PolicyName(name=args.policy), timeout=rpc_timeout))
         request_id = int(reply.sync_request_id)
         if args.json:
