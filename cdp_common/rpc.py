@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdp_common.config import TlsConfig
 from cdp_common.errors import CdpError, ConfigError, RemoteError, RemoteProtocolError
@@ -83,6 +82,8 @@ class Server:
         self.grpc = grpc.aio.server(options=_options(max_message_bytes),
                                     interceptors=list(interceptors) or None,
                                     maximum_concurrent_rpcs=max_concurrent_rpcs)
+        # here, not at the top: clients (cdpctl) need no health server
+        from grpc_health.v1 import health, health_pb2_grpc
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if tls.insecure:
@@ -98,6 +99,7 @@ class Server:
         self.address = f"{host}:{port}"
 
     async def start(self) -> None:
+        from grpc_health.v1 import health_pb2
         await self.grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
