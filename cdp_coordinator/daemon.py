@@ -9,11 +9,12 @@ import logging
 import grpc
 from prometheus_client import Counter, Gauge
 
-from cdp_common import assignsig, node
+from cdp_common import assignsig, metricsutil, node
 from cdp_common.config import CoordinatorConfig
 from cdp_common.errors import ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
-from cdp_common.states import NodeState, PolicyState
+from cdp_common.states import AlarmLevel, NodeState, PolicyState, policy_level
+from cdp_coordinator.model import Role
 from cdp_coordinator.service import CoordinatorService
 from cdp_coordinator.store import SqliteStore
 
@@ -27,6 +28,34 @@ POLICY_STATE = Gauge("cdp_coordinator_policy_state",
                      ["policy", "state"])
 CLOCK_OFFSET = Gauge("cdp_coordinator_node_clock_offset_seconds",
                      "Node clock minus coordinator clock, from heartbeats.", ["node"])
+NODE_UP = Gauge("cdp_coordinator_node_up", "1 while the node's lease runs, 0 when it is down.",
+                ["node", "role"])
+RPO_WARNING = Gauge("cdp_coordinator_policy_rpo_warning_seconds",
+                    "The policy's rpo_warning_s threshold.", ["policy"])
+RPO_ERROR = Gauge("cdp_coordinator_policy_rpo_error_seconds",
+                  "The policy's rpo_error_s threshold.", ["policy"])
+ALARM_LEVEL = Gauge("cdp_coordinator_policy_alarm_level",
+                    "Severity of the policy's state as health sees it: 0 ok, 1 warning, "
+                    "2 error.", ["policy"])
+POLICY_GAP_OPEN = Gauge("cdp_coordinator_policy_gap_open",
+                        "1 while a gap is open on the policy (restore points since its begin "
+                        "are not restorable).", ["policy"])
+JOURNAL = Gauge("cdp_coordinator_policy_journal_bytes",
+                "Bytes in the filter's journal for the policy, as reported.", ["policy"])
+DIRTY = Gauge("cdp_coordinator_policy_dirty_bytes",
+              "Bytes marked dirty for a resync on the filter, as reported.", ["policy"])
+SYNC_DONE = Gauge("cdp_coordinator_policy_sync_done_bytes",
+                  "Bytes compared or resent by the running sync or resync.", ["policy"])
+SYNC_TOTAL = Gauge("cdp_coordinator_policy_sync_total_bytes",
+                   "Bytes the running sync or resync covers (0: none runs).", ["policy"])
+CAPTURE_MODE = Gauge("cdp_coordinator_policy_capture_mode",
+                     "1 for the filter's capture mode of the policy, 0 for the others.",
+                     ["policy", "mode"])
+CAPTURE_MODES = ("journaling", "tracking", "resyncing")
+POLICY_METRICS = (RPO_LAG, EPOCH, RPO_WARNING, RPO_ERROR, ALARM_LEVEL, POLICY_GAP_OPEN,
+                  JOURNAL, DIRTY, SYNC_DONE, SYNC_TOTAL)
+"""Labelled by policy alone: a deleted policy's series are removed from each."""
+LEVELS = {AlarmLevel.OK: 0, AlarmLevel.WARNING: 1, AlarmLevel.ERROR: 2}
 
 METRICS_PERIOD_S = 1.0
 SHUTDOWN_GRACE_S = 2.0
@@ -36,6 +65,7 @@ class CoordinatorDaemon(node.NodeDaemon):
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self._rebinds_seen = 0
+        self._policies_seen: set[str] = set()
         self.store: SqliteStore | None = None
         self.service: CoordinatorService | None = None
         self.node = node.Node(config, self, kind="coordinator", grace_s=SHUTDOWN_GRACE_S)
@@ -82,7 +112,29 @@ class CoordinatorDaemon(node.NodeDaemon):
             EPOCH.labels(policy=p.name).set(p.epoch)
             for s in PolicyState:
                 POLICY_STATE.labels(policy=p.name, state=s.value).set(int(s == p.state))
+            RPO_WARNING.labels(policy=p.name).set(p.rpo_warning_s)
+            RPO_ERROR.labels(policy=p.name).set(p.rpo_error_s)
+            ALARM_LEVEL.labels(policy=p.name).set(LEVELS[policy_level(p.state, p.enabled)])
+            POLICY_GAP_OPEN.labels(policy=p.name).set(int(
+                bool(p.progress.gap_begin_time_ns) or any(not g.end_seq for g in p.gaps)))
+            JOURNAL.labels(policy=p.name).set(p.journal_bytes)
+            DIRTY.labels(policy=p.name).set(p.progress.dirty_bytes)
+            SYNC_DONE.labels(policy=p.name).set(p.progress.sync_done_bytes)
+            SYNC_TOTAL.labels(policy=p.name).set(p.progress.sync_total_bytes)
+            mode = p.progress.capture_mode or "journaling"
+            for m in CAPTURE_MODES:
+                CAPTURE_MODE.labels(policy=p.name, mode=m).set(int(m == mode))
+        gone = self._policies_seen - {p.name for p in status.policies}
+        for name in gone:   # a deleted policy's series go away
+            metricsutil.forget(POLICY_METRICS, name)
+            for s in PolicyState:
+                metricsutil.forget([POLICY_STATE], name, s.value)
+            for m in CAPTURE_MODES:
+                metricsutil.forget([CAPTURE_MODE], name, m)
+        self._policies_seen = {p.name for p in status.policies}
         for n in status.nodes:
+            NODE_UP.labels(node=n.info.id, role=Role(n.info.role).name.lower()).set(
+                int(n.state == NodeState.UP))
             if n.clock_offset_s is not None:
                 CLOCK_OFFSET.labels(node=n.info.id).set(n.clock_offset_s)
         delta = service.state.rebinds - self._rebinds_seen

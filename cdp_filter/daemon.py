@@ -34,7 +34,7 @@ from cdp_common import assignsig, node
 from cdp_common.config import FilterConfig
 from cdp_common.errors import CdpError, ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
-from cdp_filter import diskset
+from cdp_filter import diskset, metrics
 from cdp_filter.mount import Mount
 from cdp_filter.policy import Disk, PolicyRuntime
 from cdp_filter.resync import Tracker
@@ -292,6 +292,7 @@ class FilterDaemon(node.NodeDaemon):
     def _closed(self, name: str) -> None:
         """The last handle of a detached policy's disks is closed."""
         self.storage.close_policy(name)
+        metrics.forget(name)
         if name in self._purge_after_close:
             self._purge_after_close.discard(name)
             self._purge(name)

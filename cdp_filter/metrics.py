@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
+from cdp_common import metricsutil
+
 WRITES = Counter("cdp_filter_writes", "Application writes captured.", ["policy"])
 WRITE_BYTES = Counter("cdp_filter_write_bytes", "Bytes of application writes captured.",
                       ["policy"])
@@ -14,3 +16,14 @@ SHIPPED_BYTES = Counter("cdp_filter_shipped_bytes", "Journal bytes sent to the s
 DURABLE_SEQ = Gauge("cdp_filter_durable_seq", "Highest seq acked durable by the target.",
                     ["policy"])
 CAPTURED_SEQ = Gauge("cdp_filter_captured_seq", "Highest seq captured.", ["policy"])
+JOURNAL_CAP = Gauge("cdp_filter_journal_cap_bytes", "journal_cap_bytes: past it the journal "
+                    "overflows into dirty tracking.", ["policy"])
+INTENT_REGIONS = Gauge("cdp_filter_intent_regions", "Write-intent regions marked (resynced "
+                       "after a power loss).", ["policy"])
+PER_POLICY = (WRITES, WRITE_BYTES, JOURNAL_BYTES, SHIPPED_BYTES, DURABLE_SEQ, CAPTURED_SEQ,
+              JOURNAL_CAP, INTENT_REGIONS)
+
+
+def forget(policy: str) -> None:
+    """A detached policy's series go away."""
+    metricsutil.forget(PER_POLICY, policy)

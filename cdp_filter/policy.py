@@ -105,6 +105,9 @@ class PolicyRuntime:
         self.m_durable = metrics.DURABLE_SEQ.labels(name)
         metrics.JOURNAL_BYTES.labels(name).set_function(lambda: self.journal.size_bytes)
         metrics.CAPTURED_SEQ.labels(name).set_function(lambda: self.journal.last_seq)
+        metrics.JOURNAL_CAP.labels(name).set(journal.cap_bytes)
+        if intent is not None:
+            metrics.INTENT_REGIONS.labels(name).set_function(lambda: intent.marked)
         self.m_durable.set(self.durable_seq)
 
     async def wait_space(self) -> None:

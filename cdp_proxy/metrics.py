@@ -13,6 +13,9 @@ BYTES_IN = Counter("cdp_proxy_bytes_in", "Bytes received: record batches from th
                    "(source) or frame envelopes from the source proxy (target).", ["role"])
 BYTES_OUT = Counter("cdp_proxy_bytes_out", "Bytes sent: frame envelopes to the target proxy "
                     "(source) or plaintext delta chunks to the target (target).", ["role"])
+POLICY_BYTES_IN = Counter("cdp_proxy_policy_bytes_in", "Bytes received per policy (as "
+                          "cdp_proxy_bytes_in): the proxy's load by policy.",
+                          ["role", "policy"])
 RECORDS = Counter("cdp_proxy_records", "Journal records received from filters.")
 DELTAS = Counter("cdp_proxy_deltas", "Deltas cut (source) or forwarded complete (target).",
                  ["role"])

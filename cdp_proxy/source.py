@@ -260,6 +260,7 @@ class _ShipSession(Session):
                 raise ProtocolError("only record batches may follow the hello")
             batch = req.batch
             metrics.BYTES_IN.labels("source").inc(len(batch.records))
+            metrics.POLICY_BYTES_IN.labels("source", self.policy).inc(len(batch.records))
             self.captured_seq = max(self.captured_seq, batch.captured_seq)
             try:
                 # views into the batch, no copy: the cutter copies what it keeps

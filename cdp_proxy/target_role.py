@@ -141,6 +141,7 @@ class _ReplicateSession(Session):
                 raise ProtocolError("only delta frames may follow the session open")
             f = req.frame
             metrics.BYTES_IN.labels("target").inc(len(f.envelope))
+            metrics.POLICY_BYTES_IN.labels("target", self.policy).inc(len(f.envelope))
             self.gate.check_order(f)
             try:
                 plain = (await asyncio.to_thread(self._open_frame, f) if offload

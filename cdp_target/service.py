@@ -350,6 +350,7 @@ class TargetService(rgrpc.TargetServicer):
                 await in_thread(rt.store.close)
             quarantined = self.quarantined.pop(policy, None) is not None
             removed = await in_thread(self.stores.remove, policy)
+            metrics.forget(policy)
         if removed or rt is not None or quarantined:
             log.warning("policy store purged: replica, deltas and restore points deleted",
                         extra={"policy": policy})
@@ -386,6 +387,13 @@ class TargetService(rgrpc.TargetServicer):
         s = store.snapshot()
         metrics.DURABLE_SEQ.labels(name).set(s.durable_seq)
         metrics.APPLIED_SEQ.labels(name).set(s.applied_seq)
+        undo = getattr(store, "undo", None)   # the file store's restore points
+        if undo is not None:
+            metrics.RESTORE_POINTS.labels(name).set_function(lambda: len(undo.catalog.points))
+            metrics.UNDO_BYTES.labels(name).set_function(
+                lambda: sum(seg.size for seg in undo.catalog.segments))
+        metrics.OPEN_GAPS.labels(name).set_function(
+            lambda: sum(1 for g in rt.gaps.gaps if not g.end_seq))
         rt.worker = asyncio.create_task(self._apply_loop(rt), name=f"apply-{name}")
         rt.kick.set()
         return rt

@@ -21,6 +21,9 @@ packages+=(docker.io docker-compose debootstrap systemd)
 packages+=(iproute2 iptables)
 # shell completion tests check the generated zsh script with zsh itself
 packages+=(zsh)
+# promtool: the alert rules and exported metrics of deploy/monitoring are
+# checked with it (tests/unit/test_monitoring.py)
+packages+=(prometheus)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

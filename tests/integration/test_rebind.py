@@ -6,7 +6,9 @@ are raised and cleared; health exit codes; policy CRUD through the CLI; /metrics
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -240,23 +242,33 @@ def test_policy_crud_via_cli_and_metrics_everywhere(lab: Any, tmp_path: Path) ->
     assert watch.returncode == 64
     expected = {
         "coordinator": ["cdp_coordinator_rpo_lag_seconds", "cdp_coordinator_rebinds_total",
-                        "cdp_coordinator_policy_epoch"],
+                        "cdp_coordinator_policy_epoch", "cdp_coordinator_node_up",
+                        "cdp_coordinator_policy_rpo_error_seconds",
+                        "cdp_coordinator_policy_alarm_level",
+                        "cdp_coordinator_policy_capture_mode"],
         "filter-1": ["cdp_filter_write_bytes_total", "cdp_filter_shipped_bytes_total",
                      "cdp_filter_writes_total", "cdp_filter_journal_bytes",
-                     "cdp_filter_durable_seq"],
+                     "cdp_filter_durable_seq", "cdp_filter_journal_cap_bytes"],
         "source-proxy-1": ["cdp_proxy_bytes_in_total", "cdp_proxy_bytes_out_total",
-                           "cdp_proxy_records_total", "cdp_proxy_deltas_total"],
+                           "cdp_proxy_records_total", "cdp_proxy_deltas_total",
+                           "cdp_proxy_policy_bytes_in_total"],
         "target-proxy-1": ["cdp_proxy_bytes_in_total", "cdp_proxy_bytes_out_total",
                            "cdp_proxy_deltas_total"],
         "target-1": ["cdp_target_durable_seq", "cdp_target_applied_seq",
                      "cdp_target_bytes_total", "cdp_target_deltas_total",
-                     "cdp_target_apply_seconds_count"],
+                     "cdp_target_apply_seconds_count", "cdp_target_restore_points",
+                     "cdp_target_undo_bytes"],
     }
+    promtool = shutil.which("promtool")
     for p in handle.processes:
         with urllib.request.urlopen(f"http://{p['metrics_address']}/metrics", timeout=5) as r:
             text = r.read().decode()
         for name in expected[p["id"]]:
             assert any(line.startswith(name) for line in text.splitlines()), (p["id"], name)
+        if promtool:   # the exposition lints clean (installed by scripts/bootstrap.sh)
+            lint = subprocess.run([promtool, "check", "metrics"], input=text,
+                                  capture_output=True, text=True, timeout=30, check=False)
+            assert lint.returncode == 0, (p["id"], lint.stdout + lint.stderr)
     lag = metric(handle.process("coordinator")["metrics_address"],
                  "cdp_coordinator_rpo_lag_seconds")
     assert lag >= 0

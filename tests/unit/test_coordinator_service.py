@@ -165,6 +165,29 @@ async def test_round_trip_and_rebind(tmp_path: Path) -> None:
                 offset = REGISTRY.get_sample_value("cdp_coordinator_node_clock_offset_seconds",
                                                    {"node": "target-1"})
                 assert offset is not None and abs(offset) < 0.5
+                # what the alert rules and the dashboard read (deploy/monitoring)
+                def sample(name: str, **labels: str) -> float | None:
+                    return REGISTRY.get_sample_value(name, labels)
+                assert sample("cdp_coordinator_node_up", node="sp-1", role="source_proxy") == 0
+                assert sample("cdp_coordinator_node_up", node="target-1", role="target") == 1
+                p1 = d.service.state.policies["p1"]
+                assert sample("cdp_coordinator_policy_rpo_warning_seconds",
+                              policy="p1") == p1.rpo_warning_s
+                assert sample("cdp_coordinator_policy_rpo_error_seconds",
+                              policy="p1") == p1.rpo_error_s
+                level = sample("cdp_coordinator_policy_alarm_level", policy="p1")
+                assert level == {"ok": 0, "degraded": 1, "unprotected": 1, "error": 2}[shown]
+                assert sample("cdp_coordinator_policy_gap_open", policy="p1") == 0
+                assert sample("cdp_coordinator_policy_capture_mode", policy="p1",
+                              mode="journaling") == 1
+                # a deleted policy's series go away
+                await stub.DeletePolicy(cpb.DeletePolicyRequest(name="p1"), timeout=5)
+                d.update_metrics(d.service)
+                for name in ("cdp_coordinator_rpo_lag_seconds",
+                             "cdp_coordinator_policy_alarm_level",
+                             "cdp_coordinator_policy_journal_bytes"):
+                    assert sample(name, policy="p1") is None, name
+                assert sample("cdp_coordinator_policy_state", policy="p1", state="ok") is None
         finally:
             for n in nodes.values():
                 await n.client.stop()
