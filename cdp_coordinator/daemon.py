@@ -52,8 +52,11 @@ CAPTURE_MODE = Gauge("cdp_coordinator_policy_capture_mode",
                      "1 for the filter's capture mode of the policy, 0 for the others.",
                      ["policy", "mode"])
 CAPTURE_MODES = ("journaling", "tracking", "resyncing")
+BREACH_IN = Gauge("cdp_coordinator_policy_rpo_breach_in_seconds",
+                  "Seconds until the RPO lag reaches rpo_error_s at its steady rise "
+                  "(+Inf: no breach forecast).", ["policy"])
 POLICY_METRICS = (RPO_LAG, EPOCH, RPO_WARNING, RPO_ERROR, ALARM_LEVEL, POLICY_GAP_OPEN,
-                  JOURNAL, DIRTY, SYNC_DONE, SYNC_TOTAL)
+                  JOURNAL, DIRTY, SYNC_DONE, SYNC_TOTAL, BREACH_IN)
 """Labelled by policy alone: a deleted policy's series are removed from each."""
 LEVELS = {AlarmLevel.OK: 0, AlarmLevel.WARNING: 1, AlarmLevel.ERROR: 2}
 
@@ -118,6 +121,7 @@ class CoordinatorDaemon(node.NodeDaemon):
             POLICY_GAP_OPEN.labels(policy=p.name).set(int(
                 bool(p.progress.gap_begin_time_ns) or any(not g.end_seq for g in p.gaps)))
             JOURNAL.labels(policy=p.name).set(p.journal_bytes)
+            BREACH_IN.labels(policy=p.name).set(p.rpo_breach_in_s or float("inf"))
             DIRTY.labels(policy=p.name).set(p.progress.dirty_bytes)
             SYNC_DONE.labels(policy=p.name).set(p.progress.sync_done_bytes)
             SYNC_TOTAL.labels(policy=p.name).set(p.progress.sync_total_bytes)

@@ -101,6 +101,7 @@ class Report:
     gaps: tuple[Gap, ...] = ()             # target
     resync_request_id: int = 0             # target: a corrupt delta needs a resync
     no_store: bool = False                 # target: assigned there, no data yet
+    journal_full_in_s: float = 0.0         # filter: its journal overflow forecast (0: none)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,10 @@ class PolicyStatus:
     gaps: tuple[Gap, ...] = ()
     sync_request_id: int = 0
     enabled: bool = True
+    rpo_breach_in_s: float = 0.0
+    """Seconds until the lag reaches rpo_error_s at its steady rise (0: none forecast)."""
+    journal_full_in_s: float = 0.0
+    """The filter's forecast of its journal's overflow (0: not filling)."""
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,8 @@ def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | N
                               reason=g.reason) for g in p.gaps],
             sync_phase=p.progress.sync_phase, sync_id=p.progress.sync_id,
             sync_done_id=p.progress.sync_done_id, sync_reason=p.progress.sync_reason,
-            sync_request_id=p.sync_request_id) for p in status.policies],
+            sync_request_id=p.sync_request_id, rpo_breach_in_s=p.rpo_breach_in_s,
+            journal_full_in_s=p.journal_full_in_s) for p in status.policies],
         now_ns=now_ns, clock_skew_alarm_s=skew_alarm_s,
         unknown_policies=[cpb.UnknownPolicy(node_id=n, policy=p) for n, p in status.unknown])
 
@@ -212,7 +213,8 @@ def report_from_pb(r: cpb.PolicyReport) -> Report:
                   or r.sync_done_id else NO_PROGRESS,
                   gaps=tuple(Gap(g.begin_seq, g.end_seq, g.begin_time_ns, g.end_time_ns,
                                  g.reason) for g in r.gaps),
-                  resync_request_id=r.resync_request_id, no_store=r.no_store)
+                  resync_request_id=r.resync_request_id, no_store=r.no_store,
+                  journal_full_in_s=r.journal_full_in_s)
 
 
 class _Watcher:

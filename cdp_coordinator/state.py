@@ -37,10 +37,12 @@ NodeInfo, Role, ...` keeps working.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 
 from cdp_common.config import PolicyConfig
+from cdp_common.forecast import Trend
 from cdp_coordinator.clocks import ClockBook
 from cdp_coordinator.leases import Leases, Renewal
 from cdp_coordinator.model import (
@@ -63,6 +65,10 @@ from cdp_coordinator.model import (
 )
 from cdp_coordinator.placement import place_all
 from cdp_coordinator.status import rpo_lag, rpo_state, status
+
+LAG_WINDOW_S = 30.0
+LAG_MIN_SLOPE = 0.05
+"""A lag rising slower than this (s/s) is not forecast: clocks and report jitter."""
 
 __all__ = [
     "NO_ENDPOINT", "NO_PROGRESS", "SOURCE_ROLES", "TARGET_ROLES", "Assignment",
@@ -97,6 +103,8 @@ class CoordinatorState:
         self.rebinds = 0
         """Times a bound proxy or target was lost or replaced (metrics)."""
         self.since: dict[str, float] = {}
+        self.lag_trends: dict[str, Trend] = {}
+        """RPO lag per policy over the last LAG_WINDOW_S, for the breach forecast."""
         """When (now) each policy was added or moved to another filter or target: for one
         lease after that, a node not reporting it may not have heard of it yet (status)."""
         self._dirty: set[str] = set()
@@ -239,7 +247,24 @@ class CoordinatorState:
         """Everything the CLI shows; `wall_now` (epoch seconds) defaults to `now`."""
         return status(self.nodes, self.policies, self.assignments, self.reports,
                       self.sync_requests, now, now if wall_now is None else wall_now,
-                      self.clocks.offsets(), self.skew_alarm_s, self.since, self.lease_s)
+                      self.clocks.offsets(), self.skew_alarm_s, self.since, self.lease_s,
+                      functools.partial(self._breach_in, now))
+
+    def _breach_in(self, now: float, policy: str, lag: float) -> float | None:
+        """Feed the policy's lag trend (one sample a second) and forecast the breach."""
+        p = self.policies.get(policy)
+        if p is None:
+            return None
+        trend = self.lag_trends.get(policy)
+        if trend is None:
+            # The lag moves in steps of an interval (one delta made durable); two
+            # acked at once drop it by two: still a rise. An idle spell's jump and
+            # fall is far larger and gives no forecast (cdp_common.forecast).
+            trend = self.lag_trends[policy] = Trend(
+                window_s=LAG_WINDOW_S, min_span_s=LAG_WINDOW_S / 3, min_slope=LAG_MIN_SLOPE,
+                tolerance=2 * p.rpo_interval_s + 1.0, min_interval_s=1.0)
+        trend.add(now, lag)
+        return trend.eta(p.rpo_error_s)
 
     # ------------------------------------------------------------ assignment
 
@@ -254,6 +279,7 @@ class CoordinatorState:
     def _forget(self, name: str) -> None:
         """Drop a policy's assignment, keeping its epoch as a floor; push the removal."""
         self.since.pop(name, None)
+        self.lag_trends.pop(name, None)
         a = self.assignments.pop(name, None)
         if a is not None:
             self._remember_epoch(a)

@@ -51,8 +51,9 @@ when not known, i.e. no grace); `grace_s` is one lease.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cdp_common.clock import describe_offset
@@ -108,6 +109,9 @@ def skew_reasons(node_ids: tuple[str, ...], offsets: Mapping[str, float],
     return out
 
 
+JOURNAL_HORIZON_S = 900.0
+"""A journal forecast to fill within this long makes the policy degraded (a warning)."""
+
 DISABLED_REASON = "disabled by the operator: nothing is replicated (the filter keeps journaling)"
 
 
@@ -116,11 +120,14 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
                   wall: float, offsets: Mapping[str, float] | None = None,
                   skew_alarm_s: float = 0.5, up: frozenset[str] | None = None,
                   known: frozenset[str] | None = None, age_s: float = math.inf,
-                  grace_s: float = 0.0) -> PolicyStatus:
+                  grace_s: float = 0.0,
+                  breach_in: Callable[[float], float | None] | None = None) -> PolicyStatus:
     """One policy's row; `reports` by (node id, policy), `offsets` by node id, `up`:
     the ids of the nodes whose lease is alive, `known`: of every registered node
     (None: leases are not judged, every node counts as registered and up),
-    `age_s`/`grace_s`: see the module docstring."""
+    `age_s`/`grace_s`: see the module docstring; `breach_in(lag)`: seconds until
+    the lag reaches rpo_error_s at its trend (cdp_coordinator.state feeds it), or
+    None."""
     offsets = offsets or {}
     a = a or Assignment(policy=p.name)
     fid = policy_filter(p)
@@ -128,11 +135,13 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
     t = reports.get((p.target, p.name), Report(policy=p.name))
     lag = rpo_lag(f.captured_seq, f.captured_time_ns, t.durable_seq, t.newest_time_ns,
                   wall + offsets.get(fid, 0.0))
+    eta = breach_in(lag) if breach_in is not None and p.enabled else None
     if not p.enabled:
         state, lag, reason = PolicyState.UNPROTECTED, 0.0, DISABLED_REASON
     else:
         facts = _Facts(p, a, reports, up, known, age_s, grace_s)
         facts.judge(f, t, lag, skew_reasons((fid, p.target), offsets, skew_alarm_s))
+        facts.forecast(fid, lag, eta, f.journal_full_in_s)
         state, reason = facts.state(), facts.reason()
     return PolicyStatus(
         name=p.name, source_proxy=a.source_proxy.node_id,
@@ -142,7 +151,9 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
         state=state, reason=reason,
         rpo_interval_s=p.rpo_interval_s, rpo_warning_s=p.rpo_warning_s,
         rpo_error_s=p.rpo_error_s, progress=f.progress, gaps=t.gaps,
-        sync_request_id=sync_request_id, enabled=p.enabled)
+        sync_request_id=sync_request_id, enabled=p.enabled,
+        rpo_breach_in_s=eta if eta and lag < p.rpo_error_s else 0.0,
+        journal_full_in_s=f.journal_full_in_s)
 
 
 @dataclass
@@ -178,6 +189,19 @@ class _Facts:
                                  f"{p.rpo_warning_s:g}s")
         gap = open_gap(f, t)
         self.degraded += ([gap] if gap else []) + skews
+
+    def forecast(self, fid: str, lag: float, breach_in: float | None,
+                 journal_full_in: float) -> None:
+        """Warn before the breach (none of the peers does): the lag rising steadily
+        toward rpo_error_s, to reach it within as long again; the journal filling
+        within JOURNAL_HORIZON_S (then it overflows and a gap opens)."""
+        p = self.p
+        if breach_in and lag < p.rpo_error_s and breach_in <= p.rpo_error_s:
+            self.degraded.append(f"RPO lag {lag:.1f}s is rising: at this pace it reaches the "
+                                 f"error threshold {p.rpo_error_s:g}s in ~{breach_in:.0f}s")
+        if 0 < journal_full_in <= JOURNAL_HORIZON_S:
+            self.degraded.append(f"{fid}: the journal fills in ~{journal_full_in:.0f}s at "
+                                 "this pace (then it overflows into dirty tracking: a gap)")
 
     def _filter(self, fid: str) -> None:
         name = self.p.name
@@ -235,9 +259,11 @@ def status(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
            assignments: Mapping[str, Assignment], reports: Mapping[tuple[str, str], Report],
            sync_requests: Mapping[str, int], now: float, wall: float,
            offsets: Mapping[str, float] | None = None, skew_alarm_s: float = 0.5,
-           since: Mapping[str, float] | None = None, grace_s: float = 0.0) -> Status:
+           since: Mapping[str, float] | None = None, grace_s: float = 0.0,
+           breach_in: Callable[[str, float], float | None] | None = None) -> Status:
     """Everything the CLI shows, nodes and policies by id/name; `since`: when (the
-    monotonic `now`) each policy was added or moved to another filter or target."""
+    monotonic `now`) each policy was added or moved to another filter or target;
+    `breach_in(policy, lag)`: see policy_status."""
     offsets, since = offsets or {}, since or {}
     rows = [node_status(n, now, offsets.get(nid)) for nid, n in sorted(nodes.items())]
     up = frozenset(r.info.id for r in rows if r.state == NodeState.UP)
@@ -246,7 +272,9 @@ def status(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
         policies=[policy_status(p, assignments.get(name), reports,
                                 sync_requests.get(name, 0), wall, offsets, skew_alarm_s, up,
                                 frozenset(nodes),
-                                now - since[name] if name in since else math.inf, grace_s)
+                                now - since[name] if name in since else math.inf, grace_s,
+                                None if breach_in is None
+                                else functools.partial(breach_in, name))
                   for name, p in sorted(policies.items())],
         unknown=unknown_policies(nodes, policies, reports))
 

@@ -18,10 +18,13 @@ DURABLE_SEQ = Gauge("cdp_filter_durable_seq", "Highest seq acked durable by the 
 CAPTURED_SEQ = Gauge("cdp_filter_captured_seq", "Highest seq captured.", ["policy"])
 JOURNAL_CAP = Gauge("cdp_filter_journal_cap_bytes", "journal_cap_bytes: past it the journal "
                     "overflows into dirty tracking.", ["policy"])
+JOURNAL_FULL_IN = Gauge("cdp_filter_journal_full_in_seconds", "Seconds until the journal "
+                        "reaches journal_cap_bytes at its steady growth (+Inf: not "
+                        "filling).", ["policy"])
 INTENT_REGIONS = Gauge("cdp_filter_intent_regions", "Write-intent regions marked (resynced "
                        "after a power loss).", ["policy"])
 PER_POLICY = (WRITES, WRITE_BYTES, JOURNAL_BYTES, SHIPPED_BYTES, DURABLE_SEQ, CAPTURED_SEQ,
-              JOURNAL_CAP, INTENT_REGIONS)
+              JOURNAL_CAP, JOURNAL_FULL_IN, INTENT_REGIONS)
 
 
 def forget(policy: str) -> None:

@@ -20,12 +20,13 @@ from typing import Protocol
 from cdp_common.clock import wall_ns
 from cdp_common.errors import StorageError, UnavailableError
 from cdp_common.fileio import OS_IO, FileIO
+from cdp_common.forecast import Trend
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_filter import metrics
 from cdp_filter.intent import CHECKPOINT_S, IntentLog
 from cdp_filter.journal import Journal
-from cdp_filter.overflow import OverflowMachine
+from cdp_filter.overflow import Mode, OverflowMachine
 
 log = logging.getLogger("filter.policy")
 
@@ -109,6 +110,11 @@ class PolicyRuntime:
         if intent is not None:
             metrics.INTENT_REGIONS.labels(name).set_function(lambda: intent.marked)
         self.m_durable.set(self.durable_seq)
+        # Journal size, sampled at each report: its steady growth says when it
+        # overflows. A trim frees whole segments: a drop of one is still "rising".
+        self.journal_trend = Trend(window_s=60.0, min_span_s=10.0,
+                                   tolerance=float(journal.segment_bytes))
+        metrics.JOURNAL_FULL_IN.labels(name).set(float("inf"))
 
     async def wait_space(self) -> None:
         """Back-pressure: return once the journal is below its cap."""
@@ -211,12 +217,22 @@ class PolicyRuntime:
                      "until the target acks")
         report = cpb.PolicyReport(policy=self.name, captured_seq=self.journal.last_seq,
                                   captured_time_ns=self.journal.last_time_ns,
-                                  journal_bytes=self.journal.size_bytes, error=error)
+                                  journal_bytes=self.journal.size_bytes, error=error,
+                                  journal_full_in_s=self.journal_full_in())
         if self.tracker is not None:
             self.tracker.fill(report)
         if self.syncer is not None:
             self.syncer.fill(report)
         return report
+
+    def journal_full_in(self, now: float | None = None) -> float:
+        """Seconds until the journal reaches its cap at its steady growth; 0: not filling."""
+        j = self.journal
+        self.journal_trend.add(time.monotonic() if now is None else now, j.size_bytes)
+        tracking = self.tracker is not None and self.tracker.m.mode is Mode.TRACKING
+        eta = None if tracking else self.journal_trend.eta(j.cap_bytes)
+        metrics.JOURNAL_FULL_IN.labels(self.name).set(float("inf") if eta is None else eta)
+        return eta or 0.0
 
     def close(self) -> None:
         self.closing = True

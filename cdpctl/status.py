@@ -81,6 +81,9 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
         "sync_done_id": p.sync_done_id, "sync_request_id": p.sync_request_id,
         "sync_done_bytes": p.sync_done_bytes, "sync_total_bytes": p.sync_total_bytes,
         "sync_rate_bps": round(p.sync_rate_bps, 1), "sync_eta_s": round(p.sync_eta_s, 1),
+        # forecasts (0: none): the RPO breach, the journal's overflow
+        "rpo_breach_in_s": round(p.rpo_breach_in_s, 1),
+        "journal_full_in_s": round(p.journal_full_in_s, 1),
         "gaps": [{"begin_seq": g.begin_seq, "end_seq": g.end_seq,
                   "begin_time_ns": g.begin_time_ns, "end_time_ns": g.end_time_ns,
                   "reason": g.reason} for g in p.gaps],

@@ -1,9 +1,10 @@
 """Two sites in network namespaces (DESIGN §8), for network fault tests.
 
 Theory of operation: `TwoSites.up()` creates two network namespaces joined
-by one veth pair on TEST-NET-1 (192.0.2.0/24 only): the source site
-(coordinator, filter, source proxy) at 192.0.2.1 and the DR site (target
-proxy, target) at 192.0.2.2. The daemons' configs are the local lab's
+by one veth pair on TEST-NET-2 (198.51.100.0/24: this machine's own network
+is 192.0.2.0/24, so the sites stay off it): the source site (coordinator,
+filter, source proxy) at 198.51.100.1 and the DR site (target proxy,
+target) at 198.51.100.2. The daemons' configs are the local lab's
 (cdpctl.labplan) with every 127.0.0.1 address moved to its site's address
 and the sites named "src" and "dr"; certificates name both addresses. Each
 daemon runs as `nsenter --net=/run/netns/NS python -m cdp_X run`: only the
@@ -31,7 +32,7 @@ from typing import Any
 from cdp_common import assignsig, crypto, pki
 from cdpctl import labplan
 
-SRC_IP, DR_IP = "192.0.2.1", "192.0.2.2"
+SRC_IP, DR_IP = "198.51.100.1", "198.51.100.2"
 SRC_NODES = (labplan.COORDINATOR_ID, labplan.SOURCE_PROXY_ID, labplan.FILTER_ID)
 
 

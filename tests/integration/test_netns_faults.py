@@ -1,7 +1,7 @@
 """Network faults between two sites in network namespaces (issue 5, item 5).
 
 Source site (coordinator, filter, source proxy) and DR site (target proxy,
-target) are joined by one veth pair on TEST-NET-1 (tests/netsites.py). One
+target) are joined by one veth pair on TEST-NET-2 (tests/netsites.py). One
 set of daemons goes through three faults in turn, with writes during each:
 
 1. a full partition (iptables DROP both ways) for three leases and more:
