@@ -391,7 +391,7 @@ class TargetService(rgrpc.TargetServicer):
         if undo is not None:
             metrics.RESTORE_POINTS.labels(name).set_function(lambda: len(undo.catalog.points))
             metrics.UNDO_BYTES.labels(name).set_function(
-                lambda: sum(seg.size for seg in undo.catalog.segments))
+                lambda: sum(seg.size_bytes for seg in undo.catalog.segments))
         metrics.OPEN_GAPS.labels(name).set_function(
             lambda: sum(1 for g in rt.gaps.gaps if not g.end_seq))
         rt.worker = asyncio.create_task(self._apply_loop(rt), name=f"apply-{name}")

@@ -7,6 +7,7 @@ restores write only under restore_dir, never through a planted symlink."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import os
@@ -396,5 +397,28 @@ async def test_a_purge_deletes_an_unassigned_store_only(tmp_path: Path, kind: st
         assert not await service.purge("p1")            # done already: nothing to do
         assert not await service.purge("../etc")
         await replicate(service, "p2", first=2)          # the other store is untouched
+    finally:
+        await service.close()
+
+
+async def test_restore_point_metrics_collect(tmp_path: Path) -> None:
+    """The per-policy gauges read the live catalog at every scrape (a scrape that
+    raises would turn /metrics into an HTTP 500)."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from cdp_target.points import Segment
+    service = TargetService(tmp_path / "data")
+    await service.open_existing()
+    try:
+        await replicate(service, "pm")
+        await replicate(service, "pm", first=2)
+        undo = service.policies["pm"].store.undo   # type: ignore[attr-defined]
+        # retention kept only the newest point here: give the catalog segments to read
+        undo.catalog = dataclasses.replace(undo.catalog, segments=(
+            Segment(0, 1, 1000), Segment(1, 2, 234)))
+        text = generate_latest(REGISTRY).decode()
+        assert 'cdp_target_restore_points{policy="pm"} 1.0' in text
+        assert REGISTRY.get_sample_value("cdp_target_undo_bytes", {"policy": "pm"}) == 1234
+        assert REGISTRY.get_sample_value("cdp_target_open_gaps", {"policy": "pm"}) == 0
     finally:
         await service.close()
