@@ -72,6 +72,8 @@ class FilterDaemon(node.NodeDaemon):
         self._node: node.Node | None = None
         self._early: cpb.AssignmentSet | None = None
         self._purge_after_close: set[str] = set()
+        self._admitted: dict[str, cpb.Assignment] = {}
+        """The last assignment set's admitted assignments for this filter, by policy."""
 
     @property
     def runtimes(self) -> dict[str, PolicyRuntime]:
@@ -123,7 +125,7 @@ class FilterDaemon(node.NodeDaemon):
                                              if e)
                 out.append(report)
         out.extend(cpb.PolicyReport(policy=name, error=why)
-                   for name, why in sorted(self.refusals.items()) if name not in self.runtimes)
+                   for name, why in sorted(self.refusals.items()) if name not in self.shippers)
         return out
 
     def _on_assignments(self, update: cpb.AssignmentSet) -> None:
@@ -131,19 +133,24 @@ class FilterDaemon(node.NodeDaemon):
             self._early = update   # applied once the mount is up (start)
             return
         me = self.config.node.id
-        admitted = {a.policy: a for a in update.assignments
-                    if a.filter.node_id in ("", me) and self.assignments.admits(a)}
+        self._admitted = {a.policy: a for a in update.assignments
+                          if a.filter.node_id in ("", me) and self.assignments.admits(a)}
+        self._apply()
+        for name in update.purge_policies:
+            if name not in self._admitted:
+                self._purge(name)
+
+    def _apply(self) -> None:
+        """Make the disks match the admitted assignments, then hand them to the workers."""
+        me = self.config.node.id
         self._reconcile({name: [diskset.DiskSpec(d.disk_id, d.name, d.size_bytes)
                                 for d in a.disks if d.filter in ("", me)]
-                         for name, a in admitted.items()})
-        for name in update.purge_policies:
-            if name not in admitted:
-                self._purge(name)
+                         for name, a in self._admitted.items()})
         for name, shipper in self.shippers.items():
-            shipper.set_assignment(admitted.get(name))
+            shipper.set_assignment(self._admitted.get(name))
             syncer = self.runtimes[name].syncer
             if syncer is not None:
-                syncer.on_assignment(admitted.get(name))
+                syncer.on_assignment(self._admitted.get(name))
 
     # ------------------------------------------------------------ policies come and go
 
@@ -171,6 +178,9 @@ class FilterDaemon(node.NodeDaemon):
     def _attach(self, name: str, specs: list[diskset.DiskSpec]) -> str:
         """Create (or re-attach) a managed policy's disks and capture; '' or why not."""
         assert self._node is not None
+        if name in self.runtimes:   # deleted, its last handles still open (_closed retries)
+            return (f"policy {name}: still detaching its disks (open handles left); it is "
+                    "attached again once they are closed")
         data_dir = self.config.filter.data_dir
         old = self.manifest.get(name)
         disks = self.storage.managed_disks(name, specs)
@@ -296,6 +306,8 @@ class FilterDaemon(node.NodeDaemon):
         if name in self._purge_after_close:
             self._purge_after_close.discard(name)
             self._purge(name)
+        if name in self._admitted:   # assigned again meanwhile: attach it now
+            self._apply()
 
     # ------------------------------------------------------------ node hooks
 

@@ -8,8 +8,8 @@ application (or loop device) write reaches `write()` here, in order of arrival.
 
 `write()` is the capture point (`PolicyRuntime.write`). It runs on the event
 loop and does, without yielding in between: journal append (the record gets the
-policy's next seq), then pwrite to the image. Because nothing else runs between the two, the image
-always equals "base + journal records applied in seq order" (the journal is a
+policy's next seq), then pwrite to the image. Because nothing else runs between
+the two, the image always equals "base + journal records applied in seq order" (the journal is a
 redo log for the image, replayed at startup), and concurrent writes get seqs in
 the order they reach the image. The only awaits in the write path, the
 back-pressure wait when the journal is over its cap and the fsync of a new

@@ -128,6 +128,30 @@ def test_a_policy_creates_attaches_replicates_and_detaches_its_disk(
     assert (images / "disk7.img").read_bytes() == b"someone's file"   # never adopted
     assert handle.cli("policy", "delete", "p3").returncode == 0
 
+    # deleting the policy while disk9 is open: it leaves the directory, the open
+    # handle keeps working; created again meanwhile, it is attached once closed
+    fd = os.open(disk9, os.O_RDWR)
+    try:
+        assert handle.cli("policy", "delete", "p2").returncode == 0
+        assert_eventually(lambda: "disk9" not in os.listdir(mnt), 20, 0.2,
+                          "disk9 stayed in the directory")
+        assert os.pread(fd, 4096, BIG - MiB) == tail[:4096]
+        again = handle.cli("policy", "create", "p2", "--target", "target-1",
+                           "--disk", f"filter-1:disk9:{BIG // MiB}M")
+        assert again.returncode == 0, again.stderr
+
+        def still_detaching() -> None:
+            h = handle.cli("health")
+            assert h.returncode == 2 and "still detaching" in h.stdout, h.stdout
+        assert_eventually(still_detaching, 30, 0.5, "the re-created policy was not held")
+    finally:
+        os.close(fd)
+    assert_eventually(lambda: "disk9" in os.listdir(mnt), 20, 0.2,
+                      "disk9 was not attached again once closed")
+    assert sha256_file(disk9) == sha256_file(images / "disk9.img")
+    assert_eventually(lambda: handle.cli("health").returncode == 0, 60, 1.0,
+                      "the re-attached policy did not become healthy")
+
     # deleting the policy detaches the disk (once closed) and keeps its data
     kept = sha256_file(images / "disk9.img")
     assert handle.cli("policy", "delete", "p2").returncode == 0
