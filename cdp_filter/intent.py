@@ -24,11 +24,11 @@ W2  A bit is cleared (`checkpoint`, every CHECKPOINT_S) only for a region not
     writes are then all remembered elsewhere. Clearing needs no fsync: a bit
     that survives a power cut set only costs a resync of its region.
 
-After a host crash (`recover`, at start-up, before replay): when bits are set
-and the boot id differs from the one recorded at the previous start, the host
-went down with the filter running, so every region marked is marked in the
-dirty-block bitmaps and resynced from the images (cdp_filter.salvage
-`mark_for_resync`, gap reason "power-loss"). Same boot id: the filter was only
+After a host crash (`cdp_filter.storage.recover_intent`, at start-up, before
+replay): when bits are set and the boot id differs from the one recorded at
+the previous start, the host went down with the filter running, so every
+region marked is marked in the dirty-block bitmaps and resynced from the
+images (cdp_filter.salvage `mark_for_resync`, gap reason "power-loss"). Same boot id: the filter was only
 killed, the page cache kept everything and the journal's redo covers it; the
 journal and images are then fsynced (what the dead process appended may be
 only in the page cache) and the bits cleared. A clean stop clears them too.
@@ -110,7 +110,6 @@ class IntentLog:
         self._touched: set[Region] = set()    # written since the last checkpoint began
         self.failure: StorageError | None = None
         """The first fsync failure, kept: no later write is admitted (like the journal's)."""
-        self.fsyncs = 0
 
     # ------------------------------------------------------------ facts
 
@@ -190,7 +189,6 @@ class IntentLog:
     def _fsync(self, fds: list[int]) -> None:
         for fd in fds:
             self.io.fsync(fd)   # not bm.sync(): its flag may change on the loop meanwhile
-        self.fsyncs += 1
 
     # ------------------------------------------------------------ clearing (W2)
 
