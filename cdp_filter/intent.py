@@ -28,10 +28,11 @@ After a host crash (`cdp_filter.storage.recover_intent`, at start-up, before
 replay): when bits are set and the boot id differs from the one recorded at
 the previous start, the host went down with the filter running, so every
 region marked is marked in the dirty-block bitmaps and resynced from the
-images (cdp_filter.salvage `mark_for_resync`, gap reason "power-loss"). Same boot id: the filter was only
-killed, the page cache kept everything and the journal's redo covers it; the
-journal and images are then fsynced (what the dead process appended may be
-only in the page cache) and the bits cleared. A clean stop clears them too.
+images (cdp_filter.salvage `mark_for_resync`, gap reason "power-loss").
+Same boot id: the filter was only killed, the page cache kept everything and
+the journal's redo covers it; the journal and images are then fsynced (what
+the dead process appended may be only in the page cache) and the bits
+cleared. A clean stop clears them too.
 
 On disk (docs/FORMAT.md "Write-intent bitmap"):
     <data_dir>/intent/<policy>/<disk>.bitmap   DirtyBitmap format, block = region
