@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian/Ubuntu machine for cdp:
 #   1. system packages (installed only when missing, non-interactively),
-#   2. the virtualenv .venv: the exact versions of requirements.lock, then cdp
-#      itself editable (re-run only when pyproject.toml or the lock changed),
+#   2. the virtualenv .venv: the exact versions and hashes of requirements-build.lock
+#      and requirements-dev.lock, then cdp itself editable (re-run only when
+#      pyproject.toml or a lock changed),
 #   3. the generated protobuf/gRPC modules (re-run only when a .proto changed).
 # Safe to run again at any time; `make setup`, `make lab` and `make test` do.
 set -euo pipefail
@@ -54,13 +55,18 @@ if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv
 fi
 stamp=.venv/.cdp-installed
-want="$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)"
+locks=(requirements-build.lock requirements-dev.lock)
+want="$(cat pyproject.toml "${locks[@]}" | sha256sum | cut -d' ' -f1)"
 if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]] || ! .venv/bin/python -c "import cdpctl" 2>/dev/null; then
-    # Exact versions from the lock file (scripts/lock.sh), so every machine runs
-    # what CI ran; then cdp itself, editable, without resolving anything again.
-    say "installing the locked dependencies and cdp (editable) into .venv"
-    .venv/bin/python -m pip install -q -r requirements.lock
-    .venv/bin/python -m pip install -q --no-deps -e .
+    # Exactly the locked versions, each file checked against its locked sha256
+    # (scripts/lock.sh): first the build tools, then everything else built with
+    # those (no build isolation, so no build fetches an unlocked setuptools or
+    # Cython), then cdp itself, editable, without resolving anything again.
+    say "installing the locked dependencies (hash-checked) and cdp (editable) into .venv"
+    pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+    "${pip[@]}" --require-hashes -r requirements-build.lock
+    "${pip[@]}" --require-hashes --no-build-isolation -r requirements-dev.lock
+    "${pip[@]}" --no-deps --no-build-isolation -e .
     echo "$want" >"$stamp"
 else
     say ".venv up to date"
