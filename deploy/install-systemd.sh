@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install cdp as systemd services from this source tree (Debian/Ubuntu, as root):
-#   - system packages the daemons need (python3-venv, fuse3; compilers for pyfuse3)
-#   - a venv in $PREFIX (default /opt/cdp) with cdp installed, docs in $PREFIX/share/doc
+#   - system packages the daemons need (python3-venv, fuse3; compilers for pyfuse3
+#     unless installing from a wheelhouse)
+#   - a venv in $PREFIX (default /opt/cdp) with cdp and exactly the versions of
+#     requirements.lock, every file checked against its locked sha256
+#     (scripts/install-locked.sh), docs in $PREFIX/share/doc
 #   - a system user "cdp" (coordinator, proxies and target run as it; the filter runs as root)
 #   - the units in /etc/systemd/system, example configs in /etc/cdp/examples
 # It never overwrites a config in /etc/cdp and enables nothing: pick the daemons
@@ -10,6 +13,8 @@
 #   sudo deploy/install-systemd.sh            # or: sudo make install-systemd
 #   DESTDIR=/tmp/stage deploy/install-systemd.sh   # staged look at the files; no apt, useradd,
 #                                                 # systemctl (the staged venv only runs from there)
+#   WHEELHOUSE=DIR deploy/install-systemd.sh       # offline, from `scripts/wheelhouse.sh DIR`
+#                                                 # built on a machine with network
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 PREFIX=${PREFIX:-/opt/cdp}
@@ -18,7 +23,8 @@ say() { printf 'install: %s\n' "$*"; }
 [ "$(id -u)" -eq 0 ] || [ -n "$DESTDIR" ] || { echo "run as root (or set DESTDIR for a staged install)" >&2; exit 64; }
 
 if [ -z "$DESTDIR" ]; then
-    need=(python3-venv fuse3 libfuse3-dev pkg-config gcc python3-dev)
+    need=(python3-venv fuse3)
+    [ -n "${WHEELHOUSE:-}" ] || need+=(libfuse3-dev pkg-config gcc python3-dev)
     missing=()
     for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
     if ((${#missing[@]})); then
@@ -27,13 +33,8 @@ if [ -z "$DESTDIR" ]; then
     fi
 fi
 
-say "venv and cdp in $DESTDIR$PREFIX"
-python3 -m venv "$DESTDIR$PREFIX"
-if [ ! -f "$root/cdp_common/pb/cdp/v1/coordinator_pb2.py" ]; then
-    "$DESTDIR$PREFIX/bin/pip" install -q grpcio-tools
-    PYTHON="$DESTDIR$PREFIX/bin/python" "$root/scripts/gen_proto.sh"
-fi
-"$DESTDIR$PREFIX/bin/pip" install -q --upgrade "$root"
+say "venv and cdp in $DESTDIR$PREFIX: the locked versions (requirements.lock), hash-checked"
+"$root/scripts/install-locked.sh" "$DESTDIR$PREFIX"
 install -d "$DESTDIR$PREFIX/share/doc"
 install -m 0644 "$root"/docs/*.md "$root/README.md" "$DESTDIR$PREFIX/share/doc/"
 

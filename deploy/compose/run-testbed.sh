@@ -34,11 +34,8 @@ teardown() {
 }
 
 if [ "${WHEELS:-0}" = 1 ]; then
-    say "building wheels into deploy/compose/wheels"
-    py=${PYTHON:-$root/.venv/bin/python}
-    # the locked versions (requirements.lock), as the host's .venv has them
-    "$py" -m pip wheel -q --wheel-dir "$here/wheels" -c "$root/requirements.lock" \
-        "$root" setuptools wheel >/dev/null
+    say "building the wheelhouse deploy/compose/wheels (the locked versions, hash-checked)"
+    PYTHON=${PYTHON:-$root/.venv/bin/python} "$root/scripts/wheelhouse.sh" "$here/wheels" >/dev/null
 fi
 
 say "building the image (BASE_IMAGE=$BASE_IMAGE)"
