@@ -18,6 +18,10 @@ packages=(python3-venv fuse3 libfuse3-dev pkg-config e2fsprogs util-linux sqlite
 # check (systemd-analyze): a Docker engine started by the test, compose v1,
 # debootstrap for the locally built base image
 packages+=(docker.io docker-compose debootstrap systemd)
+# the units booted under a real systemd (tests/integration/test_systemd_nspawn.py):
+# systemd-nspawn, over a root file system that debootstrap (above) builds
+# (scripts/nspawn-rootfs.sh)
+packages+=(systemd-container)
 # the two-site network fault tests (tests/integration/test_netns_faults.py)
 packages+=(iproute2 iptables)
 # shell completion tests check the generated zsh script with zsh itself
