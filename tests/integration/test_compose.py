@@ -2,9 +2,14 @@
 
 Two sites as two compose networks (plus the proxies' wan), every daemon in
 its own container, mutual TLS from a one-shot `cdpctl pki` init container,
-the filter's FUSE mount inside its container; a write through the filter must
-reach the target's replica byte for byte (sha256), and the bed must come down
-without leftovers.
+the filter's FUSE mount inside its container. deploy/compose/scenario.py then
+checks, from outside the daemons: a write reaches the target's replica byte for
+byte (sha256); a source proxy killed with SIGKILL has its policy rebound to the
+other one and the next write arrives; during a partition between the sites
+past the lease `cdpctl health` does not say OK and nothing crosses, and after
+it the held-back write arrives and health is OK again; restores of an earlier
+point and of the latest equal the source as it was then. The bed must come
+down without leftovers.
 
 No image can be pulled on this project's machines and no Docker engine runs
 by default, so the test, as root:
@@ -101,7 +106,7 @@ def _leftovers(env: dict[str, str]) -> list[str]:
     return out
 
 
-def test_compose_testbed_replicates_a_write(docker_env: dict[str, str], base_image: str,
+def test_compose_testbed_scenario(docker_env: dict[str, str], base_image: str,
                                             tmp_path: Path) -> None:
     env = {**docker_env, "BASE_IMAGE": base_image, "PROJECT": PROJECT, "WHEELS": "1",
            "LOG_DIR": str(tmp_path), "PYTHON": str(ROOT / ".venv" / "bin" / "python")}
@@ -113,6 +118,11 @@ def test_compose_testbed_replicates_a_write(docker_env: dict[str, str], base_ima
     if logs.exists():
         detail += "\n--- compose logs (tail) ---\n" + logs.read_text()[-4000:]
     assert done.returncode == 0, detail
-    assert "matches" in done.stdout
-    assert "health: OK" in done.stdout, detail
+    out = done.stdout
+    print("\n".join(line for line in out.splitlines() if line.startswith("[testbed]")))
+    for line in ("write A", "matches after", "rebound from source-proxy-", "write B through",
+                 "during the partition", "write C held back", "healed: write C reached",
+                 "health OK again", "(--point", "(--latest)", "health: OK", "all checks held"):
+        assert line in out, f"{line!r} missing from the scenario's output:\n{detail}"
+    assert "matches the source as it was" in out, detail
     assert _leftovers(docker_env) == []

@@ -1,0 +1,256 @@
+"""The compose test bed's scenario, run by run-testbed.sh once the bed is up.
+
+Every step checks what the operator would check, from outside the daemons:
+
+1. write A through the filter; the target's replica reaches the source's sha256;
+   an on-demand restore point P_A is made;
+2. kill -9 the source proxy serving the policy (its process, from the host) and
+   keep it down: the coordinator rebinds the policy to the other source proxy;
+   write B arrives; the killed one starts again and the policy stays put;
+3. partition the sites past the lease (the proxies off the wan network, the
+   coordinator off the DR network): `cdpctl health` must not say OK while the
+   policy cannot replicate, and write C must not reach the replica; heal it:
+   C arrives and health is OK again;
+4. restore P_A: its image equals the disk as it was after A (not B, not C);
+   restore the latest point: it equals the disk now.
+
+Standard library only: it runs with the host's python3 and drives
+docker-compose and docker. Output lines start with "[testbed]"; the exit code
+is 0 when every check held, 1 when one failed (with what was seen), 2 when the
+bed could not be driven.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+POLICY = "testbed"
+DISK = "/run/cdp/disks/disk0"
+REPLICA = f"/var/lib/cdp/target/{POLICY}/replicas/disk0.img"
+RESTORES = "/var/lib/cdp/target/_restores"
+CONN = ("--coordinator 198.51.100.5:7000 --ca /etc/cdp/secrets/pki/ca.pem "
+        "--cert /etc/cdp/secrets/pki/cdpctl.pem --key /etc/cdp/secrets/pki/cdpctl.key")
+# node id -> compose service, and where each service sits on which network
+SERVICE = {"source-proxy-1": "source-proxy", "source-proxy-2": "source-proxy-2"}
+WAN = {"source-proxy": "198.51.100.140", "source-proxy-2": "198.51.100.142",
+       "target-proxy": "198.51.100.141"}
+COORDINATOR_DR = "198.51.100.69"
+LEASE_S = 3.0   # coordinator.toml keeps the default lease_ms
+
+
+class Failed(Exception):
+    """A check did not hold: exit 1 with what was seen."""
+
+
+class Broken(Exception):
+    """The bed could not be driven (docker, compose): exit 2."""
+
+
+def say(msg: str) -> None:
+    print(f"[testbed] {msg}", flush=True)
+
+
+class Bed:
+    def __init__(self, compose: list[str]) -> None:
+        self.compose = compose
+        self.project = compose[compose.index("-p") + 1]
+
+    def run(self, cmd: list[str], timeout: float = 120, check: bool = True,
+            ) -> subprocess.CompletedProcess[str]:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise Broken(f"{shlex.join(cmd)}: no answer in {timeout:.0f} s") from e
+        if check and done.returncode != 0:
+            raise Broken(f"{shlex.join(cmd)} exited {done.returncode}: "
+                         f"{(done.stderr or done.stdout).strip()[-600:]}")
+        return done
+
+    def sh(self, service: str, script: str, timeout: float = 120, check: bool = True,
+           ) -> subprocess.CompletedProcess[str]:
+        return self.run([*self.compose, "exec", "-T", service, "sh", "-c", script],
+                        timeout, check)
+
+    def cdpctl(self, args: str, check: bool = True, timeout: float = 120,
+               ) -> subprocess.CompletedProcess[str]:
+        return self.sh("coordinator", f"cdpctl {args} {CONN}", timeout, check)
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.cdpctl("status --json").stdout)
+
+    def policy(self) -> dict[str, Any]:
+        for p in self.status()["policies"]:
+            if p["name"] == POLICY:
+                return dict(p)
+        raise Failed(f"policy {POLICY} is not in `cdpctl status`")
+
+    def container(self, service: str) -> str:
+        cid = self.run([*self.compose, "ps", "-q", service]).stdout.strip()
+        if not cid:
+            raise Broken(f"no container for service {service}")
+        return cid
+
+    def network(self, name: str) -> str:
+        return f"{self.project}_{name}"
+
+    def sha(self, service: str, path: str) -> str:
+        done = self.sh(service, f"sha256sum {path} 2>/dev/null", check=False)
+        return done.stdout.split()[0] if done.returncode == 0 and done.stdout else ""
+
+
+def wait(what: str, cond: Callable[[], bool], timeout: float, every: float = 0.5) -> float:
+    start = time.monotonic()
+    while True:
+        try:
+            if cond():
+                return time.monotonic() - start
+        except (Failed, Broken, ValueError, KeyError):
+            pass   # the bed is settling (a node restarting, a partition): ask again
+        if time.monotonic() - start > timeout:
+            raise Failed(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+
+
+def write(bed: Bed, offset_mib: int, mib: int) -> str:
+    """Write fresh random data through the filter; the disk's sha256 afterwards."""
+    out = bed.sh("filter", f"head -c {mib * 1048576} /dev/urandom > /tmp/data && "
+                 f"dd if=/tmp/data of={DISK} bs=1M seek={offset_mib} oflag=direct "
+                 f"conv=notrunc,fsync status=none && sha256sum {DISK}").stdout
+    return out.split()[0]
+
+
+def replicated(bed: Bed, want: str, timeout: float) -> float:
+    return wait(f"replica sha256 = {want[:16]}…", lambda: bed.sha("target", REPLICA) == want,
+                timeout)
+
+
+def health(bed: Bed) -> tuple[int, str]:
+    done = bed.cdpctl("health", check=False)
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr.strip()
+    return done.returncode, last
+
+
+def step_write_and_point(bed: Bed, timeout: float, write_mib: int) -> tuple[str, str]:
+    sha_a = write(bed, 3, write_mib)
+    took = replicated(bed, sha_a, timeout)
+    say(f"write A ({write_mib} MiB): replica sha256 {sha_a[:16]}… matches after {took:.1f} s")
+    point = json.loads(bed.cdpctl(f"restore-points create {POLICY} --json").stdout)
+    say(f"restore point {point['id']} made after A (last seq {point['last_seq']})")
+    return sha_a, str(point["id"])
+
+
+def step_kill_proxy(bed: Bed, timeout: float) -> str:
+    before = bed.policy()["source_proxy"]
+    if before not in SERVICE:
+        raise Failed(f"policy served by unknown source proxy {before!r}")
+    cid = bed.container(SERVICE[before])
+    pid = bed.run(["docker", "inspect", "-f", "{{.State.Pid}}", cid]).stdout.strip()
+    # Kept down until the rebind: restarted at once, it would be back within
+    # its lease and rightly keep the policy.
+    bed.run(["docker", "update", "--restart=no", cid])
+    bed.run(["kill", "-9", pid])
+    killed = time.monotonic()
+    say(f"killed {before} (pid {pid} on the host) with SIGKILL")
+    took = wait("rebind to the other source proxy",
+                lambda: bed.policy()["source_proxy"] not in ("", before), timeout)
+    after = bed.policy()["source_proxy"]
+    say(f"policy rebound from {before} to {after} {time.monotonic() - killed:.1f} s after "
+        f"the kill (waited {took:.1f} s)")
+    sha_b = write(bed, 20, 4)
+    took = replicated(bed, sha_b, timeout)
+    say(f"write B through {after}: replica matches after {took:.1f} s")
+    bed.run(["docker", "update", "--restart=on-failure", cid])
+    bed.run(["docker", "start", cid])
+    wait(f"{before} back", lambda: any(n["id"] == before and n["state"] == "up"
+                                       for n in bed.status()["nodes"]), timeout)
+    say(f"{before} started again and registered; the policy stays on {after}")
+    if bed.policy()["source_proxy"] != after:
+        raise Failed(f"the policy moved again when {before} came back")
+    return sha_b
+
+
+def _partition(bed: Bed, cut: bool) -> None:
+    verb = "disconnect" if cut else "connect"
+    links = [("wan", s, ip) for s, ip in WAN.items()] + [("dr", "coordinator", COORDINATOR_DR)]
+    for net, service, ip in links:
+        cmd = ["docker", "network", verb]
+        cmd += ["-f"] if cut else ["--ip", ip]
+        bed.run([*cmd, bed.network(net), bed.container(service)])
+
+
+def step_partition(bed: Bed, timeout: float) -> str:
+    _partition(bed, cut=True)
+    cut = time.monotonic()
+    say("partitioned the sites: proxies off the wan, the coordinator off the DR network")
+    try:
+        sha_c = write(bed, 40, 4)
+        took = wait("health to stop saying OK", lambda: health(bed)[0] != 0, 4 * LEASE_S + 30)
+        code, last = health(bed)
+        say(f"during the partition (after {took:.1f} s): `cdpctl health` exits {code}: {last}")
+        if code == 0 or last.endswith("OK"):
+            raise Failed(f"health says OK while the sites are partitioned: {last}")
+        # past the lease: the DR nodes are down for the coordinator, and nothing crosses
+        time.sleep(max(0.0, 2 * LEASE_S - (time.monotonic() - cut)))
+        if bed.sha("target", REPLICA) == sha_c:
+            raise Failed("write C reached the replica across a partition")
+        say(f"write C held back at the source {time.monotonic() - cut:.1f} s into the partition")
+    finally:
+        _partition(bed, cut=False)
+    healed = time.monotonic()
+    took = replicated(bed, sha_c, timeout)
+    say(f"healed: write C reached the replica {took:.1f} s after the links came back")
+    wait("health OK again", lambda: health(bed)[0] == 0, timeout)
+    say(f"health OK again {time.monotonic() - healed:.1f} s after healing")
+    return sha_c
+
+
+def step_restore(bed: Bed, point: str, sha_a: str, sha_now: str) -> None:
+    for name, which, want in (("a", f"--point {point}", sha_a), ("latest", "--latest", sha_now)):
+        out = f"{RESTORES}/{name}"
+        doc = json.loads(bed.cdpctl(f"restore {POLICY} {which} --out {out} --json",
+                                    timeout=300).stdout)
+        got = bed.sha("target", f"{out}/disk0.img")
+        label = f"restore of point {doc['point']['id']} ({which})"
+        if got != want:
+            raise Failed(f"{label}: image sha256 {got or '<none>'} != the source's {want}")
+        say(f"{label}: image sha256 {got[:16]}… matches the source as it was")
+        bed.sh("target", f"rm -rf {out}")
+
+
+def main() -> int:
+    compose = shlex.split(os.environ.get("COMPOSE_CMD", ""))
+    if "-p" not in compose:
+        print("scenario.py: set COMPOSE_CMD to the docker-compose command line, "
+              "with -p PROJECT and -f FILE", file=sys.stderr)
+        return 2
+    timeout = float(os.environ.get("TIMEOUT_S", "90"))
+    write_mib = int(os.environ.get("WRITE_MIB", "8"))
+    bed = Bed(compose)
+    try:
+        sha_a, point = step_write_and_point(bed, timeout, write_mib)
+        step_kill_proxy(bed, timeout)
+        sha_now = step_partition(bed, timeout)
+        step_restore(bed, point, sha_a, sha_now)
+        code, last = health(bed)
+        say(last)
+        if code != 0:
+            raise Failed(f"`cdpctl health` exits {code} at the end: {last}")
+    except Failed as e:
+        print(f"[testbed] FAILED: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Broken as e:
+        print(f"[testbed] could not drive the bed: {e}", file=sys.stderr, flush=True)
+        return 2
+    say("all checks held")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
