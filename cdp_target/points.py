@@ -36,8 +36,9 @@ swap the catalog atomically, then delete the old files).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from cdp_common.errors import FormatError
@@ -115,10 +116,11 @@ class Catalog:
         return self.points[-1] if self.points else None
 
     def point(self, point_id: int) -> Point | None:
-        for p in self.points:
-            if p.id == point_id:
-                return p
-        return None
+        return self._by_id.get(point_id)
+
+    @cached_property
+    def _by_id(self) -> dict[int, Point]:
+        return {p.id: p for p in self.points}
 
     def at_or_before(self, time_ns: int) -> Point | None:
         """The newest point whose time is at or before `time_ns`."""
@@ -134,11 +136,40 @@ class Catalog:
 
     def size_of(self, point: Point) -> int:
         """Undo bytes this point holds: the segments between it and the next newer point."""
+        size = self.sizes.get(point.id)
+        if size is not None:
+            return size
+        # not one of ours (dropped since the caller looked): the definition, spelled out
         newer = [p.last_seq for p in self.points if p.last_seq > point.last_seq]
         if not newer:
             return 0
         return sum(s.size_bytes for s in self.segments
                    if s.lo >= point.last_seq and s.hi <= newer[0])
+
+    @cached_property
+    def sizes(self) -> Mapping[int, int]:
+        """`size_of` of every point, by id, in one pass over points and segments.
+
+        Listing used to call `size_of` per point, each a scan of all points and
+        segments: quadratic, seconds at 7,200 points (4 h at a 2 s RPO). The
+        catalog is immutable, so the table is computed once per catalog, on
+        first use, by walking both chains together; a valid catalog's segments
+        between two consecutive points are exactly the consecutive segments
+        whose ``lo >= older.last_seq`` and ``hi <= newer.last_seq``.
+        """
+        out: dict[int, int] = {}
+        segs, j = self.segments, 0
+        for i, p in enumerate(self.points):
+            if i + 1 == len(self.points):
+                out[p.id] = 0
+                break
+            nxt, total = self.points[i + 1].last_seq, 0
+            while j < len(segs) and segs[j].hi <= nxt:
+                if segs[j].lo >= p.last_seq:
+                    total += segs[j].size_bytes
+                j += 1
+            out[p.id] = total
+        return out
 
     def total_bytes(self) -> int:
         return sum(s.size_bytes for s in self.segments)
