@@ -4,7 +4,11 @@ Theory of operation
 -------------------
 Layout, next to the store's files (`cdp_target.store`)::
 
-    <policy>/points.json                      the catalog (cdp_target.points), replaced atomically
+    <policy>/points.log                       the catalog (cdp_target.points), an append-only
+                                              log of patches (cdp_target.catalogfile)
+    <policy>/points.log.tmp                   a compaction being written; deleted on open
+    <policy>/points.json                      the catalog before version 2 (JSON); read,
+                                              replaced by points.log at the first change
     <policy>/retention.json                   the policy's retention, as last heard
     <policy>/undo/<lo:020d>-<hi:020d>.undo     undo segment (lo, hi]
     <policy>/undo/<...>.tmp                   a segment being written; never referenced
@@ -21,13 +25,18 @@ Crash safety, per step of apply (driven by `cdp_target.applier.Applier`):
    the file already exists (crash after this step), it is kept as it is:
    the replica may be half-written by now, so recapturing would be wrong.
 2. the store writes the delta into the replicas and fsyncs them;
-3. `after_apply`: the catalog gains point hi and segment (lo, hi]
-   (tmp + fsync + rename + dir fsync); only now is the point listed;
+3. `after_apply`: the catalog gains point hi and segment (lo, hi], one
+   record appended to the log and fdatasynced; only now is the point listed
+   (the in-memory catalog changes after the record is durable, never before);
 4. the applier persists applied_seq and deletes the delta; then `retain`.
 
 `retain` executes a `points.Plan`: merged segments are written and fsynced
-under new names first, then the catalog is swapped atomically, then the
-files it no longer references are deleted. A crash before the swap leaves
+under new names first, then the catalog's change is appended (durable), then
+the files it no longer references are deleted. Every change of the catalog
+goes through `_save`: one appended patch, or a compaction (the whole catalog
+rewritten atomically) when the log is past its bound (`CatalogLog.over_bound`),
+on a reset, to upgrade an old ``points.json``, and after a failed write (the
+log may end in a partial record then; a rename replaces it whole). A crash before the swap leaves
 unreferenced new files, after it unreferenced old ones: `recover` deletes
 both (but keeps the pending segment whose lo is the newest point: that is
 step 1 of the delta being applied). So every listed point is restorable at
@@ -36,6 +45,7 @@ every instant.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -44,16 +54,18 @@ from pathlib import Path
 
 from cdp_common import statefile
 from cdp_common.delta import KIND_ZERO, Extent, decode_chunk, encode_chunks, walk_extents
-from cdp_common.errors import FormatError, StorageError
+from cdp_common.errors import CorruptStateError, FormatError, StorageError
 from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.fsutil import pread_full
+from cdp_target import catalogfile as CF
 from cdp_target import points as P
 from cdp_target import undo
 from cdp_target.deltafile import FLAG_UNDO, DeltaReader, write_delta_file
 
 log = logging.getLogger("target.undo")
 
-CATALOG_FILE = "points.json"
+CATALOG_FILE = "points.log"
+OLD_CATALOG_FILE = "points.json"  # catalog version 1 (JSON), read and upgraded
 CATALOG_KIND = "target-catalog"
 RETENTION_FILE = "retention.json"
 RETENTION_KIND = "target-retention"
@@ -128,6 +140,9 @@ class UndoStore:
         self.dir = directory
         self.undo_dir = directory / UNDO_DIR
         self.catalog = P.Catalog()
+        """The listed restore points; replaced (never mutated) only once its change is durable."""
+        self.log = CF.CatalogLog(directory / CATALOG_FILE, io)
+        self._compact_next = True  # no log yet, or one whose end is not trusted
         self.retention = P.Retention()
         self.now_ns = now_ns
         self.io = io
@@ -144,10 +159,9 @@ class UndoStore:
         """Load the catalog and retention, delete leftovers of a crash."""
         try:
             self.io.makedirs(self.undo_dir)
-            cat_path = self.dir / CATALOG_FILE
-            data = statefile.load(cat_path, CATALOG_KIND, P.CATALOG_VERSION, self.io)
-            if data is not None:
-                self.catalog = P.Catalog.from_json(data, str(cat_path))
+            with contextlib.suppress(FileNotFoundError):
+                self.io.unlink(self.log.tmp_path)  # a compaction cut before its rename
+            torn = self._load_catalog()
             ret_path = self.dir / RETENTION_FILE
             try:
                 ret = statefile.load(ret_path, RETENTION_KIND, RETENTION_VERSION, self.io)
@@ -157,10 +171,15 @@ class UndoStore:
                 log.warning("ignoring %s", exc, extra={"policy": self.dir.name})
             newest = self.catalog.newest
             if newest is None or newest.last_seq < applied_seq:
+                if torn:
+                    # A torn tail is at most the last append, which was not durable,
+                    # so applied_seq (persisted after it) cannot be past it.
+                    raise CorruptStateError(
+                        f"{self.log.path}: the record dropped as torn held restore point "
+                        f"{applied_seq} or later, already applied: the catalog is corrupt")
                 # No catalog yet (or one that lost track): the replica is the only point.
-                self.catalog = (P.Catalog((P.Point(applied_seq, newest_time_ns),), ())
-                                if applied_seq > 0 else P.Catalog())
-                self._write_catalog()
+                self._save(P.Catalog((P.Point(applied_seq, newest_time_ns),), ())
+                           if applied_seq > 0 else P.Catalog(), compact=True)
             referenced = {s.name for s in self.catalog.segments}
             top = self.catalog.newest.last_seq if self.catalog.newest else 0
             removed = False
@@ -176,9 +195,52 @@ class UndoStore:
             raise StorageError(f"{self.dir}: cannot open restore points "
                                f"({exc.strerror or exc})") from None
 
-    def _write_catalog(self) -> None:
-        statefile.save(self.dir / CATALOG_FILE, CATALOG_KIND, P.CATALOG_VERSION,
-                       self.catalog.to_json(), self.io)
+    def _load_catalog(self) -> bool:
+        """The catalog from points.log, else from an old points.json; True when a
+        torn tail was dropped from the log."""
+        old_path = self.dir / OLD_CATALOG_FILE
+        if self.log.exists():
+            self.catalog = self.log.load()
+            self._compact_next = False
+            if old_path.exists():  # an upgrade cut between its rename and this unlink
+                self.io.unlink(old_path)
+                self.io.fsync_dir(self.dir)
+            if self.log.torn_bytes:
+                log.warning("%s: dropped a torn last record (%d bytes): a crash cut its "
+                            "append, before its restore point was listed", self.log.path,
+                            self.log.torn_bytes, extra={"policy": self.dir.name})
+            return bool(self.log.torn_bytes)
+        data = statefile.load(old_path, CATALOG_KIND, P.CATALOG_VERSION, self.io)
+        if data is not None:
+            self.catalog = P.Catalog.from_json(data, str(old_path))
+        self._compact_next = True  # the first change writes points.log
+        return False
+
+    def _save(self, new: P.Catalog, patch: CF.Patch | None = None,
+              compact: bool = False) -> None:
+        """Make `new` the catalog: durable first, then listed.
+
+        Appends `patch` (default: the diff from the current catalog) with one
+        fdatasync, or compacts (see the module docstring). Raises OSError with
+        the old catalog still listed; the next save then compacts.
+        """
+        try:
+            if compact or self._compact_next or self.log.over_bound(new):
+                self.log.compact(new)
+                old_path = self.dir / OLD_CATALOG_FILE
+                if old_path.exists():  # upgraded: the JSON catalog goes
+                    self.io.unlink(old_path)
+                    self.io.fsync_dir(self.dir)
+            else:
+                if patch is None:
+                    patch = CF.diff(self.catalog, new)
+                if not patch.empty:
+                    self.log.append(patch)
+        except BaseException:  # OSError, or a test's simulated crash
+            self._compact_next = True
+            raise
+        self._compact_next = False
+        self.catalog = new
 
     def set_retention(self, r: P.Retention) -> bool:
         """Persist the policy's retention (as the coordinator says); True if it changed."""
@@ -212,13 +274,16 @@ class UndoStore:
 
     def after_apply(self, lo: int, hi: int, time_ns: int, size: int | None) -> None:
         """Step 3: list the point hi (and the segment (lo, hi])."""
-        new = self.catalog.with_applied(lo, hi, time_ns, size)
-        if new is self.catalog:
+        old = self.catalog
+        new = old.with_applied(lo, hi, time_ns, size)
+        if new is old:
             return
-        dropped = [s for s in self.catalog.segments if s not in new.segments]
-        self.catalog = new
-        self._write_catalog()
-        self._delete(dropped)
+        if len(new.segments) == len(old.segments) + 1:  # appended: the common case
+            self._save(new, CF.Patch(put_points=new.points[-1:],
+                                     put_segments=new.segments[-1:]))
+        else:  # no undo kept: the new point alone, older ones are unreachable
+            self._save(new, CF.snapshot(new))
+            self._delete(old.segments)
 
     def retain(self, disk_sizes: Mapping[int, int]) -> P.Plan:
         """Apply retention now: merge, swap the catalog, delete what it no longer needs."""
@@ -232,9 +297,8 @@ class UndoStore:
             sizes[(m.new.lo, m.new.hi)] = write_segment(self.seg_path(m.new), m.new.lo,
                                                         m.new.hi, merged, self.io)
         old = self.catalog
-        self.catalog = P.finish_merge(plan, sizes)
-        self._write_catalog()
-        self._delete([s for s in old.segments if s not in self.catalog.segments])
+        self._save(P.finish_merge(plan, sizes))
+        self._delete(old.segments)  # those the new catalog still names are kept
         if plan.changed:
             log.info("retention: %d points kept, %d segments merged, %d deleted",
                      len(self.catalog.points), sum(len(m.old) for m in plan.merges),
@@ -258,18 +322,17 @@ class UndoStore:
     def mark_long(self, point_id: int) -> P.Point:
         if self.catalog.point(point_id) is None:
             raise StorageError(f"no restore point {point_id}")
-        self.catalog = self.catalog.mark_long(point_id)
-        self._write_catalog()
-        p = self.catalog.point(point_id)
+        new = self.catalog.mark_long(point_id)
+        p = new.point(point_id)
         assert p is not None
+        self._save(new, CF.Patch(put_points=(p,)))
         return p
 
     def reset(self, applied_seq: int, time_ns: int) -> None:
         """Forget every point (after a committed failover): only the replica remains."""
         old = self.catalog
-        self.catalog = P.Catalog((P.Point(applied_seq, time_ns),), ()) if applied_seq else \
-            P.Catalog()
-        self._write_catalog()
+        self._save(P.Catalog((P.Point(applied_seq, time_ns),), ()) if applied_seq else
+                   P.Catalog(), compact=True)
         self._delete(old.segments)
 
     # ------------------------------------------------------------ replay

@@ -236,8 +236,7 @@ def test_crash_during_compaction(tmp_path: Path, step: str) -> None:
                                                     merged)
     listed_before = len(undo.catalog.points)
     if step == "catalog-swapped":
-        undo.catalog = P.finish_merge(plan, sizes)
-        undo._write_catalog()
+        undo._save(P.finish_merge(plan, sizes))
     run.crash_reopen()
     n = run.check_all(tmp_path)
     assert n == (listed_before if step == "merged-written" else len(plan.catalog.points))
@@ -258,6 +257,7 @@ def test_corrupt_catalog_is_an_error_not_a_guess(tmp_path: Path) -> None:
     run = Run(tmp_path / "pol")
     run.step(3)
     run.store.close()
+    (run.dir / "points.log").unlink()  # a store of the old format (catalog version 1)
     (run.dir / "points.json").write_text(json.dumps({"version": 1, "points": [[5, 1, "x", 0]],
                                                      "segments": []}))
     with pytest.raises(Exception, match="unknown kind"):
