@@ -16,7 +16,7 @@ help:
 	@echo "make lint       ruff and mypy only"
 	@echo "make proto      regenerate cdp_common/pb from proto/"
 	@echo "make install-systemd  install to /opt/cdp with systemd units (root; docs/OPERATIONS.md)"
-	@echo "make testbed    docker-compose test bed: up, replicate a write, check, down"
+	@echo "make testbed    docker-compose test bed: up, replicate, kill a proxy, partition, restore, down"
 
 setup:
 	scripts/bootstrap.sh
