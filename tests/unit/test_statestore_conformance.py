@@ -1,9 +1,11 @@
 """One conformance suite for every `StateStore` (the contract in cdp_coordinator/store.py):
-SQLite on a tmp file and the in-memory twin, each with a "restart" that reopens the
-same backing."""
+SQLite on a tmp file, the in-memory twin and etcd (a real etcd process, one per module,
+a fresh key prefix per test), each with a "restart" that reopens the same backing (for
+etcd: a new client on the same etcd and prefix)."""
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -11,10 +13,12 @@ from pathlib import Path
 
 import pytest
 from coordfixtures import NODES, pol
+from etcdfixture import EtcdServer, etcd_server, put_raw
 
 from cdp_common.errors import FormatError
 from cdp_common.states import AlarmKind, AlarmLevel
 from cdp_coordinator.alarms import AlarmEvent
+from cdp_coordinator.etcdstore import EtcdStore
 from cdp_coordinator.memstore import MemoryBacking, MemoryStore
 from cdp_coordinator.model import Assignment, Endpoint
 from cdp_coordinator.store import SqliteStore, StateStore, policy_to_json
@@ -62,9 +66,27 @@ def memory_harness(tmp_path: Path) -> Harness:
     return Harness(MemoryStore(backing), lambda: MemoryStore(backing), corrupt)
 
 
-@pytest.fixture(params=[sqlite_harness, memory_harness], ids=["sqlite", "memory"])
+_prefixes = itertools.count(1)
+
+
+def etcd_harness(server: EtcdServer) -> Harness:
+    prefix = f"/cdp-test-{next(_prefixes)}/"
+
+    def open_store() -> StateStore:
+        return EtcdStore([server.endpoint], prefix=prefix)
+
+    def corrupt(table: str, key: str, text: str) -> None:
+        put_raw(server.endpoint, f"{prefix}{table}/{key}".encode(), text.encode())
+
+    return Harness(open_store(), open_store, corrupt)
+
+
+@pytest.fixture(params=["sqlite", "memory", "etcd"])
 def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
-    harness: Harness = request.param(tmp_path)
+    if request.param == "etcd":
+        harness = etcd_harness(request.getfixturevalue(etcd_server.__name__))
+    else:
+        harness = {"sqlite": sqlite_harness, "memory": memory_harness}[request.param](tmp_path)
     yield harness
     harness.store.close()
 
