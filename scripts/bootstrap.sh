@@ -26,6 +26,9 @@ packages+=(systemd-container)
 packages+=(iproute2 iptables)
 # shell completion tests check the generated zsh script with zsh itself
 packages+=(zsh)
+# etcd, the coordinator's distributed state store: tests/etcdfixture.py runs its
+# own etcd processes on free ports (the package's etcd.service is not needed)
+packages+=(etcd-server)
 # promtool: the alert rules and exported metrics of deploy/monitoring are
 # checked with it (tests/unit/test_monitoring.py)
 packages+=(prometheus)
