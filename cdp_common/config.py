@@ -222,7 +222,8 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class CoordinatorSection:
-    db_path: str = doc("SQLite database file of the coordinator's state.")
+    db_path: str = doc("SQLite database file of the coordinator's state (required when "
+                       "`store = \"sqlite\"`).", "")
     heartbeat_ms: int = doc("Heartbeat period asked of every node.", 1000)
     lease_ms: int = doc("A node is down when no heartbeat arrived for this long.", 3000)
     max_disk_bytes: int = doc("Largest disk size a policy may have.", MAX_DISK_BYTES)
@@ -232,6 +233,22 @@ class CoordinatorSection:
     signing_key_file: str = doc("Ed25519 private key (PEM) the coordinator signs assignments "
                                 "with (`cdpctl pki signing-key`); required unless "
                                 "tls.insecure = true.", "")
+    store: str = doc("Where the coordinator's state lives: `\"sqlite\"` (the file `db_path`) "
+                     "or `\"etcd\"` (`etcd_endpoints`, under `etcd_prefix`; "
+                     "docs/FORMAT.md).", "sqlite")
+    etcd_endpoints: list[str] = doc("etcd client endpoints (host:port), tried in order; "
+                                    "required when `store = \"etcd\"`. Plain gRPC for now: "
+                                    "loopback endpoints only unless tls.insecure = true.",
+                                    default_factory=list)
+    etcd_prefix: str = doc("Key prefix of this coordinator's state in etcd; starts and ends "
+                           "with `/`.", "/cdp/")
+    etcd_timeout_ms: int = doc("Deadline of one etcd request.", 5000)
+    etcd_max_txn_ops: int = doc("Operations per etcd transaction; the same as the etcd "
+                                "members' `--max-txn-ops`.", 128)
+
+
+STORES = ("sqlite", "etcd")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 @dataclass(frozen=True)
@@ -472,8 +489,7 @@ def _validate_filter(config: FilterConfig) -> None:
 
 def _validate_coordinator(config: CoordinatorConfig) -> None:
     c = config.coordinator
-    if not c.db_path:
-        raise ConfigError("coordinator.db_path: required")
+    _validate_store(config)
     _between(c.heartbeat_ms, 1, UINT32_MAX, "coordinator.heartbeat_ms")
     _between(c.lease_ms, 1, UINT32_MAX, "coordinator.lease_ms")
     if c.lease_ms <= c.heartbeat_ms:
@@ -492,6 +508,31 @@ def _validate_coordinator(config: CoordinatorConfig) -> None:
         if p.name in names:
             raise ConfigError(f"{where}.name: policy {p.name!r} is defined twice")
         names.add(p.name)
+
+
+def _validate_store(config: CoordinatorConfig) -> None:
+    c = config.coordinator
+    if c.store not in STORES:
+        raise ConfigError(f"coordinator.store: must be one of {', '.join(map(repr, STORES))}, "
+                          f"got {c.store!r}")
+    if c.store == "sqlite":
+        if not c.db_path:
+            raise ConfigError("coordinator.db_path: required (coordinator.store = \"sqlite\")")
+        return
+    if not c.etcd_endpoints:
+        raise ConfigError("coordinator.etcd_endpoints: required (coordinator.store = \"etcd\")")
+    for i, ep in enumerate(c.etcd_endpoints):
+        _address(ep, f"coordinator.etcd_endpoints[{i}]")
+        if not config.tls.insecure and ep.rpartition(":")[0] not in LOOPBACK_HOSTS:
+            raise ConfigError(f"coordinator.etcd_endpoints[{i}]: {ep} is not a loopback "
+                              "address; the etcd client has no TLS yet, so a remote etcd "
+                              "needs tls.insecure = true")
+    if len(c.etcd_prefix) < 2 or not (c.etcd_prefix.startswith("/")
+                                      and c.etcd_prefix.endswith("/")):
+        raise ConfigError(f"coordinator.etcd_prefix: must start and end with '/' and name "
+                          f"something, got {c.etcd_prefix!r}")
+    _between(c.etcd_timeout_ms, 1, UINT32_MAX, "coordinator.etcd_timeout_ms")
+    _between(c.etcd_max_txn_ops, 4, UINT32_MAX, "coordinator.etcd_max_txn_ops")
 
 
 def _finite_positive(value: float, where: str) -> None:

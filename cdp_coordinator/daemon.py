@@ -10,13 +10,13 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from cdp_common import assignsig, metricsutil, node
-from cdp_common.config import CoordinatorConfig
+from cdp_common.config import CoordinatorConfig, CoordinatorSection
 from cdp_common.errors import ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdp_common.states import AlarmLevel, NodeState, PolicyState, policy_level
 from cdp_coordinator.model import Role
 from cdp_coordinator.service import CoordinatorService
-from cdp_coordinator.store import SqliteStore
+from cdp_coordinator.store import SqliteStore, StateStore
 
 NODES = Gauge("cdp_coordinator_nodes", "Registered nodes by state.", ["state"])
 REBINDS = Counter("cdp_coordinator_rebinds", "Times a bound proxy or target was lost or replaced.")
@@ -64,17 +64,27 @@ METRICS_PERIOD_S = 1.0
 SHUTDOWN_GRACE_S = 2.0
 
 
+def open_store(c: CoordinatorSection) -> StateStore:
+    """The `StateStore` that `coordinator.store` names. Raises StorageError, FormatError."""
+    if c.store == "etcd":
+        from cdp_coordinator.etcdstore import EtcdStore
+
+        return EtcdStore(c.etcd_endpoints, prefix=c.etcd_prefix,
+                         timeout_s=c.etcd_timeout_ms / 1000, max_txn_ops=c.etcd_max_txn_ops)
+    return SqliteStore(c.db_path)
+
+
 class CoordinatorDaemon(node.NodeDaemon):
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self._rebinds_seen = 0
         self._policies_seen: set[str] = set()
-        self.store: SqliteStore | None = None
+        self.store: StateStore | None = None
         self.service: CoordinatorService | None = None
         self.node = node.Node(config, self, kind="coordinator", grace_s=SHUTDOWN_GRACE_S)
 
     async def open(self, node: node.Node) -> None:
-        self.store = SqliteStore(self.config.coordinator.db_path)
+        self.store = open_store(self.config.coordinator)
         self.service = CoordinatorService(self.config, self.store, signer=self._signer())
 
     def _signer(self) -> assignsig.Signer | None:

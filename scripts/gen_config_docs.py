@@ -28,7 +28,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "OPERATIONS.md"
 
 def _type(tp: Any) -> str:
     if typing.get_origin(tp) is list:
-        return "list of tables"
+        (item,) = typing.get_args(tp)
+        return "list of strings" if item is str else "list of tables"
     return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, "table")
 
 

@@ -17,10 +17,20 @@ from coordfixtures import NODES, pol
 from etcdfixture import EtcdServer, etcd_server, etcd_skip_reason, free_ports, put_raw
 from test_statestore_conformance import bound, event
 
-from cdp_common.errors import FormatError, StorageError
+from cdp_common import config
+from cdp_common.config import (
+    CoordinatorConfig,
+    CoordinatorSection,
+    NodeConfig,
+    TlsConfig,
+    load_config,
+)
+from cdp_common.errors import ConfigError, FormatError, StorageError
 from cdp_common.states import AlarmLevel
 from cdp_coordinator import etcdstore
+from cdp_coordinator.daemon import open_store as daemon_open_store
 from cdp_coordinator.etcdstore import EtcdStore
+from cdp_coordinator.store import SqliteStore
 
 __all__ = ["etcd_server"]   # the module-scoped fixture, used by name
 
@@ -290,3 +300,65 @@ def test_a_corrupt_stored_assignment_is_never_overwritten(etcd_server: EtcdServe
         assert store.load().assignments == [replace(bound("p1", 8), reason="x")]
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- config
+
+def coordinator_toml(tmp_path: Path, coordinator: str, insecure: bool = True) -> Path:
+    path = tmp_path / "coordinator.toml"
+    path.write_text(f'[node]\nid = "coordinator"\nlisten = "127.0.0.1:7000"\n'
+                    f'[coordinator]\n{coordinator}\n[tls]\ninsecure = {str(insecure).lower()}\n')
+    return path
+
+
+@pytest.mark.parametrize(("coordinator", "insecure", "needle"), [
+    ('store = "zookeeper"', True, "coordinator.store: must be one of 'sqlite', 'etcd'"),
+    ("", True, "coordinator.db_path: required"),
+    ('store = "etcd"', True, "coordinator.etcd_endpoints: required"),
+    ('store = "etcd"\netcd_endpoints = ["etcd-1"]', True,
+     "coordinator.etcd_endpoints[0]: expected host:port"),
+    ('store = "etcd"\netcd_endpoints = ["127.0.0.1:2379"]\netcd_prefix = "cdp"', True,
+     "coordinator.etcd_prefix: must start and end with '/'"),
+    ('store = "etcd"\netcd_endpoints = ["127.0.0.1:2379"]\netcd_prefix = "/"', True,
+     "coordinator.etcd_prefix"),
+    ('store = "etcd"\netcd_endpoints = ["127.0.0.1:2379"]\netcd_timeout_ms = 0', True,
+     "coordinator.etcd_timeout_ms"),
+    ('store = "etcd"\netcd_endpoints = "127.0.0.1:2379"', True,
+     "coordinator.etcd_endpoints: expected a list"),
+])
+def test_bad_store_settings_are_config_errors(tmp_path: Path, coordinator: str, insecure: bool,
+                                              needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CoordinatorConfig, coordinator_toml(tmp_path, coordinator, insecure))
+    assert needle in str(err.value), str(err.value)
+
+
+def test_a_remote_etcd_needs_tls_insecure_until_the_client_has_tls() -> None:
+    section = CoordinatorSection(store="etcd", etcd_endpoints=["127.0.0.1:2379", "etcd-1:2379"])
+    node = NodeConfig(id="coordinator", listen="127.0.0.1:7000")
+    with pytest.raises(ConfigError, match=r"etcd_endpoints\[1\]: etcd-1:2379 .* no TLS yet"):
+        config._validate_store(CoordinatorConfig(node, section, tls=TlsConfig(insecure=False)))
+    config._validate_store(CoordinatorConfig(node, replace(section, etcd_endpoints=[
+        "localhost:2379", "[::1]:2379"]), tls=TlsConfig(insecure=False)))
+
+
+def test_the_coordinator_opens_the_store_its_config_names(etcd_server: EtcdServer,
+                                                          tmp_path: Path, prefix: str) -> None:
+    etcd = load_config(CoordinatorConfig, coordinator_toml(
+        tmp_path, f'store = "etcd"\netcd_endpoints = ["{etcd_server.endpoint}"]\n'
+                  f'etcd_prefix = "{prefix}"\netcd_timeout_ms = 3000'))
+    store = daemon_open_store(etcd.coordinator)
+    try:
+        assert isinstance(store, EtcdStore) and store.timeout_s == 3.0
+        store.save_policy(pol("p1"))
+    finally:
+        store.close()
+    check = open_store(etcd_server, prefix)
+    assert [p.name for p in check.load().policies] == ["p1"]
+    check.close()
+    sqlite = load_config(CoordinatorConfig, coordinator_toml(
+        tmp_path, f'db_path = "{tmp_path / "state.db"}"'))
+    assert sqlite.coordinator.store == "sqlite"
+    store = daemon_open_store(sqlite.coordinator)
+    assert isinstance(store, SqliteStore)
+    store.close()
