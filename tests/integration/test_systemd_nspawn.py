@@ -252,7 +252,7 @@ def box() -> Iterator[Container]:
     with open(wheel_log, "w") as out:
         wheelhouse = subprocess.Popen([str(ROOT / "scripts" / "wheelhouse.sh"), str(wheels)],
                                       stdout=out, stderr=subprocess.STDOUT, text=True,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         t0 = time.monotonic()
         rootfs = _rootfs()
@@ -292,8 +292,9 @@ def box() -> Iterator[Container]:
         print(f"units started at {time.monotonic() - t0:.1f} s")
         yield c
     finally:
-        if wheelhouse.poll() is None:
-            wheelhouse.terminate()
+        if wheelhouse.poll() is None:  # its own process group: the script and its pips
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(wheelhouse.pid, signal.SIGTERM)
             wheelhouse.wait(30)
         if nspawn is not None:
             _stop_container(nspawn, leader)
