@@ -211,16 +211,33 @@ def _wait_ready(node: NodePlan, pid: int, tls: TlsConfig, timeout_s: float) -> N
         time.sleep(0.2)
 
 
-def _wait_disks(plan: LabPlan, pid: int, timeout_s: float) -> None:
-    node = plan.node(labplan.FILTER_ID)
-    _wait_disk_paths(node, pid, [d.path for d in plan.disks], timeout_s,
-                     late=lambda missing: f"disk {missing[0]} did not appear within "
-                                          f"{timeout_s:.0f}s (is the FUSE mount up?)")
+def _wait_disks(plan: LabPlan, pids: dict[str, int], timeout_s: float) -> None:
+    for node in plan.nodes:
+        if node.role == "filter":
+            _wait_disk_paths(node, pids[node.id], [d.path for d in plan.disks
+                                                   if d.filter == node.id], timeout_s,
+                             late=lambda missing: f"disk {missing[0]} did not appear within "
+                                                  f"{timeout_s:.0f}s (is the FUSE mount up?)")
+
+
+def filter_mounts(state: dict[str, Any], root: Path) -> dict[str, Path]:
+    """Filter id -> its FUSE mount, from lab.json (older ones name only `mountpoint`)."""
+    if state.get("filters"):
+        return {f["id"]: Path(f["mountpoint"]) for f in state["filters"]}
+    return {labplan.FILTER_ID: Path(state.get("mountpoint") or root / "mnt")}
+
+
+def _unmount_dead(mnt: Path) -> None:
+    if is_fuse_mount(mnt):
+        error = unmount_lazy(mnt)
+        if error:
+            raise LabError(error)
 
 
 def lab_up(root: Path, disks: int, disk_size_bytes: int, insecure: bool,
            timeout_s: float = 30.0, say: Say = print, source_proxies: int = 1,
-           target_proxies: int = 1) -> dict[str, Any]:
+           target_proxies: int = 1, topology: labplan.Topology | None = None,
+           ) -> dict[str, Any]:
     root = root.absolute()
     old = load_state(root)
     if old is not None:
@@ -231,12 +248,13 @@ def lab_up(root: Path, disks: int, disk_size_bytes: int, insecure: bool,
                            f"stop it with `cdpctl lab down --dir {root}`")
         say(f"removing the state of a stopped lab in {root}")
         state_path(root).unlink()
-    if is_fuse_mount(root / "mnt"):
-        unmount_lazy(root / "mnt")
-
-    plan = labplan.plan_lab(root, disks, disk_size_bytes,
-                            free_ports(labplan.ports_needed(source_proxies, target_proxies)),
-                            insecure, source_proxies, target_proxies)
+    topo = topology or labplan.Topology(source_proxies=source_proxies,
+                                        target_proxies=target_proxies, disks_per_policy=disks)
+    plan = labplan.plan_lab(root, disks, disk_size_bytes, free_ports(topo.ports_needed()),
+                            insecure, topology=topo)
+    for mnt in {root / "mnt", *plan.mountpoints.values()}:
+        if is_fuse_mount(mnt):
+            unmount_lazy(mnt)
     _prepare(plan)
     cli_tls = TlsConfig(**plan.tls(labplan.CLI_CERT))
     pids: dict[str, int] = {}
@@ -246,12 +264,13 @@ def lab_up(root: Path, disks: int, disk_size_bytes: int, insecure: bool,
             pids[node.id] = launch(node.module, node.config, node.log)
             save_state(root, plan.lab_json(pids))
             _wait_ready(node, pids[node.id], cli_tls, timeout_s)
-        _wait_disks(plan, pids[labplan.FILTER_ID], timeout_s)
+        _wait_disks(plan, pids, timeout_s)
     except BaseException:
         say("start-up failed; stopping what was started")
         stop_processes(_ordered(plan.lab_json(pids)["processes"]), say=say)
-        if is_fuse_mount(plan.mountpoint):
-            unmount_lazy(plan.mountpoint)
+        for mnt in plan.mountpoints.values():
+            if is_fuse_mount(mnt):
+                unmount_lazy(mnt)
         with contextlib.suppress(FileNotFoundError):
             state_path(root).unlink()
         raise
@@ -264,8 +283,12 @@ def summary(state: dict[str, Any]) -> str:
     root = state["dir"]
     disk = state["disks"][0]["path"]
     lines = [f"lab is up in {root}; coordinator at {state['coordinator']}", "", "disks:"]
+    hosts = {(d.get("filter"), d.get("target")) for d in state["disks"]}
     for d in state["disks"]:
-        lines.append(f"  {d['path']}  ({d['size_bytes']} bytes, policy {d['policy']}; "
+        where = f"policy {d['policy']}"
+        if len(hosts) > 1:
+            where += f", {d['filter']} -> {d['target']}"
+        lines.append(f"  {d['path']}  ({d['size_bytes']} bytes, {where}; "
                      f"replica {d['replica_path']})")
     lines += [
         "",
@@ -287,18 +310,19 @@ def summary(state: dict[str, Any]) -> str:
 def lab_down(root: Path, say: Say = print, timeout_s: float = STOP_TIMEOUT_S) -> None:
     root = root.absolute()
     state = load_state(root)
-    mnt = Path(state["mountpoint"]) if state and state.get("mountpoint") else root / "mnt"
+    mounts = list(filter_mounts(state, root).values()) if state else [root / "mnt"]
     if state is None:
         say(f"no lab in {root} (no lab.json); nothing to stop")
     else:
         stopped = stop_processes(_ordered(state.get("processes", [])), timeout_s, say)
         if not stopped:
             say("no lab process was running")
-    if is_fuse_mount(mnt):
-        say(f"unmounting {mnt}")
-        error = unmount_lazy(mnt)
-        if error:
-            raise LabError(error)
+    for mnt in mounts:
+        if is_fuse_mount(mnt):
+            say(f"unmounting {mnt}")
+            error = unmount_lazy(mnt)
+            if error:
+                raise LabError(error)
     if state is not None:
         with contextlib.suppress(FileNotFoundError):
             state_path(root).unlink()
@@ -347,12 +371,10 @@ def lab_kill(root: Path, node_id: str, wait_s: float = STOP_TIMEOUT_S,
                            "(stuck in the kernel?)")
         time.sleep(0.02)
     say(f"killed {node_id} (pid {pid}, SIGKILL)")
-    if p["id"] == labplan.FILTER_ID:
-        mnt = Path(state.get("mountpoint") or root / "mnt")
+    if p["role"] == "filter":
+        mnt = filter_mounts(state, root)[p["id"]]
         if is_fuse_mount(mnt):
-            error = unmount_lazy(mnt)
-            if error:
-                raise LabError(error)
+            _unmount_dead(mnt)
             say(f"unmounted the dead FUSE mount {mnt}")
     return pid
 
@@ -381,8 +403,8 @@ def lab_restart(root: Path, node_id: str, timeout_s: float = 30.0, say: Say = pr
         raise LabError(f"{node_id} is still running (pid {p['pid']})")
     tls_doc = state.get("tls") or {}
     tls = TlsConfig(insecure=True) if tls_doc.get("insecure") else TlsConfig(**tls_doc)
-    if p["id"] == labplan.FILTER_ID and is_fuse_mount(Path(state["mountpoint"])):
-        unmount_lazy(Path(state["mountpoint"]))
+    if p["role"] == "filter":
+        _unmount_dead(filter_mounts(state, root)[p["id"]])
     module = p.get("module") or f"cdp_{p['role'].split('-')[-1]}"
     pid = launch(module, Path(p["config"]), Path(p["log"]))
     p["pid"] = pid
@@ -392,8 +414,10 @@ def lab_restart(root: Path, node_id: str, timeout_s: float = 30.0, say: Say = pr
                     log=Path(p["log"]), config_text="")
     say(f"started {node_id} (pid {pid})")
     _wait_ready(node, pid, tls, timeout_s)
-    if p["id"] == labplan.FILTER_ID:
-        _wait_disk_paths(node, pid, [Path(d["path"]) for d in state.get("disks", [])],
+    if p["role"] == "filter":
+        paths = [Path(d["path"]) for d in state.get("disks", [])
+                 if d.get("filter", labplan.FILTER_ID) == p["id"]]
+        _wait_disk_paths(node, pid, paths,
                          timeout_s, late=lambda _missing: f"the disks of {node.id} did not "
                                                           f"appear within {timeout_s:.0f}s")
     return pid

@@ -23,19 +23,37 @@ else:   # grpc and the PKI, loaded when a lab command runs (cdpctl.lazy)
     lab = lazy.module("cdpctl.lab")
 
 
+def parse_sites(text: str) -> tuple[str, str]:
+    source, sep, dr = text.partition(",")
+    if not sep or not source or not dr or "," in dr:
+        raise UsageError(f"--sites: expected SOURCE,DR (two site names), got {text!r}")
+    return source.strip(), dr.strip()
+
+
 def cmd_lab_up(args: argparse.Namespace, ctx: Context) -> int:
     size = parse_size(args.disk_size)
-    if not 1 <= args.disks <= 64:
-        raise UsageError(f"--disks: expected 1..64, got {args.disks}")
     if args.timeout <= 0:
         raise UsageError("--timeout: must be greater than 0")
-    for opt, n in (("--source-proxies", args.source_proxies),
-                   ("--target-proxies", args.target_proxies)):
-        if not 1 <= n <= labplan.MAX_PROXIES:
-            raise UsageError(f"{opt}: expected 1..{labplan.MAX_PROXIES}, got {n}")
+    for opt, n, most in (("--disks", args.disks, labplan.MAX_DISKS),
+                         ("--filters", args.filters, labplan.MAX_FILTERS),
+                         ("--targets", args.targets, labplan.MAX_TARGETS),
+                         ("--policies", args.policies, labplan.MAX_POLICIES),
+                         ("--source-proxies", args.source_proxies, labplan.MAX_PROXIES),
+                         ("--target-proxies", args.target_proxies, labplan.MAX_PROXIES)):
+        if not 1 <= n <= most:
+            raise UsageError(f"{opt}: expected 1..{most}, got {n}")
+    source_site, dr_site = parse_sites(args.sites) if args.sites else ("default", "default")
+    topo = labplan.Topology(filters=args.filters, targets=args.targets, policies=args.policies,
+                            source_proxies=args.source_proxies,
+                            target_proxies=args.target_proxies, disks_per_policy=args.disks,
+                            source_site=source_site, dr_site=dr_site)
+    try:
+        topo.check()
+    except ValueError as exc:
+        raise UsageError(f"lab up: {exc}") from None
     say = (lambda _msg: None) if args.json else print
     state = lab.lab_up(Path(args.dir), args.disks, size, args.insecure, args.timeout, say=say,
-                       source_proxies=args.source_proxies, target_proxies=args.target_proxies)
+                       topology=topo)
     if args.json:
         print_json(state)
     else:
@@ -109,8 +127,10 @@ def register(sub: Subparsers, ctx: Context) -> None:
         description=textwrap.dedent("""\
             A local lab runs a coordinator, a target, a target proxy, a source proxy
             and a filter as separate processes on 127.0.0.1 with mutual TLS, one
-            policy "lab" and N protected disks exposed as files under DIR/mnt.
-            Needs root (or FUSE permissions) and /dev/fuse."""),
+            policy "lab" and N protected disks exposed as files under DIR/mnt;
+            `lab up --filters/--targets/--policies/--sites` builds bigger
+            topologies (several filters, targets, proxies and policies on two
+            sites). Needs root (or FUSE permissions) and /dev/fuse."""),
         epilog=epilog("""\
             cdpctl lab up --dir ./lab --disks 2 --disk-size 256M
             cdpctl lab status --dir ./lab
@@ -124,20 +144,38 @@ def register(sub: Subparsers, ctx: Context) -> None:
         "up", formatter_class=fmt, help="create and start a lab",
         description=textwrap.dedent("""\
             Create DIR/{pki,config,data,logs,mnt}: a throwaway CA and node
-            certificates, a master key shared by both proxies, a TOML config per
-            daemon on free ports; start the five daemons, wait until each serves
-            gRPC health and the disk files exist, and write DIR/lab.json.
+            certificates, a master key shared by the proxies, a TOML config per
+            daemon on free ports; start the daemons (the coordinator, the targets,
+            the target proxies, the source proxies, then the filters), wait until
+            each serves gRPC health and its disk files exist, and write
+            DIR/lab.json, which lists every process and every disk with its
+            policy, filter, target, path and replica path.
             Refuses when a lab is already running in DIR. Data of a previous
             lab in DIR is kept and reused."""),
         epilog=epilog("""\
             cdpctl lab up --dir ./lab
             cdpctl lab up --dir /tmp/lab --disks 2 --disk-size 256M --insecure
-            cdpctl lab up --dir ./lab --source-proxies 2 --target-proxies 2"""))
+            cdpctl lab up --dir ./lab --source-proxies 2 --target-proxies 2
+            cdpctl lab up --dir ./lab --filters 2 --targets 2 --policies 3 \\
+                --source-proxies 2 --target-proxies 2 --sites hq,dr --disk-size 64M"""))
     q.add_argument("--dir", required=True, help="lab directory (created if missing)")
     q.add_argument("--disk-size", default="1G", metavar="SIZE",
                    help="size of each disk, K/M/G/T binary units (default 1G)")
     q.add_argument("--disks", type=int, default=1, metavar="N",
-                   help="number of disks in the policy (default 1)")
+                   help="number of disks of each policy (default 1)")
+    q.add_argument("--filters", type=int, default=1, metavar="N",
+                   help="filters filter-1..N, each with its own mount DIR/mnt/filter-<i> "
+                        "(DIR/mnt with one), data dir and certificate (default 1)")
+    q.add_argument("--targets", type=int, default=1, metavar="N",
+                   help="targets target-1..N (default 1)")
+    q.add_argument("--policies", type=int, default=1, metavar="N",
+                   help="policies: one is called lab, several lab-1..N; policy i protects "
+                        "--disks disks on filter i mod --filters, replicated to target i "
+                        "mod --targets (default 1)")
+    q.add_argument("--sites", metavar="SOURCE,DR",
+                   help="site names: the coordinator, filters and source proxies at SOURCE, "
+                        "targets and target proxies at DR; the policies replicate from "
+                        "SOURCE to DR (default: one site called default)")
     q.add_argument("--insecure", action="store_true",
                    help="plaintext gRPC between the daemons instead of mutual TLS")
     q.add_argument("--source-proxies", type=int, default=1, metavar="N",

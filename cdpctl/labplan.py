@@ -14,11 +14,14 @@ Layout under the lab directory:
     config/  <node>.toml, master.key (shared by both proxies)
     data/    coordinator/state.db, target-1/<policy>/replicas/, filter-1/images/
     logs/    <node>.log (stdout + stderr of each daemon)
-    mnt/     the filter's FUSE mount: one file per protected disk
+    mnt/     the filter's FUSE mount: one file per protected disk; with several
+             filters (`Topology`), mnt/<filter id>/ each
+    data/    ... filter-<i>/, target-<j>/ per filter and target
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,10 @@ PORTS_NEEDED = 2 * len(START_ORDER)
 ROLE_STOP_RANK = {"filter": 0, "source-proxy": 1, "target-proxy": 2, "target": 3,
                   "coordinator": 4}
 MAX_PROXIES = 16
+MAX_FILTERS = 8
+MAX_TARGETS = 8
+MAX_POLICIES = 32
+MAX_DISKS = 64
 
 
 def proxy_ids(kind: str, n: int) -> list[str]:
@@ -51,8 +58,7 @@ def proxy_ids(kind: str, n: int) -> list[str]:
 
 
 def start_order(source_proxies: int = 1, target_proxies: int = 1) -> tuple[str, ...]:
-    return (COORDINATOR_ID, TARGET_ID, *proxy_ids("target-proxy", target_proxies),
-            *proxy_ids("source-proxy", source_proxies), FILTER_ID)
+    return Topology(source_proxies=source_proxies, target_proxies=target_proxies).start_order()
 
 
 def ports_needed(source_proxies: int = 1, target_proxies: int = 1) -> int:
@@ -89,6 +95,8 @@ class DiskPlan:
     image: Path
     replica_path: Path
     size_bytes: int
+    filter: str = FILTER_ID
+    target: str = TARGET_ID
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,8 @@ class LabPlan:
     nodes: list[NodePlan]
     disks: list[DiskPlan]
     dirs: list[Path] = field(default_factory=list)
+    mountpoints: dict[str, Path] = field(default_factory=dict)   # filter id -> its mount
+    topology: Topology | None = None
 
     @property
     def pki(self) -> Path:
@@ -110,7 +120,8 @@ class LabPlan:
 
     @property
     def mountpoint(self) -> Path:
-        return self.root / "mnt"
+        """The first filter's mount (the only one in a one-filter lab)."""
+        return self.mountpoints.get(FILTER_ID, self.root / "mnt")
 
     @property
     def signing_key(self) -> Path:
@@ -151,6 +162,8 @@ class LabPlan:
             "coordinator": self.coordinator,
             "tls": self.tls(CLI_CERT),
             "mountpoint": str(self.mountpoint),
+            "filters": [{"id": f, "mountpoint": str(m)} for f, m in self.mountpoints.items()],
+            "topology": dataclasses.asdict(self.topology) if self.topology else None,
             "restore_dir": str(self.root / "restores"),
             "processes": [
                 {"id": n.id, "role": n.role, "pid": pids[n.id], "address": n.address,
@@ -158,22 +171,86 @@ class LabPlan:
                  "log": str(n.log), "module": n.module}
                 for n in self.nodes if n.id in pids],
             "disks": [
-                {"name": d.name, "policy": d.policy, "path": str(d.path), "image": str(d.image),
+                {"name": d.name, "policy": d.policy, "filter": d.filter, "target": d.target,
+                 "path": str(d.path), "image": str(d.image),
                  "replica_path": str(d.replica_path), "size_bytes": d.size_bytes}
                 for d in self.disks],
         }
 
 
+@dataclass(frozen=True)
+class Topology:
+    """How many of each daemon a lab runs, and where.
+
+    Policy i (0-based) protects `disks_per_policy` disks on filter i mod
+    `filters` and replicates them to target i mod `targets`. Nodes of the source
+    site: the coordinator, the filters, the source proxies; of the DR site: the
+    targets and the target proxies. The defaults are the one-of-each lab.
+    """
+
+    filters: int = 1
+    targets: int = 1
+    policies: int = 1
+    source_proxies: int = 1
+    target_proxies: int = 1
+    disks_per_policy: int = 1
+    source_site: str = "default"
+    dr_site: str = "default"
+
+    def check(self) -> None:
+        """Raises ValueError naming the first count out of range."""
+        for what, n, most in (("filters", self.filters, MAX_FILTERS),
+                              ("targets", self.targets, MAX_TARGETS),
+                              ("policies", self.policies, MAX_POLICIES),
+                              ("source proxies", self.source_proxies, MAX_PROXIES),
+                              ("target proxies", self.target_proxies, MAX_PROXIES),
+                              ("disks", self.disks_per_policy, MAX_DISKS)):
+            if not 1 <= n <= most:
+                raise ValueError(f"{what}: expected 1..{most}, got {n}")
+        if self.policies * self.disks_per_policy > MAX_DISKS:
+            raise ValueError(f"{self.policies} policies of {self.disks_per_policy} disks: "
+                             f"at most {MAX_DISKS} disks in a lab")
+        for what, site in (("source site", self.source_site), ("DR site", self.dr_site)):
+            if not valid_id(site):
+                raise ValueError(f"{what}: {site!r} is not a valid name")
+
+    def filter_ids(self) -> list[str]:
+        return [f"filter-{i}" for i in range(1, self.filters + 1)]
+
+    def target_ids(self) -> list[str]:
+        return [f"target-{i}" for i in range(1, self.targets + 1)]
+
+    def policy_names(self) -> list[str]:
+        """`lab` for a one-policy lab (as always), else `lab-1..K`."""
+        if self.policies == 1:
+            return [POLICY]
+        return [f"{POLICY}-{i}" for i in range(1, self.policies + 1)]
+
+    def disk_name(self, policy: str, index: int) -> str:
+        """`disk<j>` in a one-policy lab, else `<policy>-disk<j>`: disk names are
+        unique on a filter, whichever policy they belong to."""
+        return f"disk{index}" if self.policies == 1 else f"{policy}-disk{index}"
+
+    def start_order(self) -> tuple[str, ...]:
+        return (COORDINATOR_ID, *self.target_ids(),
+                *proxy_ids("target-proxy", self.target_proxies),
+                *proxy_ids("source-proxy", self.source_proxies), *self.filter_ids())
+
+    def ports_needed(self) -> int:
+        return 2 * len(self.start_order())
+
+
 def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
              insecure: bool = False, source_proxies: int = 1,
-             target_proxies: int = 1) -> LabPlan:
-    """Everything about a lab in `root` (absolute) using `ports` (PORTS_NEEDED free ports)."""
-    if disks < 1:
+             target_proxies: int = 1, topology: Topology | None = None) -> LabPlan:
+    """Everything about a lab in `root` using `ports` (topology.ports_needed() free
+    ports). `topology` overrides `disks` and the proxy counts when given."""
+    topo = topology or Topology(source_proxies=source_proxies, target_proxies=target_proxies,
+                                disks_per_policy=disks)
+    if topo.disks_per_policy < 1:
         raise ValueError("a lab needs at least one disk")
-    for what, n in (("source", source_proxies), ("target", target_proxies)):
-        if not 1 <= n <= MAX_PROXIES:
-            raise ValueError(f"{what} proxies: expected 1..{MAX_PROXIES}, got {n}")
-    order = start_order(source_proxies, target_proxies)
+    topo.check()
+    order = topo.start_order()
     if len(ports) < 2 * len(order):
         raise ValueError(f"need {2 * len(order)} ports, got {len(ports)}")
     root = root.absolute()
@@ -181,61 +258,75 @@ def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
     addr = {nid: (f"{HOST}:{next(free)}", f"{HOST}:{next(free)}") for nid in order}
     coordinator = addr[COORDINATOR_ID][0]
     config_dir, data, logs, mnt = root / "config", root / "data", root / "logs", root / "mnt"
-    filter_data, target_data = data / FILTER_ID, data / TARGET_ID
+    filters, targets = topo.filter_ids(), topo.target_ids()
+    # One filter mounts on mnt/ (as always); several each on mnt/<filter id>/.
+    mounts = {f: (mnt if topo.filters == 1 else mnt / f) for f in filters}
 
-    disk_plans = [DiskPlan(name=f"disk{i}", policy=POLICY, path=mnt / f"disk{i}",
-                           image=filter_data / "images" / f"disk{i}.img",
-                           replica_path=target_data / POLICY / "replicas" / f"disk{i}.img",
-                           size_bytes=disk_size_bytes)
-                  for i in range(disks)]
+    disk_plans: list[DiskPlan] = []
+    placed: list[tuple[str, str, str]] = []   # (policy, filter, target)
+    for i, policy in enumerate(topo.policy_names()):
+        filter_id, target_id = filters[i % topo.filters], targets[i % topo.targets]
+        placed.append((policy, filter_id, target_id))
+        for j in range(topo.disks_per_policy):
+            name = topo.disk_name(policy, j)
+            disk_plans.append(DiskPlan(
+                name=name, policy=policy, path=mounts[filter_id] / name,
+                image=data / filter_id / "images" / f"{name}.img",
+                replica_path=data / target_id / policy / "replicas" / f"{name}.img",
+                size_bytes=disk_size_bytes, filter=filter_id, target=target_id))
 
     plan = LabPlan(root=root, insecure=insecure, coordinator=coordinator, nodes=[],
-                   disks=disk_plans,
+                   disks=disk_plans, mountpoints=mounts, topology=topo,
                    dirs=[root / "pki", config_dir, data, logs, mnt, data / COORDINATOR_ID,
-                         filter_data, filter_data / "images", target_data])
+                         *mounts.values(),
+                         *[d for f in filters for d in (data / f, data / f / "images")],
+                         *[data / t for t in targets]])
+    source_ids = {*filters, *proxy_ids("source-proxy", topo.source_proxies), COORDINATOR_ID}
 
     def node_section(nid: str) -> dict[str, Any]:
-        section: dict[str, Any] = {"id": nid, "site": "default", "listen": addr[nid][0],
+        site = topo.source_site if nid in source_ids else topo.dr_site
+        section: dict[str, Any] = {"id": nid, "site": site, "listen": addr[nid][0],
                                    "metrics_listen": addr[nid][1]}
         if nid != COORDINATOR_ID:
             section["coordinator"] = coordinator
         return section
+
+    def policy_doc(policy: str, filter_id: str, target_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "name": policy, "target": target_id,
+            "disks": [{"filter": d.filter, "name": d.name, "size_bytes": d.size_bytes}
+                      for d in disk_plans if d.policy == policy]}
+        if (topo.source_site, topo.dr_site) != ("default", "default"):
+            doc |= {"source_site": topo.source_site, "target_site": topo.dr_site}
+        return doc
 
     docs: dict[str, tuple[str, str, dict[str, Any]]] = {
         COORDINATOR_ID: ("coordinator", "cdp_coordinator", {
             "node": node_section(COORDINATOR_ID),
             "coordinator": {"db_path": str(data / COORDINATOR_ID / "state.db"),
                             **({} if insecure else {"signing_key_file": str(plan.signing_key)})},
-            "policies": [{
-                "name": POLICY, "target": TARGET_ID,
-                "disks": [{"filter": FILTER_ID, "name": d.name, "size_bytes": d.size_bytes}
-                          for d in disk_plans],
-            }],
-        }),
-        TARGET_ID: ("target", "cdp_target", {
-            "node": node_section(TARGET_ID),
-            "target": {"data_dir": str(target_data), "restore_dir": str(root / "restores")},
-        }),
-        TARGET_PROXY_ID: ("target-proxy", "cdp_proxy", {
-            "node": node_section(TARGET_PROXY_ID),
-            "proxy": {"role": "target", "key_file": str(plan.key_file)},
-        }),
-        SOURCE_PROXY_ID: ("source-proxy", "cdp_proxy", {
-            "node": node_section(SOURCE_PROXY_ID),
-            "proxy": {"role": "source", "key_file": str(plan.key_file)},
-        }),
-        FILTER_ID: ("filter", "cdp_filter", {
-            "node": node_section(FILTER_ID),
-            "filter": {"mountpoint": str(mnt), "data_dir": str(filter_data)},
-            "disks": [{"name": d.name, "policy": d.policy, "size_bytes": d.size_bytes,
-                       "image": str(d.image)} for d in disk_plans],
+            "policies": [policy_doc(*p) for p in placed],
         }),
     }
-    for kind, n in (("target-proxy", target_proxies), ("source-proxy", source_proxies)):
-        role_doc = docs[f"{kind}-1"]
-        for nid in proxy_ids(kind, n)[1:]:
-            docs[nid] = (role_doc[0], role_doc[1], {
-                "node": node_section(nid), "proxy": dict(role_doc[2]["proxy"])})
+    for t in targets:
+        docs[t] = ("target", "cdp_target", {
+            "node": node_section(t),
+            "target": {"data_dir": str(data / t), "restore_dir": str(root / "restores")},
+        })
+    for kind, role, n in (("target-proxy", "target", topo.target_proxies),
+                          ("source-proxy", "source", topo.source_proxies)):
+        for nid in proxy_ids(kind, n):
+            docs[nid] = (kind, "cdp_proxy", {
+                "node": node_section(nid),
+                "proxy": {"role": role, "key_file": str(plan.key_file)},
+            })
+    for f in filters:
+        docs[f] = ("filter", "cdp_filter", {
+            "node": node_section(f),
+            "filter": {"mountpoint": str(mounts[f]), "data_dir": str(data / f)},
+            "disks": [{"name": d.name, "policy": d.policy, "size_bytes": d.size_bytes,
+                       "image": str(d.image)} for d in disk_plans if d.filter == f],
+        })
     for nid in order:
         role, module, doc = docs[nid]
         doc["tls"] = plan.tls(nid)

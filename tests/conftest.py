@@ -229,9 +229,11 @@ class LabHandle:
             if _alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        mnt = self.info.get("mountpoint") or str(self.dir / "mnt")
-        if os.path.ismount(mnt) or _listed_mount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, check=False)
+        mounts = [f["mountpoint"] for f in self.info.get("filters") or []]
+        for mnt in mounts or [self.info.get("mountpoint") or str(self.dir / "mnt")]:
+            if os.path.ismount(mnt) or _listed_mount(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True,
+                               check=False)
 
 
 def _listed_mount(path: str) -> bool:
@@ -244,7 +246,9 @@ def _listed_mount(path: str) -> bool:
 
 @pytest.fixture
 def lab() -> Iterator[Callable[..., LabHandle]]:
-    """Factory: `start_lab(tmp_dir, disks=1, disk_size="256M", insecure=False)`."""
+    """Factory: `start_lab(tmp_dir, disks=1, disk_size="256M", insecure=False,
+    source_proxies=1, target_proxies=1, extra=())`; `extra` are more `lab up`
+    options (--filters, --targets, --policies, --sites)."""
     reason = lab_skip_reason()
     if reason:
         pytest.skip(reason)
@@ -252,11 +256,11 @@ def lab() -> Iterator[Callable[..., LabHandle]]:
 
     def start_lab(tmp_dir: Path | str, disks: int = 1, disk_size: str = "256M",
                   insecure: bool = False, source_proxies: int = 1,
-                  target_proxies: int = 1) -> LabHandle:
+                  target_proxies: int = 1, extra: tuple[str, ...] = ()) -> LabHandle:
         directory = Path(tmp_dir).absolute()
         args = ["lab", "up", "--dir", str(directory), "--disks", str(disks),
                 "--disk-size", disk_size, "--source-proxies", str(source_proxies),
-                "--target-proxies", str(target_proxies)]
+                "--target-proxies", str(target_proxies), *extra]
         if insecure:
             args.append("--insecure")
         try:

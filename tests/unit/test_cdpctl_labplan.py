@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,7 +96,8 @@ def test_lab_json(tmp_path: Path) -> None:
         assert set(p) >= {"id", "role", "pid", "address", "metrics_address", "config", "log"}
         assert p["log"] == str(tmp_path / f"lab/logs/{p['id']}.log")
     d1 = doc["disks"][1]
-    assert d1 == {"name": "disk1", "policy": "lab", "path": str(tmp_path / "lab/mnt/disk1"),
+    assert d1 == {"name": "disk1", "policy": "lab", "filter": "filter-1", "target": "target-1",
+                  "path": str(tmp_path / "lab/mnt/disk1"),
                   "image": str(tmp_path / "lab/data/filter-1/images/disk1.img"),
                   "replica_path": str(tmp_path / "lab/data/target-1/lab/replicas/disk1.img"),
                   "size_bytes": 1 << 30}
@@ -121,3 +123,64 @@ def test_bad_plans(tmp_path: Path) -> None:
 def test_valid_id() -> None:
     assert labplan.valid_id("filter-1") and labplan.valid_id("a.b_c")
     assert not labplan.valid_id("") and not labplan.valid_id("-x") and not labplan.valid_id("a/b")
+
+
+def test_a_multi_host_topology(tmp_path: Path) -> None:
+    """2 filters, 2 targets, 3 policies, 2+2 proxies on two sites: every config
+    loads, policies spread over filters and targets, disk names unique per filter,
+    one mount per filter, every disk listed in lab.json with its placement."""
+    topo = labplan.Topology(filters=2, targets=2, policies=3, source_proxies=2,
+                            target_proxies=2, disks_per_policy=2, source_site="hq",
+                            dr_site="dr")
+    ports = list(range(21001, 21001 + topo.ports_needed()))
+    plan = labplan.plan_lab(tmp_path / "lab", 0, 64 << 20, ports, topology=topo)
+    materialize(plan)
+    loaded: dict[str, Any] = {n.id: load_config(CLASSES[n.role], n.config) for n in plan.nodes}
+    assert sorted(loaded) == sorted(["coordinator", "filter-1", "filter-2", "target-1",
+                                     "target-2", "source-proxy-1", "source-proxy-2",
+                                     "target-proxy-1", "target-proxy-2"])
+    coord = loaded["coordinator"]
+    assert isinstance(coord, CoordinatorConfig)
+    placed = {p.name: (p.target, sorted({d.filter for d in p.disks}), len(p.disks),
+                       p.source_site, p.target_site) for p in coord.policies}
+    assert placed == {"lab-1": ("target-1", ["filter-1"], 2, "hq", "dr"),
+                      "lab-2": ("target-2", ["filter-2"], 2, "hq", "dr"),
+                      "lab-3": ("target-1", ["filter-1"], 2, "hq", "dr")}
+    sites = {nid: cfg.node.site for nid, cfg in loaded.items()}
+    assert {k for k, v in sites.items() if v == "hq"} == {
+        "coordinator", "filter-1", "filter-2", "source-proxy-1", "source-proxy-2"}
+    mounts = set()
+    for fid in ("filter-1", "filter-2"):
+        f = loaded[fid]
+        assert isinstance(f, FilterConfig)
+        assert f.filter.mountpoint == str(tmp_path / "lab/mnt" / fid)
+        assert f.filter.data_dir == str(tmp_path / "lab/data" / fid)
+        names = [d.name for d in f.disks]
+        assert len(names) == len(set(names))
+        mounts.add(f.filter.mountpoint)
+    assert len(mounts) == 2
+    for tid in ("target-1", "target-2"):
+        t = loaded[tid]
+        assert isinstance(t, TargetConfig)
+        assert t.target.data_dir == str(tmp_path / "lab/data" / tid)
+    pids = {nid: 100 + i for i, nid in enumerate(topo.start_order())}
+    doc = plan.lab_json(pids)
+    assert len(doc["disks"]) == 6
+    for d in doc["disks"]:
+        assert d["path"].startswith(str(tmp_path / "lab/mnt" / d["filter"]) + "/")
+        assert d["replica_path"] == str(tmp_path / "lab/data" / d["target"] / d["policy"]
+                                        / "replicas" / f"{d['name']}.img")
+    assert doc["filters"] == [{"id": f, "mountpoint": str(tmp_path / "lab/mnt" / f)}
+                              for f in ("filter-1", "filter-2")]
+    assert doc["topology"]["filters"] == 2
+    # the coordinator first, the filters last (they need their proxies)
+    assert doc["processes"][0]["id"] == "coordinator"
+    assert [p["role"] for p in doc["processes"]][-2:] == ["filter", "filter"]
+
+
+@pytest.mark.parametrize("bad", [dict(filters=0), dict(targets=9), dict(policies=33),
+                                 dict(policies=9, disks_per_policy=8),
+                                 dict(source_site="a/b")])
+def test_topology_out_of_range_is_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        labplan.Topology(**bad).check()  # type: ignore[arg-type]

@@ -1,0 +1,113 @@
+"""`cdpctl lab up` with a multi-host topology (issue 12 item 1): 2 filters, 2
+targets, 3 policies, 2+2 proxies on two sites, every daemon its own process.
+
+Every disk is written through its filter's FUSE mount and every replica must
+equal its source byte for byte; `status` places each policy where lab.json says
+and `health` is OK; killing one filter makes only its policies go to error
+while the others stay ok and keep replicating, and after a restart it catches
+up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import LabHandle, assert_eventually
+from workload import sha256_file
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(420)]
+
+MiB = 1 << 20
+TOPOLOGY = ("--filters", "2", "--targets", "2", "--policies", "3", "--sites", "hq,dr")
+
+
+def write_disks(handle: LabHandle, disks: list[dict[str, Any]], rng: random.Random,
+                ) -> dict[str, str]:
+    """A few MiB of fresh random data at random offsets of each disk, fsynced;
+    disk name -> sha256 of the whole source disk afterwards."""
+    shas = {}
+    for d in disks:
+        fd = os.open(d["path"], os.O_WRONLY)
+        try:
+            for _ in range(3):
+                offset = rng.randrange(0, d["size_bytes"] // MiB - 1) * MiB
+                os.pwrite(fd, rng.randbytes(MiB), offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        shas[d["name"]] = sha256_file(d["path"])
+    return shas
+
+
+def replicas_equal(disks: list[dict[str, Any]], shas: dict[str, str]) -> Callable[[], None]:
+    def check() -> None:
+        differ = [d["name"] for d in disks if sha256_file(d["replica_path"]) != shas[d["name"]]]
+        assert differ == [], f"replicas differ from their sources: {differ}"
+    return check
+
+
+def policies(handle: LabHandle) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in handle.status()["policies"]}
+
+
+def test_two_filters_two_targets_three_policies(lab: Callable[..., LabHandle],
+                                                tmp_path: Path) -> None:
+    handle = lab(tmp_path / "lab", disks=2, disk_size="32M", source_proxies=2,
+                 target_proxies=2, extra=TOPOLOGY)
+    disks = handle.disks
+    assert len(disks) == 6
+    placed = {d["policy"]: (d["filter"], d["target"]) for d in disks}
+    assert placed == {"lab-1": ("filter-1", "target-1"), "lab-2": ("filter-2", "target-2"),
+                      "lab-3": ("filter-1", "target-1")}
+    assert {p["role"] for p in handle.processes} == {
+        "coordinator", "filter", "source-proxy", "target-proxy", "target"}
+    assert len(handle.processes) == 9
+
+    def assigned() -> None:
+        ps = policies(handle)
+        assert sorted(ps) == ["lab-1", "lab-2", "lab-3"]
+        for name, (filter_id, target_id) in placed.items():
+            p = ps[name]
+            assert (p["filter"], p["target"]) == (filter_id, target_id), p
+            assert p["source_proxy"].startswith("source-proxy-"), p
+            assert p["target_proxy"].startswith("target-proxy-"), p
+    assert_eventually(assigned, 30, 0.5, "the policies were not assigned as planned")
+    nodes = {n["id"]: n for n in handle.status()["nodes"]}
+    assert all(n["state"] == "up" for n in nodes.values()), nodes
+
+    rng = random.Random(12)
+    shas = write_disks(handle, disks, rng)
+    assert_eventually(replicas_equal(disks, shas), 120, 1.0, "replication did not catch up")
+    assert_eventually(lambda: handle.cli("health", check=True), 60, 1.0, "health is not OK")
+
+    # Killing filter-2 alarms only its policy; the others keep replicating.
+    handle.kill("filter-2")
+
+    def only_lab2_in_error() -> None:
+        ps = policies(handle)
+        assert ps["lab-2"]["state"] == "error", ps["lab-2"]
+        assert ps["lab-1"]["state"] == "ok" and ps["lab-3"]["state"] == "ok", ps
+    assert_eventually(only_lab2_in_error, 30, 0.5, "a filter down did not alarm only its policy")
+    health = handle.cli("health", "--json")
+    assert health.returncode == 2, health.stdout + health.stderr
+    problems = json.loads(health.stdout).get("problems", [])
+    assert any("lab-2" in p["message"] or "filter-2" in p["message"] for p in problems), problems
+    assert not any("lab-1" in p["message"] or "lab-3" in p["message"] for p in problems), problems
+    on_filter1 = [d for d in disks if d["filter"] == "filter-1"]
+    shas.update(write_disks(handle, on_filter1, rng))
+    assert_eventually(replicas_equal(on_filter1, shas), 120, 1.0,
+                      "the policies of the live filter stopped replicating")
+
+    handle.restart("filter-2")
+    on_filter2 = [d for d in disks if d["filter"] == "filter-2"]
+    shas.update(write_disks(handle, on_filter2, rng))
+    assert_eventually(replicas_equal(disks, shas), 120, 1.0,
+                      "filter-2 did not catch up after its restart")
+    assert_eventually(lambda: handle.cli("health", check=True), 60, 1.0,
+                      "health is not OK after the restart")
