@@ -9,7 +9,7 @@ A policy (consistency group) owns one directory::
         replicas/<disk name>.img        replica image per disk: the latest applied state
         deltas/<first:020d>-<last:020d>.delta   committed, not yet applied deltas
         deltas/incoming-<first:020d>-<last:020d>.tmp   the delta being received
-        points.json, retention.json, undo/      restore points (cdp_target.undostore)
+        points.log, retention.json, undo/       restore points (cdp_target.undostore)
         quarantine/                     corrupt committed deltas (cdp_target.applier)
 
 A delta covers the exact seq range ``[first_seq, last_seq]`` of the policy's
