@@ -22,8 +22,9 @@ The RPO alarm event log (`alarms`) is append-only; the current alarm level
 per policy is the level of its newest event.
 
 SQLite is the embedded default; `cdp_coordinator.memstore.MemoryStore` is
-the in-memory twin for tests; a distributed implementation (etcd) would
-implement the same `StateStore` protocol and pass the same conformance suite.
+the in-memory twin for tests; `cdp_coordinator.etcdstore.EtcdStore` is the
+distributed one (`[coordinator] store = "etcd"`); all three pass the same
+conformance suite.
 Policies and assignments are stored as the JSON of this module's codecs in
 every implementation, and a stored value that does not decode raises
 `FormatError`.
