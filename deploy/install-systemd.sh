@@ -60,6 +60,9 @@ if [ -z "$DESTDIR" ]; then
 #!/bin/sh
 exec $PREFIX/bin/cdpctl "\$@"
 EOS
-    "$PREFIX/bin/cdpctl" completion bash > /etc/bash_completion.d/cdpctl 2>/dev/null || true
+    # a minimal system (no bash-completion package) has no such directory
+    if [ -d /etc/bash_completion.d ]; then
+        "$PREFIX/bin/cdpctl" completion bash > /etc/bash_completion.d/cdpctl 2>/dev/null || true
+    fi
 fi
 say "done. Next: docs/OPERATIONS.md, section 'Install with systemd'."

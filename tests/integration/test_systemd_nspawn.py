@@ -281,6 +281,7 @@ def box() -> Iterator[Container]:
         print(f"wheelhouse ready at {time.monotonic() - t0:.1f} s")
         install = c.sh("WHEELHOUSE=/wheelhouse /src/deploy/install-systemd.sh", timeout_s=300)
         assert "install: done" in install.stdout, install.stdout + install.stderr
+        assert "No such file" not in install.stderr, install.stderr
         c.sh(SETUP)
         _configs(c)
         c.sh(PERMISSIONS)
@@ -355,9 +356,13 @@ def test_units_run_and_replicate(box: Container) -> None:
     assert int(box.sh(f"stat -c %s {DISK}").stdout) == DISK_BYTES
     _healthy(box)
     _write(box, 1, "first write")
-    status = json.loads(box.sh(f"cdpctl status --json {OPS}").stdout)
-    policy = status["policies"][0]
-    assert policy["state"] == "ok" and policy["durable_seq"] > 0, policy
+
+    def reported() -> bool:  # the coordinator hears of it with the next heartbeats
+        policy = json.loads(box.sh(f"cdpctl status --json {OPS}").stdout)["policies"][0]
+        return bool(policy["state"] == "ok" and policy["durable_seq"] > 0
+                    and policy["bytes_replicated"] > 0)
+
+    _eventually("cdpctl status shows the write durable", reported, 15, box.detail())
 
 
 def test_restore_writes_into_the_restore_dir(box: Container) -> None:
