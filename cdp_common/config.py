@@ -79,6 +79,9 @@ class NodeConfig:
     max_message_bytes: int = doc("Largest gRPC message accepted or sent (64 KiB .. 2 GiB - 1).",
                                  8 * MiB)
     capacity: int = doc("Most policies this node serves at once (0 = unlimited).", 0)
+    capacity_bytes_per_s: int = doc("Proxies: payload bytes per second this node may carry; "
+                                    "while it reports this much or more, the coordinator "
+                                    "gives it no new policy (0 = unlimited).", 0)
     max_concurrent_rpcs: int = doc("Most RPCs the gRPC server runs at once; more are refused "
                                    "with RESOURCE_EXHAUSTED.", 4096)
     max_streams_per_peer: int = doc("Most RPCs one peer (one certificate identity, or one "
@@ -227,6 +230,11 @@ class CoordinatorSection:
     heartbeat_ms: int = doc("Heartbeat period asked of every node.", 1000)
     lease_ms: int = doc("A node is down when no heartbeat arrived for this long.", 3000)
     max_disk_bytes: int = doc("Largest disk size a policy may have.", MAX_DISK_BYTES)
+    rebalance_max_per_minute: int = doc("Most policy slots moved per minute from the most "
+                                        "to the least loaded proxy of a site when they "
+                                        "differ by two or more, e.g. after a proxy joins "
+                                        "(a handover: the stream resumes on the new proxy); "
+                                        "0 = never move a policy off a healthy proxy.", 2)
     clock_skew_alarm_ms: int = doc("A node whose clock differs from the coordinator's by "
                                    "more than this is alarmed (its policies turn warning); "
                                    "the RPO lag is corrected for the offset either way.", 500)
@@ -367,6 +375,7 @@ def _validate_node(config: Any, node: NodeConfig) -> None:
         _address(node.coordinator, "node.coordinator")
     _between(node.max_message_bytes, 64 * 1024, MESSAGE_LIMIT - 1, "node.max_message_bytes")
     _between(node.capacity, 0, UINT32_MAX, "node.capacity")
+    _between(node.capacity_bytes_per_s, 0, 2**63 - 1, "node.capacity_bytes_per_s")
     _between(node.max_concurrent_rpcs, 1, MESSAGE_LIMIT - 1, "node.max_concurrent_rpcs")
     _between(node.max_streams_per_peer, 1, MESSAGE_LIMIT - 1, "node.max_streams_per_peer")
     _between(node.first_message_timeout_s, 0.1, 3600.0, "node.first_message_timeout_s")
@@ -491,6 +500,7 @@ def _validate_coordinator(config: CoordinatorConfig) -> None:
     c = config.coordinator
     _validate_store(config)
     _between(c.heartbeat_ms, 1, UINT32_MAX, "coordinator.heartbeat_ms")
+    _between(c.rebalance_max_per_minute, 0, 10_000, "coordinator.rebalance_max_per_minute")
     _between(c.lease_ms, 1, UINT32_MAX, "coordinator.lease_ms")
     if c.lease_ms <= c.heartbeat_ms:
         raise ConfigError("coordinator.lease_ms: must be longer than coordinator.heartbeat_ms")

@@ -40,7 +40,8 @@ class CoordinatorClient:
                  load: LoadFn | None = None) -> None:
         self._info = cpb.NodeInfo(id=node.id, role=role, site=node.site, address=address,  # type: ignore[arg-type]
                                   capacity=node.capacity, metrics_address=metrics_address,
-                                  pid=os.getpid())
+                                  pid=os.getpid(),
+                                  capacity_bytes_per_s=node.capacity_bytes_per_s)
         self._channel = rpc.channel(node.coordinator, tls, node.max_message_bytes)
         self._stub = cgrpc.CoordinatorStub(self._channel)
         self._reports = reports

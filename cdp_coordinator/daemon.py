@@ -20,6 +20,8 @@ from cdp_coordinator.store import SqliteStore, StateStore
 
 NODES = Gauge("cdp_coordinator_nodes", "Registered nodes by state.", ["state"])
 REBINDS = Counter("cdp_coordinator_rebinds", "Times a bound proxy or target was lost or replaced.")
+MOVES = Counter("cdp_coordinator_rebalance_moves",
+                "Policy slots the rebalancer moved from a loaded proxy to an idle one.")
 log = logging.getLogger("coord.daemon")
 RPO_LAG = Gauge("cdp_coordinator_rpo_lag_seconds", "RPO lag per policy.", ["policy"])
 EPOCH = Gauge("cdp_coordinator_policy_epoch", "Current assignment epoch per policy.", ["policy"])
@@ -78,6 +80,7 @@ class CoordinatorDaemon(node.NodeDaemon):
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self._rebinds_seen = 0
+        self._moves_seen = 0
         self._policies_seen: set[str] = set()
         self.store: StateStore | None = None
         self.service: CoordinatorService | None = None
@@ -155,6 +158,10 @@ class CoordinatorDaemon(node.NodeDaemon):
         if delta > 0:
             REBINDS.inc(delta)
             self._rebinds_seen = service.state.rebinds
+        delta = service.state.moves - self._moves_seen
+        if delta > 0:
+            MOVES.inc(delta)
+            self._moves_seen = service.state.moves
 
     async def _metrics_loop(self, service: CoordinatorService) -> None:
         while True:

@@ -51,6 +51,8 @@ class NodeInfo:
     capacity: int = 0
     metrics_address: str = ""
     pid: int = 0
+    capacity_bytes_per_s: int = 0
+    """Not stored: a restored node has 0 (unlimited) until it registers again."""
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,12 @@ first rule of `SLOT_RULES` that applies (one table, the same as this one):
   moves back when the pinned proxy is up again (the one exception to I-b,
   and only towards the operator's choice).
 - KEEP before CHOOSE: a bound proxy is never traded for a less loaded one.
-- CHOOSE: room = `capacity` 0 (unlimited) or load < capacity; least loaded =
-  fewest policy slots first, then fewest bytes/s (as the proxy reported in its
-  last heartbeat), ties broken by node id.
+- CHOOSE: room = `capacity` 0 (unlimited) or load < capacity, and
+  `capacity_bytes_per_s` 0 (unlimited) or the bytes/s it last reported below
+  it; least loaded = fewest policy slots first, then (target proxy slots) the
+  fewest policies of the same target, so one target's policies spread over
+  its target proxies, then fewest bytes/s (as the proxy reported in its last
+  heartbeat), ties broken by node id.
 - NONE: reason "no healthy {source|target} proxy on site {site}".
 
 Filter and target are named by the policy, not chosen. A down filter changes
@@ -41,13 +44,16 @@ starts from the epoch it had (`epoch_floor`). A change that replaces a node
 that was bound (not one that fills an empty slot) counts as a rebind.
 
 Invariants: I-a epochs per policy are non-decreasing and strictly grow on every
-binding change; I-b an assignment never changes while all its nodes stay up
-(no flapping, no rebalancing); I-c a proxy's load never exceeds its capacity
-because of a new choice (loads only grow past capacity if capacity shrinks).
+binding change; I-b placement never changes an assignment while all its nodes
+stay up (no flapping); only the rebalancer (`rebalance.py`) moves a policy off
+a healthy proxy, at most `[coordinator] rebalance_max_per_minute` a minute;
+I-c a proxy's load never exceeds its capacity because of a new choice (loads
+only grow past capacity if capacity shrinks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from collections.abc import Callable, Mapping
@@ -87,6 +93,7 @@ class Slot:
     bound: str                 # node id bound now ("" = empty)
     pinned: str                # the operator's choice ("" = none)
     enabled: bool
+    target: str = ""           # the policy's target (target slots spread by it)
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ class View:
     loads: Mapping[str, int]
     """Policy slots per proxy, with this slot's bound proxy already released."""
     now: float
+    spread: Mapping[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    """Target proxy slots per (proxy, target), likewise."""
 
     def fits(self, node: Node, slot: Slot) -> bool:
         return node.info.role in slot.roles and node.info.site == slot.site
@@ -125,18 +134,27 @@ def _keep(slot: Slot, view: View) -> str | None:
     return slot.bound if slot.bound and view.holds(slot.bound, slot) else None
 
 
+def has_room(node: Node, load: int) -> bool:
+    """Room for one more policy slot: under both of its capacities."""
+    if node.info.capacity and load >= node.info.capacity:
+        return False
+    return not (node.info.capacity_bytes_per_s
+                and node.bytes_per_s >= node.info.capacity_bytes_per_s)
+
+
 def _choose(slot: Slot, view: View) -> str | None:
-    best: tuple[int, float, str] | None = None
+    best: tuple[int, int, float, str] | None = None
     for nid, node in view.nodes.items():
         if not node.up or not view.fits(node, slot):
             continue
         load = view.loads.get(nid, 0)
-        if node.info.capacity and load >= node.info.capacity:
+        if not has_room(node, load):
             continue
-        key = (load, node.bytes_per_s, nid)
+        same = view.spread.get((nid, slot.target), 0) if slot.what == "target" else 0
+        key = (load, same, node.bytes_per_s, nid)
         if best is None or key < best:
             best = key
-    return best[2] if best else None
+    return best[3] if best else None
 
 
 def _none(slot: Slot, view: View) -> str | None:
@@ -153,16 +171,23 @@ SLOT_RULES: tuple[tuple[Rule, Pick], ...] = (
 
 
 def fill(slot: Slot, nodes: Mapping[str, Node], loads: dict[str, int],
-         now: float) -> tuple[Rule, str]:
-    """Apply `SLOT_RULES` to one slot; moves the slot's load in `loads` to the chosen node."""
+         now: float, spread: dict[tuple[str, str], int] | None = None) -> tuple[Rule, str]:
+    """Apply `SLOT_RULES` to one slot; moves the slot's load in `loads` (and, for a
+    target slot, in `spread`) to the chosen node."""
+    spread = {} if spread is None else spread
+    counted = slot.what == "target"
     if slot.bound:
         loads[slot.bound] -= 1
-    view = View(nodes, loads, now)
+        if counted:
+            spread[(slot.bound, slot.target)] -= 1
+    view = View(nodes, loads, now, spread)
     for rule, pick in SLOT_RULES:
         chosen = pick(slot, view)
         if chosen is not None:
             if chosen:
                 loads[chosen] = loads.get(chosen, 0) + 1
+                if counted:
+                    spread[(chosen, slot.target)] = spread.get((chosen, slot.target), 0) + 1
             return rule, chosen
     raise AssertionError("SLOT_RULES ends with NONE, which always applies")
 
@@ -175,6 +200,18 @@ def loads_of(assignments: Mapping[str, Assignment]) -> dict[str, int]:
             if e.node_id:
                 loads[e.node_id] = loads.get(e.node_id, 0) + 1
     return loads
+
+
+def spread_of(assignments: Mapping[str, Assignment],
+              policies: Mapping[str, PolicyConfig]) -> dict[tuple[str, str], int]:
+    """Target proxy slots per (target proxy, the target its policy names)."""
+    out: dict[tuple[str, str], int] = {}
+    for a in assignments.values():
+        p = policies.get(a.policy)
+        if a.target_proxy.node_id and p is not None:
+            key = (a.target_proxy.node_id, p.target)
+            out[key] = out.get(key, 0) + 1
+    return out
 
 
 def _endpoint(nodes: Mapping[str, Node], node_id: str) -> Endpoint:
@@ -204,16 +241,18 @@ class Placement:
 
 
 def place(p: PolicyConfig, old: Assignment | None, epoch_floor: int,
-          nodes: Mapping[str, Node], loads: dict[str, int], now: float) -> Placement:
-    """The policy's assignment now; `loads` follows the slots that moved."""
+          nodes: Mapping[str, Node], loads: dict[str, int], now: float,
+          spread: dict[tuple[str, str], int] | None = None) -> Placement:
+    """The policy's assignment now; `loads` and `spread` follow the slots that moved."""
+    spread = {} if spread is None else spread
     rules: list[tuple[Slot, Rule, str]] = []
     for what, roles, site, bound, pinned in (
             ("source", SOURCE_ROLES, p.source_site,
              old.source_proxy.node_id if old else "", p.pinned_source_proxy),
             ("target", TARGET_ROLES, p.target_site,
              old.target_proxy.node_id if old else "", p.pinned_target_proxy)):
-        slot = Slot(what, roles, site, bound, pinned, p.enabled)
-        rules.append((slot, *fill(slot, nodes, loads, now)))
+        slot = Slot(what, roles, site, bound, pinned, p.enabled, p.target)
+        rules.append((slot, *fill(slot, nodes, loads, now, spread)))
     reasons = [f"no healthy {slot.what} proxy on site {slot.site}"
                for slot, rule, _ in rules if rule is Rule.NONE]
     if p.enabled:
@@ -245,12 +284,12 @@ def place_all(policies: Mapping[str, PolicyConfig], assignments: Mapping[str, As
               epoch_floor: Mapping[str, int], nodes: Mapping[str, Node],
               now: float) -> tuple[dict[str, Assignment], int]:
     """Every policy's placement, by name: (the assignments that changed, rebinds)."""
-    loads = loads_of(assignments)
+    loads, spread = loads_of(assignments), spread_of(assignments, policies)
     changed: dict[str, Assignment] = {}
     rebinds = 0
     for name in sorted(policies):
         old = assignments.get(name)
-        got = place(policies[name], old, epoch_floor.get(name, 0), nodes, loads, now)
+        got = place(policies[name], old, epoch_floor.get(name, 0), nodes, loads, now, spread)
         rebinds += got.rebound
         if got.assignment != old:
             changed[name] = got.assignment

@@ -153,7 +153,8 @@ def check_claim(context: Any, node_id: str, role: Role | None, what: str) -> Non
 
 def node_info_pb(n: NodeInfo) -> cpb.NodeInfo:
     return cpb.NodeInfo(id=n.id, role=n.role, site=n.site, address=n.address,  # type: ignore[arg-type]
-                        capacity=n.capacity, metrics_address=n.metrics_address, pid=n.pid)
+                        capacity=n.capacity, metrics_address=n.metrics_address, pid=n.pid,
+                        capacity_bytes_per_s=n.capacity_bytes_per_s)
 
 
 def unknown_message(node_id: str, policy: str) -> str:
@@ -253,6 +254,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self.lease_ms = config.coordinator.lease_ms
         self.state = CoordinatorState(lease_s=self.lease_ms / 1000)
         self.state.skew_alarm_s = config.coordinator.clock_skew_alarm_ms / 1000
+        self.state.rebalance_per_minute = config.coordinator.rebalance_max_per_minute
         self._watchers: set[_Watcher] = set()
         self._unsaved: set[str] = set()
         self._closed = False
@@ -386,7 +388,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         except CdpError as exc:
             await rpc.abort(context, exc)
         info = NodeInfo(id=n.id, role=int(n.role), site=n.site or "default", address=n.address,
-                        capacity=n.capacity, metrics_address=n.metrics_address, pid=n.pid)
+                        capacity=n.capacity, metrics_address=n.metrics_address, pid=n.pid,
+                        capacity_bytes_per_s=n.capacity_bytes_per_s)
         try:
             self.register(info)
         except CdpError as exc:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 
 from cdp_common.config import PolicyConfig
 from cdp_common.forecast import Trend
@@ -64,6 +65,7 @@ from cdp_coordinator.model import (
     policy_filter,
 )
 from cdp_coordinator.placement import place_all
+from cdp_coordinator.rebalance import plan_moves
 from cdp_coordinator.status import rpo_lag, rpo_state, status
 
 LAG_WINDOW_S = 30.0
@@ -102,11 +104,17 @@ class CoordinatorState:
         self.skew_alarm_s = 0.5
         self.rebinds = 0
         """Times a bound proxy or target was lost or replaced (metrics)."""
+        self.rebalance_per_minute = 0
+        """Most policy slots the rebalancer moves per minute (0 = never; the daemon
+        sets `[coordinator] rebalance_max_per_minute`)."""
+        self.moves = 0
+        """Policy slots the rebalancer moved (metrics)."""
+        self._move_times: list[float] = []
         self.since: dict[str, float] = {}
-        self.lag_trends: dict[str, Trend] = {}
-        """RPO lag per policy over the last LAG_WINDOW_S, for the breach forecast."""
         """When (now) each policy was added or moved to another filter or target: for one
         lease after that, a node not reporting it may not have heard of it yet (status)."""
+        self.lag_trends: dict[str, Trend] = {}
+        """RPO lag per policy over the last LAG_WINDOW_S, for the breach forecast."""
         self._dirty: set[str] = set()
         self._epoch_floor: dict[str, int] = {}
 
@@ -291,3 +299,27 @@ class CoordinatorState:
         self.rebinds += rebinds
         self.assignments.update(changed)
         self._dirty.update(changed)
+        self._rebalance(now)
+
+    def _rebalance(self, now: float) -> None:
+        """Apply the rebalancer's moves, at most `rebalance_per_minute` a minute."""
+        if self.rebalance_per_minute <= 0:
+            return
+        self._move_times = [t for t in self._move_times if now - t < 60.0]
+        budget = self.rebalance_per_minute - len(self._move_times)
+        if budget <= 0:
+            return
+        for m in plan_moves(self.policies, self.assignments, self.nodes, now, budget):
+            old = self.assignments[m.policy]
+            to = Endpoint(m.to_id, self.nodes[m.to_id].info.address)
+            new = replace(old, source_proxy=to) if m.what == "source" else \
+                replace(old, target_proxy=to)
+            new = replace(new, epoch=old.epoch + 1)
+            self.assignments[m.policy] = new
+            self._dirty.add(m.policy)
+            self._move_times.append(now)
+            self.moves += 1
+            alog.info("rebalanced: %s proxy %s -> %s (%d moves left this minute)", m.what,
+                      m.from_id, m.to_id,
+                      self.rebalance_per_minute - len(self._move_times),
+                      extra={"policy": m.policy, "epoch": new.epoch})
