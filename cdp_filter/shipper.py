@@ -24,8 +24,11 @@ Resume rules (`plan_resume`, pure):
   digest sync after seeing the error. Otherwise the policy is in error
   (TargetAheadError) and nothing is shipped: never a silent skip;
 - resume_from_seq + 1 < oldest seq still kept   -> the records the target needs
-  were trimmed (the target lost acked data): cannot resend; report the error
-  and retry, a resync is needed.
+  were trimmed (the target lost acked data, or the policy moved to a new
+  target): they cannot be resent. Jump over them (`skips_lost_seqs`) only
+  once an operator asked for a digest sync after seeing the error (as
+  `cdpctl node drain` does), else the policy is in error (JournalGapError)
+  and nothing is shipped.
 
 Any stream failure is logged once per distinct error and reported as the
 policy's `error` in heartbeats. A transient one (cdp_common.rpc.TRANSIENT_CODES:
@@ -162,6 +165,8 @@ class Shipper:
         self._ahead_floor: int | None = None
         """While the target is ahead of the journal: the sync_request_id seen then; an
         operator sync with a larger id releases the hold (`_accept_target_ahead`)."""
+        self._behind_floor: int | None = None
+        """Likewise while the target is behind it (`_accept_target_behind`)."""
         self._report_task: asyncio.Task[object] | None = None
         if self._assignment is not None:
             log.info("resuming with remembered assignment epoch %d (source proxy %s)",
@@ -224,7 +229,7 @@ class Shipper:
         if old is not None and assignment_key(old) == assignment_key(a):
             if a.sync_request_id != old.sync_request_id:
                 self._assignment = a   # an operator sync: may release a target-ahead hold
-                if self._ahead_floor is not None:
+                if self._ahead_floor is not None or self._behind_floor is not None:
                     self._changed.set()
             return
         log.info("new assignment epoch %d: source proxy %s, target proxy %s, target %s",
@@ -316,9 +321,8 @@ class Shipper:
                 log.info("resuming after a journal overflow: seqs %d..%d were dropped",
                          resume + 1, journal.oldest_seq - 1, extra=self._extra(seq=resume))
             elif plan is Resume.GAP:
-                raise JournalGapError(
-                    f"target is durable through seq {resume} but the journal only keeps "
-                    f"seqs from {journal.oldest_seq}: a resync of the policy is needed")
+                self._accept_target_behind(a, resume)
+                skip = True
             if plan is Resume.ADVANCE:
                 self._accept_target_ahead(a, resume)
                 journal.advance_to(resume)
@@ -376,6 +380,33 @@ class Shipper:
             f"target {a.target.node_id} is durable through seq {resume} but this filter "
             f"captured only through seq {rt.journal.last_seq} (its journal lost records, or "
             f"the target holds another history): nothing is shipped until an operator runs "
+            f"`cdpctl sync {rt.name}` (a digest resync makes the replica equal the disks)")
+
+    def _accept_target_behind(self, a: cpb.Assignment, resume: int) -> None:
+        """The target needs seqs this journal trimmed after an earlier target acked
+        them: the policy now names another target, or the target lost its store.
+        They cannot be resent, so the stream may jump over them only once a digest
+        sync makes the replica equal the disks: one an operator (or `cdpctl node
+        drain`) asked for after this was seen, so it compares every region
+        against this target. Otherwise nothing is shipped (JournalGapError)."""
+        rt = self.rt
+        synced = rt.tracker is not None and rt.tracker.m.gap is not None
+        if self._behind_floor is not None and a.sync_request_id > self._behind_floor \
+                and synced:
+            # (the sync's gap is open: every point from here on is marked inconsistent
+            # until its GAP_END, so none shows the replica without the trimmed seqs)
+            log.warning("target durable through seq %d, behind this journal (from seq %d): "
+                        "operator sync %d accepted; skipping the trimmed seqs and "
+                        "resyncing by digests", resume, rt.journal.oldest_seq,
+                        a.sync_request_id, extra=self._extra(seq=resume))
+            self._behind_floor = None
+            return
+        if self._behind_floor is None:
+            self._behind_floor = a.sync_request_id
+        raise JournalGapError(
+            f"target {a.target.node_id} is durable through seq {resume} but the journal "
+            f"only keeps seqs from {rt.journal.oldest_seq} (the target lost acked data, or "
+            f"the policy moved to a new target): nothing is shipped until an operator runs "
             f"`cdpctl sync {rt.name}` (a digest resync makes the replica equal the disks)")
 
     async def _send_loop(self, session: RecordSession, sent: int,

@@ -17,6 +17,7 @@ from cdp_common.config import TlsConfig
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
+from cdp_filter.resync import Tracker
 from cdp_filter.shipper import Resume, plan_resume
 
 pytestmark = pytest.mark.timeout(30)
@@ -37,6 +38,7 @@ class FakeProxy(rgrpc.SourceProxyServicer):
         self.hold_acks = False
         self.ack_beyond = 0   # > 0: a lying proxy acks this many seqs beyond what it got
         self.errors: list[str] = []
+        self.skipped_to = 0   # the first seq after an announced jump
 
     async def Ship(self, request_iterator: AsyncIterator[rpb.ShipRequest],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.ShipResponse]:
@@ -45,8 +47,12 @@ class FakeProxy(rgrpc.SourceProxyServicer):
         self.hellos.append(first.hello)
         yield rpb.ShipResponse(welcome=rpb.ShipWelcome(resume_from_seq=self.durable))
         expect = self.durable + 1
+        first = True
         async for req in it:
             for rec in records.decode_all(req.batch.records):
+                if first and req.batch.skips_lost_seqs:
+                    self.skipped_to = expect = rec.seq   # the one jump a stream may make
+                first = False
                 if rec.seq != expect:
                     self.errors.append(f"got seq {rec.seq}, expected {expect}")
                 expect = rec.seq + 1
@@ -240,7 +246,39 @@ async def test_gap_is_reported(proxy: tuple[FakeProxy, str], rig: Rig) -> None:
     rig.shipper.set_assignment(assignment(address))
     rig.start()
     await eventually(lambda: "resync" in rig.rt.error)
+    assert "cdpctl sync p" in rig.rt.report().error
     assert fake.seqs == []
+
+
+async def test_target_behind_the_journal_jumps_only_with_a_later_sync(
+        proxy: tuple[FakeProxy, str], rig: Rig) -> None:
+    """A target that needs seqs the journal trimmed (the policy moved to a new target,
+    or the target lost its store): nothing ships until a digest sync requested after
+    the error runs, with its gap open; then the stream jumps over the trimmed seqs."""
+    fake, address = proxy
+    rig.rt.tracker = Tracker(rig.rt, str(rig.tmp / "dirty"), 4096)
+    rig.write(25)
+    rig.journal.trim_through(20)
+    fake.durable = 5
+    a = assignment(address)
+    a.sync_request_id = 3   # an old request: it compared against another replica
+    rig.shipper.set_assignment(a)
+    rig.start()
+    await eventually(lambda: "only keeps seqs from 21" in rig.rt.error)
+    await asyncio.sleep(0.3)
+    assert fake.seqs == [] and fake.skipped_to == 0
+    # a newer request, but its sync has not opened its gap yet: still nothing
+    newer = assignment(address)
+    newer.sync_request_id = 4
+    rig.shipper.set_assignment(newer)
+    await asyncio.sleep(0.5)
+    assert fake.seqs == []
+    rig.rt.tracker.open_sync_gap("operator")   # the sync begins
+    newest = assignment(address)
+    newest.sync_request_id = 5
+    rig.shipper.set_assignment(newest)
+    await eventually(lambda: fake.durable == 25)
+    assert fake.skipped_to == 21 and fake.seqs == [21, 22, 23, 24, 25] and not fake.errors
 
 
 async def test_back_pressure_waits_for_trim(tmp_path: Path) -> None:
