@@ -63,6 +63,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "/cdp.v1.Coordinator/DeletePolicy": ("admin",),
     "/cdp.v1.Coordinator/SetPolicyEnabled": ("admin",),
     "/cdp.v1.Coordinator/RequestSync": ("admin",),
+    "/cdp.v1.Coordinator/DrainNode": ("admin",),
     # the data path, one hop each
     "/cdp.v1.SourceProxy/Ship": ("filter",),
     "/cdp.v1.SourceProxy/GetDigests": ("filter",),

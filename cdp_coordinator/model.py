@@ -157,6 +157,8 @@ class NodeStatus:
     """Seconds since the last heartbeat; -1 when not heard since the coordinator started."""
     clock_offset_s: float | None = None
     """Node clock minus coordinator clock (cdp_coordinator.clocks); None: not known."""
+    draining: bool = False
+    """Drained by an operator (`cdpctl node drain`): takes no policy."""
 
 
 @dataclass(frozen=True)

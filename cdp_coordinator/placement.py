@@ -17,7 +17,8 @@ first rule of `SLOT_RULES` that applies (one table, the same as this one):
     NONE      nothing else applied                                         -> empty + reason
 
 - *Fits*: its role serves the slot (`SOURCE_ROLES` / `TARGET_ROLES`, a
-  PROXY_BOTH node serves either) and it is on the slot's site.
+  PROXY_BOTH node serves either), it is on the slot's site, and no operator
+  drained it (`cdpctl node drain`: its policies move off, pinned ones too).
 - PINNED: the operator asked for that proxy, so it is used whatever its load
   or capacity. A policy bound elsewhere because its pinned proxy was down
   moves back when the pinned proxy is up again (the one exception to I-b,
@@ -106,9 +107,12 @@ class View:
     now: float
     spread: Mapping[tuple[str, str], int] = dataclasses.field(default_factory=dict)
     """Target proxy slots per (proxy, target), likewise."""
+    draining: frozenset[str] = frozenset()
+    """Proxies an operator drained (`cdpctl node drain`): they fit no slot."""
 
     def fits(self, node: Node, slot: Slot) -> bool:
-        return node.info.role in slot.roles and node.info.site == slot.site
+        return node.info.role in slot.roles and node.info.site == slot.site \
+            and node.info.id not in self.draining
 
     def holds(self, node_id: str, slot: Slot) -> bool:
         node = self.nodes.get(node_id)
@@ -171,7 +175,8 @@ SLOT_RULES: tuple[tuple[Rule, Pick], ...] = (
 
 
 def fill(slot: Slot, nodes: Mapping[str, Node], loads: dict[str, int],
-         now: float, spread: dict[tuple[str, str], int] | None = None) -> tuple[Rule, str]:
+         now: float, spread: dict[tuple[str, str], int] | None = None,
+         draining: frozenset[str] = frozenset()) -> tuple[Rule, str]:
     """Apply `SLOT_RULES` to one slot; moves the slot's load in `loads` (and, for a
     target slot, in `spread`) to the chosen node."""
     spread = {} if spread is None else spread
@@ -180,7 +185,7 @@ def fill(slot: Slot, nodes: Mapping[str, Node], loads: dict[str, int],
         loads[slot.bound] -= 1
         if counted:
             spread[(slot.bound, slot.target)] -= 1
-    view = View(nodes, loads, now, spread)
+    view = View(nodes, loads, now, spread, draining)
     for rule, pick in SLOT_RULES:
         chosen = pick(slot, view)
         if chosen is not None:
@@ -242,7 +247,8 @@ class Placement:
 
 def place(p: PolicyConfig, old: Assignment | None, epoch_floor: int,
           nodes: Mapping[str, Node], loads: dict[str, int], now: float,
-          spread: dict[tuple[str, str], int] | None = None) -> Placement:
+          spread: dict[tuple[str, str], int] | None = None,
+          draining: frozenset[str] = frozenset(), quiet: bool = False) -> Placement:
     """The policy's assignment now; `loads` and `spread` follow the slots that moved."""
     spread = {} if spread is None else spread
     rules: list[tuple[Slot, Rule, str]] = []
@@ -252,7 +258,7 @@ def place(p: PolicyConfig, old: Assignment | None, epoch_floor: int,
             ("target", TARGET_ROLES, p.target_site,
              old.target_proxy.node_id if old else "", p.pinned_target_proxy)):
         slot = Slot(what, roles, site, bound, pinned, p.enabled, p.target)
-        rules.append((slot, *fill(slot, nodes, loads, now, spread)))
+        rules.append((slot, *fill(slot, nodes, loads, now, spread, draining)))
     reasons = [f"no healthy {slot.what} proxy on site {slot.site}"
                for slot, rule, _ in rules if rule is Rule.NONE]
     if p.enabled:
@@ -273,23 +279,27 @@ def place(p: PolicyConfig, old: Assignment | None, epoch_floor: int,
         rebound = p.enabled and any(o.node_id and o.node_id != n.node_id
                                     for o, n in zip(old_binding, new.binding, strict=True))
         new = replace(new, epoch=new.epoch + 1)
-        alog.info("policy bound: source=%s target_proxy=%s target=%s%s",
-                  source_id or "-", target_proxy_id or "-", target.node_id or "-",
-                  f" ({new.reason})" if new.reason else "",
-                  extra={"policy": p.name, "epoch": new.epoch})
+        if not quiet:
+            alog.info("policy bound: source=%s target_proxy=%s target=%s%s",
+                      source_id or "-", target_proxy_id or "-", target.node_id or "-",
+                      f" ({new.reason})" if new.reason else "",
+                      extra={"policy": p.name, "epoch": new.epoch})
     return Placement(new, rebound)
 
 
 def place_all(policies: Mapping[str, PolicyConfig], assignments: Mapping[str, Assignment],
               epoch_floor: Mapping[str, int], nodes: Mapping[str, Node],
-              now: float) -> tuple[dict[str, Assignment], int]:
-    """Every policy's placement, by name: (the assignments that changed, rebinds)."""
+              now: float, draining: frozenset[str] = frozenset(), quiet: bool = False,
+              ) -> tuple[dict[str, Assignment], int]:
+    """Every policy's placement, by name: (the assignments that changed, rebinds).
+    `quiet`: a what-if (a drain's dry run), nothing logged."""
     loads, spread = loads_of(assignments), spread_of(assignments, policies)
     changed: dict[str, Assignment] = {}
     rebinds = 0
     for name in sorted(policies):
         old = assignments.get(name)
-        got = place(policies[name], old, epoch_floor.get(name, 0), nodes, loads, now, spread)
+        got = place(policies[name], old, epoch_floor.get(name, 0), nodes, loads, now, spread,
+                    draining, quiet)
         rebinds += got.rebound
         if got.assignment != old:
             changed[name] = got.assignment

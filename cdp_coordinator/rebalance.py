@@ -56,7 +56,8 @@ def _pinned(p: PolicyConfig, what: str) -> str:
 
 
 def plan_moves(policies: Mapping[str, PolicyConfig], assignments: Mapping[str, Assignment],
-               nodes: Mapping[str, Node], now: float, limit: int) -> list[Move]:
+               nodes: Mapping[str, Node], now: float, limit: int,
+               draining: frozenset[str] = frozenset()) -> list[Move]:
     """At most `limit` moves that even out the proxies' loads (see the module doc)."""
     loads, spread = loads_of(assignments), spread_of(assignments, policies)
     bound = {(name, what): _bound(a, what) for name, a in assignments.items()
@@ -68,7 +69,7 @@ def plan_moves(policies: Mapping[str, PolicyConfig], assignments: Mapping[str, A
         roles: tuple[Role, ...] = SOURCE_ROLES if what == "source" else TARGET_ROLES
         members = sorted(nid for nid, n in nodes.items()
                          if n.up and in_service(n, now) and n.info.role in roles
-                         and n.info.site == site)
+                         and n.info.site == site and nid not in draining)
         exhausted: set[str] = set()   # most loaded, but nothing of it may move
         while len(moves) < limit:
             sources = [m for m in members if m not in exhausted]

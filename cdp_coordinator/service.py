@@ -66,6 +66,8 @@ from cdp_coordinator.alarms import AlarmEvent, AlarmTracker, Level, level_of
 from cdp_coordinator.diskrules import disk_conflicts
 from cdp_coordinator.model import (
     NO_PROGRESS,
+    SOURCE_ROLES,
+    TARGET_ROLES,
     Assignment,
     Endpoint,
     Gap,
@@ -170,7 +172,8 @@ def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | N
         nodes=[cpb.NodeStatus(info=node_info_pb(n.info), state=n.state,
                               last_seen_age_s=n.last_seen_age_s,
                               clock_offset_s=n.clock_offset_s or 0.0,
-                              clock_offset_known=n.clock_offset_s is not None)
+                              clock_offset_known=n.clock_offset_s is not None,
+                              draining=n.draining)
                for n in status.nodes],
         policies=[cpb.PolicyStatus(
             name=p.name, source_proxy=p.source_proxy, target_proxy=p.target_proxy,
@@ -632,6 +635,33 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         plog.info("digest sync %d requested", rid, extra={"policy": p.name})
         self._notify()
         return cpb.RequestSyncReply(sync_request_id=rid)
+
+    async def DrainNode(self, request: cpb.DrainNodeRequest,
+                        context: grpc.aio.ServicerContext) -> cpb.DrainNodeReply:
+        node = self.state.nodes.get(request.node_id)
+        if node is None:
+            await rpc.abort(context, NotFoundError(f"no node {request.node_id!r}"))
+        assert node is not None
+        role = Role(node.info.role)
+        if role not in (*SOURCE_ROLES, *TARGET_ROLES):
+            why = ("its policies move by naming another target, a full seed: "
+                   "`cdpctl node drain` does that" if role == Role.TARGET
+                   else "its disks cannot move elsewhere")
+            await rpc.abort(context, InvalidRequestError(
+                f"{node.info.id} is a {role.name.lower().replace('_', ' ')}, not a proxy: "
+                f"{why}"))
+        drain = not request.undrain
+        moved = self.state.drain(node.info.id, drain, self.clock(), request.dry_run)
+        if not request.dry_run:
+            plog.warning("proxy %s %s by an operator: %d policy slots move off it",
+                         node.info.id, "drained" if drain else "undrained", len(moved))
+            await self._flush_or_abort(context)
+        draining = (drain if request.dry_run else node.info.id in self.state.draining)
+        return cpb.DrainNodeReply(draining=draining, moves=[
+            cpb.DrainMove(policy=name, slot=slot,
+                          to_node=(a.source_proxy if slot == "source" else a.target_proxy).node_id,
+                          reason=a.reason)
+            for name, slot, a in moved])
 
     async def ListAlarms(self, request: cpb.ListAlarmsRequest,
                          context: grpc.aio.ServicerContext) -> cpb.ListAlarmsReply:

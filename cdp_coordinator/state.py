@@ -110,6 +110,8 @@ class CoordinatorState:
         self.moves = 0
         """Policy slots the rebalancer moved (metrics)."""
         self._move_times: list[float] = []
+        self.draining: set[str] = set()
+        """Proxies an operator drained (in memory: a coordinator restart forgets it)."""
         self.since: dict[str, float] = {}
         """When (now) each policy was added or moved to another filter or target: for one
         lease after that, a node not reporting it may not have heard of it yet (status)."""
@@ -256,7 +258,7 @@ class CoordinatorState:
         return status(self.nodes, self.policies, self.assignments, self.reports,
                       self.sync_requests, now, now if wall_now is None else wall_now,
                       self.clocks.offsets(), self.skew_alarm_s, self.since, self.lease_s,
-                      functools.partial(self._breach_in, now))
+                      functools.partial(self._breach_in, now), frozenset(self.draining))
 
     def _breach_in(self, now: float, policy: str, lag: float) -> float | None:
         """Feed the policy's lag trend (one sample a second) and forecast the breach."""
@@ -295,11 +297,37 @@ class CoordinatorState:
 
     def _recompute(self, now: float) -> None:
         changed, rebinds = place_all(self.policies, self.assignments, self._epoch_floor,
-                                     self.nodes, now)
+                                     self.nodes, now, frozenset(self.draining))
         self.rebinds += rebinds
         self.assignments.update(changed)
         self._dirty.update(changed)
         self._rebalance(now)
+
+    def drain(self, node_id: str, on: bool, now: float,
+              dry_run: bool = False) -> list[tuple[str, str, Assignment]]:
+        """Drain (or undrain) a proxy: (policy, slot, new assignment) of every proxy
+        slot that leaves it; with `dry_run` what would, and nothing changes."""
+        before = dict(self.assignments)
+        if dry_run:
+            draining = self.draining | {node_id} if on else self.draining - {node_id}
+            after = {**before, **place_all(self.policies, before, self._epoch_floor,
+                                           self.nodes, now, frozenset(draining),
+                                           quiet=True)[0]}
+        else:
+            if on:
+                self.draining.add(node_id)
+            else:
+                self.draining.discard(node_id)
+            self._recompute(now)
+            after = self.assignments
+        out = []
+        for name, old in sorted(before.items()):
+            new = after.get(name, old)
+            for slot, was, now_ep in (("source", old.source_proxy, new.source_proxy),
+                                      ("target", old.target_proxy, new.target_proxy)):
+                if was.node_id == node_id and now_ep.node_id != node_id:
+                    out.append((name, slot, new))
+        return out
 
     def _rebalance(self, now: float) -> None:
         """Apply the rebalancer's moves, at most `rebalance_per_minute` a minute."""
@@ -309,7 +337,8 @@ class CoordinatorState:
         budget = self.rebalance_per_minute - len(self._move_times)
         if budget <= 0:
             return
-        for m in plan_moves(self.policies, self.assignments, self.nodes, now, budget):
+        for m in plan_moves(self.policies, self.assignments, self.nodes, now, budget,
+                            frozenset(self.draining)):
             old = self.assignments[m.policy]
             to = Endpoint(m.to_id, self.nodes[m.to_id].info.address)
             new = replace(old, source_proxy=to) if m.what == "source" else \

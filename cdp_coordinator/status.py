@@ -93,10 +93,12 @@ def rpo_state(lag_s: float, policy: PolicyConfig) -> PolicyState:
     return PolicyState.OK
 
 
-def node_status(node: Node, now: float, offset_s: float | None = None) -> NodeStatus:
+def node_status(node: Node, now: float, offset_s: float | None = None,
+                draining: bool = False) -> NodeStatus:
     return NodeStatus(info=node.info, state=node_state(node),
                       last_seen_age_s=-1.0 if node.last_seen is None
-                      else max(0.0, now - node.last_seen), clock_offset_s=offset_s)
+                      else max(0.0, now - node.last_seen), clock_offset_s=offset_s,
+                      draining=draining)
 
 
 def skew_reasons(node_ids: tuple[str, ...], offsets: Mapping[str, float],
@@ -260,12 +262,14 @@ def status(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
            sync_requests: Mapping[str, int], now: float, wall: float,
            offsets: Mapping[str, float] | None = None, skew_alarm_s: float = 0.5,
            since: Mapping[str, float] | None = None, grace_s: float = 0.0,
-           breach_in: Callable[[str, float], float | None] | None = None) -> Status:
+           breach_in: Callable[[str, float], float | None] | None = None,
+           draining: frozenset[str] = frozenset()) -> Status:
     """Everything the CLI shows, nodes and policies by id/name; `since`: when (the
     monotonic `now`) each policy was added or moved to another filter or target;
     `breach_in(policy, lag)`: see policy_status."""
     offsets, since = offsets or {}, since or {}
-    rows = [node_status(n, now, offsets.get(nid)) for nid, n in sorted(nodes.items())]
+    rows = [node_status(n, now, offsets.get(nid), nid in draining)
+            for nid, n in sorted(nodes.items())]
     up = frozenset(r.info.id for r in rows if r.state == NodeState.UP)
     return Status(
         nodes=rows,

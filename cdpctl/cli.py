@@ -16,12 +16,13 @@ import sys
 import textwrap
 
 from cdp_common.errors import EXIT_INTERRUPTED, CdpError, CoordinatorUnreachable
-from cdpctl import completion, health, labcmd, pki, policy, restore, status, sync
+from cdpctl import completion, health, labcmd, node, pki, policy, restore, status, sync
 from cdpctl.cmdline import EXIT_USAGE, CommandGroup, Context, Parser, context
 from cdpctl.state import UsageError
 
 # Order of the commands in --help and in the completion scripts.
-GROUPS: tuple[CommandGroup, ...] = (health, policy, labcmd, restore, sync, pki, completion)
+GROUPS: tuple[CommandGroup, ...] = (health, policy, labcmd, restore, sync, node, pki,
+                                     completion)
 
 
 def build_parser(ctx: Context | None = None) -> argparse.ArgumentParser:

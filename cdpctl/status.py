@@ -64,6 +64,7 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
         "capacity": n.info.capacity, "state": n.state or "unknown",
         "last_seen_age_s": round(n.last_seen_age_s, 3),
         "clock_offset_s": round(n.clock_offset_s, 3) if n.clock_offset_known else None,
+        "draining": n.draining,
     } for n in reply.nodes]
     policies = [{
         "name": p.name, "state": policy_state_name(p.state), "reason": p.reason,
@@ -161,7 +162,8 @@ def evaluate(status: dict[str, Any]) -> Verdict:
 
 
 def render_nodes(status: dict[str, Any]) -> str:
-    rows = [(n["id"], n["role"], n["site"], n["state"], n["address"],
+    rows = [(n["id"], n["role"], n["site"],
+             n["state"] + (" (drained)" if n.get("draining") else ""), n["address"],
              format_seconds(float(n["last_seen_age_s"])),
              "?" if n.get("clock_offset_s") is None else f"{n['clock_offset_s']:+.3f}s")
             for n in sorted(status["nodes"], key=lambda n: (n["role"], n["id"]))]

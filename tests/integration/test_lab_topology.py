@@ -111,3 +111,61 @@ def test_two_filters_two_targets_three_policies(lab: Callable[..., LabHandle],
                       "filter-2 did not catch up after its restart")
     assert_eventually(lambda: handle.cli("health", check=True), 60, 1.0,
                       "health is not OK after the restart")
+
+
+def test_node_drain_moves_nothing_without_yes_then_proxies_and_targets(
+        lab: Callable[..., LabHandle], tmp_path: Path) -> None:
+    """`cdpctl node drain` (issue 12 item 3): a dry run changes nothing; a proxy's
+    policy is handed over; a target's policy moves to the other target with a full
+    seed and its replica there equals the source; nowhere to go is refused."""
+    handle = lab(tmp_path / "lab", disk_size="32M", source_proxies=2,
+                 extra=("--targets", "2"))
+    (disk,) = handle.disks
+    rng = random.Random(7)
+    shas = write_disks(handle, [disk], rng)
+    assert_eventually(replicas_equal([disk], shas), 90, 1.0, "no first replication")
+    serving = policies(handle)["lab"]["source_proxy"]
+    other = ({"source-proxy-1", "source-proxy-2"} - {serving}).pop()
+
+    dry = handle.cli("node", "drain", serving)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert f"lab: source proxy {serving} -> {other}" in dry.stdout, dry.stdout
+    assert "nothing changed" in dry.stdout
+    assert policies(handle)["lab"]["source_proxy"] == serving
+
+    done = handle.cli("node", "drain", serving, "--yes", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["done"] is True
+    assert_eventually(lambda: policies(handle)["lab"]["source_proxy"] == other, 15, 0.3,
+                      "the policy was not handed over")
+    nodes = {n["id"]: n for n in handle.status()["nodes"]}
+    assert nodes[serving]["draining"] and not nodes[other]["draining"]
+    shas = write_disks(handle, [disk], rng)
+    assert_eventually(replicas_equal([disk], shas), 90, 1.0, "no replication after handover")
+
+    # the last source proxy has nowhere to send the policy: refused, nothing changed
+    refused = handle.cli("node", "drain", other, "--yes")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "would stop replicating" in refused.stdout and "nothing changed" in refused.stdout
+    assert policies(handle)["lab"]["source_proxy"] == other
+    filt = handle.cli("node", "drain", "filter-1")
+    assert filt.returncode == 2 and "cannot be moved" in filt.stderr, filt.stderr
+
+    dry = handle.cli("node", "drain", "target-1")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "lab: target target-1 -> target-2: a full seed" in dry.stdout, dry.stdout
+    assert policies(handle)["lab"]["target"] == "target-1"
+    moved = handle.cli("node", "drain", "target-1", "--yes")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert "seeding target-2" in moved.stdout, moved.stdout
+    new_replica = {**disk, "replica_path": str(handle.dir / "data/target-2/lab/replicas"
+                                                / f"{disk['name']}.img")}
+    assert_eventually(replicas_equal([new_replica], shas), 120, 1.0,
+                      "the new target's replica did not reach the source")
+    shas = write_disks(handle, [disk], rng)
+    assert_eventually(replicas_equal([new_replica], shas), 90, 1.0,
+                      "no replication to the new target after the seed")
+    assert_eventually(lambda: handle.cli("health", check=True), 60, 1.0,
+                      "health is not OK after the drain")
+    assert handle.cli("node", "drain", serving, "--undo", "--yes").returncode == 0
+    assert not {n["id"]: n for n in handle.status()["nodes"]}[serving]["draining"]

@@ -167,3 +167,37 @@ def test_a_node_in_grace_is_neither_source_nor_destination() -> None:
     restored.tick(10.2)
     assert restored.moves == 2
     assert {k: len(v) for k, v in loads(restored).items()} == {"sp-a": 2, "sp-b": 2}
+
+
+def test_drain_moves_every_slot_off_a_proxy_and_a_dry_run_changes_nothing() -> None:
+    ps = [policy("p1"), policy("p2"), policy("p3", pinned_source_proxy="sp-a")]
+    s = state(ps, node("sp-a", Role.SOURCE_PROXY), node("tp", Role.TARGET_PROXY))
+    s.register(node("sp-b", Role.SOURCE_PROXY), 0.5)
+    s.tick(0.5)
+    assert set(loads(s)) == {"sp-a"}
+    before = dict(s.assignments)
+    plan = s.drain("sp-a", True, 1.0, dry_run=True)
+    assert [(name, slot, a.source_proxy.node_id) for name, slot, a in plan] == [
+        ("p1", "source", "sp-b"), ("p2", "source", "sp-b"), ("p3", "source", "sp-b")]
+    assert s.assignments == before and s.draining == set()   # a dry run
+    done = s.drain("sp-a", True, 1.0)
+    assert [(n, a.source_proxy.node_id) for n, _, a in done] == [
+        ("p1", "sp-b"), ("p2", "sp-b"), ("p3", "sp-b")]          # the pinned one too
+    assert all(s.assignments[n].epoch == before[n].epoch + 1 for n in before)
+    assert s.status(1.0).nodes[1].draining                          # sp-a, by id order
+    # drained: neither kept, chosen nor a rebalancing destination
+    s.rebalance_per_minute = 100
+    s.set_policy(policy("p4"), 1.5)
+    keep_alive(s, 2.0)
+    s.tick(2.0)
+    assert "sp-a" not in loads(s)
+    # undrained: takes policies again (the pinned one goes back to its pin at once)
+    s.drain("sp-a", False, 3.0)
+    assert s.assignments["p3"].source_proxy.node_id == "sp-a"
+
+
+def test_draining_the_only_proxy_says_the_policies_would_stop() -> None:
+    s = state([policy("p1")], node("sp-a", Role.SOURCE_PROXY), node("tp", Role.TARGET_PROXY))
+    (plan,) = s.drain("sp-a", True, 1.0, dry_run=True)
+    assert plan[0] == "p1" and plan[2].source_proxy.node_id == ""
+    assert "no healthy source proxy" in plan[2].reason
