@@ -174,8 +174,13 @@ class TargetClient:
     def _error(self, what: str, exc: grpc.RpcError) -> CdpError:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        answered = isinstance(exc, grpc.Call) and rpc.remote_error(exc, self.address).answered
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                and not answered:
             return TargetError(f"target at {self.address} unreachable ({what}): {details}")
+        if answered and code == grpc.StatusCode.UNAVAILABLE:
+            # the target's own failure (its storage, say), not the link
+            return TargetError(f"target at {self.address} failed ({what}): {details}")
         if code == grpc.StatusCode.PERMISSION_DENIED:
             return NotAuthorizedError(f"target at {self.address} ({what}): {details}")
         return TargetError(f"{what}: {details}")
