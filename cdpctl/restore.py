@@ -126,7 +126,7 @@ def render_gaps(gaps: list[dict[str, Any]]) -> list[str]:
             + (f"..{g['end_seq'] - 1}" if g["end_seq"] else " and later (still open)")
             + f", from {g['begin_time'] or '?'}"
             + (f" to {g['end_time']}" if g["end_time"] else "")
-            + ", are not consistent" for g in gaps]
+            + ", are not consistent" for g in gaps if status.gap_holds_points(g)]
 
 
 # ---------------------------------------------------------------- finding the target

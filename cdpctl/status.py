@@ -210,12 +210,21 @@ def capture_lines(p: dict[str, Any]) -> list[str]:
         out.append(f"policy {name}: sync {p.get('sync_reason') or ''} "
                    f"{sync_progress_text(p)}".replace("  ", " "))
     for g in p.get("gaps", []):
-        end = (f"seq {g['end_seq']} ({_when(g['end_time_ns'])})" if g["end_seq"]
-               else "still open")
+        if not gap_holds_points(g):
+            continue
+        # end_seq is the first consistent point again: the last one in the gap is before it
+        end = (f"seq {g['end_seq'] - 1} (closed {_when(g['end_time_ns'])})" if g["end_seq"]
+               else "now (still open)")
         out.append(f"policy {name}: gap ({g.get('reason') or 'overflow'}): restore points "
                    f"from seq {g['begin_seq']} ({_when(g['begin_time_ns'])}) to {end} are "
                    "not consistent")
     return out
+
+
+def gap_holds_points(g: dict[str, Any]) -> bool:
+    """A gap covers points with last seq in [begin_seq, end_seq) (end 0: open); a
+    closed one with end_seq <= begin_seq covers none and is not shown."""
+    return not g["end_seq"] or g["end_seq"] > g["begin_seq"]
 
 
 def sync_progress_text(p: dict[str, Any]) -> str:

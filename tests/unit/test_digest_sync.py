@@ -95,6 +95,21 @@ def test_status_lines_show_mode_sync_and_gaps() -> None:
     assert "from seq 5" in lines[2] and "still open" in lines[2]
 
 
+def test_gap_lines_name_the_last_point_inside_and_hide_empty_gaps() -> None:
+    from cdpctl import restore
+
+    gaps = [{"begin_seq": 129, "end_seq": 257, "begin_time_ns": 1, "end_time_ns": 2,
+             "begin_time": "", "end_time": "", "reason": "operator"},
+            {"begin_seq": 258, "end_seq": 258, "begin_time_ns": 3, "end_time_ns": 4,
+             "begin_time": "", "end_time": "", "reason": "operator"}]
+    lines = [line for line in status.capture_lines({"name": "p", "gaps": gaps})
+             if "gap" in line]
+    assert len(lines) == 1   # [258, 258) covers no point
+    assert "from seq 129" in lines[0] and "to seq 256 (closed" in lines[0], lines
+    (line,) = restore.render_gaps(gaps)
+    assert "last seq 129..256" in line
+
+
 def test_restore_points_inside_a_gap_are_flagged() -> None:
     from cdpctl import restore
 
