@@ -164,14 +164,20 @@ def pin(info: dict[str, Any], specs: list[str]) -> None:
                        capture_output=True)
 
 
-def start_profiles(info: dict[str, Any], out: Path, seconds: int) -> list[subprocess.Popen[bytes]]:
+PROFILE_SUFFIX = {"raw": ".txt", "flamegraph": ".svg"}
+
+
+def start_profiles(info: dict[str, Any], out: Path, seconds: int,
+                   fmt: str = "raw") -> list[subprocess.Popen[bytes]]:
+    """`py-spy record` every lab process for `seconds` into OUT/ID.txt (raw collapsed
+    stacks) or OUT/ID.svg (`fmt="flamegraph"`); both may run at once."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out.mkdir(parents=True, exist_ok=True)
     procs = []
     for p in info["processes"]:
         procs.append(subprocess.Popen(
-            [spy, "record", "-p", str(p["pid"]), "-d", str(seconds), "-r", "100", "-f", "raw",
-             "-o", str(out / f"{p['id']}.txt"), "--nonblocking"],
+            [spy, "record", "-p", str(p["pid"]), "-d", str(seconds), "-r", "100", "-f", fmt,
+             "-o", str(out / f"{p['id']}{PROFILE_SUFFIX[fmt]}"), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
 
@@ -193,6 +199,48 @@ def top_frames(path: Path, n: int = 12) -> list[tuple[str, float]]:
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(len(s) * q))] if s else 0.0
+
+
+def paced_lag(status: Status, disk: str, disk_bytes: int, pool: list[mmap.mmap],
+              seconds: float, mbps: float, warmup_s: float, start_block: int = 0,
+              series: bool = False) -> dict[str, Any]:
+    """`mbps` MB/s of 1 MiB writes for `seconds` while the coordinator's RPO lag is
+    sampled every SAMPLE_S; the first `warmup_s` are reported apart (see the module
+    docstring)."""
+    lags: list[float] = []
+    warm: list[float] = []
+    stop = threading.Event()
+
+    def sampler() -> None:
+        nxt_t = time.monotonic()
+        steady = nxt_t + warmup_s
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # a missed sample is not a result
+                lag = float(status.policy()["rpo_lag_s"])
+                (lags if time.monotonic() >= steady else warm).append(lag)
+            nxt_t += SAMPLE_S
+            stop.wait(max(0.0, nxt_t - time.monotonic()))
+
+    th = threading.Thread(target=sampler, daemon=True)
+    th.start()
+    try:
+        pwritten, p0, _ = write_phase(disk, disk_bytes, seconds, pool, mbps=mbps,
+                                      start_block=start_block)
+        p1 = time.perf_counter()
+    finally:
+        stop.set()
+        th.join()
+    return {
+        "target_mb_s": mbps,
+        "achieved_mb_s": round(pwritten / 1e6 / (p1 - p0), 1),
+        "samples": len(lags),
+        "rpo_lag_p50_s": round(statistics.median(lags), 2) if lags else None,
+        "rpo_lag_p99_s": round(percentile(lags, 0.99), 2),
+        "rpo_lag_max_s": round(max(lags, default=0.0), 2),
+        "warmup_s": warmup_s,
+        "warmup_lag_max_s": round(max(warm, default=0.0), 2),
+        "rpo_lag_series_s": [round(x, 2) for x in lags] if series else [],
+    }
 
 
 def main() -> None:
@@ -265,38 +313,9 @@ def main() -> None:
                 for k in pids if (Path(args.profile) / f"{k}.txt").exists()}
 
         # ---- phase 2: paced, RPO lag
-        lags: list[float] = []
-        warm: list[float] = []
-        stop = threading.Event()
-
-        def sampler() -> None:
-            nxt_t = time.monotonic()
-            steady = nxt_t + args.paced_warmup
-            while not stop.is_set():
-                with contextlib.suppress(Exception):  # a missed sample is not a result
-                    lag = float(status.policy()["rpo_lag_s"])
-                    (lags if time.monotonic() >= steady else warm).append(lag)
-                nxt_t += SAMPLE_S
-                stop.wait(max(0.0, nxt_t - time.monotonic()))
-
-        th = threading.Thread(target=sampler, daemon=True)
-        th.start()
-        pwritten, p0, _ = write_phase(disk, disk_bytes, args.paced_seconds, pool,
-                                      mbps=args.paced_mbps, start_block=nxt)
-        p1 = time.perf_counter()
-        stop.set()
-        th.join()
-        results["paced"] = {
-            "target_mb_s": args.paced_mbps,
-            "achieved_mb_s": round(pwritten / 1e6 / (p1 - p0), 1),
-            "samples": len(lags),
-            "rpo_lag_p50_s": round(statistics.median(lags), 2) if lags else None,
-            "rpo_lag_p99_s": round(percentile(lags, 0.99), 2),
-            "rpo_lag_max_s": round(max(lags, default=0.0), 2),
-            "warmup_s": args.paced_warmup,
-            "warmup_lag_max_s": round(max(warm, default=0.0), 2),
-            "rpo_lag_series_s": [round(x, 2) for x in lags] if args.json else [],
-        }
+        results["paced"] = paced_lag(status, disk, disk_bytes, pool, args.paced_seconds,
+                                     args.paced_mbps, args.paced_warmup, start_block=nxt,
+                                     series=args.json)
         results["pinned"] = args.pin
     finally:
         cdpctl("lab", "down", "--dir", str(lab))
