@@ -32,6 +32,9 @@ packages+=(etcd-server)
 # promtool: the alert rules and exported metrics of deploy/monitoring are
 # checked with it (tests/unit/test_monitoring.py)
 packages+=(prometheus)
+# the peers bench/bench_peers.py measures cdp against: the C pipeline
+# zstd | openssl enc | socat (TCP) | openssl -d | zstd -d | dd, and rsync (bench_sync.py)
+packages+=(zstd openssl socat rsync)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
