@@ -26,4 +26,4 @@ done
 echo "== pytest ${tiers[*]}"
 # Per-test limit, plus a hard limit on the whole run so CI never hangs.
 timeout --kill-after=30 "${CDP_TEST_TIMEOUT_S:-3600}" \
-    "$py/pytest" -q -ra --timeout="${CDP_PER_TEST_TIMEOUT_S:-300}" "${tiers[@]}" "$@" </dev/null
+    "$py/pytest" -q -ra --durations=25 --timeout="${CDP_PER_TEST_TIMEOUT_S:-300}" "${tiers[@]}" "$@" </dev/null
