@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,43 @@ def test_node_drain_moves_nothing_without_yes_then_proxies_and_targets(
                       "health is not OK after the drain")
     assert handle.cli("node", "drain", serving, "--undo", "--yes").returncode == 0
     assert not {n["id"]: n for n in handle.status()["nodes"]}[serving]["draining"]
+
+
+def test_killing_a_source_proxy_rebinds_every_policy_it_served(
+        lab: Callable[..., LabHandle], tmp_path: Path) -> None:
+    """2 filters, 3 policies, 2+2 proxies: SIGKILL the source proxy serving the most
+    policies; each of its policies gets the other one (the time is printed, not
+    asserted: tests never fail on timing), the others keep their binding, and every
+    replica equals its source again."""
+    handle = lab(tmp_path / "lab", disk_size="32M", source_proxies=2, target_proxies=2,
+                 extra=("--filters", "2", "--targets", "2", "--policies", "3"))
+    disks = handle.disks
+    rng = random.Random(5)
+    shas = write_disks(handle, disks, rng)
+    assert_eventually(replicas_equal(disks, shas), 120, 1.0, "no first replication")
+    before = policies(handle)
+    by_proxy: dict[str, list[str]] = {}
+    for name, p in before.items():
+        by_proxy.setdefault(p["source_proxy"], []).append(name)
+    victim = max(sorted(by_proxy), key=lambda sp: len(by_proxy[sp]))
+    survivor = ({"source-proxy-1", "source-proxy-2"} - {victim}).pop()
+    served = by_proxy[victim]
+    handle.kill(victim)
+    killed = time.monotonic()
+
+    def rebound() -> None:
+        ps = policies(handle)
+        assert all(ps[n]["source_proxy"] == survivor for n in served), ps
+    assert_eventually(rebound, 30, 0.1, f"the policies of {victim} were not rebound")
+    print(f"{len(served)} policies of {victim} rebound to {survivor} in "
+          f"{time.monotonic() - killed:.1f} s")
+    after = policies(handle)
+    for name in set(before) - set(served):
+        assert after[name]["source_proxy"] == before[name]["source_proxy"]
+        assert after[name]["epoch"] == before[name]["epoch"], (before[name], after[name])
+    shas = write_disks(handle, disks, rng)
+    assert_eventually(replicas_equal(disks, shas), 120, 1.0,
+                      "replication did not resume on the surviving proxy")
+    health = handle.cli("health", "--json")
+    problems = json.loads(health.stdout).get("problems", [])
+    assert any(victim in p["message"] for p in problems), problems   # a node down, named
