@@ -84,7 +84,9 @@ fi
 
 # ---------------------------------------------------------------- 3. protos
 generated=cdp_common/pb/cdp/v1/coordinator_pb2.py
-if [[ ! -f $generated ]] || [[ -n "$(find proto -name '*.proto' -newer "$generated")" ]]; then
+# (the etcd stubs too: either tree missing, or a .proto newer, regenerates both)
+if [[ ! -f $generated ]] || [[ ! -f cdp_common/pb/etcd/etcdserverpb/rpc_pb2.py ]] \
+        || [[ -n "$(find proto -name '*.proto' -newer "$generated")" ]]; then
     say "generating protobuf modules"
     PYTHON=.venv/bin/python scripts/gen_proto.sh
 else
