@@ -79,6 +79,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "/cdp.v1.RestorePoints/Failover": ("admin",),
     "/cdp.v1.RestorePoints/FailoverUndo": ("admin",),
     "/cdp.v1.RestorePoints/FailoverCommit": ("admin",),
+    "/cdp.v1.RestorePoints/TestStart": ("admin",),
+    "/cdp.v1.RestorePoints/TestList": ("viewer",),
+    "/cdp.v1.RestorePoints/TestStop": ("admin",),
     # liveness (the coordinator probes nodes, cdpctl lab and health check them)
     "/grpc.health.v1.Health/Check": ("any",),
     "/grpc.health.v1.Health/Watch": ("any",),

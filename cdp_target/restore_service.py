@@ -32,6 +32,7 @@ from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import restore_pb2 as pb
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
 from cdp_target import points as P
+from cdp_target.failtest import FailoverTest, FailoverTests
 from cdp_target.restore import (
     Failover,
     FailoverStateError,
@@ -62,6 +63,8 @@ class RestoreService(pgrpc.RestorePointsServicer):
         self.target = target
         self.restore_dir = restore_dir
         self.failovers: dict[str, Failover] = {}
+        self.tests: dict[str, FailoverTests] = {}
+        self._tests_lock = asyncio.Lock()   # the registries are not thread-safe
         self._ticker: asyncio.Task[None] | None = None
 
     async def attach(self) -> None:
@@ -244,23 +247,102 @@ class RestoreService(pgrpc.RestorePointsServicer):
             method=restored.method, seconds=seconds,
             consistent=not chosen["gap"], gap=chosen["gap"]))
 
+    def _out_dir(self, request: pb.RestoreRequest) -> Path:
+        out = Path(request.out_dir)
+        if not request.out_dir or not out.is_absolute():
+            raise FormatError(f"out_dir {request.out_dir!r}: an absolute path on the target "
+                              f"host is needed")
+        return out
+
     async def Restore(self, request: pb.RestoreRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:
         rt = await self._runtime(request.policy, context)
         try:
             chosen: dict[str, Any] = {}
             select = self._selector(rt, request, chosen)
-            out = Path(request.out_dir)
-            if not request.out_dir or not out.is_absolute():
-                raise FormatError(f"out_dir {request.out_dir!r}: an absolute path on the target "
-                                  f"host is needed")
-            root = self.restore_dir
+            out, root = self._out_dir(request), self.restore_dir
             await self._drain(rt, request)
             async for msg in self._stream(lambda prog: restore_images(rt.local, select, out,
                                                                       prog, root), chosen):
                 yield msg
         except CdpError as exc:
             await rpc.abort(context, exc)
+
+    # ------------------------------------------------------------ test failover
+
+    async def _tests(self, rt: PolicyRuntime) -> FailoverTests:
+        book = self.tests.get(rt.local.name)
+        if book is None:
+            book = FailoverTests(rt.local.dir)
+            await in_thread(book.load)
+            self.tests[rt.local.name] = book
+        return book
+
+    async def _book(self, fn: Callable[..., Any], *args: Any) -> Any:
+        async with self._tests_lock:
+            return await in_thread(fn, *args)
+
+    @staticmethod
+    def _test_pb(t: FailoverTest) -> pb.TestInfo:
+        return pb.TestInfo(name=t.name, state=t.state, out_dir=t.out_dir,
+                           started_ns=t.started_ns,
+                           point=pb.PointInfo(id=t.point_id, last_seq=t.last_seq,
+                                              time_ns=t.time_ns),
+                           images=[pb.RestoredImage(disk=d, path=str(p))
+                                   for d, p in sorted(t.images().items())])
+
+    async def TestStart(self, request: pb.TestStartRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:
+        req = request.restore
+        rt = await self._runtime(req.policy, context)
+        pending = False   # recorded, images not all written yet
+        try:
+            book = await self._tests(rt)
+            chosen: dict[str, Any] = {}
+            select = self._selector(rt, req, chosen)
+            out, root = self._out_dir(req), self.restore_dir
+            disks = [d.name for d in rt.local.state.disks.values()]
+            await self._book(book.begin, request.name, out, disks)
+            pending = True
+            await self._drain(rt, req)
+            async for msg in self._stream(lambda prog: restore_images(rt.local, select, out,
+                                                                      prog, root), chosen):
+                if msg.phase == "done":
+                    p = msg.done.point
+                    await self._book(book.ready, request.name, p.id, p.last_seq, p.time_ns)
+                    pending = False
+                    log.warning("test failover %s started at point %d in %s", request.name,
+                                p.id, out, extra={"policy": req.policy})
+                yield msg
+        except CdpError as exc:
+            if pending:
+                await self._book(book.abandon, request.name)
+            await rpc.abort(context, exc)
+        except BaseException:
+            if pending:   # the caller went away mid-copy: leave no half test behind
+                await self._book(book.abandon, request.name)
+            raise
+
+    async def TestList(self, request: pb.FailoverRequest,
+                       context: grpc.aio.ServicerContext) -> pb.TestListReply:
+        rt = await self._runtime(request.policy, context)
+        try:
+            book = await self._tests(rt)
+        except CdpError as exc:
+            await rpc.abort(context, exc)
+        return pb.TestListReply(tests=[self._test_pb(t) for _, t in sorted(book.tests.items())])
+
+    async def TestStop(self, request: pb.TestStopRequest,
+                       context: grpc.aio.ServicerContext) -> pb.TestInfo:
+        rt = await self._runtime(request.policy, context)
+        try:
+            book = await self._tests(rt)
+            t = await self._book(book.stop, request.name)
+        except CdpError as exc:
+            await rpc.abort(context, exc)
+        log.warning("test failover %s stopped: its images are deleted", request.name,
+                    extra={"policy": request.policy})
+        return self._test_pb(t)
 
     async def Failover(self, request: pb.RestoreRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:

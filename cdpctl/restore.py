@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdp_common.errors import CdpError, NotAuthorizedError
 from cdp_common.timefmt import iso_utc as iso
-from cdpctl import lazy, status, table
+from cdpctl import failtest, lazy, status, table
 from cdpctl.cmdline import Context, Subparsers
 from cdpctl.resolve import Coordinator
 from cdpctl.state import UsageError
@@ -231,7 +231,7 @@ def detach_loops(path: str) -> list[str]:
 
 # ---------------------------------------------------------------- commands
 
-def _request(args: argparse.Namespace, out_dir: str = "") -> pb.RestoreRequest:
+def restore_request(args: argparse.Namespace, out_dir: str = "") -> pb.RestoreRequest:
     given = [n for n, v in (("--point", args.point), ("--time", args.time),
                             ("--latest", getattr(args, "latest", False))) if v]
     if len(given) > 1:
@@ -247,7 +247,7 @@ def _request(args: argparse.Namespace, out_dir: str = "") -> pb.RestoreRequest:
     return req
 
 
-def _images(done: pb.RestoreDone, loop: bool, read_only: bool) -> list[dict[str, Any]]:
+def images_of(done: pb.RestoreDone, loop: bool, read_only: bool) -> list[dict[str, Any]]:
     out = []
     for img in done.images:
         d: dict[str, Any] = {"disk": img.disk, "path": img.path, "size_bytes": img.size_bytes}
@@ -308,14 +308,14 @@ def cmd_points(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_restore(args: argparse.Namespace, ctx: Context) -> int:
     coord = ctx.coordinator(args)
     out = Path(args.out).absolute()
-    req = _request(args, str(out))
+    req = restore_request(args, str(out))
     client = _client(args, coord)
     try:
         done = client.stream("restore", client.stub.Restore(req, timeout=RESTORE_TIMEOUT_S),
                              args.json)
     finally:
         client.close()
-    images = _images(done, args.loop, read_only=True)
+    images = images_of(done, args.loop, read_only=True)
     doc = {"policy": args.policy, "point": chosen_point_dict(done), "images": images,
            "method": done.method, "seconds": round(done.seconds, 3)}
     if args.json:
@@ -337,6 +337,10 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
     coord = ctx.coordinator(args)
     words = args.words
+    if words[0] == "test":
+        return failtest.run(args, coord, words[1:])
+    if args.out or args.name or args.all:
+        raise UsageError("--out, --name and --all go with `failover test`")
     if len(words) == 2 and words[0] in ("undo", "commit"):
         action, args.policy = words
     elif len(words) == 1:
@@ -352,8 +356,8 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
     try:
         if action == "start":
             done = client.stream("failover", client.stub.Failover(
-                _request(args), timeout=RESTORE_TIMEOUT_S), args.json)
-            images = _images(done, args.loop, read_only=False)
+                restore_request(args), timeout=RESTORE_TIMEOUT_S), args.json)
+            images = images_of(done, args.loop, read_only=False)
             doc: dict[str, Any] = {"policy": args.policy, "state": "active",
                                    "point": chosen_point_dict(done), "images": images,
                                    "seconds": round(done.seconds, 3)}
@@ -494,15 +498,33 @@ def register(sub: Subparsers, ctx: Context) -> None:
                  policy stays stopped (production moved to DR) and its older restore
                  points are dropped. `cdpctl status` shows the policy's failover.
             As with `cdpctl restore`, a point inside a gap is refused unless
-            --allow-inconsistent, and the newest point includes every acked delta."""),
+            --allow-inconsistent, and the newest point includes every acked delta.
+
+            A test failover leaves replication alone: `failover test start POLICY
+            --out DIR [--point ID | --time ISO8601] [--name NAME] [--loop]` writes
+            writable images of the point under DIR (in the target's restore_dir),
+            with writable loop devices with --loop; writes to them never reach the
+            replicas or the restore points, and several tests may run at once.
+            `failover test list POLICY` shows them; `failover test stop POLICY NAME`
+            (or --all) detaches their loop devices and deletes every trace."""),
         epilog=epilog("""\
             cdpctl failover lab --loop
             cdpctl failover lab --time 2024-05-01T12:30:00Z --json
             cdpctl failover undo lab
-            cdpctl failover commit lab""", notes))
-    p.add_argument("words", nargs="+", metavar="[undo|commit] POLICY",
-                   help="policy name, after `undo` or `commit` for those actions")
+            cdpctl failover commit lab
+            cdpctl failover test start lab --point 1234 --out /srv/restore/drill --loop
+            cdpctl failover test list lab
+            cdpctl failover test stop lab --all""", notes))
+    p.add_argument("words", nargs="+", metavar="[undo|commit|test start|list|stop] POLICY",
+                   help="policy name, after `undo`, `commit` or `test start|list|stop` for "
+                        "those actions (`test stop POLICY NAME`)")
     _point_args(p, latest=False)
     p.add_argument("--loop", action="store_true", help="attach writable loop devices")
+    p.add_argument("--out", metavar="DIR",
+                   help="test start: directory on the target host for the test's images, "
+                        "under its restore_dir")
+    p.add_argument("--name", metavar="NAME",
+                   help="test start: the test's name (default test-<UTC time>)")
+    p.add_argument("--all", action="store_true", help="test stop: every test of the policy")
     common(p)
     p.set_defaults(func=cmd_failover)
