@@ -18,6 +18,20 @@ whose assignment changed. `tick()` expires leases, recomputes and returns
 whose parameters changed (RPO, retention, bandwidth...) is recorded too, even
 when its endpoints stay: the new parameters travel in the assignment.
 
+Fast path (1,000 disks: one heartbeat a second from each of dozens of nodes,
+and each used to re-place every policy): placement and the rebalancer are
+deterministic functions of their inputs, so `_recompute` skips both when the
+inputs are exactly those of the last run and that run changed nothing (a
+fixed point: running again would change nothing either). The inputs
+(`_inputs`) are the policies, assignments, epoch floors, drained proxies,
+each node's details, up flag and `in_service(now)` (so a grace running out
+counts), and whether the rebalancer has budget left this minute. A node's
+bytes/s count only while some node has a `capacity_bytes_per_s`: otherwise,
+at a fixed point, bytes/s only break ties between candidates of a CHOOSE, and
+there are none (every slot is kept, or waits for a node that fits and has
+room, which bytes/s cannot give). tests/unit/test_coordinator_fastpath.py
+compares the fast path with full recomputes over random event sequences.
+
 Epoch memory: a policy removed (or deleted) and added again starts from the
 epoch it had (`_epoch_floor`), and `restore` takes the stored epochs as
 floors, so epochs never shrink (invariant I-a, see `placement` for I-a, I-b,
@@ -45,7 +59,7 @@ from dataclasses import replace
 from cdp_common.config import PolicyConfig
 from cdp_common.forecast import Trend
 from cdp_coordinator.clocks import ClockBook
-from cdp_coordinator.leases import Leases, Renewal
+from cdp_coordinator.leases import Leases, Renewal, in_service
 from cdp_coordinator.model import (
     NO_ENDPOINT,
     NO_PROGRESS,
@@ -119,6 +133,8 @@ class CoordinatorState:
         """RPO lag per policy over the last LAG_WINDOW_S, for the breach forecast."""
         self._dirty: set[str] = set()
         self._epoch_floor: dict[str, int] = {}
+        self._settled: tuple[object, ...] | None = None
+        """The inputs of the last placement run that changed nothing (`_recompute`)."""
 
     @property
     def lease_s(self) -> float:
@@ -295,13 +311,30 @@ class CoordinatorState:
             self._remember_epoch(a)
         self._dirty.add(name)
 
+    def _inputs(self, now: float) -> tuple[object, ...]:
+        """Everything `place_all` and `plan_moves` read, as a value to compare (cheap:
+        the dicts are shallow copies of frozen values, compared by identity first)."""
+        cap_by_bytes = any(n.info.capacity_bytes_per_s for n in self.nodes.values())
+        return (dict(self.policies), dict(self.assignments), dict(self._epoch_floor),
+                frozenset(self.draining), self.rebalance_per_minute,
+                self._rebalance_budget(now) > 0,
+                tuple((nid, n.info, n.up, in_service(n, now),
+                       n.bytes_per_s if cap_by_bytes else 0.0)
+                      for nid, n in self.nodes.items()))
+
     def _recompute(self, now: float) -> None:
+        """Place every policy and rebalance, unless the inputs are those of the last
+        run and it changed nothing (the fast path, see `_settled`)."""
+        inputs = self._inputs(now)
+        if inputs == self._settled:
+            return
         changed, rebinds = place_all(self.policies, self.assignments, self._epoch_floor,
                                      self.nodes, now, frozenset(self.draining))
         self.rebinds += rebinds
         self.assignments.update(changed)
         self._dirty.update(changed)
-        self._rebalance(now)
+        moved = self._rebalance(now)
+        self._settled = inputs if not changed and not moved else None
 
     def drain(self, node_id: str, on: bool, now: float,
               dry_run: bool = False) -> list[tuple[str, str, Assignment]]:
@@ -329,16 +362,22 @@ class CoordinatorState:
                     out.append((name, slot, new))
         return out
 
-    def _rebalance(self, now: float) -> None:
-        """Apply the rebalancer's moves, at most `rebalance_per_minute` a minute."""
+    def _rebalance_budget(self, now: float) -> int:
+        """Moves the rebalancer may still make this minute."""
         if self.rebalance_per_minute <= 0:
-            return
+            return 0
         self._move_times = [t for t in self._move_times if now - t < 60.0]
-        budget = self.rebalance_per_minute - len(self._move_times)
+        return self.rebalance_per_minute - len(self._move_times)
+
+    def _rebalance(self, now: float) -> int:
+        """Apply the rebalancer's moves, at most `rebalance_per_minute` a minute; returns
+        how many it made."""
+        budget = self._rebalance_budget(now)
         if budget <= 0:
-            return
-        for m in plan_moves(self.policies, self.assignments, self.nodes, now, budget,
-                            frozenset(self.draining)):
+            return 0
+        moves = plan_moves(self.policies, self.assignments, self.nodes, now, budget,
+                           frozenset(self.draining))
+        for m in moves:
             old = self.assignments[m.policy]
             to = Endpoint(m.to_id, self.nodes[m.to_id].info.address)
             new = replace(old, source_proxy=to) if m.what == "source" else \
@@ -352,3 +391,4 @@ class CoordinatorState:
                       m.from_id, m.to_id,
                       self.rebalance_per_minute - len(self._move_times),
                       extra={"policy": m.policy, "epoch": new.epoch})
+        return len(moves)
