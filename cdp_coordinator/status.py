@@ -123,13 +123,16 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
                   skew_alarm_s: float = 0.5, up: frozenset[str] | None = None,
                   known: frozenset[str] | None = None, age_s: float = math.inf,
                   grace_s: float = 0.0,
-                  breach_in: Callable[[float], float | None] | None = None) -> PolicyStatus:
+                  breach_in: Callable[[float], float | None] | None = None,
+                  by_policy: Mapping[str, list[tuple[str, Report]]] | None = None,
+                  ) -> PolicyStatus:
     """One policy's row; `reports` by (node id, policy), `offsets` by node id, `up`:
     the ids of the nodes whose lease is alive, `known`: of every registered node
     (None: leases are not judged, every node counts as registered and up),
     `age_s`/`grace_s`: see the module docstring; `breach_in(lag)`: seconds until
     the lag reaches rpo_error_s at its trend (cdp_coordinator.state feeds it), or
-    None."""
+    None; `by_policy`: `reports_by_policy(reports)`, when many rows are built from
+    the same reports (else each row scans them all)."""
     offsets = offsets or {}
     a = a or Assignment(policy=p.name)
     fid = policy_filter(p)
@@ -141,7 +144,7 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
     if not p.enabled:
         state, lag, reason = PolicyState.UNPROTECTED, 0.0, DISABLED_REASON
     else:
-        facts = _Facts(p, a, reports, up, known, age_s, grace_s)
+        facts = _Facts(p, a, reports, up, known, age_s, grace_s, by_policy)
         facts.judge(f, t, lag, skew_reasons((fid, p.target), offsets, skew_alarm_s))
         facts.forecast(fid, lag, eta, f.journal_full_in_s)
         state, reason = facts.state(), facts.reason()
@@ -169,6 +172,9 @@ class _Facts:
     known: frozenset[str] | None
     age_s: float
     grace_s: float
+    by_policy: Mapping[str, list[tuple[str, Report]]] | None = None
+    """`reports` grouped by policy, each by node id (`reports_by_policy`); None:
+    scanned here (one policy's status on its own)."""
     errors: list[str] = field(default_factory=list)
     unprotected: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
@@ -179,8 +185,8 @@ class _Facts:
         if unassigned:
             self.errors.append(f"{unassigned} (nothing is replicated)")
         # a filter repeats the assignment's reason as its error: say it once
-        self.errors += [f"{nid}: {r.error}" for (nid, pol), r in sorted(self.reports.items())
-                        if pol == p.name and r.error and r.error != unassigned]
+        self.errors += [f"{nid}: {r.error}" for nid, r in self._reporters()
+                        if r.error and r.error != unassigned]
         for fid in dict.fromkeys(d.filter for d in p.disks):
             self._filter(fid)
         self._target(t)
@@ -191,6 +197,13 @@ class _Facts:
                                  f"{p.rpo_warning_s:g}s")
         gap = open_gap(f, t)
         self.degraded += ([gap] if gap else []) + skews
+
+    def _reporters(self) -> list[tuple[str, Report]]:
+        """(node id, report) of every node reporting this policy, by node id."""
+        if self.by_policy is not None:
+            return self.by_policy.get(self.p.name, [])
+        return [(nid, r) for (nid, pol), r in sorted(self.reports.items())
+                if pol == self.p.name]
 
     def forecast(self, fid: str, lag: float, breach_in: float | None,
                  journal_full_in: float) -> None:
@@ -271,6 +284,7 @@ def status(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
     rows = [node_status(n, now, offsets.get(nid), nid in draining)
             for nid, n in sorted(nodes.items())]
     up = frozenset(r.info.id for r in rows if r.state == NodeState.UP)
+    by_policy = reports_by_policy(reports)
     return Status(
         nodes=rows,
         policies=[policy_status(p, assignments.get(name), reports,
@@ -278,9 +292,19 @@ def status(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
                                 frozenset(nodes),
                                 now - since[name] if name in since else math.inf, grace_s,
                                 None if breach_in is None
-                                else functools.partial(breach_in, name))
+                                else functools.partial(breach_in, name), by_policy)
                   for name, p in sorted(policies.items())],
         unknown=unknown_policies(nodes, policies, reports))
+
+
+def reports_by_policy(reports: Mapping[tuple[str, str], Report],
+                      ) -> dict[str, list[tuple[str, Report]]]:
+    """The reports grouped by policy, each group by node id: one sort for a whole
+    status, not one scan and sort of every report per policy."""
+    out: dict[str, list[tuple[str, Report]]] = {}
+    for (nid, pol), r in sorted(reports.items()):
+        out.setdefault(pol, []).append((nid, r))
+    return out
 
 
 def unknown_policies(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
