@@ -35,6 +35,10 @@ so, before sending anything (raise the limit on every etcd member and
 `coordinator.etcd_max_txn_ops`). `add_alarms`, the one append, is split into
 consecutive transactions of at most that size instead: each is atomic, ids
 still grow, and a failure after the first leaves the earlier events logged.
+`save_assignments` is split likewise (each assignment is its own max-epoch
+rule, and one lost proxy rebinds more policies than 128 at 1,000 disks): a
+failure after the first leaves the earlier ones written, which a retry of the
+whole save (the coordinator's next flush) completes.
 
 `load` reads nodes, policies and assignments at one revision, so it is one
 consistent snapshot. A stored value that does not decode raises `FormatError`
@@ -325,13 +329,21 @@ class EtcdStore:
     def save_assignments(self, assignments: list[Assignment]) -> None:
         if not assignments:
             return
-        start, end = self._range_of("assignments/")
         given: dict[bytes, Assignment] = {}
         for a in assignments:               # one put per key; the same max rule in the list
             key = self._key("assignments/", a.policy)
             prev = given.get(key)
             given[key] = a if prev is None else dataclasses.replace(
                 a, epoch=max(a.epoch, prev.epoch))
+        # Each assignment stands alone (its own epoch rule), so a mass rebind (a lost
+        # proxy of 150 policies) is written in transactions of at most max_txn_ops;
+        # one that fails leaves the earlier ones written, and the caller saves again.
+        keys = sorted(given)
+        for i in range(0, len(keys), self.max_txn_ops):
+            self._save_assignments({k: given[k] for k in keys[i:i + self.max_txn_ops]})
+
+    def _save_assignments(self, given: dict[bytes, Assignment]) -> None:
+        start, end = self._range_of("assignments/")
 
         def attempt() -> tuple[list[pb.Compare], list[pb.RequestOp]]:
             resp = self._range("read assignments", start, end)
