@@ -1,6 +1,7 @@
 """cdp against its peers, side by side in one run on the same data (issue 14).
 
     sudo .venv/bin/python bench/bench_peers.py [--rounds 3] [--json FILE] [--profile DIR]
+        [--sync-mib 1024]
 
 Absolute figures differ several-fold between machines of one kind, so what
 this prints are **ratios** of figures measured in the same run, on the same
@@ -47,6 +48,10 @@ the raw-disk figure of this very run.
 `py-spy record` on every lab process (a flame graph DIR/ID.svg and raw
 collapsed stacks DIR/ID.txt each) and the hottest own-time frames printed;
 it is not counted in any figure. `--pin ID=CPUS` as in bench_e2e.py.
+`--sync-mib N`: after the rounds, once, bench/bench_sync.py on an N MiB disk
+(cdp's digest resync of 25 % changed regions against `rsync --inplace
+--no-whole-file` of the same images, and the rates at which unchanged and
+zero regions are passed over); not interleaved, so one figure, not a median.
 """
 
 from __future__ import annotations
@@ -372,6 +377,19 @@ def profile_round(lab: Lab, out: Path, offset: int, nbytes: int, pool: list[Any]
             for k in lab.pids if (out / f"{k}.txt").exists()}
 
 
+def sync_vs_rsync(directory: str, size_mib: int) -> dict[str, Any]:
+    """bench/bench_sync.py (its own labs; rsync on the same images), its JSON result."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_sync.py"), "--dir",
+                           directory, "--size-mib", str(size_mib)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200, check=False)
+    text = done.stdout
+    if done.returncode != 0 or "\n{\n" not in text:
+        raise SystemExit(f"bench_sync.py failed ({done.returncode}): {done.stderr[-2000:]}")
+    res: dict[str, Any] = json.loads(text[text.rindex("\n{\n") + 1:])
+    say(f"sync vs rsync: {res}")
+    return res
+
+
 # ---------------------------------------------------------------- reporting
 
 
@@ -420,6 +438,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             lambda rd, k=kind: rd["e2e"][f"cdp {k}"]["disk_bytes_per_byte_by_process"]
             ["target-1"])
     ratios["RPO lag p99 at paced rate, s"] = [rd["paced"]["rpo_lag_p99_s"] for rd in rounds]
+    if "sync" in results:  # one run of bench_sync, not interleaved rounds
+        sy = results["sync"]
+        ratios["resync of 25 % changed regions, cdp s / rsync s (once)"] = [
+            sy["seeding"]["sync_seconds"] / sy["rsync"]["seconds"]]
+        ratios["unchanged regions compared, GB/s of disk (once)"] = [
+            sy["unchanged"]["MBps"] / 1000]
+        ratios["zero regions skipped, GB/s of disk (once)"] = [sy["all_zero"]["MBps"] / 1000]
     s["capture"] = {subj: {k: cap(subj, k) for k in ("seq_mb_s", "iops", "p50_us", "p99_us")}
                     for subj in SUBJECTS}
     steps = list(rounds[0]["e2e"])
@@ -451,6 +476,10 @@ GOALS = {  # figure -> (the issue's "now" at 01ea287, goal text, test on the med
     "target disk bytes written per replicated byte, overwrite": ("3.0", "≤ 2.0",
                                                                  lambda v: v <= 2.0),
     "RPO lag p99 at paced rate, s": ("2.8-3.0", "≤ 2.5", lambda v: v <= 2.5),
+    "resync of 25 % changed regions, cdp s / rsync s (once)": ("-", "< 1.0",
+                                                               lambda v: v < 1.0),
+    "unchanged regions compared, GB/s of disk (once)": ("-", "≥ 1.0", lambda v: v >= 1.0),
+    "zero regions skipped, GB/s of disk (once)": ("-", "≥ 1.0", lambda v: v >= 1.0),
 }
 
 
@@ -516,6 +545,9 @@ def main() -> None:
     ap.add_argument("--profile", metavar="DIR",
                     help="after the rounds, py-spy one cdp overwrite into DIR (svg + raw)")
     ap.add_argument("--profile-seconds", type=int, default=12)
+    ap.add_argument("--sync-mib", type=int, default=0, metavar="N",
+                    help="after the rounds, bench_sync.py on an N MiB disk: cdp's resync of "
+                         "25 %% changed regions against rsync (default 0: skipped)")
     ap.add_argument("--dir", default="/var/tmp", help="scratch directory (default: /var/tmp)")
     ap.add_argument("--json", metavar="FILE", help="also write every round's figures here")
     args = ap.parse_args()
@@ -531,6 +563,9 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(work)], check=False)
     env["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     env["runtime"] = f"{time.monotonic() - started:.0f} s"
+    if args.sync_mib:
+        results["sync"] = sync_vs_rsync(args.dir, args.sync_mib)
+        env["runtime"] = f"{time.monotonic() - started:.0f} s"
     s = summarize(results)
     text = report(env, s, args, results.get("profile"))
     print(text)
