@@ -82,6 +82,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "/cdp.v1.RestorePoints/TestStart": ("admin",),
     "/cdp.v1.RestorePoints/TestList": ("viewer",),
     "/cdp.v1.RestorePoints/TestStop": ("admin",),
+    "/cdp.v1.RestorePoints/RecordVerification": ("admin",),
     # liveness (the coordinator probes nodes, cdpctl lab and health check them)
     "/grpc.health.v1.Health/Check": ("any",),
     "/grpc.health.v1.Health/Watch": ("any",),

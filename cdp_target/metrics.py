@@ -16,7 +16,15 @@ UNDO_BYTES = Gauge("cdp_target_undo_bytes", "Bytes of undo segments kept for the
                    "restore points.", ["policy"])
 OPEN_GAPS = Gauge("cdp_target_open_gaps", "Gaps still open on the policy (restore points "
                   "since their begin are not consistent).", ["policy"])
-PER_POLICY = (DURABLE_SEQ, APPLIED_SEQ, RESTORE_POINTS, UNDO_BYTES, OPEN_GAPS)
+VERIFY_OK = Gauge("cdp_target_verification_ok", "1 when the newest `cdpctl verify` of the "
+                  "policy passed, 0 when it failed (absent: never verified).", ["policy"])
+VERIFY_RTO = Gauge("cdp_target_verification_rto_seconds", "Time to usable (restored and "
+                   "attached) measured by the newest `cdpctl verify` of the policy.",
+                   ["policy"])
+VERIFY_AGE = Gauge("cdp_target_verification_timestamp_seconds", "When the newest "
+                   "`cdpctl verify` of the policy ran (Unix time).", ["policy"])
+PER_POLICY = (DURABLE_SEQ, APPLIED_SEQ, RESTORE_POINTS, UNDO_BYTES, OPEN_GAPS, VERIFY_OK,
+              VERIFY_RTO, VERIFY_AGE)
 
 
 def forget(policy: str) -> None:

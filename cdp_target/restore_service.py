@@ -31,6 +31,7 @@ from cdp_common.errors import CdpError, FormatError, NotFoundError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import restore_pb2 as pb
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
+from cdp_target import metrics as M
 from cdp_target import points as P
 from cdp_target.failtest import FailoverTest, FailoverTests
 from cdp_target.restore import (
@@ -44,6 +45,7 @@ from cdp_target.restore import (
 from cdp_target.service import PolicyRuntime, TargetService
 from cdp_target.store import POLICY_NAME
 from cdp_target.undostore import save_retention
+from cdp_target.verifylog import Verification, VerifyLog
 
 log = logging.getLogger("target.restore")
 
@@ -51,9 +53,13 @@ PROGRESS_EVERY_S = 0.25
 RETENTION_TICK_S = 5.0
 
 
-def point_pb(cat: P.Catalog, p: P.Point) -> pb.PointInfo:
-    return pb.PointInfo(id=p.id, kind=p.kind, time_ns=p.time_ns, last_seq=p.last_seq,
+def point_pb(cat: P.Catalog, p: P.Point, v: Verification | None = None) -> pb.PointInfo:
+    info = pb.PointInfo(id=p.id, kind=p.kind, time_ns=p.time_ns, last_seq=p.last_seq,
                         size_bytes=cat.size_of(p), on_demand=p.on_demand)
+    if v is not None and v.last_seq == p.last_seq:
+        info.verified = "ok" if v.ok else "failed"
+        info.verify_rto_s, info.verified_ns = v.rto_s, v.time_ns
+    return info
 
 
 class RestoreService(pgrpc.RestorePointsServicer):
@@ -65,6 +71,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
         self.failovers: dict[str, Failover] = {}
         self.tests: dict[str, FailoverTests] = {}
         self._tests_lock = asyncio.Lock()   # the registries are not thread-safe
+        self.verified: dict[str, VerifyLog] = {}
         self._ticker: asyncio.Task[None] | None = None
 
     async def attach(self) -> None:
@@ -157,8 +164,47 @@ class RestoreService(pgrpc.RestorePointsServicer):
         rt = await self._runtime(request.policy, context)
         fo = await self._failover(request.policy, rt)
         cat = rt.local.undo.catalog
-        return pb.ListPointsReply(points=[point_pb(cat, p) for p in cat.points],
+        try:
+            results = (await self._verify_log(rt)).results
+        except CdpError as exc:
+            await rpc.abort(context, exc)
+        return pb.ListPointsReply(points=[point_pb(cat, p, results.get(p.id))
+                                          for p in cat.points],
                                   failover_state=fo.state, total_bytes=cat.total_bytes())
+
+    async def _verify_log(self, rt: PolicyRuntime) -> VerifyLog:
+        book = self.verified.get(rt.local.name)
+        if book is None:
+            book = VerifyLog(rt.local.dir)
+            await in_thread(book.load)
+            self.verified[rt.local.name] = book
+        return book
+
+    async def RecordVerification(self, request: pb.Verification,
+                                 context: grpc.aio.ServicerContext) -> pb.Verification:
+        rt = await self._runtime(request.policy, context)
+        cat = rt.local.undo.catalog
+        p = cat.point(request.point_id)
+        if p is None:
+            await rpc.abort(context, NotFoundError(
+                f"policy {request.policy} has no restore point {request.point_id} (any more)"))
+        assert p is not None
+        v = Verification(p.id, p.last_seq, request.ok, max(0.0, request.rto_s),
+                         request.checks, request.detail, time.time_ns())
+        try:
+            book = await self._verify_log(rt)
+            await self._book(book.record, v, [q.id for q in cat.points])
+        except CdpError as exc:
+            await rpc.abort(context, exc)
+        M.VERIFY_OK.labels(policy=request.policy).set(int(v.ok))
+        M.VERIFY_RTO.labels(policy=request.policy).set(v.rto_s)
+        M.VERIFY_AGE.labels(policy=request.policy).set(v.time_ns / 1e9)
+        (log.info if v.ok else log.error)(
+            "restore point %d verified: %s (%s; usable in %.2fs)%s", p.id,
+            "ok" if v.ok else "FAILED", v.checks, v.rto_s, "" if v.ok else f": {v.detail}",
+            extra={"policy": request.policy})
+        return pb.Verification(policy=request.policy, point_id=p.id, ok=v.ok, rto_s=v.rto_s,
+                               checks=v.checks, detail=v.detail, time_ns=v.time_ns)
 
     async def Create(self, request: pb.CreatePointRequest,
                      context: grpc.aio.ServicerContext) -> pb.PointInfo:

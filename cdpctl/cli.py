@@ -16,12 +16,23 @@ import sys
 import textwrap
 
 from cdp_common.errors import EXIT_INTERRUPTED, CdpError, CoordinatorUnreachable
-from cdpctl import completion, health, labcmd, node, pki, policy, restore, status, sync
+from cdpctl import (
+    completion,
+    health,
+    labcmd,
+    node,
+    pki,
+    policy,
+    restore,
+    status,
+    sync,
+    verify,
+)
 from cdpctl.cmdline import EXIT_USAGE, CommandGroup, Context, Parser, context
 from cdpctl.state import UsageError
 
 # Order of the commands in --help and in the completion scripts.
-GROUPS: tuple[CommandGroup, ...] = (health, policy, labcmd, restore, sync, node, pki,
+GROUPS: tuple[CommandGroup, ...] = (health, policy, labcmd, restore, verify, sync, node, pki,
                                      completion)
 
 

@@ -19,15 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdp_common.timefmt import iso_utc as iso
-from cdpctl import lazy
+from cdpctl import lazy, targetcall
 from cdpctl.state import UsageError
 
 if TYPE_CHECKING:
     from cdp_common.pb.cdp.v1 import restore_pb2 as pb
-    from cdpctl import restore
 else:   # loaded when a command runs, not for --help (cdpctl.lazy)
     pb = lazy.module("cdp_common.pb.cdp.v1.restore_pb2")
-    restore = lazy.module("cdpctl.restore")
 
 USAGE = ("expected `failover test start POLICY --out DIR`, `failover test list POLICY` or "
          "`failover test stop POLICY NAME|--all`")
@@ -63,7 +61,7 @@ def run(args: argparse.Namespace, coord: Any, words: list[str]) -> int:
     if action == "start" and not args.out:
         raise UsageError("failover test start: --out DIR is needed (under the target's "
                          "restore_dir)")
-    client = restore.TargetClient(coord, restore.target_address(
+    client = targetcall.TargetClient(coord, targetcall.target_address(
         coord, args.policy, args.target, args.timeout))
     try:
         if action == "start":
@@ -80,7 +78,7 @@ def run(args: argparse.Namespace, coord: Any, words: list[str]) -> int:
         for name in names:
             for t in listed.tests:
                 if t.name == name:
-                    detached = [d for img in t.images for d in restore.detach_loops(img.path)]
+                    detached = [d for img in t.images for d in targetcall.detach_loops(img.path)]
                     break
             else:
                 detached = []
@@ -102,13 +100,13 @@ def run(args: argparse.Namespace, coord: Any, words: list[str]) -> int:
 
 
 def _start(args: argparse.Namespace, client: Any) -> int:
-    req = restore.restore_request(args, str(Path(args.out).absolute()))
+    req = targetcall.restore_request(args, str(Path(args.out).absolute()))
     name = args.name or default_name()
     done = client.stream("test start", client.stub.TestStart(
-        pb.TestStartRequest(restore=req, name=name), timeout=restore.RESTORE_TIMEOUT_S),
+        pb.TestStartRequest(restore=req, name=name), timeout=targetcall.RESTORE_TIMEOUT_S),
         args.json)
-    images = restore.images_of(done, args.loop, read_only=False)
-    point = restore.chosen_point_dict(done)
+    images = targetcall.images_of(done, args.loop, read_only=False)
+    point = targetcall.chosen_point_dict(done)
     doc = {"policy": args.policy, "name": name, "point": point, "images": images,
            "method": done.method, "seconds": round(done.seconds, 3)}
     if args.json:
@@ -118,7 +116,7 @@ def _start(args: argparse.Namespace, client: Any) -> int:
           f"({point['time']}, last seq {point['last_seq']}) in {done.seconds:.2f}s "
           f"({done.method} copy); replication and restore points go on, untouched:")
     if not point["consistent"]:
-        print(restore.inconsistent_warning(point))
+        print(targetcall.inconsistent_warning(point))
     for img in images:
         print(f"  {img['disk']}: {img['path']}" + (f" -> {img['loop']} (writable)"
                                                    if "loop" in img else ""))

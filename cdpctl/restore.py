@@ -15,21 +15,24 @@ without a target; the rest is a thin gRPC + losetup shell.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cdp_common.errors import CdpError, NotAuthorizedError
 from cdp_common.timefmt import iso_utc as iso
 from cdpctl import failtest, lazy, status, table
 from cdpctl.cmdline import Context, Subparsers
-from cdpctl.resolve import Coordinator
 from cdpctl.state import UsageError
+from cdpctl.targetcall import (
+    RESTORE_TIMEOUT_S,
+    chosen_point_dict,
+    client_for,
+    detach_loops,
+    images_of,
+    inconsistent_warning,
+    restore_request,
+)
 from cdpctl.units import format_bytes
 
 if TYPE_CHECKING:
@@ -48,35 +51,7 @@ else:   # loaded when a command runs, not for --help (cdpctl.lazy)
     pb = lazy.module("cdp_common.pb.cdp.v1.restore_pb2")
     pgrpc = lazy.module("cdp_common.pb.cdp.v1.restore_pb2_grpc")
 
-PROGRESS_EVERY_S = 0.5
-RESTORE_TIMEOUT_S = 3600.0
-
-
-class TargetError(CdpError):
-    """The target refused or failed a restore-point request."""
-
-
 # ---------------------------------------------------------------- pure helpers
-
-def parse_time(text: str) -> int:
-    """ISO 8601 -> ns since the epoch; without a zone the time is UTC."""
-    try:
-        t = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise UsageError(f"--time {text!r}: expected ISO 8601, e.g. 2024-05-01T12:30:00Z") \
-            from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    delta = t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
-
-
-def gap_dict(g: Any) -> dict[str, Any]:
-    return {"begin_seq": g.begin_seq, "end_seq": g.end_seq,
-            "begin_time": iso(g.begin_time_ns) if g.begin_time_ns else "",
-            "end_time": iso(g.end_time_ns) if g.end_time_ns else "",
-            "reason": g.reason or "overflow"}
-
 
 def gap_of(last_seq: int, gaps: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The gap a point ending at `last_seq` lies in (docs/FORMAT.md §1b:
@@ -92,33 +67,33 @@ def point_dict(p: pb.PointInfo, gaps: list[dict[str, Any]]) -> dict[str, Any]:
     g = gap_of(p.last_seq, gaps)
     return {"id": p.id, "kind": p.kind, "time": iso(p.time_ns), "last_seq": p.last_seq,
             "size_bytes": p.size_bytes, "consistent": g is None,
-            "gap": None if g is None else g["reason"]}
-
-
-def chosen_point_dict(done: pb.RestoreDone) -> dict[str, Any]:
-    """The point a restore or failover used; `consistent` as the target computed it
-    when it chose the point (false from a target too old to say)."""
-    p = done.point
-    return {"id": p.id, "kind": p.kind, "time": iso(p.time_ns), "last_seq": p.last_seq,
-            "consistent": done.consistent, "gap": done.gap or None}
-
-
-def inconsistent_warning(point: dict[str, Any]) -> str:
-    return (f"WARNING: point {point['id']} is NOT consistent"
-            + (f" ({point['gap']})" if point.get("gap") else "")
-            + ": its blocks mix data from before and after the gap")
+            "gap": None if g is None else g["reason"],
+            # the newest `cdpctl verify` of the point: None (never), "ok" or "failed"
+            "verified": p.verified or None,
+            "verify_rto_s": round(p.verify_rto_s, 3) if p.verified else None,
+            "verified_time": iso(p.verified_ns) if p.verified_ns else None}
 
 
 def render_points(points: list[dict[str, Any]]) -> str:
     if not points:
         return "no restore points"
-    return table.render(("ID", "KIND", "TIME (UTC)", "LAST SEQ", "SIZE", "CONSISTENT"),
+    return table.render(("ID", "KIND", "TIME (UTC)", "LAST SEQ", "SIZE", "CONSISTENT",
+                         "VERIFIED"),
                         [(p["id"], p["kind"], p["time"], p["last_seq"],
                           format_bytes(p["size_bytes"]),
                           "yes" if p.get("consistent", True)
-                          else f"NO (in a gap: {p.get('gap') or 'overflow'})")
+                          else f"NO (in a gap: {p.get('gap') or 'overflow'})",
+                          _verified(p))
                          for p in points],
                         right=("ID", "LAST SEQ", "SIZE"))
+
+
+def _verified(p: dict[str, Any]) -> str:
+    if not p.get("verified"):
+        return "-"
+    rto = p.get("verify_rto_s")
+    return f"{p['verified']} (usable in {rto:.1f}s)" if p["verified"] == "ok" and rto \
+        is not None else str(p["verified"]).upper()
 
 
 def render_gaps(gaps: list[dict[str, Any]]) -> list[str]:
@@ -129,144 +104,14 @@ def render_gaps(gaps: list[dict[str, Any]]) -> list[str]:
             + ", are not consistent" for g in gaps if status.gap_holds_points(g)]
 
 
-# ---------------------------------------------------------------- finding the target
-
-def target_address(coord: Coordinator, policy: str, given: str | None, timeout_s: float) -> str:
-    if given:
-        host, sep, port = given.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise UsageError(f"--target: expected HOST:PORT, got {given!r}")
-        return given
-    doc = status.fetch_status(coord, timeout_s)
-    nodes = {n["id"]: n for n in doc["nodes"]}
-    pol = next((p for p in doc["policies"] if p["name"] == policy), None)
-    if pol is None:
-        raise TargetError(f"the coordinator knows no policy {policy!r}")
-    if pol.get("target") and pol["target"] in nodes:
-        return str(nodes[pol["target"]]["address"])
-    targets = [n for n in doc["nodes"] if n["role"] == "target"]
-    if len(targets) == 1:
-        return str(targets[0]["address"])
-    raise TargetError(f"cannot tell which target keeps policy {policy}; pass --target HOST:PORT")
-
-
-class TargetClient:
-    def __init__(self, coord: Coordinator, address: str) -> None:
-        self.address = address
-        self.channel = rpc.sync_channel(address, coord.tls)
-        self.stub = pgrpc.RestorePointsStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def gaps(self, policy: str, timeout_s: float) -> list[dict[str, Any]]:
-        """The policy's gaps, from Target.GetPolicyState (same address and TLS)."""
-        reply = self.call("policy state", rgrpc.TargetStub(self.channel).GetPolicyState,
-                          rpb.PolicyStateRequest(policy=policy), timeout=timeout_s)
-        return [gap_dict(g) for s in reply.policies if s.policy == policy for g in s.gaps]
-
-    def call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
-        try:
-            return fn(*args, **kw)
-        except grpc.RpcError as exc:
-            raise self._error(what, exc) from None
-
-    def _error(self, what: str, exc: grpc.RpcError) -> CdpError:
-        code = exc.code() if isinstance(exc, grpc.Call) else None
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        answered = isinstance(exc, grpc.Call) and rpc.remote_error(exc, self.address).answered
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
-                and not answered:
-            return TargetError(f"target at {self.address} unreachable ({what}): {details}")
-        if answered and code == grpc.StatusCode.UNAVAILABLE:
-            # the target's own failure (its storage, say), not the link
-            return TargetError(f"target at {self.address} failed ({what}): {details}")
-        if code == grpc.StatusCode.PERMISSION_DENIED:
-            return NotAuthorizedError(f"target at {self.address} ({what}): {details}")
-        return TargetError(f"{what}: {details}")
-
-    def stream(self, what: str, it: Any, quiet: bool) -> pb.RestoreDone:
-        shown = 0.0
-        started = time.monotonic()
-        try:
-            for msg in it:
-                if msg.HasField("done"):
-                    if shown and not quiet:
-                        print(file=sys.stderr)
-                    return msg.done
-                now = time.monotonic()
-                if not quiet and now - started > 1.0 and now - shown > PROGRESS_EVERY_S:
-                    shown = now
-                    pct = 100.0 * msg.bytes_done / msg.bytes_total if msg.bytes_total else 0.0
-                    end = "\r" if sys.stderr.isatty() else "\n"
-                    print(f"{what}: {msg.phase} {format_bytes(msg.bytes_done)} of "
-                          f"{format_bytes(msg.bytes_total)} ({pct:.0f}%)", end=end,
-                          file=sys.stderr, flush=True)
-        except grpc.RpcError as exc:
-            raise self._error(what, exc) from None
-        raise TargetError(f"{what}: the target ended the stream without a result")
-
-
-# ---------------------------------------------------------------- loop devices
-
-def attach_loop(path: str, read_only: bool) -> str:
-    base = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
-    for extra in (["--direct-io=on"], []):
-        done = subprocess.run([*base, *extra, path], capture_output=True, text=True,
-                              check=False)
-        if done.returncode == 0:
-            return done.stdout.strip()
-    raise CdpError(f"losetup {path}: {done.stderr.strip() or 'failed'} (needs root)")
-
-
-def detach_loops(path: str) -> list[str]:
-    """Detach every loop device backed by `path`; returns them."""
-    done = subprocess.run(["losetup", "-j", path, "-O", "NAME", "-n"], capture_output=True,
-                          text=True, check=False)
-    devs = [d.strip() for d in done.stdout.splitlines() if d.strip()]
-    for d in devs:
-        subprocess.run(["losetup", "-d", d], capture_output=True, check=False)
-    return devs
-
-
 # ---------------------------------------------------------------- commands
-
-def restore_request(args: argparse.Namespace, out_dir: str = "") -> pb.RestoreRequest:
-    given = [n for n, v in (("--point", args.point), ("--time", args.time),
-                            ("--latest", getattr(args, "latest", False))) if v]
-    if len(given) > 1:
-        raise UsageError(f"{' and '.join(given)}: give only one")
-    req = pb.RestoreRequest(policy=args.policy, out_dir=out_dir,
-                            allow_inconsistent=args.allow_inconsistent)
-    if args.point:
-        req.point_id = args.point
-    elif args.time:
-        req.time_ns = parse_time(args.time)
-    else:
-        req.latest = True
-    return req
-
-
-def images_of(done: pb.RestoreDone, loop: bool, read_only: bool) -> list[dict[str, Any]]:
-    out = []
-    for img in done.images:
-        d: dict[str, Any] = {"disk": img.disk, "path": img.path, "size_bytes": img.size_bytes}
-        if loop:
-            d["loop"] = attach_loop(img.path, read_only)
-        out.append(d)
-    return out
-
-
-def _client(args: argparse.Namespace, coord: Coordinator) -> TargetClient:
-    return TargetClient(coord, target_address(coord, args.policy, args.target, args.timeout))
-
 
 def cmd_points(args: argparse.Namespace, ctx: Context) -> int:
     coord = ctx.coordinator(args)
     words = args.words
     if len(words) == 2 and words[0] == "create":
         args.policy = words[1]
-        client = _client(args, coord)
+        client = client_for(args, coord)
         try:
             p = client.call("create", client.stub.Create,
                             pb.CreatePointRequest(policy=args.policy), timeout=args.timeout * 12)
@@ -284,7 +129,7 @@ def cmd_points(args: argparse.Namespace, ctx: Context) -> int:
     if len(words) != 1:
         raise UsageError("expected `restore-points POLICY` or `restore-points create POLICY`")
     args.policy = words[0]
-    client = _client(args, coord)
+    client = client_for(args, coord)
     try:
         reply = client.call("list", client.stub.List, pb.ListPointsRequest(policy=args.policy),
                             timeout=args.timeout)
@@ -309,7 +154,7 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> int:
     coord = ctx.coordinator(args)
     out = Path(args.out).absolute()
     req = restore_request(args, str(out))
-    client = _client(args, coord)
+    client = client_for(args, coord)
     try:
         done = client.stream("restore", client.stub.Restore(req, timeout=RESTORE_TIMEOUT_S),
                              args.json)
@@ -352,7 +197,7 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
                               or args.allow_inconsistent):
         raise UsageError(f"failover {action}: --point, --time, --loop and "
                          f"--allow-inconsistent go with `failover POLICY`")
-    client = _client(args, coord)
+    client = client_for(args, coord)
     try:
         if action == "start":
             done = client.stream("failover", client.stub.Failover(

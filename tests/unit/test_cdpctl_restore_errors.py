@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from cdp_common import rpc
-from cdpctl.restore import TargetClient
+from cdpctl.targetcall import TargetClient
 
 
 class Failed(grpc.RpcError, grpc.Call):  # type: ignore[misc]

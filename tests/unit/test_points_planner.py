@@ -6,8 +6,8 @@ import pytest
 
 from cdp_common.errors import FormatError
 from cdp_target import points as P
-from cdpctl.restore import iso, parse_time
 from cdpctl.state import UsageError
+from cdpctl.targetcall import iso, parse_time
 
 S = P.NS
 
