@@ -108,7 +108,10 @@ def test_the_breach_is_forecast_before_it_happens(sites: TwoSites) -> None:
     # say the same trouble is coming) and comes before the error
     warned = [e for e in events if e["level"] == "warning" and (
         "is rising" in e["message"] or "the journal fills" in e["message"])]
-    errors = [e for e in events if e["level"] == "error"]
+    # the breach's error (under load a target may also be "not reporting" for a
+    # moment at the start: an error of another kind, not the breach forecast)
+    errors = [e for e in events if e["level"] == "error"
+              and f">= error threshold {ERROR_S:g}s" in e["message"]]
     shown = [(e["id"], e["kind"], e["level"], e["message"][:160]) for e in events]
     assert warned, shown
     assert not errors or warned[0]["id"] < errors[0]["id"], shown
