@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -47,7 +48,9 @@ def test_a_skewed_filter_clock_is_alarmed_and_corrected(lab: Any, tmp_path: Path
                 assert n["clock_offset_s"] is not None and abs(n["clock_offset_s"]) < 0.5, n
         p = st["policies"][0]
         assert p["state"] == "degraded", p
-        assert "clock of filter-1 is 30.0" in p["reason"] and "ahead of" in p["reason"], p
+        # the offset is estimated from heartbeats: 29.98s on a loaded machine is right
+        said = re.search(r"clock of filter-1 is ([0-9.]+)s ahead of", p["reason"])
+        assert said and abs(float(said.group(1)) - OFFSET_S) < 0.5, p
         return st
     assert_eventually(offset_seen, 30, 0.5, "the filter's clock offset was not reported")
 
