@@ -21,24 +21,29 @@ src="$(mktemp -d)"
 trap 'rm -rf "$src"' EXIT
 rm -f "$dir"/*.whl "$dir/requirements.lock"
 
-# The locked files themselves, each checked against its hash, for this Python
-# and platform (the targets run the same: CPython 3.11 on glibc x86_64).
-"${pip[@]}" download --require-hashes --no-deps -d "$src" -r "$root/requirements.lock"
-mv "$src"/*.whl "$dir"/ 2>/dev/null || true
-# An sdist (verified above) becomes a wheel here, with the locked build tools.
-built=()
-for sdist in "$src"/*.tar.gz "$src"/*.zip; do
-    [ -e "$sdist" ] || continue
-    "${pip[@]}" wheel --no-deps --no-build-isolation --no-index -w "$dir" "$sdist"
-    built+=("$(basename "$sdist")")
-done
-if [ ! -f "$root/cdp_common/pb/cdp/v1/coordinator_pb2.py" ]; then
-    PYTHON="$py" "$root/scripts/gen_proto.sh"
-fi
-"${pip[@]}" wheel --no-deps --no-build-isolation --no-index -w "$dir" "$root"
-
-# DIR/requirements.lock: the lock, each locally built wheel's hash added to its entry.
-"$py" - "$root/requirements.lock" "$dir" "${built[@]}" <<'PY'
+# The dependencies' part depends only on the locks and the Python: kept in a
+# cache (CDP_WHEEL_CACHE, default /var/cache/cdp-wheels; skipped when it cannot
+# be written), so tests that build a wheelhouse each run pay for it once.
+cache_root=${CDP_WHEEL_CACHE:-/var/cache/cdp-wheels}
+key="$(cat "$root/requirements.lock" "$root/requirements-build.lock" | sha256sum | cut -c1-16)"
+key="$key-$("$py" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
+cache="$cache_root/$key"
+if [ -f "$cache/requirements.lock" ]; then
+    cp "$cache"/*.whl "$cache/requirements.lock" "$dir"/
+else
+    # The locked files themselves, each checked against its hash, for this Python
+    # and platform (the targets run the same: CPython 3.11 on glibc x86_64).
+    "${pip[@]}" download --require-hashes --no-deps -d "$src" -r "$root/requirements.lock"
+    mv "$src"/*.whl "$dir"/ 2>/dev/null || true
+    # An sdist (verified above) becomes a wheel here, with the locked build tools.
+    built=()
+    for sdist in "$src"/*.tar.gz "$src"/*.zip; do
+        [ -e "$sdist" ] || continue
+        "${pip[@]}" wheel --no-deps --no-build-isolation --no-index -w "$dir" "$sdist"
+        built+=("$(basename "$sdist")")
+    done
+    # DIR/requirements.lock: the lock, each locally built wheel's hash added to its entry.
+    "$py" - "$root/requirements.lock" "$dir" "${built[@]}" <<'PY'
 import hashlib, re, sys
 from pathlib import Path
 lock, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -59,4 +64,16 @@ for line in lock.read_text().splitlines():
     "# requirements.lock plus the hashes of wheels built here from its verified sdists\n"
     "# (scripts/wheelhouse.sh)\n" + "\n".join(lines) + "\n")
 PY
+    if mkdir -p "$cache_root" 2>/dev/null && tmp="$(mktemp -d "$cache_root/.new.XXXXXX" 2>/dev/null)"; then
+        cp "$dir"/*.whl "$dir/requirements.lock" "$tmp"/ && mv -T "$tmp" "$cache" 2>/dev/null \
+            || rm -rf "$tmp"
+    fi
+fi
+
+# cdp itself, from this checkout (never cached).
+if [ ! -f "$root/cdp_common/pb/cdp/v1/coordinator_pb2.py" ]; then
+    PYTHON="$py" "$root/scripts/gen_proto.sh"
+fi
+"${pip[@]}" wheel --no-deps --no-build-isolation --no-index -w "$dir" "$root"
+
 echo "wheelhouse $dir: $(ls "$dir"/*.whl | wc -l) wheels"
