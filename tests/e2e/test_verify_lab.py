@@ -65,6 +65,16 @@ def test_verify_passes_a_good_point_and_flags_damaged_undo(lab: Any, tmp_path: P
                     f.write(os.urandom(4 << 20))
                     f.flush()
                     os.fsync(f.fileno())
+            good_seq = points(handle)[good]["last_seq"]
+            undo_dir = handle.dir / "data" / "target-1" / "lab" / "undo"
+
+            def undo_above() -> list[Path]:
+                # the status' captured seq is a heartbeat old: wait for the undo itself
+                above = [u for u in sorted(undo_dir.glob("*.undo"))
+                         if int(u.name.split("-")[0]) >= good_seq]   # (lo, hi]
+                assert above, f"no undo segment above point {good} yet"
+                return above
+            assert_eventually(undo_above, 60, 0.5, "the overwrites left no undo data")
             assert_eventually(replicated, 60, 0.5, "the later writes did not replicate")
 
             ok = handle.cli("verify", "lab", "--point", str(good), "--fsck", "--script",
@@ -79,12 +89,7 @@ def test_verify_passes_a_good_point_and_flags_damaged_undo(lab: Any, tmp_path: P
             assert loops_under(restores) == []
 
             # damage the undo data the good point is restored through
-            good_seq = points(handle)[good]["last_seq"]
-            undo_dir = handle.dir / "data" / "target-1" / "lab" / "undo"
-            above = [u for u in sorted(undo_dir.glob("*.undo"))
-                     if int(u.name.split("-")[0]) >= good_seq]   # (lo, hi]: lo >= the point
-            assert above, f"no undo segment above point {good}: {list(undo_dir.iterdir())}"
-            victim = max(above, key=lambda u: u.stat().st_size)
+            victim = max(undo_above(), key=lambda u: u.stat().st_size)
             data = bytearray(victim.read_bytes())
             middle = len(data) // 2
             data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
