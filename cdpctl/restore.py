@@ -8,8 +8,9 @@ target writes the images on its own host, so operators run restore and
 failover where the target's files are reachable (in the lab: this host).
 Loop devices (--loop) are attached by cdpctl itself with losetup.
 
-Pure helpers (`parse_time`, `point_dict`, `render_points`) are tested
-without a target; the rest is a thin gRPC + losetup shell.
+Pure helpers (`point_dict`, `render_points`) are tested without a target;
+finding the target, its client, loop devices and the shared request shapes
+are in `cdpctl.targetcall` (also used by test failover and verify).
 """
 
 from __future__ import annotations
@@ -36,20 +37,9 @@ from cdpctl.targetcall import (
 from cdpctl.units import format_bytes
 
 if TYPE_CHECKING:
-    import grpc
-
-    from cdp_common import rpc
-    from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
-    from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
     from cdp_common.pb.cdp.v1 import restore_pb2 as pb
-    from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
 else:   # loaded when a command runs, not for --help (cdpctl.lazy)
-    grpc = lazy.module("grpc")
-    rpc = lazy.module("cdp_common.rpc")
-    rpb = lazy.module("cdp_common.pb.cdp.v1.replication_pb2")
-    rgrpc = lazy.module("cdp_common.pb.cdp.v1.replication_pb2_grpc")
     pb = lazy.module("cdp_common.pb.cdp.v1.restore_pb2")
-    pgrpc = lazy.module("cdp_common.pb.cdp.v1.restore_pb2_grpc")
 
 # ---------------------------------------------------------------- pure helpers
 

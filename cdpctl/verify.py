@@ -18,8 +18,8 @@ A point whose restore fails (a damaged undo segment, say) fails too. The
 result goes to the target (RecordVerification: `restore-points` shows it, the
 target exports it as metrics), the loop devices are detached and the copies
 deleted (unless --keep). Exit 0 when the point passed, 2 when it failed.
-`run_checks` is the part after the restore; its steps are a list of
-(name, argv) run through `runner`, so tests can see exactly what runs.
+`run_checks` is the part after the restore; every command it runs goes
+through `runner`, so a test can see (or fake) exactly what runs.
 """
 
 from __future__ import annotations
