@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -62,6 +62,22 @@ def point_pb(cat: P.Catalog, p: P.Point, v: Verification | None = None) -> pb.Po
     return info
 
 
+Book = TypeVar("Book", FailoverTests, VerifyLog)
+
+
+async def _loaded(cache: dict[str, tuple[object, Book]], rt: PolicyRuntime,
+                  make: Callable[[Path], Book]) -> Book:
+    """The policy's registry, loaded once per store (a purged and re-created
+    policy has a new store: its registry is read again, as `_failover` does)."""
+    hit = cache.get(rt.local.name)
+    if hit is not None and hit[0] is rt.local:
+        return hit[1]
+    book = make(rt.local.dir)
+    await in_thread(book.load)
+    cache[rt.local.name] = (rt.local, book)
+    return book
+
+
 class RestoreService(pgrpc.RestorePointsServicer):
     def __init__(self, target: TargetService, restore_dir: Path | None = None) -> None:
         """`restore_dir`: the only directory Restore writes under (None: anywhere, for
@@ -69,9 +85,9 @@ class RestoreService(pgrpc.RestorePointsServicer):
         self.target = target
         self.restore_dir = restore_dir
         self.failovers: dict[str, Failover] = {}
-        self.tests: dict[str, FailoverTests] = {}
+        self.tests: dict[str, tuple[object, FailoverTests]] = {}
         self._tests_lock = asyncio.Lock()   # the registries are not thread-safe
-        self.verified: dict[str, VerifyLog] = {}
+        self.verified: dict[str, tuple[object, VerifyLog]] = {}
         self._ticker: asyncio.Task[None] | None = None
 
     async def attach(self) -> None:
@@ -173,12 +189,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
                                   failover_state=fo.state, total_bytes=cat.total_bytes())
 
     async def _verify_log(self, rt: PolicyRuntime) -> VerifyLog:
-        book = self.verified.get(rt.local.name)
-        if book is None:
-            book = VerifyLog(rt.local.dir)
-            await in_thread(book.load)
-            self.verified[rt.local.name] = book
-        return book
+        return await _loaded(self.verified, rt, VerifyLog)
 
     async def RecordVerification(self, request: pb.Verification,
                                  context: grpc.aio.ServicerContext) -> pb.Verification:
@@ -317,12 +328,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
     # ------------------------------------------------------------ test failover
 
     async def _tests(self, rt: PolicyRuntime) -> FailoverTests:
-        book = self.tests.get(rt.local.name)
-        if book is None:
-            book = FailoverTests(rt.local.dir)
-            await in_thread(book.load)
-            self.tests[rt.local.name] = book
-        return book
+        return await _loaded(self.tests, rt, FailoverTests)
 
     async def _book(self, fn: Callable[..., Any], *args: Any) -> Any:
         async with self._tests_lock:
