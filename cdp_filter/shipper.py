@@ -137,6 +137,24 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class SyncHold:
+    """A refusal that only a digest sync asked for *after* it was first seen may
+    lift (a sync from before compared against another replica, or another history)."""
+
+    def __init__(self) -> None:
+        self.floor: int | None = None
+        """The assignment's sync_request_id when the refusal was first seen."""
+
+    def lifted(self, sync_request_id: int, ready: bool = True) -> bool:
+        """True, ending the hold, for a newer request once `ready`; else hold on."""
+        if self.floor is not None and sync_request_id > self.floor and ready:
+            self.floor = None
+            return True
+        if self.floor is None:
+            self.floor = sync_request_id
+        return False
+
+
 class Shipper:
     def __init__(self, rt: PolicyRuntime, filter_id: str, disks: Sequence[rpb.DiskInfo],
                  tls: TlsConfig, max_message_bytes: int, batch_bytes: int,
@@ -162,11 +180,10 @@ class Shipper:
         self._last_report = -REPORT_INTERVAL_S
         self._sent_seq = 0
         """Highest seq sent on the current stream (or its welcome's): acks above are lies."""
-        self._ahead_floor: int | None = None
-        """While the target is ahead of the journal: the sync_request_id seen then; an
-        operator sync with a larger id releases the hold (`_accept_target_ahead`)."""
-        self._behind_floor: int | None = None
-        """Likewise while the target is behind it (`_accept_target_behind`)."""
+        # While the target is ahead of / behind the journal (`_accept_target_ahead`,
+        # `_accept_target_behind`): an operator sync asked for since lifts the hold.
+        self._ahead = SyncHold()
+        self._behind = SyncHold()
         self._report_task: asyncio.Task[object] | None = None
         if self._assignment is not None:
             log.info("resuming with remembered assignment epoch %d (source proxy %s)",
@@ -229,7 +246,7 @@ class Shipper:
         if old is not None and assignment_key(old) == assignment_key(a):
             if a.sync_request_id != old.sync_request_id:
                 self._assignment = a   # an operator sync: may release a target-ahead hold
-                if self._ahead_floor is not None or self._behind_floor is not None:
+                if self._ahead.floor is not None or self._behind.floor is not None:
                     self._changed.set()
             return
         log.info("new assignment epoch %d: source proxy %s, target proxy %s, target %s",
@@ -367,15 +384,12 @@ class Shipper:
         if rt.tail_cut_covered:
             rt.tail_cut_covered = False   # this cut only: a later lead is a new question
             return
-        if self._ahead_floor is not None and a.sync_request_id > self._ahead_floor:
+        if self._ahead.lifted(a.sync_request_id):
             log.warning("target durable through seq %d, ahead of this journal (seq %d): "
                         "operator sync %d accepted; skipping ahead and resyncing by digests",
                         resume, rt.journal.last_seq, a.sync_request_id,
                         extra=self._extra(seq=resume))
-            self._ahead_floor = None
             return
-        if self._ahead_floor is None:
-            self._ahead_floor = a.sync_request_id
         raise TargetAheadError(
             f"target {a.target.node_id} is durable through seq {resume} but this filter "
             f"captured only through seq {rt.journal.last_seq} (its journal lost records, or "
@@ -391,18 +405,14 @@ class Shipper:
         against this target. Otherwise nothing is shipped (JournalGapError)."""
         rt = self.rt
         synced = rt.tracker is not None and rt.tracker.m.gap is not None
-        if self._behind_floor is not None and a.sync_request_id > self._behind_floor \
-                and synced:
+        if self._behind.lifted(a.sync_request_id, ready=synced):
             # (the sync's gap is open: every point from here on is marked inconsistent
             # until its GAP_END, so none shows the replica without the trimmed seqs)
             log.warning("target durable through seq %d, behind this journal (from seq %d): "
                         "operator sync %d accepted; skipping the trimmed seqs and "
                         "resyncing by digests", resume, rt.journal.oldest_seq,
                         a.sync_request_id, extra=self._extra(seq=resume))
-            self._behind_floor = None
             return
-        if self._behind_floor is None:
-            self._behind_floor = a.sync_request_id
         raise JournalGapError(
             f"target {a.target.node_id} is durable through seq {resume} but the journal "
             f"only keeps seqs from {rt.journal.oldest_seq} (the target lost acked data, or "
