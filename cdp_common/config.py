@@ -571,8 +571,17 @@ def validate_policy(p: PolicyConfig, where: str = "", *,
         seen.add(d.name)
         _disk_size(d.size_bytes, max_disk_bytes, f"{pre}disks[{j}].size_bytes",
                    "max_disk_bytes")
-    if len({d.filter for d in p.disks}) != 1:
-        raise ConfigError(f"{pre}disks: all disks of a policy must be on one filter")
+    if ".." in p.name:
+        raise ConfigError(f"{pre}name: {p.name!r} contains '..', which names the members of "
+                          "a consistency group")
+    filters = sorted({d.filter for d in p.disks})
+    for f in filters if len(filters) > 1 else ():
+        # A policy on several filters is a consistency group of one member policy
+        # per filter, named <policy>..<filter> (cdp_common.groups).
+        if not is_name(f"{p.name}..{f}"):
+            raise ConfigError(f"{pre}name: member policy name {p.name}..{f} (policy name + "
+                              "'..' + filter id) is longer than 64 characters: shorten the "
+                              "policy name")
     if not is_name(p.target):
         raise ConfigError(f"{pre}target: {p.target!r} is not a valid node id")
     for name in ("source_site", "target_site"):
