@@ -278,9 +278,12 @@ class FrameHeader:
     gap_after_seq: int = 0
     gap_end_seq: int = 0
     gap_end_time_ns: int = 0
+    # Consistency-group checkpoint the delta ends at; in the AAD only when nonzero.
+    checkpoint_id: int = 0
 
 
 _AAD_GAP = struct.Struct("<QQQQ")
+_AAD_CHECKPOINT = struct.Struct("<Q")
 
 
 def _aad(policy: str, session_id: bytes, header: FrameHeader) -> bytes:
@@ -292,6 +295,8 @@ def _aad(policy: str, session_id: bytes, header: FrameHeader) -> bytes:
            header.gap_end_time_ns)
     if any(gap):
         aad += b"gap" + _AAD_GAP.pack(*gap)
+    if header.checkpoint_id:
+        aad += b"checkpoint" + _AAD_CHECKPOINT.pack(header.checkpoint_id)
     return aad
 
 

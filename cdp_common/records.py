@@ -31,6 +31,9 @@ FLAG_RESYNC = 0x01   # data read back from the image by a dirty-block resync or 
 FLAG_GAP_END = 0x02  # marker, no disk write: the gap that began at an overflow ends here;
                      # data = GAP_END payload (below), disk_id = offset = 0
 GAP_END_PAYLOAD = struct.Struct("<QQ")  # gap_begin_time_ns || lost_after_seq
+FLAG_CHECKPOINT = 0x04  # marker, no disk write: a consistency-group checkpoint; the
+                        # checkpoint id is in the offset field, disk_id = 0, no data
+MARKER_FLAGS = FLAG_GAP_END | FLAG_CHECKPOINT
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +52,12 @@ class Record:
     @property
     def is_marker(self) -> bool:
         """A marker record carries metadata for the stream, never bytes for a disk."""
-        return bool(self.flags & FLAG_GAP_END)
+        return bool(self.flags & MARKER_FLAGS)
+
+    @property
+    def checkpoint_id(self) -> int:
+        """The checkpoint a CHECKPOINT marker carries (0 for any other record)."""
+        return self.offset if self.flags & FLAG_CHECKPOINT else 0
 
 
 def crc32c(*parts: bytes | memoryview) -> int:

@@ -23,6 +23,7 @@ from cdp_common import records
 from cdp_common.errors import CdpError, FencedError, ProtocolError, UnavailableError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
+from cdp_filter.sink import Checkpoint
 
 
 @dataclass
@@ -54,6 +55,8 @@ class MemoryRecordSession:
         self._acked = resume
         self._first = True
         self.closed = False
+        self.held: list[rpb.CheckpointHeld] = []
+        """The filter's answers to `command` holds, in order."""
 
     # ------------------------------------------------------------ downstream side
 
@@ -69,6 +72,11 @@ class MemoryRecordSession:
         if seq > self._acked and self.error is None and not self.closed:
             self._acked = seq
             self._acks.put_nowait(seq)
+
+    def command(self, checkpoint: Checkpoint) -> None:
+        """The downstream sends a checkpoint command (as a group's source proxy does)."""
+        if self.error is None and not self.closed:
+            self._acks.put_nowait(checkpoint)
 
     # ------------------------------------------------------------ RecordSession
 
@@ -113,15 +121,19 @@ class MemoryRecordSession:
         if sink.auto_ack:
             sink.make_durable(self.last_received)
 
-    async def acks(self) -> AsyncIterator[int]:
+    async def acks(self) -> AsyncIterator[int | Checkpoint]:
         while True:
             item = await self._acks.get()
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
-            assert isinstance(item, int)
+            assert isinstance(item, int | Checkpoint)
             yield item
+
+    async def send_held(self, held: rpb.CheckpointHeld) -> None:
+        self._check_open()
+        self.held.append(held)
 
     async def close(self) -> None:
         self.closed = True

@@ -7,6 +7,15 @@ every trim (wakes writers held back because the journal was over its cap).
 Both run on the event loop thread, so no locks are needed; the only blocking
 work done elsewhere is fsync/fdatasync, in worker threads on dup'ed or
 long-lived fds.
+
+Consistency-group checkpoints (docs/ARCHITECTURE.md "Consistency groups"):
+`hold(id)` makes new writes wait before they take a seq; since a write takes
+its seq and is journaled with no await in between, every write that has a seq
+is in the journal the moment `hold` returns. `mark(id)` appends the CHECKPOINT
+marker and lets the writers go. A hold that no mark ends within its timeout
+releases by itself and abandons its id: a late mark of it writes nothing, so
+a marker in the journal always means "held from the moment the source proxy
+was told so until the marker".
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.forecast import Trend
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
+from cdp_common.records import FLAG_CHECKPOINT
 from cdp_filter import metrics
 from cdp_filter.intent import CHECKPOINT_S, IntentLog
 from cdp_filter.journal import Journal
@@ -115,6 +125,71 @@ class PolicyRuntime:
         self.journal_trend = Trend(window_s=60.0, min_span_s=10.0,
                                    tolerance=float(journal.segment_bytes))
         metrics.JOURNAL_FULL_IN.labels(name).set(float("inf"))
+        self.held_id = 0
+        """The checkpoint writers are held for (0: none)."""
+        self._unheld = asyncio.Event()
+        self._unheld.set()
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self.last_checkpoint_id = 0
+        """The id of the newest CHECKPOINT marker appended."""
+
+    # ------------------------------------------------------------ checkpoints
+
+    def hold(self, checkpoint_id: int, timeout_s: float) -> str:
+        """Hold new writes for checkpoint `checkpoint_id`; "" when held, else why not.
+
+        Refused while a gap is open (overflow, resync or sync): no point there is
+        consistent, so none may be a group point. A newer hold replaces an older one."""
+        if self.closing:
+            return "the filter is shutting down"
+        if self.tracker is not None:
+            begin_ns, _after = self.tracker.gap_fields()
+            if begin_ns or self.tracker.m.mode is not Mode.JOURNALING:
+                return (f"capture is {self.tracker.m.mode.value} with a gap open: no point "
+                        "is consistent until the resync ends")
+        if not 0 < checkpoint_id < 1 << 64:
+            return f"checkpoint id {checkpoint_id} is out of range"
+        self._release()
+        self.held_id = checkpoint_id
+        self._unheld.clear()
+        self._hold_timer = asyncio.get_running_loop().call_later(
+            timeout_s, self._expire, checkpoint_id)
+        return ""
+
+    def mark(self, checkpoint_id: int) -> int:
+        """Append the CHECKPOINT marker of the held checkpoint and release the writers;
+        returns its seq, 0 when `checkpoint_id` is not the one held (abandoned)."""
+        if checkpoint_id == 0 or checkpoint_id != self.held_id:
+            return 0
+        try:
+            seq = self.journal.append(wall_ns(), 0, checkpoint_id, b"", FLAG_CHECKPOINT)
+        except StorageError as exc:
+            log.warning("checkpoint %d not marked: %s", checkpoint_id, exc,
+                        extra={"policy": self.name})
+            seq = 0
+        else:
+            self.last_checkpoint_id = checkpoint_id
+            self.appended.set()
+        self._release()
+        return seq
+
+    def release(self, checkpoint_id: int) -> None:
+        """Abandon the held checkpoint `checkpoint_id` (no marker)."""
+        if checkpoint_id and checkpoint_id == self.held_id:
+            self._release()
+
+    def _expire(self, checkpoint_id: int) -> None:
+        if checkpoint_id == self.held_id:
+            log.info("checkpoint %d abandoned: no mark within the hold timeout",
+                     checkpoint_id, extra={"policy": self.name})
+            self._release()
+
+    def _release(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self.held_id = 0
+        self._unheld.set()
 
     async def wait_space(self) -> None:
         """Back-pressure: return once the journal is below its cap."""
@@ -134,14 +209,16 @@ class PolicyRuntime:
         """Capture one application write of `buf` at `off` (inside the disk): journal it
         (or mark its blocks while tracking), then write the image.
 
-        Every await comes before the seq is taken: back-pressure while the journal
-        is over its cap, then the durable write-intent bits of its regions (W1 of
+        Every await comes before the seq is taken: a checkpoint hold, back-pressure
+        while the journal is over its cap, then the durable write-intent bits of its regions (W1 of
         cdp_filter.intent); from the last check to the image write nothing yields,
         so journal order == image order (fs.py).
         """
         n = len(buf)
         while True:
-            if self.tracker is None and self.journal.over_cap:
+            if self.held_id:
+                await self._unheld.wait()   # a checkpoint is being taken (ms)
+            elif self.tracker is None and self.journal.over_cap:
                 await self.wait_space()
             elif self.intent is not None and not self.intent.ready(d.disk_id, off, n):
                 await self.intent.admit(d.disk_id, off, n)
@@ -236,5 +313,6 @@ class PolicyRuntime:
 
     def close(self) -> None:
         self.closing = True
+        self._release()
         self.space.set()
         self.appended.set()

@@ -52,7 +52,7 @@ from cdp_common.clock import wall_ns
 from cdp_common.errors import FormatError, StorageError
 from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
-from cdp_common.records import FLAG_GAP_END, FLAG_RESYNC, GAP_END_PAYLOAD
+from cdp_common.records import FLAG_GAP_END, FLAG_RESYNC, GAP_END_PAYLOAD, MARKER_FLAGS
 from cdp_filter.dirty import DirtyBitmap
 from cdp_filter.overflow import Event, Gap, Mode, OverflowMachine
 from cdp_filter.policy import Disk, PolicyRuntime
@@ -207,7 +207,7 @@ class Tracker:
         lost_after = rt.durable_seq
         marked = 0
         for disk_id, off, length, flags in j.extents_after(lost_after):
-            if flags & FLAG_GAP_END or disk_id >= len(self.bitmaps):
+            if flags & MARKER_FLAGS or disk_id >= len(self.bitmaps):
                 continue
             marked += self.bitmaps[disk_id].mark(off, length)
         for b in self.bitmaps:

@@ -106,7 +106,7 @@ def salvage(buf: bytes | memoryview, expected_seq: int, disk_sizes: Sequence[int
         if rseq != seq and not ok:
             s.unknown = True       # the header itself is suspect: its length too
             break
-        if not flags & records.FLAG_GAP_END:
+        if not flags & records.MARKER_FLAGS:
             if disk_id >= len(disk_sizes) or offset + length > disk_sizes[disk_id]:
                 s.unknown = True
                 break

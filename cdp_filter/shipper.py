@@ -69,7 +69,7 @@ from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_filter.journal import JournalGapError
 from cdp_filter.policy import PolicyRuntime
-from cdp_filter.sink import GrpcRecordSink, RecordSession, RecordSink
+from cdp_filter.sink import Checkpoint, GrpcRecordSink, RecordSession, RecordSink
 
 log = logging.getLogger("filter.ship")
 
@@ -78,6 +78,7 @@ BACKOFF_MAX_S = 2.0
 HOLD_S = 5.0
 WELCOME_TIMEOUT_S = 30.0
 REPORT_INTERVAL_S = 2.0
+MAX_HOLD_S = 2.0  # a checkpoint never holds writers longer, whatever the proxy asks
 CACHE_KIND = "assignment"
 CACHE_VERSION = 2
 SETTLE_S = 5.0  # a welcomed stream this old (or one that got an ack) is healthy
@@ -461,8 +462,26 @@ class Shipper:
     def _clear_error(self) -> None:
         self.rt.error = ""
 
+    async def _checkpoint(self, session: RecordSession, cp: Checkpoint) -> None:
+        """A consistency-group checkpoint command of the source proxy (policy.py)."""
+        rt = self.rt
+        if cp.action == "hold":
+            why = rt.hold(cp.checkpoint_id, max(0.0, min(cp.timeout_s, MAX_HOLD_S)))
+            if why:
+                log.debug("checkpoint %d refused: %s", cp.checkpoint_id, why,
+                          extra=self._extra())
+            await session.send_held(rpb.CheckpointHeld(
+                checkpoint_id=cp.checkpoint_id, refused=bool(why), reason=why))
+        elif cp.action == "mark":
+            rt.mark(cp.checkpoint_id)
+        else:
+            rt.release(cp.checkpoint_id)
+
     async def _read_acks(self, session: RecordSession) -> None:
         async for durable_seq in session.acks():
+            if isinstance(durable_seq, Checkpoint):
+                await self._checkpoint(session, durable_seq)
+                continue
             if durable_seq > self._sent_seq:
                 # trimming on it would drop records the target never got
                 raise ProtocolError(f"source proxy acked seq {durable_seq}, above the last "

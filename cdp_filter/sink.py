@@ -27,9 +27,12 @@ behind it, the target; "durable" means durable at the target):
   resend) is not applied again; the session goes on and acks as usual.
 - Gap -> protocol error: a record after a missing seq ends the session with
   a protocol error (status INVALID_ARGUMENT), raised by `send` or by `acks`.
-- `acks()` yields the durable seq, non-decreasing, each time it advances; it
-  ends when the downstream closed the session normally and raises the
-  session's error otherwise (an injected or transport failure: status
+- `acks()` yields the durable seq, non-decreasing, each time it advances,
+  and, in between, the `Checkpoint` commands of a source proxy that serves the
+  policy as a member of a consistency group (the shipper answers a hold with
+  `send_held`; a sink that drives no checkpoints never yields one). It ends
+  when the downstream closed the session normally and raises the session's
+  error otherwise (an injected or transport failure: status
   UNAVAILABLE; fenced; protocol). Errors are `CdpError`s whose `grpc_status`
   names the status, or, from the gRPC adapter, the `grpc.aio.AioRpcError`
   itself (the shipper reads its code and details; cdp_common.rpc maps it).
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -58,6 +62,15 @@ from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A consistency-group checkpoint command of the source proxy (replication.proto)."""
+
+    action: str          # "hold" | "mark" | "release"
+    checkpoint_id: int
+    timeout_s: float = 0.0
+
+
 class RecordSession(Protocol):
     """One open session of a `RecordSink` (see the module docstring)."""
 
@@ -67,8 +80,12 @@ class RecordSession(Protocol):
     async def send(self, batch: rpb.RecordBatch) -> None:
         """Pass one batch of records on (may block: back-pressure)."""
 
-    def acks(self) -> AsyncIterator[int]:
-        """Durable seqs as they advance; ends on a normal close, raises on an error."""
+    def acks(self) -> AsyncIterator[int | Checkpoint]:
+        """Durable seqs as they advance, and checkpoint commands; ends on a normal
+        close, raises on an error."""
+
+    async def send_held(self, held: rpb.CheckpointHeld) -> None:
+        """Answer a checkpoint hold (held, or refused with a reason)."""
 
     async def close(self) -> None:
         """End the session from our side; idempotent, never raises."""
@@ -92,10 +109,18 @@ class GrpcRecordSession:
         self._call = call
         self.resume_from_seq = resume_from_seq
         self._closed = False
+        self._writing = asyncio.Lock()  # batches and held answers share the stream
 
     async def send(self, batch: rpb.RecordBatch) -> None:
+        await self._write(rpb.ShipRequest(batch=batch))
+
+    async def send_held(self, held: rpb.CheckpointHeld) -> None:
+        await self._write(rpb.ShipRequest(held=held))
+
+    async def _write(self, request: rpb.ShipRequest) -> None:
         try:
-            await rpc.stream_write(self._call, rpb.ShipRequest(batch=batch))
+            async with self._writing:
+                await rpc.stream_write(self._call, request)
         except asyncio.InvalidStateError:
             raise await self._ended() from None
 
@@ -108,16 +133,23 @@ class GrpcRecordSession:
         return grpc.aio.AioRpcError(code, await call.initial_metadata(),
                                     await call.trailing_metadata(), await call.details())
 
-    async def acks(self) -> AsyncIterator[int]:
+    async def acks(self) -> AsyncIterator[int | Checkpoint]:
         while True:
             resp = await self._call.read()
             if resp is grpc.aio.EOF:
                 return
             assert isinstance(resp, rpb.ShipResponse)
-            if resp.WhichOneof("body") != "ack":
-                raise ProtocolError(f"source proxy sent {resp.WhichOneof('body')} after "
-                                    "its welcome")
-            yield resp.ack.durable_seq
+            body = resp.WhichOneof("body")
+            if body == "ack":
+                yield resp.ack.durable_seq
+            elif body == "hold":
+                yield Checkpoint("hold", resp.hold.checkpoint_id, resp.hold.timeout_s)
+            elif body == "mark":
+                yield Checkpoint("mark", resp.mark.checkpoint_id)
+            elif body == "release":
+                yield Checkpoint("release", resp.release.checkpoint_id)
+            else:
+                raise ProtocolError(f"source proxy sent {body} after its welcome")
 
     async def close(self) -> None:
         if self._closed:

@@ -13,7 +13,10 @@ coordinator, never by the client. Any mismatch is NotAuthorizedError
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from cdp_common import assignsig, identity
 from cdp_common.assignsig import Verifier
@@ -52,10 +55,14 @@ def _check(verifier: Verifier, signed: apb.SignedAssignment, *, where: str, poli
 
 
 def bind_hello(verifier: Verifier | None, node_id: str, hello: rpb.ShipHello,
-               context: Any, epochs: EpochFloor | None = None) -> None:
-    """Source role: check a filter's hello; point it at the claims' target proxy and target."""
+               context: Any, epochs: EpochFloor | None = None) -> apb.AssignmentClaims:
+    """Source role: check a filter's hello; point it at the claims' target proxy and
+    target. Returns the claims (unverified, as sent, when there is no verifier)."""
     if verifier is None:
-        return
+        unchecked = apb.AssignmentClaims()
+        with contextlib.suppress(DecodeError):
+            unchecked.ParseFromString(hello.assignment.claims)
+        return unchecked
     claims = _check(verifier, hello.assignment, where=f"hello for {hello.policy}",
                     policy=hello.policy, epoch=hello.epoch,
                     me=(identity.SOURCE_PROXY, node_id), context=context,
@@ -66,6 +73,7 @@ def bind_hello(verifier: Verifier | None, node_id: str, hello: rpb.ShipHello,
     hello.target_proxy_id = claims.target_proxy_id
     hello.target_proxy_address = claims.target_proxy_address
     hello.target_address = claims.target_address
+    return claims
 
 
 def bind_open(verifier: Verifier | None, node_id: str, o: rpb.SessionOpen,

@@ -29,6 +29,14 @@ consecutive seqs starting right after `start_after_seq`; anything else is a
 dropped at a journal overflow, covered by its dirty-block resync); the delta
 then still starts right after the previous one, covering the lost seqs.
 
+Consistency-group checkpoints (docs/ARCHITECTURE.md "Consistency groups"): a
+CHECKPOINT marker record closes the interval at once, at its seq, and the
+delta carries its `checkpoint_id`: the point ending there is this member's part
+of a group point. A group member's cutter is made with `checkpoints=True`:
+its time rules then use three RPO intervals instead of one, so its deltas end
+at the markers the source proxy asks for every interval, and the time rules
+only bound what an open interval holds while checkpoints fail (a member down).
+
 Gap bookkeeping (journal overflow, docs/FORMAT.md "Gaps"): `note_gap` marks
 the open interval as lying inside a gap that began at `begin_time_ns` after
 seq `after_seq`; a GAP_END marker record ends the gap at its seq and closes the
@@ -65,9 +73,10 @@ from typing import cast
 
 from cdp_common.delta import EXTENT_HEADER_SIZE, Extent
 from cdp_common.errors import FormatError, ProtocolError
-from cdp_common.records import FLAG_GAP_END, GAP_END_PAYLOAD, Record
+from cdp_common.records import FLAG_CHECKPOINT, FLAG_GAP_END, GAP_END_PAYLOAD, Record
 
 BLOCK = 4096
+CHECKPOINT_SLACK = 3.0  # a group member's time cuts wait this many RPO intervals
 _ZERO_BLOCK = bytes(BLOCK)
 _BIG = 64 * BLOCK
 _ZERO_BIG = bytes(_BIG)
@@ -92,6 +101,8 @@ class Delta:
     gap_end_seq: int = 0
     """Nonzero: the gap ends at this seq (points at or after it are consistent)."""
     gap_end_time_ns: int = 0
+    checkpoint_id: int = 0
+    """Nonzero: the delta ends at the CHECKPOINT marker of this id (its last_seq)."""
 
 
 class ExtentMap:
@@ -195,11 +206,15 @@ class IntervalCutter:
     """Feeds records in seq order, emits coalesced `Delta`s at interval boundaries."""
 
     def __init__(self, rpo_interval_s: float, interval_max_bytes: int,
-                 start_after_seq: int = 0, disk_sizes: Mapping[int, int] | None = None) -> None:
+                 start_after_seq: int = 0, disk_sizes: Mapping[int, int] | None = None,
+                 checkpoints: bool = False) -> None:
         if rpo_interval_s <= 0:
             raise ValueError("rpo_interval_s must be > 0")
         if interval_max_bytes <= 0:
             raise ValueError("interval_max_bytes must be > 0")
+        self.checkpoints = checkpoints
+        if checkpoints:
+            rpo_interval_s *= CHECKPOINT_SLACK
         self.rpo_interval_s = rpo_interval_s
         self._rpo_ns = int(rpo_interval_s * 1e9)
         self.interval_max_bytes = interval_max_bytes
@@ -220,6 +235,7 @@ class IntervalCutter:
         self._gap_after = 0
         self._gap_end_seq = 0
         self._gap_end_ns = 0
+        self._checkpoint_id = 0
 
     def note_gap(self, begin_time_ns: int, after_seq: int) -> None:
         """The records fed next lie in a gap that began at begin_time_ns after after_seq."""
@@ -246,6 +262,8 @@ class IntervalCutter:
             raise ProtocolError(f"record seq {record.seq} out of order, expected {expected}")
         if record.flags & FLAG_GAP_END:
             return self._marker(record, now)
+        if record.flags & FLAG_CHECKPOINT:
+            return self._checkpoint(record, now)
         if self.disk_sizes is not None:
             size = self.disk_sizes.get(record.disk_id)
             if size is None:
@@ -293,6 +311,21 @@ class IntervalCutter:
         # again, and a sync is done only once it is durable (no RPO-interval wait).
         return self.cut()
 
+    def _checkpoint(self, record: Record, now: float) -> Delta | None:
+        if record.length or record.disk_id or not record.offset:
+            raise FormatError(f"record seq {record.seq}: malformed CHECKPOINT marker (disk "
+                              f"{record.disk_id}, id {record.offset}, {record.length} bytes)")
+        if self._start is None:
+            self._start = now
+            self._first_time_ns = record.time_ns
+        self.last_seq = record.seq
+        self._count += 1
+        self._checkpoint_id = record.offset
+        # The point holds every write captured before the marker: it is as of the
+        # marker's time (also when the interval held no write at all).
+        self._newest_ns = max(self._newest_ns, record.time_ns)
+        return self.cut()
+
     def feed_all(self, records: Iterable[Record], now: float) -> list[Delta]:
         out = []
         for record in records:
@@ -319,6 +352,6 @@ class IntervalCutter:
         encoded = sum(EXTENT_HEADER_SIZE + (0 if e.data is None else e.length) for e in extents)
         delta = Delta(self._first_seq, self.last_seq, self._newest_ns, extents,
                       self._count, self._bytes, encoded, self._gap_begin_ns, self._gap_after,
-                      self._gap_end_seq, self._gap_end_ns)
+                      self._gap_end_seq, self._gap_end_ns, self._checkpoint_id)
         self.reset(self.last_seq)
         return delta

@@ -23,6 +23,9 @@ INFLIGHT = Gauge("cdp_proxy_inflight_bytes", "Encoded delta bytes sent to target
                  "and not yet acked as durable, plus cut deltas waiting to be sent.")
 AUTH_FAILURES = Counter("cdp_proxy_auth_failures", "Frames that failed authentication "
                         "(wrong key, tampering, replay).")
+CHECKPOINTS = Counter("cdp_proxy_checkpoints", "Consistency-group checkpoint rounds: "
+                      "\"marked\" (every member holds a marker) or \"abandoned\" (a member "
+                      "missing, refusing or late: no group point).", ["outcome"])
 SESSIONS = Gauge("cdp_proxy_sessions", "Open replication streams.", ["role"])
 
 

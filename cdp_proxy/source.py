@@ -44,6 +44,12 @@ count against one proxy-wide budget (`proxy.proxy_inflight_max_bytes`,
 cdp_common.limits.ByteBudget): while it is full every session stops reading,
 so many policies cannot add up to more than it (plus one interval each).
 
+Consistency groups: a hello whose signed claims name a group joins that
+group's `groups.Group` on this proxy, which sends checkpoint hold/mark
+commands down the members' streams (interleaved with acks under one write
+lock) and hears the filters' HELD answers through the reader; the session's
+cutter then ends deltas at the CHECKPOINT markers (cutter.py).
+
 Any failure ends the filter's stream with a gRPC status naming the policy and
 the peer; a downstream's permanent answer is passed on, anything else is
 UNAVAILABLE (stream.upstream_status). The filter reconnects and resends from
@@ -70,7 +76,7 @@ from cdp_common.config import ProxySection
 from cdp_common.errors import CdpError, FormatError, ProtocolError, UnavailableError
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
-from cdp_proxy import binding, digests, frames, metrics, throttle
+from cdp_proxy import binding, digests, frames, groups, metrics, throttle
 from cdp_proxy.cutter import Delta, IntervalCutter
 from cdp_proxy.sink import (
     DeltaSink,
@@ -107,6 +113,8 @@ class SourceProxy(rgrpc.SourceProxyServicer):
         self.offload = offload
         self.sinks = sinks if sinks is not None else grpc_sinks(channels)
         """Makes each session's downstream (tests pass a MemoryTarget's)."""
+        self.groups = groups.Groups()
+        """The consistency groups whose members this proxy serves."""
         self.on_unreachable: Any = None
         """async on_unreachable(node_id, address, policy, detail), set by the daemon."""
         self._reports: set[asyncio.Task[object]] = set()
@@ -180,6 +188,8 @@ class _ShipSession(Session):
         self.all_acked = asyncio.Event()
         self.all_acked.set()
         self.skipped = False
+        self.group: groups.Group | None = None
+        self._writing = asyncio.Lock()  # acks and checkpoint commands share the stream
 
     # ------------------------------------------------------------ main
 
@@ -188,7 +198,8 @@ class _ShipSession(Session):
         self.policy = hello.policy
         keys = parent.keys  # one ring for the whole session, even across a SIGHUP
         check_hello(hello, keys)
-        binding.bind_hello(parent.verifier, parent.node_id, hello, self.context, parent.epochs)
+        claims = binding.bind_hello(parent.verifier, parent.node_id, hello, self.context,
+                                    parent.epochs)
         self.captured_seq = hello.captured_seq
         opening = frames.seal_open(rpb.SessionOpen(
             policy=hello.policy, session_id=os.urandom(crypto.SESSION_ID_BYTES),
@@ -206,9 +217,14 @@ class _ShipSession(Session):
                 self.cutter = IntervalCutter(
                     hello.rpo_interval_s or DEFAULT_RPO_S, parent.proxy.interval_max_bytes,
                     start_after_seq=durable,
-                    disk_sizes={d.disk_id: d.size_bytes for d in hello.disks})
+                    disk_sizes={d.disk_id: d.size_bytes for d in hello.disks},
+                    checkpoints=bool(claims.group))
                 await self.context.write(rpb.ShipResponse(
                     welcome=rpb.ShipWelcome(resume_from_seq=durable)))
+                if claims.group:
+                    self.group = parent.groups.join(
+                        claims.group, tuple(claims.group_members),
+                        hello.rpo_interval_s or DEFAULT_RPO_S, self)
                 log.info("session open with key id %d, resuming after seq %d",
                          opening.key_id, durable,
                          extra={"policy": self.policy, "peer": self.peer, "epoch": hello.epoch,
@@ -222,6 +238,8 @@ class _ShipSession(Session):
                 if reader not in done:
                     raise UnavailableError(f"{self.peer} closed the stream")
             finally:
+                if self.group is not None:
+                    parent.groups.leave(self.group, self)
                 parent.budget.unwatch(self._recheck_space)
                 parent.budget.give(self.inflight)
                 metrics.INFLIGHT.dec(self.inflight)
@@ -256,8 +274,13 @@ class _ShipSession(Session):
                 req = await it.__anext__()
             except StopAsyncIteration:
                 break
-            if req.WhichOneof("body") != "batch":
-                raise ProtocolError("only record batches may follow the hello")
+            body = req.WhichOneof("body")
+            if body == "held" and self.group is not None:
+                self.group.on_held(self.policy, req.held)
+                continue
+            if body != "batch":
+                raise ProtocolError("only record batches and checkpoint answers may follow "
+                                    "the hello")
             batch = req.batch
             metrics.BYTES_IN.labels("source").inc(len(batch.records))
             metrics.POLICY_BYTES_IN.labels("source", self.policy).inc(len(batch.records))
@@ -306,7 +329,7 @@ class _ShipSession(Session):
             nxt = next(chunks, None)
             header = crypto.FrameHeader(d.first_seq, d.last_seq, index, nxt is None,
                                         d.newest_time_ns, d.gap_begin_time_ns, d.gap_after_seq,
-                                        d.gap_end_seq, d.gap_end_time_ns)
+                                        d.gap_end_seq, d.gap_end_time_ns, d.checkpoint_id)
             yield frames.frame_of(header, self.sealer.seal(header, cur), self.captured_seq)
             if nxt is None:
                 return
@@ -336,7 +359,12 @@ class _ShipSession(Session):
             self._release(durable)
             if durable > self.acked_seq:
                 self.acked_seq = durable
-                await self.context.write(rpb.ShipResponse(ack=rpb.ShipAck(durable_seq=durable)))
+                await self.send_control(rpb.ShipResponse(ack=rpb.ShipAck(durable_seq=durable)))
+
+    async def send_control(self, response: rpb.ShipResponse) -> None:
+        """Write an ack or a checkpoint command to the filter (groups.MemberLink)."""
+        async with self._writing:
+            await self.context.write(response)
 
     def _release(self, durable: int) -> None:
         freed = 0
