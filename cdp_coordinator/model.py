@@ -6,7 +6,12 @@ Plain frozen values, shared by the lease bookkeeping (`leases`), proxy
 placement (`placement`), status (`status`), the facade (`state`), the store
 and the gRPC shell. Nothing here has behaviour beyond derived properties.
 
-Each policy has one `Assignment`: filter, source proxy, target proxy and
+A policy with disks on several filters is a consistency group: the
+coordinator stores it as one policy and runs it as member policies, one per
+filter (`cdp_common.groups`); assignments, reports and status rows are per
+member, plus one status row for the group itself (`status.group_status`).
+
+Each (member) policy has one `Assignment`: filter, source proxy, target proxy and
 target (as `Endpoint`s = node id + address), an epoch and a `reason` when it
 is incomplete (empty reason = complete). The *binding* is (source proxy,
 target proxy, target), ids and addresses: whenever it changes the policy's
@@ -104,6 +109,8 @@ class Report:
     resync_request_id: int = 0             # target: a corrupt delta needs a resync
     no_store: bool = False                 # target: assigned there, no data yet
     journal_full_in_s: float = 0.0         # filter: its journal overflow forecast (0: none)
+    checkpoint_id: int = 0                 # target: newest point ending at a group checkpoint
+    checkpoint_time_ns: int = 0            # target: that point's capture time (0: none)
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,10 @@ class Assignment:
     target_proxy: Endpoint = NO_ENDPOINT
     target: Endpoint = NO_ENDPOINT
     reason: str = ""
+    group: str = ""
+    """A member policy's consistency group ("" for a policy on one filter)."""
+    group_members: tuple[str, ...] = ()
+    """Every member of that group, sorted (the member itself included)."""
 
     @property
     def binding(self) -> tuple[Endpoint, Endpoint, Endpoint]:
@@ -188,6 +199,10 @@ class PolicyStatus:
     """Seconds until the lag reaches rpo_error_s at its steady rise (0: none forecast)."""
     journal_full_in_s: float = 0.0
     """The filter's forecast of its journal's overflow (0: not filling)."""
+    group: str = ""
+    """A member's row: its consistency group ("" otherwise)."""
+    members: tuple[str, ...] = ()
+    """A group's row: its member policies (every other row: none)."""
 
 
 @dataclass(frozen=True)

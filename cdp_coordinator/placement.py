@@ -44,6 +44,24 @@ addresses) changes, the epoch grows by one; a policy removed and added again
 starts from the epoch it had (`epoch_floor`). A change that replaces a node
 that was bound (not one that fills an empty slot) counts as a rebind.
 
+Consistency groups (a policy with disks on several filters, run as member
+policies `<group>..<filter>`, cdp_common.groups): every member of a group has
+the same source proxy, target proxy and target, so one source proxy can
+checkpoint all of the members' streams together:
+
+    member    placed by                                           -> binding
+    first     the slot rules above (its slot must have room for   -> its own
+              every member: a group counts one slot per member)
+    later     nothing of its own: it copies the first member's    -> the first's
+              binding and reason, now and whenever it changes
+              (the first is placed before, in the same run)
+
+So a rebind of the first member (its proxy lost, drained, its pinned proxy
+back) rebinds every member the same way in the same `place_all`, each with
+its own epoch +1; a member bound elsewhere (restored state) moves to the
+first's binding. The rebalancer moves a group's members together or not at
+all (`rebalance.py`).
+
 Invariants: I-a epochs per policy are non-decreasing and strictly grow on every
 binding change; I-b placement never changes an assignment while all its nodes
 stay up (no flapping); only the rebalancer (`rebalance.py`) moves a policy off
@@ -57,7 +75,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from cdp_common.config import PolicyConfig
@@ -95,6 +113,7 @@ class Slot:
     pinned: str                # the operator's choice ("" = none)
     enabled: bool
     target: str = ""           # the policy's target (target slots spread by it)
+    width: int = 1             # slots the choice takes: a group's members all follow it
 
 
 @dataclass(frozen=True)
@@ -152,7 +171,7 @@ def _choose(slot: Slot, view: View) -> str | None:
         if not node.up or not view.fits(node, slot):
             continue
         load = view.loads.get(nid, 0)
-        if not has_room(node, load):
+        if not has_room(node, load + slot.width - 1):
             continue
         same = view.spread.get((nid, slot.target), 0) if slot.what == "target" else 0
         key = (load, same, node.bytes_per_s, nid)
@@ -245,11 +264,19 @@ class Placement:
     """A bound node was lost or replaced (counted in `rebinds`)."""
 
 
+Group = tuple[str, tuple[str, ...]]
+NO_GROUP: Group = ("", ())
+"""(group name, its member names sorted) of a member policy; NO_GROUP otherwise."""
+
+
 def place(p: PolicyConfig, old: Assignment | None, epoch_floor: int,
           nodes: Mapping[str, Node], loads: dict[str, int], now: float,
           spread: dict[tuple[str, str], int] | None = None,
-          draining: frozenset[str] = frozenset(), quiet: bool = False) -> Placement:
-    """The policy's assignment now; `loads` and `spread` follow the slots that moved."""
+          draining: frozenset[str] = frozenset(), quiet: bool = False,
+          group: Group = NO_GROUP) -> Placement:
+    """The policy's assignment now; `loads` and `spread` follow the slots that moved.
+    `group`: the policy is the first member of that group (its choices must have
+    room for every member)."""
     spread = {} if spread is None else spread
     rules: list[tuple[Slot, Rule, str]] = []
     for what, roles, site, bound, pinned in (
@@ -257,7 +284,8 @@ def place(p: PolicyConfig, old: Assignment | None, epoch_floor: int,
              old.source_proxy.node_id if old else "", p.pinned_source_proxy),
             ("target", TARGET_ROLES, p.target_site,
              old.target_proxy.node_id if old else "", p.pinned_target_proxy)):
-        slot = Slot(what, roles, site, bound, pinned, p.enabled, p.target)
+        slot = Slot(what, roles, site, bound, pinned, p.enabled, p.target,
+                    max(1, len(group[1])))
         rules.append((slot, *fill(slot, nodes, loads, now, spread, draining)))
     reasons = [f"no healthy {slot.what} proxy on site {slot.site}"
                for slot, rule, _ in rules if rule is Rule.NONE]
@@ -272,7 +300,39 @@ def place(p: PolicyConfig, old: Assignment | None, epoch_floor: int,
         filter=_endpoint(nodes, policy_filter(p)),
         source_proxy=_endpoint(nodes, source_id),
         target_proxy=_endpoint(nodes, target_proxy_id),
-        target=target, reason="; ".join(reasons))
+        target=target, reason="; ".join(reasons), group=group[0], group_members=group[1])
+    return _epoch(p, old, new, quiet)
+
+
+def follow(p: PolicyConfig, old: Assignment | None, epoch_floor: int, first: Assignment,
+           nodes: Mapping[str, Node], loads: dict[str, int],
+           spread: dict[tuple[str, str], int], group: Group,
+           quiet: bool = False) -> Placement:
+    """A later member of a group: the first member's binding and reason (see the
+    module doc); `loads` and `spread` follow its slots."""
+    for what, was, now_ep in (("source", old.source_proxy if old else NO_ENDPOINT,
+                               first.source_proxy),
+                              ("target", old.target_proxy if old else NO_ENDPOINT,
+                               first.target_proxy)):
+        for ep, step in ((was, -1), (now_ep, 1)):
+            if ep.node_id:
+                loads[ep.node_id] = loads.get(ep.node_id, 0) + step
+                if what == "target":
+                    key = (ep.node_id, p.target)
+                    spread[key] = spread.get(key, 0) + step
+    new = Assignment(
+        policy=p.name, epoch=old.epoch if old else epoch_floor,
+        filter=_endpoint(nodes, policy_filter(p)), source_proxy=first.source_proxy,
+        target_proxy=first.target_proxy, target=first.target, reason=first.reason,
+        group=group[0], group_members=group[1])
+    return _epoch(p, old, new, quiet)
+
+
+def _epoch(p: PolicyConfig, old: Assignment | None, new: Assignment,
+           quiet: bool) -> Placement:
+    """`new` with the epoch grown when its binding is not `old`'s (I-a)."""
+    source_id, target_proxy_id = new.source_proxy.node_id, new.target_proxy.node_id
+    target = new.target
     old_binding = old.binding if old else (NO_ENDPOINT,) * 3
     rebound = False
     if new.binding != old_binding:
@@ -287,19 +347,39 @@ def place(p: PolicyConfig, old: Assignment | None, epoch_floor: int,
     return Placement(new, rebound)
 
 
+def member_groups(groups: Mapping[str, Sequence[str]]) -> dict[str, Group]:
+    """Member name -> (group, its members sorted), from group -> member names."""
+    out: dict[str, Group] = {}
+    for g, names in groups.items():
+        ms = tuple(sorted(names))
+        out.update({m: (g, ms) for m in ms})
+    return out
+
+
 def place_all(policies: Mapping[str, PolicyConfig], assignments: Mapping[str, Assignment],
               epoch_floor: Mapping[str, int], nodes: Mapping[str, Node],
               now: float, draining: frozenset[str] = frozenset(), quiet: bool = False,
+              groups: Mapping[str, Sequence[str]] | None = None,
               ) -> tuple[dict[str, Assignment], int]:
     """Every policy's placement, by name: (the assignments that changed, rebinds).
-    `quiet`: a what-if (a drain's dry run), nothing logged."""
+    `quiet`: a what-if (a drain's dry run), nothing logged; `groups`: group name ->
+    its member policies' names (each a key of `policies`)."""
     loads, spread = loads_of(assignments), spread_of(assignments, policies)
+    of = member_groups(groups or {})
     changed: dict[str, Assignment] = {}
+    placed: dict[str, Assignment] = {}
     rebinds = 0
     for name in sorted(policies):
         old = assignments.get(name)
-        got = place(policies[name], old, epoch_floor.get(name, 0), nodes, loads, now, spread,
-                    draining, quiet)
+        group = of.get(name, NO_GROUP)
+        first = placed.get(group[1][0]) if group[1] and group[1][0] != name else None
+        if first is not None:
+            got = follow(policies[name], old, epoch_floor.get(name, 0), first, nodes, loads,
+                         spread, group, quiet)
+        else:
+            got = place(policies[name], old, epoch_floor.get(name, 0), nodes, loads, now,
+                        spread, draining, quiet, group)
+        placed[name] = got.assignment
         rebinds += got.rebound
         if got.assignment != old:
             changed[name] = got.assignment

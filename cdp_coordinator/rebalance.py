@@ -19,6 +19,11 @@ both kinds).
 - Which slot moves: of a target proxy, the policy whose target has the most
   slots on that proxy (so one target's policies spread out); then by name.
   Deterministic: the same state gives the same moves.
+- A consistency group's members (`placement`: one binding for all) move
+  together, as one unit of as many slots as members, or not at all: only when
+  every member is on the loaded proxy, the difference is at least twice the
+  unit, the destination has room for all of them and the minute's budget
+  covers them all. Otherwise the group stays and another policy moves.
 - Each move stops the imbalance it fixes from growing back: a difference of 2
   becomes 0, never the other way round, so moves converge and never ping-pong.
 
@@ -30,13 +35,13 @@ rate-limits them to `[coordinator] rebalance_max_per_minute`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cdp_common.config import PolicyConfig
 from cdp_coordinator.leases import in_service
 from cdp_coordinator.model import SOURCE_ROLES, TARGET_ROLES, Assignment, Node, Role
-from cdp_coordinator.placement import has_room, loads_of, spread_of
+from cdp_coordinator.placement import has_room, loads_of, member_groups, spread_of
 
 
 @dataclass(frozen=True)
@@ -57,15 +62,18 @@ def _pinned(p: PolicyConfig, what: str) -> str:
 
 def plan_moves(policies: Mapping[str, PolicyConfig], assignments: Mapping[str, Assignment],
                nodes: Mapping[str, Node], now: float, limit: int,
-               draining: frozenset[str] = frozenset()) -> list[Move]:
-    """At most `limit` moves that even out the proxies' loads (see the module doc)."""
+               draining: frozenset[str] = frozenset(),
+               groups: Mapping[str, Sequence[str]] | None = None) -> list[Move]:
+    """At most `limit` moves that even out the proxies' loads (see the module doc);
+    `groups`: group name -> member names, as for `placement.place_all`."""
     loads, spread = loads_of(assignments), spread_of(assignments, policies)
+    of = member_groups(groups or {})
     bound = {(name, what): _bound(a, what) for name, a in assignments.items()
              for what in ("source", "target")}
     moves: list[Move] = []
-    groups = sorted({(what, site) for p in policies.values()
-                     for what, site in (("source", p.source_site), ("target", p.target_site))})
-    for what, site in groups:
+    kinds = sorted({(what, site) for p in policies.values()
+                    for what, site in (("source", p.source_site), ("target", p.target_site))})
+    for what, site in kinds:
         roles: tuple[Role, ...] = SOURCE_ROLES if what == "source" else TARGET_ROLES
         members = sorted(nid for nid, n in nodes.items()
                          if n.up and in_service(n, now) and n.info.role in roles
@@ -82,23 +90,34 @@ def plan_moves(policies: Mapping[str, PolicyConfig], assignments: Mapping[str, A
             lo = min(roomy, key=lambda m: (loads.get(m, 0), nodes[m].bytes_per_s, m))
             if loads.get(hi, 0) - loads.get(lo, 0) < 2:
                 break
-            movable = [name for name in sorted(policies)
-                       if bound.get((name, what)) == hi and policies[name].enabled
-                       and not _pinned(policies[name], what)
-                       and (what == "source" or policies[name].target_site == site)
-                       and (what == "target" or policies[name].source_site == site)]
-            if not movable:
+            gap = loads.get(hi, 0) - loads.get(lo, 0)
+            units = []   # what may move: a policy, or all the members of a group
+            for name in sorted(policies):
+                _, members_of = of.get(name, ("", (name,)))
+                if name != members_of[0] or not all(
+                        m in policies and bound.get((m, what)) == hi for m in members_of):
+                    continue
+                p = policies[name]
+                if not p.enabled or _pinned(p, what) \
+                        or (what == "target" and p.target_site != site) \
+                        or (what == "source" and p.source_site != site):
+                    continue
+                k = len(members_of)
+                if gap >= 2 * k and len(moves) + k <= limit \
+                        and has_room(nodes[lo], loads.get(lo, 0) + k - 1):
+                    units.append(members_of)
+            if not units:
                 exhausted.add(hi)
                 continue
             if what == "target":
-                movable.sort(key=lambda n: -spread.get((hi, policies[n].target), 0))
-            name = movable[0]
-            moves.append(Move(name, what, hi, lo))
-            bound[(name, what)] = lo
-            loads[hi] = loads.get(hi, 0) - 1
-            loads[lo] = loads.get(lo, 0) + 1
-            if what == "target":
-                target = policies[name].target
-                spread[(hi, target)] = spread.get((hi, target), 0) - 1
-                spread[(lo, target)] = spread.get((lo, target), 0) + 1
+                units.sort(key=lambda u: -spread.get((hi, policies[u[0]].target), 0))
+            for name in units[0]:
+                moves.append(Move(name, what, hi, lo))
+                bound[(name, what)] = lo
+                loads[hi] = loads.get(hi, 0) - 1
+                loads[lo] = loads.get(lo, 0) + 1
+                if what == "target":
+                    target = policies[name].target
+                    spread[(hi, target)] = spread.get((hi, target), 0) - 1
+                    spread[(lo, target)] = spread.get((lo, target), 0) + 1
     return moves

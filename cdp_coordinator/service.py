@@ -46,7 +46,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cdp_common import assignsig, rpc
+from cdp_common import assignsig, groups, rpc
 from cdp_common.config import CoordinatorConfig, PolicyConfig, build_policy
 from cdp_common.errors import (
     AlreadyExistsError,
@@ -111,7 +111,8 @@ def claims_pb(a: Assignment, p: PolicyConfig) -> apb.AssignmentClaims:
         long_term_interval_s=p.long_term_interval_s,
         long_term_retention_s=p.long_term_retention_s,
         disks=[apb.ClaimedDisk(disk_id=i, filter=d.filter, name=d.name, size_bytes=d.size_bytes)
-               for i, d in enumerate(p.disks)])
+               for i, d in enumerate(p.disks)],
+        group=a.group, group_members=list(a.group_members))
 
 
 def assignment_pb(a: Assignment, p: PolicyConfig, sync_request_id: int = 0,
@@ -128,7 +129,8 @@ def assignment_pb(a: Assignment, p: PolicyConfig, sync_request_id: int = 0,
         bandwidth_limit_mbps=p.bandwidth_limit_mbps,
         short_term_retention_s=p.short_term_retention_s,
         long_term_interval_s=p.long_term_interval_s,
-        long_term_retention_s=p.long_term_retention_s, sync_request_id=sync_request_id)
+        long_term_retention_s=p.long_term_retention_s, sync_request_id=sync_request_id,
+        group=a.group, group_members=list(a.group_members))
 
 
 IDENTITY_ROLE = {Role.FILTER: "filter", Role.SOURCE_PROXY: "source-proxy",
@@ -218,7 +220,8 @@ def report_from_pb(r: cpb.PolicyReport) -> Report:
                   gaps=tuple(Gap(g.begin_seq, g.end_seq, g.begin_time_ns, g.end_time_ns,
                                  g.reason) for g in r.gaps),
                   resync_request_id=r.resync_request_id, no_store=r.no_store,
-                  journal_full_in_s=r.journal_full_in_s)
+                  journal_full_in_s=r.journal_full_in_s, checkpoint_id=r.checkpoint_id,
+                  checkpoint_time_ns=r.checkpoint_time_ns)
 
 
 class _Watcher:
@@ -325,7 +328,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         for name in [n for n, (until, _) in self.purges.items() if until < now]:
             del self.purges[name]
         return cpb.AssignmentSet(assignments=[
-            assignment_pb(a, self.state.policies[a.policy],
+            assignment_pb(a, self.state.placed[a.policy],
                           self.state.sync_requests.get(a.policy, 0), self.signer)
             for a in self.state.assignments_for(node_id)],
             purge_policies=sorted(n for n, (_, nodes) in self.purges.items()
@@ -448,7 +451,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                         context: grpc.aio.ServicerContext) -> cpb.StatusReply:
         wall = self.wall()
         return status_pb(self.state.status(self.clock(), wall), int(wall * 1e9),
-                         self.state.policies, self.alarms.current, self.state.skew_alarm_s)
+                         {**self.state.placed, **self.state.policies}, self.alarms.current,
+                         self.state.skew_alarm_s)
 
     # ------------------------------------------------------------ policies
 
@@ -502,7 +506,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         if p.name in self.state.policies:
             await rpc.abort(context, AlreadyExistsError(
                 f"name: a policy named {p.name!r} already exists"))
-        self.purges.pop(p.name, None)   # a new policy of that name is not purged
+        for name in (p.name, *groups.member_names(p)):   # a new policy is not purged
+            self.purges.pop(name, None)
         return await self._store_policy(context, p, "created")
 
     async def UpdatePolicy(self, request: cpb.UpdatePolicyRequest,
@@ -544,7 +549,9 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
         if request.purge:
             nodes = frozenset({d.filter for d in old.disks} | {old.target})
-            self.purges[old.name] = (self.clock() + PURGE_KEEP_S, nodes)
+            # a group's nodes keep its data by member name
+            for name in self.state.members_of(old.name):
+                self.purges[name] = (self.clock() + PURGE_KEEP_S, nodes)
         self.state.delete_policy(old.name, self.clock())
         plog.info("policy deleted%s", " (data purged on its nodes)" if request.purge else "",
                   extra={"policy": old.name})
@@ -630,7 +637,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def RequestSync(self, request: cpb.PolicyName,
                           context: grpc.aio.ServicerContext) -> cpb.RequestSyncReply:
-        p = await self._existing(context, request.name)
+        # a group syncs all of its members; a member may be named on its own
+        p = self.state.placed.get(request.name) or await self._existing(context, request.name)
         rid = self.state.request_sync(p.name, time.time_ns())
         plog.info("digest sync %d requested", rid, extra={"policy": p.name})
         self._notify()

@@ -32,6 +32,17 @@ there are none (every slot is kept, or waits for a node that fits and has
 room, which bytes/s cannot give). tests/unit/test_coordinator_fastpath.py
 compares the fast path with full recomputes over random event sequences.
 
+Consistency groups: `policies` holds the operator's policies as stored (a
+policy with disks on several filters is one entry, the group); `placed`
+holds what placement, assignments, reports, alarms and status work on: every
+one-filter policy as it is and, for a group, its member policies
+(`cdp_common.groups.members`: `<group>..<filter>`, sorted). `groups` maps
+each group to its members' names. Every mutator that changes `policies`
+changes `placed` and `groups` with it; editing, deleting, enabling,
+disabling or syncing a group does it to all of its members. Epochs, `since`,
+sync requests and lag trends are per member (a group's row has a lag trend
+of its own, by the group's name).
+
 Epoch memory: a policy removed (or deleted) and added again starts from the
 epoch it had (`_epoch_floor`), and `restore` takes the stored epochs as
 floors, so epochs never shrink (invariant I-a, see `placement` for I-a, I-b,
@@ -56,6 +67,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import replace
 
+from cdp_common import groups as cgroups
 from cdp_common.config import PolicyConfig
 from cdp_common.forecast import Trend
 from cdp_coordinator.clocks import ClockBook
@@ -106,6 +118,11 @@ class CoordinatorState:
     def __init__(self, lease_s: float) -> None:
         self.leases = Leases(lease_s)
         self.policies: dict[str, PolicyConfig] = {}
+        """The operator's policies, as stored (a consistency group is one of them)."""
+        self.placed: dict[str, PolicyConfig] = {}
+        """What is placed, assigned and reported: the policies, groups as their members."""
+        self.groups: dict[str, tuple[str, ...]] = {}
+        """Group name -> its member policies' names, sorted."""
         self.assignments: dict[str, Assignment] = {}
         # Latest `cdpctl sync` request id per policy (in memory: a request the filter
         # has not seen before a coordinator restart is dropped; the operator retries).
@@ -151,24 +168,43 @@ class CoordinatorState:
         """Load persisted state: nodes are down but in grace for one lease."""
         self.leases.restore(nodes, now)
         for p in policies:
-            self._note_since(p, now)
             self.policies[p.name] = p
+            for m in self._expand(p):
+                self._note_since(m, now)
+                self.placed[m.name] = m
         for a in assignments:
             self._remember_epoch(a)
-            if a.policy in self.policies:
+            if a.policy in self.placed:
                 self.assignments[a.policy] = a
         self._recompute(now)
 
     def set_policies(self, policies: Iterable[PolicyConfig], now: float) -> None:
         """Replace the policy set (config is authoritative); epochs are remembered."""
         new = {p.name: p for p in policies}
-        for name in set(self.policies) - set(new):
+        self.groups = {}
+        placed = {m.name: m for p in new.values() for m in self._expand(p)}
+        for name in sorted(set(self.placed) - set(placed)):
             self._forget(name)
             alog.warning("policy removed", extra={"policy": name})
-        for p in new.values():
-            self._note_since(p, now)
-        self.policies = new
+        for m in placed.values():
+            self._note_since(m, now)
+        self.policies, self.placed = new, placed
         self._recompute(now)
+
+    def _expand(self, p: PolicyConfig) -> list[PolicyConfig]:
+        """The policies `p` is placed as (its members, for a group), noting the group."""
+        out = cgroups.members(p)
+        if cgroups.is_group(p):
+            self.groups[p.name] = tuple(m.name for m in out)
+        else:
+            self.groups.pop(p.name, None)
+        return out
+
+    def members_of(self, name: str) -> list[str]:
+        """The placed policies of a stored one: its members, or itself; [] if unknown."""
+        if name in self.groups:
+            return list(self.groups[name])
+        return [name] if name in self.placed else []
 
     # ------------------------------------------------------------ events
 
@@ -204,19 +240,31 @@ class CoordinatorState:
 
     def set_policy(self, policy: PolicyConfig, now: float) -> None:
         """Add or replace one policy (validated by the caller)."""
-        if self.policies.get(policy.name) != policy:
-            # new parameters (RPO, retention, bandwidth...) travel in the
-            # assignment: push it even when the endpoints stay the same
-            self._dirty.add(policy.name)
-        self._note_since(policy, now)
+        before = self.members_of(policy.name)
+        members = self._expand(policy)
+        for m in members:
+            if self.placed.get(m.name) != m:
+                # new parameters (RPO, retention, bandwidth...) travel in the
+                # assignment: push it even when the endpoints stay the same
+                self._dirty.add(m.name)
+            self._note_since(m, now)
+        for name in sorted(set(before) - {m.name for m in members}):
+            # a group that lost a filter (or became a one-filter policy, or one became
+            # a group): the old names are gone, their epochs kept
+            self.placed.pop(name, None)
+            self._forget(name)
+            alog.warning("policy removed", extra={"policy": name})
+        self.placed.update((m.name, m) for m in members)
         self.policies[policy.name] = policy
         self._recompute(now)
 
     def request_sync(self, name: str, now_ns: int) -> int:
         """A new sync request id for the policy: larger than any before (ns-based, so
         it still grows after a coordinator restart)."""
-        rid = max(now_ns, self.sync_requests.get(name, 0) + 1)
-        self.sync_requests[name] = rid
+        names = self.members_of(name) or [name]
+        rid = max(now_ns, *(self.sync_requests.get(n, 0) + 1 for n in names))
+        for n in names:   # a group: every member resyncs
+            self.sync_requests[n] = rid
         return rid
 
     def resyncs_asked(self, node_id: str, reports: Iterable[Report]) -> list[str]:
@@ -224,7 +272,7 @@ class CoordinatorState:
         for before (a corrupt committed delta, cdp_target/repair.py)."""
         out = []
         for r in reports:
-            p = self.policies.get(r.policy)
+            p = self.placed.get(r.policy)
             if p is None or p.target != node_id or not r.resync_request_id:
                 continue
             if r.resync_request_id > self.target_resyncs.get(r.policy, 0):
@@ -235,8 +283,12 @@ class CoordinatorState:
     def delete_policy(self, name: str, now: float) -> bool:
         if name not in self.policies:
             return False
+        for m in self.members_of(name):
+            self.placed.pop(m, None)
+            self._forget(m)
         del self.policies[name]
-        self._forget(name)
+        self.groups.pop(name, None)
+        self.lag_trends.pop(name, None)
         alog.warning("policy deleted", extra={"policy": name})
         self._recompute(now)
         return True
@@ -271,14 +323,15 @@ class CoordinatorState:
 
     def status(self, now: float, wall_now: float | None = None) -> Status:
         """Everything the CLI shows; `wall_now` (epoch seconds) defaults to `now`."""
-        return status(self.nodes, self.policies, self.assignments, self.reports,
+        return status(self.nodes, self.placed, self.assignments, self.reports,
                       self.sync_requests, now, now if wall_now is None else wall_now,
                       self.clocks.offsets(), self.skew_alarm_s, self.since, self.lease_s,
-                      functools.partial(self._breach_in, now), frozenset(self.draining))
+                      functools.partial(self._breach_in, now), frozenset(self.draining),
+                      {g: self.policies[g] for g in self.groups})
 
     def _breach_in(self, now: float, policy: str, lag: float) -> float | None:
         """Feed the policy's lag trend (one sample a second) and forecast the breach."""
-        p = self.policies.get(policy)
+        p = self.placed.get(policy) or self.policies.get(policy)   # a member, or a group
         if p is None:
             return None
         trend = self.lag_trends.get(policy)
@@ -298,7 +351,7 @@ class CoordinatorState:
         self._epoch_floor[a.policy] = max(self._epoch_floor.get(a.policy, 0), a.epoch)
 
     def _note_since(self, p: PolicyConfig, now: float) -> None:
-        old = self.policies.get(p.name)
+        old = self.placed.get(p.name)
         if old is None or p.name not in self.since or policy_nodes(old) != policy_nodes(p):
             self.since[p.name] = now
 
@@ -315,7 +368,8 @@ class CoordinatorState:
         """Everything `place_all` and `plan_moves` read, as a value to compare (cheap:
         the dicts are shallow copies of frozen values, compared by identity first)."""
         cap_by_bytes = any(n.info.capacity_bytes_per_s for n in self.nodes.values())
-        return (dict(self.policies), dict(self.assignments), dict(self._epoch_floor),
+        return (dict(self.placed), dict(self.groups), dict(self.assignments),
+                dict(self._epoch_floor),
                 frozenset(self.draining), self.rebalance_per_minute,
                 self._rebalance_budget(now) > 0,
                 tuple((nid, n.info, n.up, in_service(n, now),
@@ -328,8 +382,9 @@ class CoordinatorState:
         inputs = self._inputs(now)
         if inputs == self._settled:
             return
-        changed, rebinds = place_all(self.policies, self.assignments, self._epoch_floor,
-                                     self.nodes, now, frozenset(self.draining))
+        changed, rebinds = place_all(self.placed, self.assignments, self._epoch_floor,
+                                     self.nodes, now, frozenset(self.draining),
+                                     groups=self.groups)
         self.rebinds += rebinds
         self.assignments.update(changed)
         self._dirty.update(changed)
@@ -343,9 +398,9 @@ class CoordinatorState:
         before = dict(self.assignments)
         if dry_run:
             draining = self.draining | {node_id} if on else self.draining - {node_id}
-            after = {**before, **place_all(self.policies, before, self._epoch_floor,
+            after = {**before, **place_all(self.placed, before, self._epoch_floor,
                                            self.nodes, now, frozenset(draining),
-                                           quiet=True)[0]}
+                                           quiet=True, groups=self.groups)[0]}
         else:
             if on:
                 self.draining.add(node_id)
@@ -375,8 +430,8 @@ class CoordinatorState:
         budget = self._rebalance_budget(now)
         if budget <= 0:
             return 0
-        moves = plan_moves(self.policies, self.assignments, self.nodes, now, budget,
-                           frozenset(self.draining))
+        moves = plan_moves(self.placed, self.assignments, self.nodes, now, budget,
+                           frozenset(self.draining), self.groups)
         for m in moves:
             old = self.assignments[m.policy]
             to = Endpoint(m.to_id, self.nodes[m.to_id].info.address)

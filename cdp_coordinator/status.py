@@ -47,6 +47,27 @@ class that has one, and the reason shown is all of them, most severe first:
 
 `age_s` is how long the coordinator has known the policy (monotonic; infinite
 when not known, i.e. no grace); `grace_s` is one lease.
+
+Consistency groups (`group_status`): each member policy has its row as
+above, and the group one more, named as the group, its `filter` the members'
+filters comma-joined, its proxies and target the first member's (all members
+share them, see `placement`). A group restore point exists only where every
+member has the checkpoint, so the group's RPO lag is the age of the oldest of
+its members' newest checkpoints (`checkpoint_time_ns` from the target, each
+aged on its filter's clock like the lag above). Its state is the worst of
+its members' (error > unprotected > degraded > ok, each member named in the
+reason) and of:
+
+    unprotected  disabled (as above), or no member has a checkpoint yet, or
+                 one member has none yet while others do (no common point)
+    error        a member still has no checkpoint rpo_error_s after the group
+                 was added
+    error        a member's newest checkpoint trails the newest member's by
+                 more than rpo_error_s ("member X has missed checkpoints ...")
+    error        group lag >= rpo_error_s
+    degraded     a member trails by more than max(3 x rpo_interval_s,
+                 rpo_warning_s)
+    degraded     group lag >= rpo_warning_s
 """
 
 from __future__ import annotations
@@ -54,8 +75,9 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from cdp_common import groups as cgroups
 from cdp_common.clock import describe_offset
 from cdp_common.config import PolicyConfig
 from cdp_common.states import NodeState, PolicyState
@@ -276,25 +298,125 @@ def status(nodes: Mapping[str, Node], policies: Mapping[str, PolicyConfig],
            offsets: Mapping[str, float] | None = None, skew_alarm_s: float = 0.5,
            since: Mapping[str, float] | None = None, grace_s: float = 0.0,
            breach_in: Callable[[str, float], float | None] | None = None,
-           draining: frozenset[str] = frozenset()) -> Status:
+           draining: frozenset[str] = frozenset(),
+           groups: Mapping[str, PolicyConfig] | None = None) -> Status:
     """Everything the CLI shows, nodes and policies by id/name; `since`: when (the
     monotonic `now`) each policy was added or moved to another filter or target;
-    `breach_in(policy, lag)`: see policy_status."""
+    `breach_in(policy, lag)`: see policy_status; `policies` are the placed ones
+    (a group's members), `groups` the groups by name: each gets a row of its own
+    before its members' (`group_status`)."""
     offsets, since = offsets or {}, since or {}
     rows = [node_status(n, now, offsets.get(nid), nid in draining)
             for nid, n in sorted(nodes.items())]
     up = frozenset(r.info.id for r in rows if r.state == NodeState.UP)
     by_policy = reports_by_policy(reports)
-    return Status(
-        nodes=rows,
-        policies=[policy_status(p, assignments.get(name), reports,
-                                sync_requests.get(name, 0), wall, offsets, skew_alarm_s, up,
-                                frozenset(nodes),
-                                now - since[name] if name in since else math.inf, grace_s,
-                                None if breach_in is None
-                                else functools.partial(breach_in, name), by_policy)
-                  for name, p in sorted(policies.items())],
-        unknown=unknown_policies(nodes, policies, reports))
+
+    def age(name: str) -> float:
+        return now - since[name] if name in since else math.inf
+
+    member_rows = {name: policy_status(p, assignments.get(name), reports,
+                                       sync_requests.get(name, 0), wall, offsets, skew_alarm_s,
+                                       up, frozenset(nodes), age(name), grace_s,
+                                       None if breach_in is None
+                                       else functools.partial(breach_in, name), by_policy)
+                   for name, p in sorted(policies.items())}
+    out: list[PolicyStatus] = []
+    in_group: set[str] = set()
+    group_rows: dict[str, list[PolicyStatus]] = {}
+    for g, gp in sorted((groups or {}).items()):
+        ms = [replace(member_rows[m.name], group=g) for m in cgroups.members(gp)
+              if m.name in member_rows]
+        in_group.update(m.name for m in ms)
+        group_rows[g] = [group_status(gp, ms, reports, wall, offsets,
+                                      min((age(m.name) for m in ms), default=math.inf),
+                                      None if breach_in is None
+                                      else functools.partial(breach_in, g)), *ms]
+    # each group's row, then its members', among the other policies by name
+    for name in sorted(set(group_rows) | (set(member_rows) - in_group)):
+        out += group_rows.get(name) or [member_rows[name]]
+    return Status(nodes=rows, policies=out, unknown=unknown_policies(nodes, policies, reports))
+
+
+_WORST = (PolicyState.ERROR, PolicyState.UNPROTECTED, PolicyState.DEGRADED, PolicyState.OK)
+
+
+def group_status(g: PolicyConfig, members: list[PolicyStatus],
+                 reports: Mapping[tuple[str, str], Report], wall: float,
+                 offsets: Mapping[str, float] | None = None, age_s: float = math.inf,
+                 breach_in: Callable[[float], float | None] | None = None) -> PolicyStatus:
+    """The row of consistency group `g` from its members' rows (see the module doc);
+    `age_s`: how long the coordinator has known its newest member."""
+    offsets = offsets or {}
+    by: dict[PolicyState, list[str]] = {s: [] for s in _WORST}
+    ages: dict[str, float | None] = {}   # member -> age of its newest checkpoint
+    for m in members:
+        t = reports.get((g.target, m.name), Report(policy=m.name))
+        ages[m.name] = (max(0.0, wall + offsets.get(m.filter, 0.0) - t.checkpoint_time_ns / 1e9)
+                        if t.checkpoint_time_ns else None)
+        if m.state is not PolicyState.OK and PolicyState.parse(m.state) is not None:
+            by[PolicyState(m.state)].append(f"member {m.name} is {m.state}"
+                                            + (f" ({m.reason})" if m.reason else ""))
+    known = [a for a in ages.values() if a is not None]
+    lag = max(known, default=0.0)
+    eta = breach_in(lag) if breach_in is not None and g.enabled and known else None
+    if not g.enabled:
+        state, lag, reason, eta = PolicyState.UNPROTECTED, 0.0, DISABLED_REASON, None
+    else:
+        _checkpoints(g, ages, lag, age_s, by)
+        state = next((s for s in _WORST if by[s]), PolicyState.OK)
+        reason = "; ".join(r for s in _WORST for r in by[s])
+    first = members[0] if members else None
+    return PolicyStatus(
+        name=g.name, source_proxy=first.source_proxy if first else "",
+        target_proxy=first.target_proxy if first else "", target=g.target,
+        filter=",".join(m.filter for m in members), epoch=max((m.epoch for m in members),
+                                                              default=0),
+        captured_seq=0, durable_seq=0, applied_seq=0, rpo_lag_s=lag,
+        bytes_replicated=sum(m.bytes_replicated for m in members),
+        journal_bytes=sum(m.journal_bytes for m in members), state=state, reason=reason,
+        rpo_interval_s=g.rpo_interval_s, rpo_warning_s=g.rpo_warning_s,
+        rpo_error_s=g.rpo_error_s, enabled=g.enabled,
+        rpo_breach_in_s=eta if eta and lag < g.rpo_error_s else 0.0,
+        journal_full_in_s=min((m.journal_full_in_s for m in members if m.journal_full_in_s > 0),
+                              default=0.0),
+        members=tuple(m.name for m in members))
+
+
+def _checkpoints(g: PolicyConfig, ages: Mapping[str, float | None], lag: float,
+                 age_s: float, by: dict[PolicyState, list[str]]) -> None:
+    """The group's own facts: its members' checkpoints and its lag (module doc)."""
+    known = {m: a for m, a in ages.items() if a is not None}
+    if not known:
+        by[PolicyState.UNPROTECTED].append("no common restore point yet: no member has "
+                                           "a checkpoint")
+        return
+    for m in sorted(set(ages) - set(known)):
+        if age_s >= g.rpo_error_s:
+            since = "" if math.isinf(age_s) else f" {age_s:.0f}s after the group was added"
+            by[PolicyState.ERROR].append(f"member {m} has no checkpoint{since}: no common "
+                                         "restore point")
+        else:
+            by[PolicyState.UNPROTECTED].append(f"member {m} has no checkpoint yet: no "
+                                               "common restore point")
+    if len(known) < len(ages):
+        return   # no common point: its lag is not known, only that of some members
+    newest = min(known.values())
+    warn_s = max(3 * g.rpo_interval_s, g.rpo_warning_s)
+    for m, a in sorted(known.items()):
+        trail = a - newest
+        text = (f"member {m} has missed checkpoints for {trail:.0f} s (its newest is "
+                f"{trail:.1f}s older than the newest member's)")
+        if trail > g.rpo_error_s:
+            by[PolicyState.ERROR].append(text)
+        elif trail > warn_s:
+            by[PolicyState.DEGRADED].append(text)
+    if lag >= g.rpo_error_s:
+        by[PolicyState.ERROR].append(f"RPO lag {lag:.1f}s (age of the newest common "
+                                     f"checkpoint) >= error threshold {g.rpo_error_s:g}s")
+    elif lag >= g.rpo_warning_s:
+        by[PolicyState.DEGRADED].append(f"RPO lag {lag:.1f}s (age of the newest common "
+                                        f"checkpoint) >= warning threshold "
+                                        f"{g.rpo_warning_s:g}s")
 
 
 def reports_by_policy(reports: Mapping[tuple[str, str], Report],

@@ -183,9 +183,17 @@ def assignment_from_json(text: str) -> Assignment:
         return Assignment(policy=str(d["policy"]), epoch=int(d.get("epoch", 0)),
                           filter=ep("filter"), source_proxy=ep("source_proxy"),
                           target_proxy=ep("target_proxy"), target=ep("target"),
-                          reason=str(d.get("reason", "")))
+                          reason=str(d.get("reason", "")), group=str(d.get("group", "")),
+                          group_members=tuple(str(m) for m in _list(d, "group_members")))
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"stored assignment: bad or missing {exc}") from None
+
+
+def _list(d: dict[str, Any], key: str) -> list[Any]:
+    value = d.get(key) or []
+    if not isinstance(value, list):
+        raise FormatError(f"stored assignment: {key} is not a list")
+    return value
 
 
 def alarm_event(id: int, time_ns: int, policy: str, kind: str, level: str,
