@@ -99,7 +99,11 @@ def register(sub: Subparsers, ctx: Context) -> None:
             yet), or a node's clock is skewed; error when a node is down, a
             policy is in error (no proxy, a node not reporting it, a failed
             fsync, a frozen policy, lag over its error threshold...) or a filter
-            protects a policy the coordinator does not know. The exit code says
+            protects a policy the coordinator does not know. A consistency group
+            (a policy on several filters) is judged by its members' rows and by
+            its own: degraded while a member misses checkpoints, error while a
+            member is in error or the group's newest common restore point is
+            older than its error threshold. The exit code says
             which, so this fits a monitoring check; every problem has its reason."""),
         epilog=ctx.epilog("""\
             cdpctl health
@@ -116,7 +120,11 @@ def register(sub: Subparsers, ctx: Context) -> None:
         description=textwrap.dedent("""\
             Show every registered node (role, site, up/down, last heartbeat) and
             every policy (assigned proxies, durable seq, RPO lag, bytes replicated,
-            journal backlog). --json gives {"nodes": [...], "policies": [...]}."""),
+            journal backlog). A consistency group (a policy on several filters) is
+            shown as its own row, its lag the age of its newest common checkpoint,
+            with its member policies <group>..<filter> indented under it.
+            --json gives {"nodes": [...], "policies": [...]}; a group's row has
+            "members", a member's "group"."""),
         epilog=ctx.epilog("""\
             cdpctl status
             cdpctl status --watch

@@ -15,6 +15,15 @@ overall verdict, a list of problems and the exit code:
                not know), a policy only a filter knows
     3          the coordinator cannot be reached (raised by fetch_status)
 
+Consistency groups: a policy on several filters runs as member policies
+`<group>..<filter>` (cdp_common.groups); the coordinator sends a row per
+member and one for the group (its `filter` the members' filters,
+comma-joined). `status_dict` marks them: a group row gets `"members"`, a
+member row `"group"` (both `null` for a one-filter policy); the tables show
+each member indented under its group, and health judges the group row like
+any policy (degraded while a member misses checkpoints, error while one is
+in error).
+
 The severity of a policy state is `cdp_common.states.policy_level`, the same
 function that sets the coordinator's alarm level. An older coordinator's
 "warning", "unassigned" and "disabled" are read as degraded, error and
@@ -88,11 +97,48 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
         "gaps": [{"begin_seq": g.begin_seq, "end_seq": g.end_seq,
                   "begin_time_ns": g.begin_time_ns, "end_time_ns": g.end_time_ns,
                   "reason": g.reason} for g in p.gaps],
+        "group": None, "members": None,
     } for p in reply.policies]
+    mark_groups(policies)
     return {"now_ns": reply.now_ns, "clock_skew_alarm_s": reply.clock_skew_alarm_s or 0.5,
             "nodes": nodes, "policies": policies,
             "unknown_policies": [{"node": u.node_id, "policy": u.policy}
                                  for u in reply.unknown_policies]}
+
+
+GROUP_SEPARATOR = ".."   # as cdp_common.groups.SEPARATOR (not imported: cdpctl stays light)
+
+
+def mark_groups(policies: list[dict[str, Any]]) -> None:
+    """Set `members` on group rows and `group` on their members' rows: a group row is
+    one whose `<name>..<filter>` rows, one per filter of its comma-joined `filter`,
+    are all there."""
+    names = {p["name"] for p in policies}
+    for p in policies:
+        filters = [f for f in (p.get("filter") or "").split(",") if f]
+        members = [f"{p['name']}{GROUP_SEPARATOR}{f}" for f in filters]
+        if len(members) > 1 and all(m in names for m in members):
+            p["members"] = sorted(members)
+    by_name = {p["name"]: p for p in policies}
+    for p in policies:
+        for m in p.get("members") or ():
+            by_name[m]["group"] = p["name"]
+
+
+def ordered_policies(policies: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """(depth, row) by name, each group's members (depth 1) right after it."""
+    by_name = {p["name"]: p for p in policies}
+    out: list[tuple[int, dict[str, Any]]] = []
+    for p in sorted(policies, key=lambda p: p["name"]):
+        if p.get("group") and p["group"] in by_name:
+            continue
+        out.append((0, p))
+        out += [(1, by_name[m]) for m in p.get("members") or () if m in by_name]
+    return out
+
+
+def kind_of(p: dict[str, Any]) -> str:
+    return "group" if p.get("members") else "policy"
 
 
 def policy_state_name(wire: str) -> str:
@@ -151,7 +197,7 @@ def evaluate(status: dict[str, Any]) -> Verdict:
         if not reason and PolicyState.parse(state) in (PolicyState.DEGRADED,
                                                        PolicyState.ERROR):
             reason = f"RPO lag {format_seconds(float(p.get('rpo_lag_s', 0)))}"
-        message = f"policy {p['name']} is {state}" + (f": {reason}" if reason else "")
+        message = f"{kind_of(p)} {p['name']} is {state}" + (f": {reason}" if reason else "")
         problems.append({"severity": str(level), "kind": "policy", "id": p["name"],
                          "message": message})
     if any(x["severity"] == "error" for x in problems):
@@ -174,10 +220,14 @@ def render_nodes(status: dict[str, Any]) -> str:
 
 
 def render_policies(status: dict[str, Any]) -> str:
-    rows = [(p["name"], p["state"], p["source_proxy"] or "-", p["target_proxy"] or "-",
-             p["durable_seq"], format_seconds(float(p["rpo_lag_s"])),
+    """One row per policy; a consistency group's members indented under it (the
+    group's DURABLE SEQ is '-': seqs are per member; its RPO LAG is the age of its
+    newest common checkpoint)."""
+    rows = [("  " * depth + p["name"], p["state"], p["source_proxy"] or "-",
+             p["target_proxy"] or "-", "-" if p.get("members") else p["durable_seq"],
+             format_seconds(float(p["rpo_lag_s"])),
              format_bytes(p["bytes_replicated"]), format_bytes(p["journal_bytes"]))
-            for p in sorted(status["policies"], key=lambda p: p["name"])]
+            for depth, p in ordered_policies(status["policies"])]
     if not rows:
         return "no policies configured"
     return table.render(("POLICY", "STATE", "SOURCE PROXY", "TARGET PROXY", "DURABLE SEQ",
@@ -187,10 +237,9 @@ def render_policies(status: dict[str, Any]) -> str:
 
 def render_status(status: dict[str, Any]) -> str:
     text = render_nodes(status) + "\n\n" + render_policies(status)
-    reasons = [f"policy {p['name']}: {p['reason']}"
-               for p in sorted(status["policies"], key=lambda p: p["name"]) if p.get("reason")]
-    reasons += [line for p in sorted(status["policies"], key=lambda p: p["name"])
-                for line in capture_lines(p)]
+    ordered = [p for _, p in ordered_policies(status["policies"])]
+    reasons = [f"{kind_of(p)} {p['name']}: {p['reason']}" for p in ordered if p.get("reason")]
+    reasons += [line for p in ordered for line in capture_lines(p)]
     return "\n".join([text, "", *reasons]) if reasons else text
 
 
