@@ -10,7 +10,8 @@ applied_seq``, in seq order. For each delta (`_apply_one`):
    replica is touched, so every restore point stays restorable;
 3. pwrite its data extents, punch (or write) its zero extents, then fsync
    (punched holes) or fdatasync each touched replica;
-4. list the new restore point (UndoStore.after_apply);
+4. list the new restore point (UndoStore.after_apply), with the checkpoint id
+   the delta file carries (0: none; a quarantined delta's point has none);
 5. persist applied_seq (`ApplyHost.record_applied`), delete the delta file,
    run retention.
 
@@ -149,6 +150,7 @@ class Applier:
             touched: dict[int, bool] = {}  # disk id -> hole punched (needs a full fsync)
             with DeltaReader(path, io) as reader:
                 lo, newest_ns = reader.info.first_seq - 1, reader.info.newest_time_ns
+                checkpoint = reader.info.checkpoint_id
 
                 def extents() -> Iterator[Extent]:
                     for chunk in reader.chunks():
@@ -171,7 +173,7 @@ class Applier:
         except OSError as exc:
             raise storage_error(f"policy {self._name}: applying {path.name}", exc) from None
         try:
-            h.undo.after_apply(lo, last_seq, newest_ns, undo_size)
+            h.undo.after_apply(lo, last_seq, newest_ns, undo_size, checkpoint)
         except OSError as exc:
             raise storage_error(f"policy {self._name}: recording restore point {last_seq}",
                                 exc) from None

@@ -11,7 +11,7 @@ kilobytes per delta. So the file is a log: each change is appended as one
 of the records in order. Little-endian::
 
     file    = header || record*
-    header  = magic u32 0x52504443 ("CDPR") || version u8 2 || 0 u8 || 0 u16   (8 bytes)
+    header  = magic u32 0x52504443 ("CDPR") || version u8 3 || 0 u8 || 0 u16   (8 bytes)
     record  = length u32 || length_crc u32 || crc u32 || body[length]
               length_crc = crc32c(length bytes), crc = crc32c(length bytes || body)
               (Castagnoli); the length has its own check so that a flipped length
@@ -20,9 +20,14 @@ of the records in order. Little-endian::
               n_drop_points u32 || n_put_points u32 || n_drop_segs u32 || n_put_segs u32 ||
               drop_points[n] (last_seq u64) ||
               put_points[n]  (last_seq u64 || time_ns u64 || kind u8 (0 short, 1 long) ||
-                              on_demand u8) ||
+                              on_demand u8 || checkpoint_id u64) ||
               drop_segs[n]   (lo u64 || hi u64) ||
               put_segs[n]    (lo u64 || hi u64 || size_bytes u64)
+
+Version 2 (before consistency groups) is the same but for its points, which
+have no ``checkpoint_id`` (18 bytes each); it is still read (every point a
+normal one, checkpoint 0), and the undo store rewrites it as version 3 (a
+compaction) at its first change, as it upgrades a ``points.json``.
 
 Replay (`replay`): CLEAR empties the catalog first; drops remove points by id
 and segments by (lo, hi); puts add or replace them. The result is sorted
@@ -75,7 +80,8 @@ from cdp_common.records import crc32c
 from cdp_target import points as P
 
 MAGIC = 0x52504443  # b"CDPR" little-endian
-VERSION = 2  # version 1 is the JSON catalog (points.json), still read
+VERSION = 3  # version 1 is the JSON catalog (points.json), 2 a log without checkpoint ids
+READ_VERSIONS = (2, 3)
 HEADER = struct.Struct("<IBBH")
 HEADER_SIZE = HEADER.size  # 8
 FRAME = struct.Struct("<III")  # length, crc32c(length), crc32c(length || body)
@@ -85,7 +91,8 @@ BODY_HEAD_SIZE = BODY_HEAD.size  # 20
 OP_PATCH = 1
 FLAG_CLEAR = 0x01
 DROP_POINT = struct.Struct("<Q")
-PUT_POINT = struct.Struct("<QQBB")
+PUT_POINT = struct.Struct("<QQBBQ")
+PUT_POINT_V2 = struct.Struct("<QQBB")
 DROP_SEG = struct.Struct("<QQ")
 PUT_SEG = struct.Struct("<QQQ")
 COMPACT_SLACK_BYTES = 256 * 1024
@@ -171,7 +178,8 @@ def encode_record(patch: Patch) -> bytes:
                             len(patch.drop_points), len(patch.put_points),
                             len(patch.drop_segments), len(patch.put_segments))]
     parts.extend(DROP_POINT.pack(k) for k in patch.drop_points)
-    parts.extend(PUT_POINT.pack(p.last_seq, p.time_ns, _KINDS.index(p.kind), int(p.on_demand))
+    parts.extend(PUT_POINT.pack(p.last_seq, p.time_ns, _KINDS.index(p.kind), int(p.on_demand),
+                                p.checkpoint_id)
                  for p in patch.put_points)
     parts.extend(DROP_SEG.pack(lo, hi) for lo, hi in patch.drop_segments)
     parts.extend(PUT_SEG.pack(s.lo, s.hi, s.size_bytes) for s in patch.put_segments)
@@ -186,8 +194,10 @@ def record_size(n_points: int, n_segments: int) -> int:
     return FRAME_SIZE + BODY_HEAD_SIZE + n_points * PUT_POINT.size + n_segments * PUT_SEG.size
 
 
-def decode_body(body: memoryview, where: str) -> Patch:
-    """One record body (its CRC already checked); FormatError when it does not decode."""
+def decode_body(body: memoryview, where: str, version: int = VERSION) -> Patch:
+    """One record body (its CRC already checked) of a log of `version`; FormatError
+    when it does not decode."""
+    put_point = PUT_POINT if version >= 3 else PUT_POINT_V2
     if len(body) < BODY_HEAD_SIZE:
         raise FormatError(f"{where}: body of {len(body)} bytes, shorter than its "
                           f"{BODY_HEAD_SIZE}-byte head")
@@ -196,7 +206,7 @@ def decode_body(body: memoryview, where: str) -> Patch:
         raise FormatError(f"{where}: unknown record op {op}")
     if flags & ~FLAG_CLEAR or reserved:
         raise FormatError(f"{where}: unknown flags {flags:#x} / reserved {reserved}")
-    want = (BODY_HEAD_SIZE + n_dp * DROP_POINT.size + n_pp * PUT_POINT.size
+    want = (BODY_HEAD_SIZE + n_dp * DROP_POINT.size + n_pp * put_point.size
             + n_ds * DROP_SEG.size + n_ps * PUT_SEG.size)
     if want != len(body):  # checked before anything is allocated from the counts
         raise FormatError(f"{where}: counts ({n_dp}, {n_pp}, {n_ds}, {n_ps}) need "
@@ -212,11 +222,11 @@ def decode_body(body: memoryview, where: str) -> Patch:
 
     drop_p = tuple(k for (k,) in take(DROP_POINT, n_dp))
     put_p = []
-    for seq, t, kind, on_demand in take(PUT_POINT, n_pp):
+    for seq, t, kind, on_demand, *rest in take(put_point, n_pp):
         if kind >= len(_KINDS) or on_demand > 1:
             raise FormatError(f"{where}: point {seq} has unknown kind {kind} or "
                               f"on_demand {on_demand}")
-        put_p.append(P.Point(seq, t, _KINDS[kind], bool(on_demand)))
+        put_p.append(P.Point(seq, t, _KINDS[kind], bool(on_demand), rest[0] if rest else 0))
     drop_s = tuple((lo, hi) for lo, hi in take(DROP_SEG, n_ds))
     put_s = tuple(P.Segment(lo, hi, size) for lo, hi, size in take(PUT_SEG, n_ps))
     return Patch(drop_p, tuple(put_p), drop_s, put_s, bool(flags & FLAG_CLEAR))
@@ -227,6 +237,7 @@ class Scan:
     patches: list[Patch]
     valid_end: int      # bytes of header + complete, valid records
     torn_bytes: int     # bytes after valid_end that were dropped as a torn tail
+    version: int = VERSION
 
 
 def scan(buf: bytes | memoryview, where: str) -> Scan:
@@ -239,9 +250,9 @@ def scan(buf: bytes | memoryview, where: str) -> Scan:
     magic, version, zero1, zero2 = HEADER.unpack_from(view, 0)
     if magic != MAGIC:
         raise CorruptStateError(f"{where}: bad magic {magic:#010x}, not a catalog log")
-    if version != VERSION:
-        raise CorruptStateError(f"{where}: catalog log version {version} is not "
-                                f"{VERSION}, the one this build understands")
+    if version not in READ_VERSIONS:
+        raise CorruptStateError(f"{where}: catalog log version {version} is not one this "
+                                f"build understands ({', '.join(map(str, READ_VERSIONS))})")
     if zero1 or zero2:
         raise CorruptStateError(f"{where}: reserved header bytes are not zero")
     patches: list[Patch] = []
@@ -266,14 +277,14 @@ def scan(buf: bytes | memoryview, where: str) -> Scan:
                 f"the file from a copy, or move it away to keep only the replica as a "
                 f"point)")
         try:
-            patches.append(decode_body(view[pos + FRAME_SIZE:end], rec))
+            patches.append(decode_body(view[pos + FRAME_SIZE:end], rec, version))
         except FormatError as exc:
             raise CorruptStateError(f"{exc} (its checksum is right: written so by a bug, "
                                     f"or corrupt)") from None
         pos = end
     if not patches or not patches[0].clear:
         raise CorruptStateError(f"{where}: the log does not start with a snapshot record")
-    return Scan(patches, pos, size - pos)
+    return Scan(patches, pos, size - pos, version)
 
 
 # ---------------------------------------------------------------- the file
@@ -294,6 +305,9 @@ class CatalogLog:
         self.records = 0
         self.torn_bytes = 0
         """Bytes the last `load` dropped as a torn tail (and cut from the file)."""
+        self.version = VERSION
+        """The format of the file as loaded; an older one must be compacted before
+        the next append (`append` writes this build's records only)."""
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -320,7 +334,7 @@ class CatalogLog:
             finally:
                 self.io.close(fd)
         self.size, self.records = found.valid_end, len(found.patches)
-        self.torn_bytes = found.torn_bytes
+        self.torn_bytes, self.version = found.torn_bytes, found.version
         return cat
 
     def append(self, patch: Patch) -> None:
@@ -329,6 +343,9 @@ class CatalogLog:
         On failure the record may be partly there (or written but not durable);
         the caller must `compact` before the next append (`UndoStore` does).
         """
+        if self.version != VERSION:
+            raise FormatError(f"{self.path}: a version {self.version} log is compacted "
+                              f"before it is appended to")
         data = encode_record(patch)
         fd = self.io.open(self.path, os.O_WRONLY)
         try:
@@ -343,7 +360,7 @@ class CatalogLog:
         """Replace the log with a snapshot of `cat` (tmp + fsync + rename + dir fsync)."""
         data = encode_header() + encode_record(snapshot(cat))
         write_file_atomic(self.path, data, tmp=self.tmp_path, io=self.io)
-        self.size, self.records = len(data), 1
+        self.size, self.records, self.version = len(data), 1, VERSION
 
     def over_bound(self, cat: P.Catalog) -> bool:
         """True when the log is worth compacting: more than twice a snapshot, plus slack."""

@@ -4,16 +4,24 @@ Theory of operation
 -------------------
 A committed delta (``deltas/<first>-<last>.delta``) and an undo segment
 (``undo/<lo>-<hi>.undo``) are the same file format (docs/FORMAT.md §4),
-version 1, little-endian::
+version 1 or 2, little-endian::
 
-    header  = magic u32 0x44504443 ("CDPD") || version u8 1 || flags u8 ||
+    header  = magic u32 0x44504443 ("CDPD") || version u8 (1 | 2) || flags u8 ||
               reserved u16 0 || first_seq u64 || last_seq u64                 (24 bytes)
     chunk   = length u32 (<= 256 MiB) || extents[length]
               (extents = cdp_common.delta chunk: "Delta extents" in docs/FORMAT.md)
     trailer = magic u32 0x54504443 ("CDPT") || chunk_count u32 ||
-              payload_bytes u64 || newest_time_ns u64 || crc32c u32           (28 bytes)
+              payload_bytes u64 || newest_time_ns u64 ||
+              [checkpoint_id u64, version 2 only] || crc32c u32         (28 | 36 bytes)
 
     file    = header || chunk* || trailer
+
+Version 2 is written exactly for a delta (flags 0) that ends at a
+consistency-group CHECKPOINT marker: its trailer carries the checkpoint id
+(nonzero), so the id is durable with the delta, before the ack, and the
+applier gives it to the point (DeltaChunk.checkpoint_id, replication.proto).
+Every other file is version 1, as before; a version 2 file with flags 1 or a
+zero checkpoint id is malformed (one encoding per content).
 
 ``flags`` is 0 for a delta, 1 (FLAG_UNDO) for an undo segment. ``payload_bytes``
 is the sum of the chunk lengths; ``crc32c`` (Castagnoli) covers every byte of
@@ -53,6 +61,7 @@ from cdp_common.fileio import OS_IO, FileIO
 DELTA_MAGIC = 0x44504443  # b"CDPD" little-endian
 TRAILER_MAGIC = 0x54504443  # b"CDPT" little-endian
 DELTA_VERSION = 1
+DELTA_VERSION_CHECKPOINT = 2
 FLAG_DELTA = 0
 FLAG_UNDO = 1
 HEADER = struct.Struct("<IBBHQQ")
@@ -60,6 +69,8 @@ HEADER_SIZE = HEADER.size  # 24
 CHUNK_LEN = struct.Struct("<I")
 TRAILER = struct.Struct("<IIQQI")
 TRAILER_SIZE = TRAILER.size  # 28
+TRAILER_V2 = struct.Struct("<IIQQQI")
+TRAILER_V2_SIZE = TRAILER_V2.size  # 36
 MAX_CHUNK_BYTES = 256 * 1024 * 1024
 
 DELTA_SUFFIX = ".delta"
@@ -101,6 +112,7 @@ class DeltaInfo:
     payload_bytes: int
     newest_time_ns: int
     flags: int = FLAG_DELTA
+    checkpoint_id: int = 0
 
 
 # ---------------------------------------------------------------- writing
@@ -109,12 +121,16 @@ class DeltaWriter:
     """One delta file being written under a temporary name (module doc: Writing)."""
 
     def __init__(self, tmp: Path, first_seq: int, last_seq: int, flags: int = FLAG_DELTA,
-                 io: FileIO = OS_IO) -> None:
+                 io: FileIO = OS_IO, checkpoint_id: int = 0) -> None:
         self.tmp = tmp
         self.io = io
         self.chunks = 0
         self.payload = 0
-        header = HEADER.pack(DELTA_MAGIC, DELTA_VERSION, flags, 0, first_seq, last_seq)
+        if checkpoint_id and flags != FLAG_DELTA:
+            raise FormatError("only a delta ends at a checkpoint")
+        self.checkpoint_id = checkpoint_id
+        header = HEADER.pack(DELTA_MAGIC, _version(checkpoint_id), flags, 0, first_seq,
+                             last_seq)
         self._fd: int | None = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             io.pwrite(self._fd, header, 0)
@@ -139,14 +155,14 @@ class DeltaWriter:
     def finish(self, final: Path, newest_time_ns: int = 0) -> int:
         """Trailer, fsync, rename to `final`, fsync its directory; returns the file size."""
         assert self._fd is not None, "writer is finished"
-        body = TRAILER.pack(TRAILER_MAGIC, self.chunks, self.payload, newest_time_ns, 0)[:-4]
+        body = _trailer(self.chunks, self.payload, newest_time_ns, self.checkpoint_id)
         crc = crc_continue(self._crc, body)
         self.io.pwrite(self._fd, body + crc.to_bytes(4, "little"), self._pos)
         self.io.fsync(self._fd)
         self._close()
         self.io.rename(self.tmp, final)
         self.io.fsync_dir(final.parent)
-        return self._pos + TRAILER_SIZE
+        return self._pos + len(body) + 4
 
     def discard(self) -> None:
         """Give the file up (close and unlink; errors ignored: open() cleans up)."""
@@ -159,6 +175,18 @@ class DeltaWriter:
         if fd is not None:
             with contextlib.suppress(OSError):
                 self.io.close(fd)
+
+
+def _version(checkpoint_id: int) -> int:
+    return DELTA_VERSION_CHECKPOINT if checkpoint_id else DELTA_VERSION
+
+
+def _trailer(chunks: int, payload: int, newest_time_ns: int, checkpoint_id: int) -> bytes:
+    """The trailer without its CRC."""
+    if checkpoint_id:
+        return TRAILER_V2.pack(TRAILER_MAGIC, chunks, payload, newest_time_ns, checkpoint_id,
+                               0)[:-4]
+    return TRAILER.pack(TRAILER_MAGIC, chunks, payload, newest_time_ns, 0)[:-4]
 
 
 def write_delta_file(final: Path, first_seq: int, last_seq: int, chunks: Iterator[bytes],
@@ -176,13 +204,15 @@ def write_delta_file(final: Path, first_seq: int, last_seq: int, chunks: Iterato
 
 
 def encode_delta_file(first_seq: int, last_seq: int, chunks: Sequence[bytes],
-                      flags: int = FLAG_DELTA, newest_time_ns: int = 0) -> bytes:
+                      flags: int = FLAG_DELTA, newest_time_ns: int = 0,
+                      checkpoint_id: int = 0) -> bytes:
     """The bytes of a delta file (for tests and tools; `DeltaWriter` streams the same)."""
-    parts = [HEADER.pack(DELTA_MAGIC, DELTA_VERSION, flags, 0, first_seq, last_seq)]
+    parts = [HEADER.pack(DELTA_MAGIC, _version(checkpoint_id), flags, 0, first_seq,
+                         last_seq)]
     for c in chunks:
         parts += [CHUNK_LEN.pack(len(c)), bytes(c)]
-    parts.append(TRAILER.pack(TRAILER_MAGIC, len(chunks), sum(len(c) for c in chunks),
-                              newest_time_ns, 0)[:-4])
+    parts.append(_trailer(len(chunks), sum(len(c) for c in chunks), newest_time_ns,
+                          checkpoint_id))
     body = b"".join(parts)
     return body + crc_continue(0, body).to_bytes(4, "little")
 
@@ -208,8 +238,13 @@ def scan(read: ReadAt, size: int, where: str, flags: int | None = None,
     magic, version, found_flags, _res, first, last = HEADER.unpack(head)
     if magic != DELTA_MAGIC:
         raise FormatError(f"{where}: not a delta file (bad magic)")
-    if version != DELTA_VERSION:
+    if version not in (DELTA_VERSION, DELTA_VERSION_CHECKPOINT):
         raise FormatError(f"{where}: unsupported delta version {version}")
+    trailer = TRAILER if version == DELTA_VERSION else TRAILER_V2
+    if version == DELTA_VERSION_CHECKPOINT and found_flags != FLAG_DELTA:
+        raise FormatError(f"{where}: a version 2 file (checkpoint) must be a delta")
+    if size < HEADER_SIZE + trailer.size:
+        raise FormatError(f"{where}: delta file cut short ({size} bytes)")
     if flags is not None and found_flags != flags:
         raise FormatError(f"{where}: unexpected flags {found_flags} (expected {flags})")
     if seqs is not None and (first, last) != seqs:
@@ -218,7 +253,7 @@ def scan(read: ReadAt, size: int, where: str, flags: int | None = None,
     if first < 1 or last < first:
         raise FormatError(f"{where}: bad seq range [{first}, {last}]")
     crc = crc_continue(0, head)
-    pos, end = HEADER_SIZE, size - TRAILER_SIZE
+    pos, end = HEADER_SIZE, size - trailer.size
     chunks = payload = 0
     while pos < end:
         if end - pos < CHUNK_LEN.size:
@@ -234,8 +269,12 @@ def scan(read: ReadAt, size: int, where: str, flags: int | None = None,
         pos += CHUNK_LEN.size + length
         chunks += 1
         payload += length
-    tail = _exact(read, end, TRAILER_SIZE, where)
-    tmagic, count, tpayload, newest, stored = TRAILER.unpack(tail)
+    tail = _exact(read, end, trailer.size, where)
+    if trailer is TRAILER:
+        tmagic, count, tpayload, newest, stored = TRAILER.unpack(tail)
+        checkpoint = 0
+    else:
+        tmagic, count, tpayload, newest, checkpoint, stored = TRAILER_V2.unpack(tail)
     crc = crc_continue(crc, tail[:-4])
     if tmagic != TRAILER_MAGIC:
         raise FormatError(f"{where}: not a delta file (bad trailer magic)")
@@ -244,7 +283,9 @@ def scan(read: ReadAt, size: int, where: str, flags: int | None = None,
     if (count, tpayload) != (chunks, payload):
         raise FormatError(f"{where}: trailer says {count} chunks / {tpayload} bytes, "
                           f"file holds {chunks} / {payload}")
-    return DeltaInfo(first, last, count, payload, newest, found_flags)
+    if trailer is TRAILER_V2 and not checkpoint:
+        raise FormatError(f"{where}: a version 2 delta names no checkpoint")
+    return DeltaInfo(first, last, count, payload, newest, found_flags, checkpoint)
 
 
 def decode_delta_file(buf: bytes, where: str = "delta", flags: int | None = None

@@ -103,7 +103,8 @@ class MemoryStore:
 
     # ------------------------------------------------------------ receiving
 
-    def begin(self, first_seq: int, last_seq: int) -> bool:
+    def begin(self, first_seq: int, last_seq: int, checkpoint_id: int = 0) -> bool:
+        # no restore points in memory: the checkpoint id has nowhere to go
         self._incoming = None
         fresh = classify_delta(self.name, first_seq, last_seq, self.durable_seq)
         self._incoming = _Incoming(first_seq, last_seq, duplicate=not fresh)

@@ -14,7 +14,11 @@ are the trace of dropped points whose segments are not compacted yet.
 
 Each applied delta ``(lo, hi]`` adds the point hi (kind "short") and, when a
 point at lo exists, the segment ``(lo, hi]`` (`with_applied`). A point's id
-is its last_seq: unique, stable, and the same after a crash.
+is its last_seq: unique, stable, and the same after a crash. A delta that
+ends at a consistency-group CHECKPOINT marker gives its point that
+``checkpoint_id``; retention never changes it (merging joins segments, the
+kept points are kept as they are), so a kept point that ends at a
+checkpoint keeps its id.
 
 `plan_retention(catalog, now_ns, retention)` decides what to keep:
 
@@ -22,6 +26,19 @@ is its last_seq: unique, stable, and the same after a crash.
 - the first point at least ``long_term_interval_s`` after the previous
   long-term point (or the first point ever) becomes long-term, as does a
   point marked on demand (`mark_long`);
+- in a member of a consistency group (``group=True``) only points that end
+  at a checkpoint (``checkpoint_id != 0``) are promoted, since only they can
+  be part of a group restore point, and the choice must be the same in every
+  member without the members talking to each other: time is cut into
+  buckets of ``long_term_interval_s`` (``time_ns // interval``, the same
+  grid at every member), and the first checkpoint point of a bucket *and
+  the checkpoint point before it* become long-term. The members' times of
+  one checkpoint differ a little (each is its own newest capture time); when
+  a bucket's edge falls between them one member's first-of-bucket is the
+  other's last-before, so as long as those times differ by less than the
+  spacing of checkpoints the members always share a long-term checkpoint
+  per bucket (two points per interval instead of one, the price of not
+  coordinating);
 - short-term points older than ``short_term_retention_s`` and long-term
   points older than ``long_term_retention_s`` are dropped;
 - segments older than the oldest kept point are deleted (their space
@@ -54,6 +71,9 @@ class Point:
     time_ns: int
     kind: str = SHORT
     on_demand: bool = False
+    checkpoint_id: int = 0
+    """Nonzero: the point ends at this consistency-group checkpoint (its last seq
+    is the CHECKPOINT marker's); 0: a normal point."""
 
     @property
     def id(self) -> int:
@@ -121,6 +141,24 @@ class Catalog:
     @cached_property
     def _by_id(self) -> dict[int, Point]:
         return {p.id: p for p in self.points}
+
+    @cached_property
+    def by_checkpoint(self) -> Mapping[int, Point]:
+        """The points that end at a checkpoint, by checkpoint id (one pass, cached;
+        should an id appear twice, the oldest point holds it)."""
+        out: dict[int, Point] = {}
+        for p in self.points:
+            if p.checkpoint_id:
+                out.setdefault(p.checkpoint_id, p)
+        return out
+
+    @cached_property
+    def newest_checkpoint(self) -> Point | None:
+        """The newest point that ends at a checkpoint (the heartbeat reports it)."""
+        for p in reversed(self.points):
+            if p.checkpoint_id:
+                return p
+        return None
 
     def at_or_before(self, time_ns: int) -> Point | None:
         """The newest point whose time is at or before `time_ns`."""
@@ -202,18 +240,20 @@ class Catalog:
 
     # ------------------------------------------------------------ changes
 
-    def with_applied(self, lo: int, hi: int, time_ns: int, segment_size: int | None) -> Catalog:
+    def with_applied(self, lo: int, hi: int, time_ns: int, segment_size: int | None,
+                     checkpoint_id: int = 0) -> Catalog:
         """The catalog after delta (lo, hi] was applied.
 
         `segment_size` is None when no undo was captured (no point at lo):
         then older points cannot be reached any more and only hi remains.
+        `checkpoint_id`: the delta ended at that checkpoint's marker (0: none).
         Idempotent: applying the same delta twice gives the same catalog.
         """
         newest = self.newest
         if newest is not None and newest.last_seq == hi:
             return self  # redo after a crash: already recorded
         time_ns = max(time_ns, newest.time_ns if newest is not None else 0)
-        point = Point(hi, time_ns)
+        point = Point(hi, time_ns, checkpoint_id=checkpoint_id)
         if segment_size is None or newest is None or newest.last_seq != lo:
             return Catalog((point,), ())
         return Catalog((*self.points, point), (*self.segments, Segment(lo, hi, segment_size)))
@@ -267,6 +307,7 @@ class Plan:
 
 
 def _promote(points: Iterable[Point], interval_ns: int) -> list[Point]:
+    """The first point `interval_ns` after the previous long-term one becomes long-term."""
     out: list[Point] = []
     last_long: int | None = None
     for p in points:
@@ -278,13 +319,35 @@ def _promote(points: Iterable[Point], interval_ns: int) -> list[Point]:
     return out
 
 
-def plan_retention(cat: Catalog, now_ns: int, r: Retention) -> Plan:
-    """What to keep, merge and delete at `now_ns` (see the module docstring)."""
+def _promote_checkpoints(points: Iterable[Point], interval_ns: int) -> list[Point]:
+    """A group member's promotion (module docstring): only checkpoint points; the
+    first of each time bucket and the checkpoint point before it."""
+    out: list[Point] = []
+    prev: int | None = None       # index in `out` of the previous checkpoint point
+    for p in points:
+        if p.checkpoint_id:
+            bucket = p.time_ns // interval_ns
+            if prev is None or out[prev].time_ns // interval_ns != bucket:
+                if p.kind == SHORT:
+                    p = replace(p, kind=LONG)
+                if prev is not None and out[prev].kind == SHORT:
+                    out[prev] = replace(out[prev], kind=LONG)
+            prev = len(out)
+        out.append(p)
+    return out
+
+
+def plan_retention(cat: Catalog, now_ns: int, r: Retention, group: bool = False) -> Plan:
+    """What to keep, merge and delete at `now_ns` (see the module docstring);
+    `group`: the catalog is a consistency-group member's (checkpoint points
+    are the long-term ones)."""
     if not cat.points:
         return Plan(cat)
     short_ns = int(r.short_term_retention_s * NS)
     long_ns = int(r.long_term_retention_s * NS)
-    points = _promote(cat.points, int(r.long_term_interval_s * NS))
+    interval_ns = max(1, int(r.long_term_interval_s * NS))
+    points = (_promote_checkpoints(cat.points, interval_ns) if group
+              else _promote(cat.points, interval_ns))
     newest = points[-1]
     kept = [p for p in points
             if p is newest or now_ns - p.time_ns <= (long_ns if p.kind == LONG else short_ns)]

@@ -349,12 +349,14 @@ class PolicyStore:
 
     # ------------------------------------------------------------ receiving
 
-    def begin(self, first_seq: int, last_seq: int) -> bool:
+    def begin(self, first_seq: int, last_seq: int, checkpoint_id: int = 0) -> bool:
         """Start receiving delta [first_seq, last_seq]; False if it is a duplicate.
 
         A duplicate's chunks are checked but not stored, and commit() returns
         durable_seq. A gap raises ProtocolError. Any delta still being
-        received is discarded first.
+        received is discarded first. `checkpoint_id` (nonzero: the delta ends
+        at that checkpoint's marker) is written into the delta file, so it is
+        durable with the delta, before the ack, and its point carries it.
         """
         with self._rx_lock:
             self._drop_incoming()
@@ -363,7 +365,8 @@ class PolicyStore:
                 return False
             path = self.deltas_dir / f"{INCOMING_PREFIX}-{first_seq:020d}-{last_seq:020d}.tmp"
             try:
-                writer = DeltaWriter(path, first_seq, last_seq, io=self.io)
+                writer = DeltaWriter(path, first_seq, last_seq, io=self.io,
+                                     checkpoint_id=checkpoint_id)
             except OSError as exc:
                 raise storage_error(f"{path}: cannot create", exc) from None
             self._incoming = _Incoming(first_seq, last_seq, duplicate=False, writer=writer)

@@ -57,6 +57,7 @@ from cdp_common.delta import KIND_ZERO, Extent, decode_chunk, encode_chunks, wal
 from cdp_common.errors import CorruptStateError, FormatError, StorageError
 from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.fsutil import pread_full
+from cdp_common.groups import split_member
 from cdp_target import catalogfile as CF
 from cdp_target import points as P
 from cdp_target import undo
@@ -148,6 +149,9 @@ class UndoStore:
         self.io = io
         self.override: dict[str, float] = {k: float(v) for k, v in (override or {}).items()
                                            if v}
+        self.group_member = split_member(directory.name) is not None
+        """A consistency-group member (``<group>..<filter>``, cdp_common.groups): its
+        long-term points are checkpoint points (`points.plan_retention`)."""
 
     def seg_path(self, s: P.Segment | tuple[int, int]) -> Path:
         lo, hi = (s.lo, s.hi) if isinstance(s, P.Segment) else s
@@ -201,7 +205,7 @@ class UndoStore:
         old_path = self.dir / OLD_CATALOG_FILE
         if self.log.exists():
             self.catalog = self.log.load()
-            self._compact_next = False
+            self._compact_next = self.log.version != CF.VERSION  # upgraded at the first change
             if old_path.exists():  # an upgrade cut between its rename and this unlink
                 self.io.unlink(old_path)
                 self.io.fsync_dir(self.dir)
@@ -272,10 +276,12 @@ class UndoStore:
         extents = undo.capture(delta(), lambda d, off, n: pread_full(fds[d], n, off, self.io))
         return write_segment(path, lo, hi, extents, self.io)
 
-    def after_apply(self, lo: int, hi: int, time_ns: int, size: int | None) -> None:
-        """Step 3: list the point hi (and the segment (lo, hi])."""
+    def after_apply(self, lo: int, hi: int, time_ns: int, size: int | None,
+                    checkpoint_id: int = 0) -> None:
+        """Step 3: list the point hi (and the segment (lo, hi]); `checkpoint_id`: the
+        delta ended at that consistency-group checkpoint (0: a normal point)."""
         old = self.catalog
-        new = old.with_applied(lo, hi, time_ns, size)
+        new = old.with_applied(lo, hi, time_ns, size, checkpoint_id)
         if new is old:
             return
         if len(new.segments) == len(old.segments) + 1:  # appended: the common case
@@ -287,7 +293,8 @@ class UndoStore:
 
     def retain(self, disk_sizes: Mapping[int, int]) -> P.Plan:
         """Apply retention now: merge, swap the catalog, delete what it no longer needs."""
-        plan = P.plan_retention(self.catalog, self.now_ns(), self.effective_retention())
+        plan = P.plan_retention(self.catalog, self.now_ns(), self.effective_retention(),
+                                group=self.group_member)
         if not plan.changed and plan.catalog == self.catalog:
             return plan
         sizes: dict[tuple[int, int], int] = {}
