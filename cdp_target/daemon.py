@@ -5,7 +5,8 @@ open: every existing policy store (pending deltas are applied by each policy's
 apply worker); a store that fails to open is quarantined and reported in
 error in every heartbeat, the others run. Then the node serves, registers as
 ROLE_TARGET and reports per policy in every heartbeat: durable_seq, applied_seq, newest_time_ns,
-bytes_replicated, gaps and the last apply error (or the failover refusal); a
+bytes_replicated, gaps, the last apply error (or the failover refusal) and, for a
+consistency-group member, its newest checkpoint point (checkpoint_id and time); a
 policy assigned here whose first stream has not arrived is reported with
 `no_store` (coordinator.proto PolicyReport). The data path never waits on
 the coordinator. Shutdown stops the coordinator client, then the
@@ -20,13 +21,26 @@ import grpc
 
 from cdp_common import assignsig, node
 from cdp_common.config import TargetConfig, restore_dir_of
+from cdp_common.groups import split_member
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
+from cdp_target.points import Point
 from cdp_target.restore_service import RestoreService
 from cdp_target.service import TargetService
 
 SHUTDOWN_GRACE_S = 2.0
+
+
+def checkpoint_of(policy: str, store: object) -> Point | None:
+    """The newest restore point of a group member that ends at a checkpoint (None for
+    any other policy, or a store without restore points: a policy of its own never
+    has checkpoints, and its catalog is not scanned every heartbeat)."""
+    undo = getattr(store, "undo", None)
+    if undo is None or split_member(policy) is None:
+        return None
+    p: Point | None = undo.catalog.newest_checkpoint
+    return p
 
 
 class TargetDaemon(node.NodeDaemon):
@@ -53,7 +67,10 @@ class TargetDaemon(node.NodeDaemon):
         for name in sorted(self.service.policies):
             rt = self.service.policies[name]
             s = rt.store.snapshot()
+            ck = checkpoint_of(name, rt.store)
             out.append(cpb.PolicyReport(policy=name, durable_seq=s.durable_seq,
+                                        checkpoint_id=ck.checkpoint_id if ck else 0,
+                                        checkpoint_time_ns=ck.time_ns if ck else 0,
                                         applied_seq=s.applied_seq,
                                         newest_time_ns=s.newest_time_ns,
                                         bytes_replicated=s.bytes_replicated,

@@ -8,9 +8,23 @@ Failover state is kept per policy (`Failover`) and mirrored into the
 runtime's `refusal`, which the `Target` servicer checks when an Apply stream
 opens and which ends the running stream.
 
+Consistency groups: a name with no store of its own whose members
+``<name>..<filter>`` are here (`TargetService.group_members`) is a group.
+List gives its group points (`cdp_target.grouppoints`: the checkpoint ids
+that every member has as a point; a point's id is the checkpoint id);
+Create marks the newest group point long-term in every member; Restore and
+TestStart write every member's disks, each at its point of the chosen
+checkpoint, into the one out_dir (disk names are unique across a group; a
+clash fails the restore), one member after the other, each under its own
+`paused()`: every member's point is fixed by the checkpoint, so the members
+need not hold still together. A failure removes the images of the members
+already written. A member of the group without a store here (assigned, no
+data yet, or quarantined) is FAILED_PRECONDITION naming it. Failover of a
+group is refused (FAILED_PRECONDITION): not supported yet.
+
 Status codes: NOT_FOUND (unknown policy or point), INVALID_ARGUMENT (bad
-request), FAILED_PRECONDITION (failover state forbids it, no point yet),
-UNAVAILABLE (storage failure).
+request), FAILED_PRECONDITION (failover state forbids it, no point yet, a
+group member missing), UNAVAILABLE (storage failure).
 """
 
 from __future__ import annotations
@@ -33,11 +47,13 @@ from cdp_common.pb.cdp.v1 import restore_pb2 as pb
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
 from cdp_target import metrics as M
 from cdp_target import points as P
-from cdp_target.failtest import FailoverTest, FailoverTests
+from cdp_target.failtest import FailoverTest, FailoverTests, remove_images
+from cdp_target.grouppoints import GroupPoint, group_points, pick
 from cdp_target.restore import (
     Failover,
     FailoverStateError,
     InconsistentPointError,
+    PointNotFound,
     Restored,
     pick_point,
     restore_images,
@@ -53,13 +69,33 @@ PROGRESS_EVERY_S = 0.25
 RETENTION_TICK_S = 5.0
 
 
+class GroupMemberMissing(CdpError, grpc_status="FAILED_PRECONDITION"):
+    """A member of a consistency group has no (usable) store at this target."""
+
+
+class GroupFailoverUnsupported(CdpError, grpc_status="FAILED_PRECONDITION"):
+    """Failover of a consistency group is not built yet."""
+
+
 def point_pb(cat: P.Catalog, p: P.Point, v: Verification | None = None) -> pb.PointInfo:
     info = pb.PointInfo(id=p.id, kind=p.kind, time_ns=p.time_ns, last_seq=p.last_seq,
-                        size_bytes=cat.size_of(p), on_demand=p.on_demand)
+                        size_bytes=cat.size_of(p), on_demand=p.on_demand,
+                        checkpoint_id=p.checkpoint_id)
     if v is not None and v.last_seq == p.last_seq:
         info.verified = "ok" if v.ok else "failed"
         info.verify_rto_s, info.verified_ns = v.rto_s, v.time_ns
     return info
+
+
+def group_point_pb(cats: dict[str, P.Catalog], gp: GroupPoint) -> pb.PointInfo:
+    """A group point: id = its checkpoint id, the newest member time, the sum of the
+    members' undo bytes, no last seq of its own (each member has its own)."""
+    return pb.PointInfo(
+        id=gp.id, kind=gp.kind, time_ns=gp.time_ns, last_seq=0,
+        size_bytes=sum(cats[n].size_of(p) for n, p in gp.members),
+        on_demand=all(p.on_demand for _, p in gp.members), checkpoint_id=gp.checkpoint_id,
+        members=[pb.MemberPoint(policy=n, point_id=p.id, last_seq=p.last_seq,
+                                time_ns=p.time_ns) for n, p in gp.members])
 
 
 Book = TypeVar("Book", FailoverTests, VerifyLog)
@@ -133,6 +169,101 @@ class RestoreService(pgrpc.RestorePointsServicer):
         assert rt is not None
         return rt
 
+    # ------------------------------------------------------------ groups
+
+    def _group_of(self, policy: str) -> list[str] | None:
+        """The members of `policy` when it is a consistency group here (no store of its
+        own, members here or assigned here), else None."""
+        if policy in self.target.policies or policy in self.target.quarantined:
+            return None
+        return self.target.group_members(policy) or None
+
+    def _members(self, group: str, names: list[str]) -> list[tuple[str, PolicyRuntime]]:
+        """Each member's runtime; GroupMemberMissing names those without a store."""
+        out, missing = [], []
+        for n in names:
+            rt = self.target.policies.get(n)
+            if rt is None:
+                why = self.target.quarantine_reason(n)
+                missing.append(f"{n} ({'quarantined: ' + why if why else 'no data yet'})")
+            else:
+                out.append((n, rt))
+        if missing:
+            raise GroupMemberMissing(f"consistency group {group}: member(s) "
+                                     f"{', '.join(missing)} have no store at this target; "
+                                     f"a group point needs every member")
+        return out
+
+    def _group_point(self, group: str, members: list[tuple[str, PolicyRuntime]],
+                     req: pb.RestoreRequest) -> GroupPoint:
+        given = sum((bool(req.point_id), bool(req.time_ns), req.latest))
+        if given != 1:
+            raise FormatError("give exactly one of point_id, time_ns, latest")
+        cats = {n: rt.local.undo.catalog for n, rt in members}
+        return pick(group, group_points(cats), req.point_id, req.time_ns, req.latest)
+
+    def _member_selector(self, group: str, name: str, rt: PolicyRuntime, checkpoint_id: int,
+                         allow_inconsistent: bool, gaps: dict[str, str]
+                         ) -> Callable[[], P.Point]:
+        """The member's point of the checkpoint, looked up again under its `paused()`
+        (retention may have dropped it since the group point was chosen)."""
+        def select() -> P.Point:
+            p = rt.local.undo.catalog.by_checkpoint.get(checkpoint_id)
+            if p is None:
+                raise PointNotFound(f"consistency group {group}: member {name} no longer "
+                                    f"has the point of checkpoint {checkpoint_id} (retention "
+                                    f"dropped it); choose a newer point")
+            gaps[name] = self._gap_check(rt, name, p, allow_inconsistent)
+            return p
+        return select
+
+    def _group_run(self, group: str, members: list[tuple[str, PolicyRuntime]],
+                   gp: GroupPoint, req: pb.RestoreRequest, out: Path,
+                   gaps: dict[str, str]) -> Callable[[Callable[[str, int, int], None]],
+                                                     Restored]:
+        """Restore every member at its point of `gp` into `out`, one after the other;
+        on any failure the members' images written so far are removed."""
+        root = self.restore_dir
+
+        def run(progress: Callable[[str, int, int], None]) -> Restored:
+            done: list[tuple[tuple[str, ...], Restored]] = []
+            try:
+                for name, rt in members:
+                    select = self._member_selector(group, name, rt, gp.checkpoint_id,
+                                                   req.allow_inconsistent, gaps)
+                    r = restore_images(rt.local, select, out, progress, root)
+                    done.append((tuple(r.images), r))
+            except BaseException:
+                for disks, _ in done:
+                    with contextlib.suppress(CdpError):
+                        remove_images(out, disks)
+                raise
+            images = {d: p for _, r in done for d, p in r.images.items()}
+            methods = sorted({r.method for _, r in done})
+            return Restored(P.Point(0, gp.time_ns), images, "+".join(methods))
+        return run
+
+    def _group_done(self, members: list[tuple[str, PolicyRuntime]],
+                    gp: GroupPoint) -> Callable[[Restored], pb.PointInfo]:
+        def info(_: Restored) -> pb.PointInfo:
+            cats = {n: rt.local.undo.catalog for n, rt in members}
+            return pb.PointInfo(id=gp.id, kind=gp.kind, time_ns=gp.time_ns,
+                                checkpoint_id=gp.checkpoint_id,
+                                members=[pb.MemberPoint(policy=n, point_id=p.id,
+                                                        last_seq=p.last_seq,
+                                                        time_ns=p.time_ns)
+                                         for n, p in gp.members if n in cats])
+        return info
+
+    @staticmethod
+    def _gaps_text(gaps: dict[str, str]) -> str:
+        return "; ".join(f"{n}: {g}" for n, g in sorted(gaps.items()) if g)
+
+    async def _drain_all(self, members: list[tuple[str, PolicyRuntime]],
+                         req: pb.RestoreRequest) -> None:
+        for _, rt in members:
+            await self._drain(rt, req)
+
     # ------------------------------------------------------------ retention
 
     def on_assignments(self, node_id: str) -> Callable[[cpb.AssignmentSet], Awaitable[None]]:
@@ -144,6 +275,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
             # only the coordinator's own may create a store or change a retention here
             mine = [a for a in aset.assignments if a.target.node_id == node_id and gate.admits(a)]
             self.target.set_assigned({a.policy for a in mine})
+            self.target.set_groups({a.group: a.group_members for a in mine if a.group})
             for name in aset.purge_policies:   # never one assigned here (TargetService)
                 try:
                     await self.target.purge(name)
@@ -177,6 +309,18 @@ class RestoreService(pgrpc.RestorePointsServicer):
 
     async def List(self, request: pb.ListPointsRequest,
                    context: grpc.aio.ServicerContext) -> pb.ListPointsReply:
+        names = self._group_of(request.policy)
+        if names is not None:
+            try:
+                members = self._members(request.policy, names)
+                cats = {n: rt.local.undo.catalog for n, rt in members}
+                states = [(await self._failover(n, rt)).state for n, rt in members]
+            except CdpError as exc:
+                await rpc.abort(context, exc)
+            return pb.ListPointsReply(
+                points=[group_point_pb(cats, gp) for gp in group_points(cats)],
+                failover_state=next((st for st in states if st), ""),
+                total_bytes=sum(c.total_bytes() for c in cats.values()))
         rt = await self._runtime(request.policy, context)
         fo = await self._failover(request.policy, rt)
         cat = rt.local.undo.catalog
@@ -219,6 +363,12 @@ class RestoreService(pgrpc.RestorePointsServicer):
 
     async def Create(self, request: pb.CreatePointRequest,
                      context: grpc.aio.ServicerContext) -> pb.PointInfo:
+        names = self._group_of(request.policy)
+        if names is not None:
+            try:
+                return await self._create_group(request.policy, names)
+            except CdpError as exc:
+                await rpc.abort(context, exc)
         rt = await self._runtime(request.policy, context)
         store = rt.local
 
@@ -237,6 +387,24 @@ class RestoreService(pgrpc.RestorePointsServicer):
         log.info("on-demand long-term point %d", p.id, extra={"policy": request.policy})
         return point_pb(store.undo.catalog, p)
 
+    async def _create_group(self, group: str, names: list[str]) -> pb.PointInfo:
+        """Mark the newest group point long-term (on demand) in every member, after each
+        member applied what it has: the newest point the members all share."""
+        members = self._members(group, names)
+        for _, rt in members:
+            await in_thread(rt.local.apply_pending)
+        gp = pick(group, group_points({n: rt.local.undo.catalog for n, rt in members}))
+
+        def mark(rt: PolicyRuntime, point_id: int) -> None:
+            with rt.local.paused():
+                rt.local.undo.mark_long(point_id)
+        for n, rt in members:
+            await in_thread(mark, rt, gp.point_of(n).id)
+        cats = {n: rt.local.undo.catalog for n, rt in members}
+        gp = pick(group, group_points(cats), point_id=gp.checkpoint_id)
+        log.info("on-demand long-term group point %d", gp.id, extra={"policy": group})
+        return group_point_pb(cats, gp)
+
     # ------------------------------------------------------------ Restore / Failover
 
     def _selector(self, rt: PolicyRuntime, req: pb.RestoreRequest,
@@ -250,17 +418,23 @@ class RestoreService(pgrpc.RestorePointsServicer):
 
         def select() -> P.Point:
             p = pick_point(rt.local, req.point_id, req.time_ns, req.latest)
-            with rt.gap_lock:
-                gap = rt.gaps.covering(p.last_seq)
-            if gap is not None and not req.allow_inconsistent:
-                raise InconsistentPointError(
-                    f"policy {req.policy}: restore point {p.id} (last seq {p.last_seq}) lies "
-                    f"in a gap ({gap.describe()}): its blocks mix old and new data. Choose a "
-                    f"point before the gap (`cdpctl restore-points {req.policy}`), wait for "
-                    f"the gap to close, or allow an inconsistent point explicitly")
-            chosen["gap"] = gap.describe() if gap is not None else ""
+            chosen["gap"] = self._gap_check(rt, req.policy, p, req.allow_inconsistent)
             return p
         return select
+
+    @staticmethod
+    def _gap_check(rt: PolicyRuntime, policy: str, p: P.Point, allow: bool) -> str:
+        """The gap `p` lies in, in words ("" for none); InconsistentPointError when it
+        lies in one and `allow` is False."""
+        with rt.gap_lock:
+            gap = rt.gaps.covering(p.last_seq)
+        if gap is not None and not allow:
+            raise InconsistentPointError(
+                f"policy {policy}: restore point {p.id} (last seq {p.last_seq}) lies "
+                f"in a gap ({gap.describe()}): its blocks mix old and new data. Choose a "
+                f"point before the gap (`cdpctl restore-points {policy}`), wait for "
+                f"the gap to close, or allow an inconsistent point explicitly")
+        return gap.describe() if gap is not None else ""
 
     async def _drain(self, rt: PolicyRuntime, req: pb.RestoreRequest) -> None:
         """The "latest" point holds every delta the target committed (acked), not
@@ -269,7 +443,12 @@ class RestoreService(pgrpc.RestorePointsServicer):
             await in_thread(rt.local.apply_pending)
 
     async def _stream(self, run: Callable[[Callable[[str, int, int], None]], Restored],
-                      chosen: dict[str, Any]) -> AsyncIterator[pb.RestoreProgress]:
+                      chosen: dict[str, Any],
+                      point_info: Callable[[Restored], pb.PointInfo] | None = None
+                      ) -> AsyncIterator[pb.RestoreProgress]:
+        """Run `run` in a thread, stream its progress, end with `done`; `chosen["gap"]`
+        says whether the point was consistent (read after the run); `point_info`
+        builds the done message's point (default: the restored point's own)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[pb.RestoreProgress] = asyncio.Queue()
         last = [0.0]
@@ -295,10 +474,11 @@ class RestoreService(pgrpc.RestorePointsServicer):
                 getter.cancel()
         restored = task.result()
         seconds = time.monotonic() - started
+        point = point_info(restored) if point_info is not None else pb.PointInfo(
+            id=restored.point.id, kind=restored.point.kind, time_ns=restored.point.time_ns,
+            last_seq=restored.point.last_seq, checkpoint_id=restored.point.checkpoint_id)
         yield pb.RestoreProgress(phase="done", done=pb.RestoreDone(
-            point=pb.PointInfo(id=restored.point.id, kind=restored.point.kind,
-                               time_ns=restored.point.time_ns,
-                               last_seq=restored.point.last_seq),
+            point=point,
             images=[pb.RestoredImage(disk=n, path=str(p), size_bytes=p.stat().st_size)
                     for n, p in sorted(restored.images.items())],
             method=restored.method, seconds=seconds,
@@ -313,6 +493,14 @@ class RestoreService(pgrpc.RestorePointsServicer):
 
     async def Restore(self, request: pb.RestoreRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:
+        names = self._group_of(request.policy)
+        if names is not None:
+            try:
+                async for msg in self._restore_group(request, names):
+                    yield msg
+            except CdpError as exc:
+                await rpc.abort(context, exc)
+            return
         rt = await self._runtime(request.policy, context)
         try:
             chosen: dict[str, Any] = {}
@@ -324,6 +512,30 @@ class RestoreService(pgrpc.RestorePointsServicer):
                 yield msg
         except CdpError as exc:
             await rpc.abort(context, exc)
+
+    async def _restore_group(self, req: pb.RestoreRequest, names: list[str],
+                             on_done: Callable[[GroupPoint, list[tuple[str, PolicyRuntime]]],
+                                               Awaitable[None]] | None = None
+                             ) -> AsyncIterator[pb.RestoreProgress]:
+        """Restore (or a test's images) of a group: every member at its point of the
+        chosen checkpoint, into req.out_dir; `on_done` runs before `done` is sent."""
+        group = req.policy
+        members = self._members(group, names)
+        out = self._out_dir(req)
+        await self._drain_all(members, req)
+        gp = self._group_point(group, members, req)
+        gaps: dict[str, str] = {}
+        chosen: dict[str, Any] = {}
+        run = self._group_run(group, members, gp, req, out, gaps)
+
+        def run_and_note(progress: Callable[[str, int, int], None]) -> Restored:
+            r = run(progress)
+            chosen["gap"] = self._gaps_text(gaps)
+            return r
+        async for msg in self._stream(run_and_note, chosen, self._group_done(members, gp)):
+            if msg.phase == "done" and on_done is not None:
+                await on_done(gp, members)
+            yield msg
 
     # ------------------------------------------------------------ test failover
 
@@ -346,6 +558,11 @@ class RestoreService(pgrpc.RestorePointsServicer):
     async def TestStart(self, request: pb.TestStartRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:
         req = request.restore
+        names = self._group_of(req.policy)
+        if names is not None:
+            async for msg in self._test_start_group(request, names, context):
+                yield msg
+            return
         rt = await self._runtime(req.policy, context)
         pending = False   # recorded, images not all written yet
         try:
@@ -375,8 +592,82 @@ class RestoreService(pgrpc.RestorePointsServicer):
                 await self._book(book.abandon, request.name)
             raise
 
+    async def _test_start_group(self, request: pb.TestStartRequest, names: list[str],
+                                context: grpc.aio.ServicerContext
+                                ) -> AsyncIterator[pb.RestoreProgress]:
+        """A group's test: recorded in every member's registry (its own disks, the one
+        out_dir) before any image is written, made ready in each with its own point."""
+        req = request.restore
+        begun: list[FailoverTests] = []
+        try:
+            members = self._members(req.policy, names)
+            out = self._out_dir(req)
+            books = [(n, rt, await self._tests(rt)) for n, rt in members]
+            for _, rt, book in books:
+                disks = [d.name for d in rt.local.state.disks.values()]
+                await self._book(book.begin, request.name, out, disks)
+                begun.append(book)
+
+            async def ready(gp: GroupPoint, _: list[tuple[str, PolicyRuntime]]) -> None:
+                for n, _rt, book in books:
+                    p = gp.point_of(n)
+                    await self._book(book.ready, request.name, p.id, p.last_seq, p.time_ns)
+                begun.clear()
+                log.warning("test failover %s started at group point %d in %s", request.name,
+                            gp.id, out, extra={"policy": req.policy})
+            async for msg in self._restore_group(req, names, ready):
+                yield msg
+        except CdpError as exc:
+            for book in begun:
+                await self._book(book.abandon, request.name)
+            await rpc.abort(context, exc)
+        except BaseException:
+            for book in begun:   # the caller went away mid-copy: leave no half test behind
+                await self._book(book.abandon, request.name)
+            raise
+
+    async def _group_tests(self, group: str, names: list[str]
+                           ) -> list[tuple[str, PolicyRuntime, FailoverTests]]:
+        return [(n, rt, await self._tests(rt)) for n, rt in self._members(group, names)]
+
+    def _group_test_pb(self, name: str,
+                       parts: list[tuple[str, PolicyRuntime, FailoverTest]]) -> pb.TestInfo:
+        """One group test from its members' records: every member's images, the group
+        point it was started at (id = the checkpoint id, when the members' points
+        still say it)."""
+        first = parts[0][2]
+        states = {t.state for _, _, t in parts}
+        ids = set()
+        for _, rt, t in parts:
+            p = rt.local.undo.catalog.point(t.point_id)
+            ids.add(p.checkpoint_id if p is not None else 0)
+        cid = ids.pop() if len(ids) == 1 else 0   # 0: the members' points no longer say
+        return pb.TestInfo(
+            name=name, state="ready" if states == {"ready"} else "starting",
+            out_dir=first.out_dir, started_ns=min(t.started_ns for _, _, t in parts),
+            point=pb.PointInfo(id=cid, checkpoint_id=cid,
+                               time_ns=max(t.time_ns for _, _, t in parts),
+                               members=[pb.MemberPoint(policy=n, point_id=t.point_id,
+                                                       last_seq=t.last_seq, time_ns=t.time_ns)
+                                        for n, _, t in parts]),
+            images=[pb.RestoredImage(disk=d, path=str(p))
+                    for d, p in sorted({d: p for _, _, t in parts
+                                        for d, p in t.images().items()}.items())])
+
     async def TestList(self, request: pb.FailoverRequest,
                        context: grpc.aio.ServicerContext) -> pb.TestListReply:
+        names = self._group_of(request.policy)
+        if names is not None:
+            try:
+                books = await self._group_tests(request.policy, names)
+            except CdpError as exc:
+                await rpc.abort(context, exc)
+            by_name: dict[str, list[tuple[str, PolicyRuntime, FailoverTest]]] = {}
+            for n, rt, book in books:
+                for tname, t in book.tests.items():
+                    by_name.setdefault(tname, []).append((n, rt, t))
+            return pb.TestListReply(tests=[self._group_test_pb(tname, parts)
+                                           for tname, parts in sorted(by_name.items())])
         rt = await self._runtime(request.policy, context)
         try:
             book = await self._tests(rt)
@@ -386,6 +677,20 @@ class RestoreService(pgrpc.RestorePointsServicer):
 
     async def TestStop(self, request: pb.TestStopRequest,
                        context: grpc.aio.ServicerContext) -> pb.TestInfo:
+        names = self._group_of(request.policy)
+        if names is not None:
+            try:
+                books = await self._group_tests(request.policy, names)
+                having = [(n, rt, book) for n, rt, book in books if request.name in book.tests]
+                if not having:   # the registry's own NOT_FOUND, naming the running ones
+                    await self._book(books[0][2].stop, request.name)
+                parts = [(n, rt, await self._book(book.stop, request.name))
+                         for n, rt, book in having]
+            except CdpError as exc:
+                await rpc.abort(context, exc)
+            log.warning("test failover %s stopped: its images are deleted", request.name,
+                        extra={"policy": request.policy})
+            return self._group_test_pb(request.name, parts)
         rt = await self._runtime(request.policy, context)
         try:
             book = await self._tests(rt)
@@ -396,8 +701,16 @@ class RestoreService(pgrpc.RestorePointsServicer):
                     extra={"policy": request.policy})
         return self._test_pb(t)
 
+    async def _refuse_group(self, policy: str, context: grpc.aio.ServicerContext) -> None:
+        if self._group_of(policy) is not None:
+            await rpc.abort(context, GroupFailoverUnsupported(
+                f"{policy} is a consistency group: failover of a consistency group is not "
+                f"supported yet (restore and test failover of the group are; see `cdpctl "
+                f"restore-points {policy}`)"))
+
     async def Failover(self, request: pb.RestoreRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:
+        await self._refuse_group(request.policy, context)
         rt = await self._runtime(request.policy, context)
         fo = await self._failover(request.policy, rt)
         try:
@@ -426,6 +739,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
 
     async def _finish(self, request: pb.FailoverRequest, context: grpc.aio.ServicerContext,
                       what: str) -> pb.FailoverReply:
+        await self._refuse_group(request.policy, context)
         rt = await self._runtime(request.policy, context)
         fo = await self._failover(request.policy, rt)
         try:

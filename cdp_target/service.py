@@ -45,7 +45,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -65,6 +65,7 @@ from cdp_common.errors import (
     StorageError,
     UnavailableError,
 )
+from cdp_common.groups import split_member
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_target import digests, metrics
@@ -97,11 +98,14 @@ class ReplicaStore(Protocol):
     - `open_session(epoch)`: an epoch older than the newest seen raises
       FencedError and changes nothing; a newer one is made durable before it
       returns. Returns durable_seq: where the sender resumes.
-    - `begin(first, last)`: a delta with last <= durable_seq is a duplicate:
+    - `begin(first, last, checkpoint_id)`: a delta with last <= durable_seq is a duplicate:
       returns False, its chunks are checked but nothing is written, and
       `commit` acks durable_seq. A delta not starting at durable_seq + 1 (a
       gap or an overlap) or with a bad range raises ProtocolError. Any delta
-      still being received is discarded first. True for a new delta.
+      still being received is discarded first. True for a new delta. A
+      nonzero `checkpoint_id` is recorded durably with the delta by `commit`
+      (the delta ends at that consistency-group checkpoint; its point carries
+      it, where the store keeps points).
     - `add_chunk(extents)`: checks the chunk against the policy's disks;
       FormatError discards the partial delta; ProtocolError outside a delta.
     - `commit(newest_time_ns)`: on return the delta is durable and
@@ -150,7 +154,7 @@ class ReplicaStore(Protocol):
     def note_captured(self, captured_seq: int) -> None:
         """Remember the source's captured seq (persisted with the next state write)."""
 
-    def begin(self, first_seq: int, last_seq: int) -> bool:
+    def begin(self, first_seq: int, last_seq: int, checkpoint_id: int = 0) -> bool:
         ...
 
     def add_chunk(self, extents: bytes) -> list[Extent]:
@@ -297,6 +301,9 @@ class TargetService(rgrpc.TargetServicer):
         self.assigned: set[str] | None = None
         """The policies assigned here; None until the first assignment set."""
         self.policies: dict[str, PolicyRuntime] = {}
+        self.groups: dict[str, tuple[str, ...]] = {}
+        """Consistency groups assigned here -> their member policies (sorted), from the
+        assignments (Assignment.group / group_members); see `group_members`."""
         self.quarantined: dict[str, str] = {}
         """Policies whose store failed to open at start-up -> why."""
         self._create_lock = asyncio.Lock()
@@ -327,6 +334,22 @@ class TargetService(rgrpc.TargetServicer):
         policy that is no longer assigned is kept (its restore points stay
         restorable); only new stores need the assignment."""
         self.assigned = set(policies)
+
+    def set_groups(self, groups: Mapping[str, Iterable[str]]) -> None:
+        """The consistency groups of the assignments held (each assignment set)."""
+        self.groups = {g: tuple(sorted(m)) for g, m in groups.items()}
+
+    def group_members(self, group: str) -> list[str]:
+        """The member policies of `group` at this target, sorted: those its assignments
+        name, and every store here named ``<group>..<x>`` (cdp_common.groups), so the
+        group's points stay restorable while no coordinator is heard. [] when
+        `group` is no group known here."""
+        names = set(self.groups.get(group, ()))
+        for n in (*self.policies, *self.quarantined):
+            sm = split_member(n)
+            if sm is not None and sm[0] == group:
+                names.add(n)
+        return sorted(names)
 
     async def purge(self, policy: str) -> bool:
         """Delete a policy's store: replica, deltas, restore points (the coordinator
@@ -525,6 +548,7 @@ class TargetService(rgrpc.TargetServicer):
         it = aiter(request_iterator)
         replaced = asyncio.ensure_future(me.replaced.wait())
         current: tuple[int, int] | None = None  # (first_seq, last_seq) being received
+        checkpoint = 0                           # its checkpoint id (the same on every chunk)
         next_index = 0
         payload = 0
         try:
@@ -550,12 +574,17 @@ class TargetService(rgrpc.TargetServicer):
                     if c.index != 0:
                         raise ProtocolError(f"policy {rt.name}: delta [{c.first_seq}, "
                                             f"{c.last_seq}] starts at chunk {c.index}, not 0")
-                    await in_thread(rt.store.begin, c.first_seq, c.last_seq)
+                    await in_thread(rt.store.begin, c.first_seq, c.last_seq, c.checkpoint_id)
                     current, next_index, payload = (c.first_seq, c.last_seq), 0, 0
+                    checkpoint = c.checkpoint_id
                 elif (c.first_seq, c.last_seq) != current or c.index != next_index:
                     raise ProtocolError(f"policy {rt.name}: chunk {c.index} of delta "
                                         f"[{c.first_seq}, {c.last_seq}] does not continue "
                                         f"chunk {next_index - 1} of delta {list(current)}")
+                elif c.checkpoint_id != checkpoint:
+                    raise ProtocolError(f"policy {rt.name}: chunk {c.index} of delta "
+                                        f"[{c.first_seq}, {c.last_seq}] names checkpoint "
+                                        f"{c.checkpoint_id}, its chunk 0 {checkpoint}")
                 if payload + len(c.extents) > self.max_delta_bytes:
                     raise DeltaTooLargeError(
                         f"policy {rt.name}: delta [{c.first_seq}, {c.last_seq}] passes "
