@@ -32,6 +32,7 @@ from cdpctl.targetcall import (
     detach_loops,
     images_of,
     inconsistent_warning,
+    members_of,
     restore_request,
 )
 from cdpctl.units import format_bytes
@@ -52,12 +53,24 @@ def gap_of(last_seq: int, gaps: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def point_dict(p: pb.PointInfo, gaps: list[dict[str, Any]]) -> dict[str, Any]:
-    """A listed point; `consistent` from the policy's gaps as the target gave them."""
-    g = gap_of(p.last_seq, gaps)
+def point_dict(p: pb.PointInfo, gaps: list[dict[str, Any]],
+               member_gaps: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """A listed point; `consistent` from the policy's gaps as the target gave them. A
+    group point (with `members`) is consistent when every member's point is, by
+    that member's gaps (`member_gaps`: policy -> gaps)."""
+    if p.members:
+        found = [(m.policy, gap_of(m.last_seq, (member_gaps or {}).get(m.policy, [])))
+                 for m in p.members]
+        bad = [f"{n}: {g['reason']}" for n, g in found if g is not None]
+        g: dict[str, Any] | None = {"reason": "; ".join(bad)} if bad else None
+    else:
+        g = gap_of(p.last_seq, gaps)
     return {"id": p.id, "kind": p.kind, "time": iso(p.time_ns), "last_seq": p.last_seq,
             "size_bytes": p.size_bytes, "consistent": g is None,
             "gap": None if g is None else g["reason"],
+            # nonzero: the point ends at this consistency-group checkpoint; a group's
+            # points are its checkpoints (id = checkpoint id), with each member's point
+            "checkpoint_id": p.checkpoint_id, "members": members_of(p),
             # the newest `cdpctl verify` of the point: None (never), "ok" or "failed"
             "verified": p.verified or None,
             "verify_rto_s": round(p.verify_rto_s, 3) if p.verified else None,
@@ -65,17 +78,32 @@ def point_dict(p: pb.PointInfo, gaps: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def render_points(points: list[dict[str, Any]]) -> str:
+    """The points table; a CHECKPOINT column when some point ends at a checkpoint, and a
+    MEMBERS column (member:point) for a consistency group's points."""
     if not points:
         return "no restore points"
-    return table.render(("ID", "KIND", "TIME (UTC)", "LAST SEQ", "SIZE", "CONSISTENT",
-                         "VERIFIED"),
-                        [(p["id"], p["kind"], p["time"], p["last_seq"],
+    group = any(p.get("members") for p in points)
+    checkpoints = not group and any(p.get("checkpoint_id") for p in points)
+    head = ["ID", "KIND", "TIME (UTC)", "LAST SEQ", "SIZE", "CONSISTENT", "VERIFIED"]
+    if checkpoints:
+        head.insert(4, "CHECKPOINT")
+    if group:
+        head[3:4] = ["MEMBERS"]
+    rows = []
+    for p in points:
+        row: list[Any] = [p["id"], p["kind"], p["time"], p["last_seq"],
                           format_bytes(p["size_bytes"]),
                           "yes" if p.get("consistent", True)
                           else f"NO (in a gap: {p.get('gap') or 'overflow'})",
-                          _verified(p))
-                         for p in points],
-                        right=("ID", "LAST SEQ", "SIZE"))
+                          _verified(p)]
+        if checkpoints:
+            row.insert(4, p.get("checkpoint_id") or "-")
+        if group:
+            row[3:4] = [" ".join(f"{m['policy']}:{m['point_id']}"
+                                 for m in p.get("members", []))]
+        rows.append(tuple(row))
+    return table.render(tuple(head), rows,
+                        right=("ID", "LAST SEQ", "SIZE", "CHECKPOINT"))
 
 
 def _verified(p: dict[str, Any]) -> str:
@@ -120,19 +148,28 @@ def cmd_points(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("expected `restore-points POLICY` or `restore-points create POLICY`")
     args.policy = words[0]
     client = client_for(args, coord)
+    member_gaps: dict[str, list[dict[str, Any]]] = {}
     try:
         reply = client.call("list", client.stub.List, pb.ListPointsRequest(policy=args.policy),
                             timeout=args.timeout)
-        gaps = client.gaps(args.policy, args.timeout)
+        if any(p.members for p in reply.points):   # a consistency group
+            member_gaps = client.all_gaps(args.timeout)
+            gaps = []
+        else:
+            gaps = client.gaps(args.policy, args.timeout)
     finally:
         client.close()
-    points = [point_dict(p, gaps) for p in reply.points]
+    points = [point_dict(p, gaps, member_gaps) for p in reply.points]
     if args.json:
         print(json.dumps(points, indent=2))
     else:
         print(render_points(points))
         for line in render_gaps(gaps):
             print(line)
+        for name, mg in sorted(member_gaps.items()):
+            if any(m["policy"] == name for p in points for m in p["members"]):
+                for line in render_gaps(mg):
+                    print(f"{name}: {line}")
         extra = f"{len(points)} points, {format_bytes(reply.total_bytes)} of undo data"
         if reply.failover_state:
             extra += f"; policy failover: {reply.failover_state}"
@@ -157,8 +194,14 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> int:
         print(json.dumps(doc, indent=2))
     else:
         p = doc["point"]
-        print(f"restored point {p['id']} ({p['time']}, last seq {p['last_seq']}) of policy "
-              f"{args.policy} in {done.seconds:.2f}s ({done.method} copy):")
+        if p["members"]:
+            print(f"restored checkpoint {p['id']} ({p['time']}) of consistency group "
+                  f"{args.policy} in {done.seconds:.2f}s ({done.method} copy), members: "
+                  + ", ".join(f"{m['policy']} point {m['point_id']}" for m in p["members"])
+                  + ":")
+        else:
+            print(f"restored point {p['id']} ({p['time']}, last seq {p['last_seq']}) of "
+                  f"policy {args.policy} in {done.seconds:.2f}s ({done.method} copy):")
         if not p["consistent"]:
             print(inconsistent_warning(p))
         for img in images:
@@ -275,7 +318,15 @@ def register(sub: Subparsers, ctx: Context) -> None:
             holds, and whether it is consistent: a point inside a *gap* (the filter's
             journal overflowed, or a sync was running: see `cdpctl sync`) holds a mix
             of old and new blocks; the gaps are listed below the table. --json prints
-            a list of {id, kind, time, last_seq, size_bytes, consistent, gap}.
+            a list of {id, kind, time, last_seq, size_bytes, consistent, gap,
+            checkpoint_id, members, ...}.
+
+            For a consistency group (a policy with disks on several filters, run as
+            members <group>..<filter>) POLICY may be the group's name: its points are
+            the checkpoints every member has, id = the checkpoint id, with each
+            member's point (MEMBERS); `cdpctl restore GROUP --point ID` restores all
+            members' disks at that checkpoint into one directory. A member's own
+            points show their CHECKPOINT.
 
             `restore-points create POLICY` makes the newest point (after every durable
             delta is applied) a long-term point, kept like scheduled ones."""),

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from cdp_common.errors import CdpError, NotAuthorizedError
+from cdp_common.groups import split_member
 from cdp_common.timefmt import iso_utc as iso
 from cdpctl import lazy, status
 from cdpctl.resolve import Coordinator
@@ -71,7 +72,14 @@ def chosen_point_dict(done: pb.RestoreDone) -> dict[str, Any]:
     when it chose the point (false from a target too old to say)."""
     p = done.point
     return {"id": p.id, "kind": p.kind, "time": iso(p.time_ns), "last_seq": p.last_seq,
-            "consistent": done.consistent, "gap": done.gap or None}
+            "consistent": done.consistent, "gap": done.gap or None,
+            "checkpoint_id": p.checkpoint_id, "members": members_of(p)}
+
+
+def members_of(p: pb.PointInfo) -> list[dict[str, Any]]:
+    """A group point's member points ([] for a policy's own point)."""
+    return [{"policy": m.policy, "point_id": m.point_id, "last_seq": m.last_seq,
+             "time": iso(m.time_ns)} for m in p.members]
 
 
 def inconsistent_warning(point: dict[str, Any]) -> str:
@@ -92,6 +100,9 @@ def target_address(coord: Coordinator, policy: str, given: str | None, timeout_s
     doc = status.fetch_status(coord, timeout_s)
     nodes = {n["id"]: n for n in doc["nodes"]}
     pol = next((p for p in doc["policies"] if p["name"] == policy), None)
+    if pol is None:   # a consistency group: its members share one target
+        pol = next((p for p in doc["policies"]
+                    if (split_member(p["name"]) or ("",))[0] == policy), None)
     if pol is None:
         raise TargetError(f"the coordinator knows no policy {policy!r}")
     if pol.get("target") and pol["target"] in nodes:
@@ -116,6 +127,12 @@ class TargetClient:
         reply = self.call("policy state", rgrpc.TargetStub(self.channel).GetPolicyState,
                           rpb.PolicyStateRequest(policy=policy), timeout=timeout_s)
         return [gap_dict(g) for s in reply.policies if s.policy == policy for g in s.gaps]
+
+    def all_gaps(self, timeout_s: float) -> dict[str, list[dict[str, Any]]]:
+        """Every policy's gaps at this target (one call: a group's members at once)."""
+        reply = self.call("policy state", rgrpc.TargetStub(self.channel).GetPolicyState,
+                          rpb.PolicyStateRequest(), timeout=timeout_s)
+        return {s.policy: [gap_dict(g) for g in s.gaps] for s in reply.policies}
 
     def call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
         try:
