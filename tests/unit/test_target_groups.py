@@ -5,6 +5,7 @@ restore checked byte for byte against an oracle of the writes."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import struct
 import time
@@ -17,10 +18,12 @@ import pytest
 
 from cdp_common.delta import Extent, encode_chunks
 from cdp_common.errors import FormatError
+from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import restore_pb2 as pb
 from cdp_common.records import crc32c
 from cdp_target import catalogfile as CF
 from cdp_target import points as P
+from cdp_target.daemon import checkpoint_of
 from cdp_target.deltafile import DELTA_MAGIC, HEADER, decode_delta_file, encode_delta_file
 from cdp_target.grouppoints import GroupPointNotFound, group_points, pick
 from cdp_target.restore_service import RestoreService
@@ -386,3 +389,55 @@ def test_member_stores_promote_checkpoints(tmp_path: Path) -> None:
     assert UndoStore(tmp_path / "g..f1").group_member
     assert not UndoStore(tmp_path / "plain").group_member
 
+
+
+# ---------------------------------------------------------------- Apply
+
+def _chunks(policy: str, first: int, last: int, checkpoints: list[int]
+            ) -> list[rpb.ApplyRequest]:
+    ext = [Extent(0, 4096 * i, 4096, bytes([i + 1]) * 4096) for i in range(len(checkpoints))]
+    out = []
+    for i, (e, cid) in enumerate(zip(ext, checkpoints, strict=True)):
+        (chunk,) = encode_chunks([e], 1 << 20)
+        out.append(rpb.ApplyRequest(chunk=rpb.DeltaChunk(
+            first_seq=first, last_seq=last, index=i, final=i == len(ext) - 1, extents=chunk,
+            newest_time_ns=int(T0 * S), checkpoint_id=cid)))
+    return out
+
+
+async def _apply(service: TargetService, reqs: list[rpb.ApplyRequest]) -> list[Any]:
+    async def it() -> AsyncIterator[rpb.ApplyRequest]:
+        yield rpb.ApplyRequest(open=rpb.ApplyOpen(
+            policy="g..fa", epoch=1, disks=[rpb.DiskInfo(disk_id=0, name="vda",
+                                                         size_bytes=SIZE)]))
+        for r in reqs:
+            yield r
+    ctx: Any = FakeContext()
+    out: list[Any] = []
+    try:
+        async for resp in service.Apply(it(), ctx):
+            out.append(resp)
+    except Aborted as exc:
+        out.append(exc)
+    return out
+
+
+async def test_apply_records_the_checkpoint_with_the_point(tmp_path: Path) -> None:
+    service = TargetService(tmp_path / "data")
+    await service.open_existing()
+    try:
+        got = await _apply(service, _chunks("g..fa", 1, 4, [0, 0]) +
+                           _chunks("g..fa", 5, 6, [42, 42]))
+        assert [r.ack.durable_seq for r in got[1:]] == [4, 6]
+        # durable with the delta, before it is applied: in the delta file
+        rt = service.policies["g..fa"]
+        await asyncio.to_thread(rt.store.apply_pending)
+        cat = rt.local.undo.catalog
+        assert [(p.last_seq, p.checkpoint_id) for p in cat.points][-2:] == [(4, 0), (6, 42)]
+        assert checkpoint_of("g..fa", rt.store) == cat.points[-1]
+        assert checkpoint_of("plain", rt.store) is None
+        bad = await _apply(service, _chunks("g..fa", 7, 8, [43, 44]))
+        assert isinstance(bad[-1], Aborted) and bad[-1].code == grpc.StatusCode.INVALID_ARGUMENT
+        assert rt.store.durable_seq == 6
+    finally:
+        await service.close()
