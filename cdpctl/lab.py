@@ -286,6 +286,8 @@ def summary(state: dict[str, Any]) -> str:
     hosts = {(d.get("filter"), d.get("target")) for d in state["disks"]}
     for d in state["disks"]:
         where = f"policy {d['policy']}"
+        if d.get("member", d["policy"]) != d["policy"]:
+            where += f" (member {d['member']})"
         if len(hosts) > 1:
             where += f", {d['filter']} -> {d['target']}"
         lines.append(f"  {d['path']}  ({d['size_bytes']} bytes, {where}; "

@@ -130,7 +130,9 @@ def register(sub: Subparsers, ctx: Context) -> None:
             policy "lab" and N protected disks exposed as files under DIR/mnt;
             `lab up --filters/--targets/--policies/--sites` builds bigger
             topologies (several filters, targets, proxies and policies on two
-            sites). Needs root (or FUSE permissions) and /dev/fuse."""),
+            sites; with two filters or more, the last policy has disks on every
+            filter: a consistency group). Needs root (or FUSE permissions) and
+            /dev/fuse."""),
         epilog=epilog("""\
             cdpctl lab up --dir ./lab --disks 2 --disk-size 256M
             cdpctl lab status --dir ./lab
@@ -149,7 +151,8 @@ def register(sub: Subparsers, ctx: Context) -> None:
             the target proxies, the source proxies, then the filters), wait until
             each serves gRPC health and its disk files exist, and write
             DIR/lab.json, which lists every process and every disk with its
-            policy, filter, target, path and replica path.
+            policy, member policy (<policy>..<filter> for a policy on several
+            filters, else the policy), filter, target, path and replica path.
             Refuses when a lab is already running in DIR. Data of a previous
             lab in DIR is kept and reused."""),
         epilog=epilog("""\
@@ -171,7 +174,9 @@ def register(sub: Subparsers, ctx: Context) -> None:
     q.add_argument("--policies", type=int, default=1, metavar="N",
                    help="policies: one is called lab, several lab-1..N; policy i protects "
                         "--disks disks on filter i mod --filters, replicated to target i "
-                        "mod --targets (default 1)")
+                        "mod --targets; with --filters 2 or more the last policy spreads "
+                        "max(--disks, --filters) disks over every filter, a consistency "
+                        "group (default 1)")
     q.add_argument("--sites", metavar="SOURCE,DR",
                    help="site names: the coordinator, filters and source proxies at SOURCE, "
                         "targets and target proxies at DR; the policies replicate from "

@@ -17,6 +17,15 @@ Layout under the lab directory:
     mnt/     the filter's FUSE mount: one file per protected disk; with several
              filters (`Topology`), mnt/<filter id>/ each
     data/    ... filter-<i>/, target-<j>/ per filter and target
+
+With two filters or more, the last policy (`Topology.spanning`) has disks on
+every filter: a consistency group, which the coordinator runs as one member
+policy per filter, `<policy>..<filter>` (cdp_common.groups). Each filter's
+config names its disks' member policy (the only policy the filter knows), the
+coordinator's config the group; a member's replicas are in its own store at
+the target, `data/<target>/<member>/replicas/`. lab.json lists each disk
+with its `policy` (the group) and its `member` (the same name for a policy on
+one filter).
 """
 
 from __future__ import annotations
@@ -50,6 +59,13 @@ MAX_FILTERS = 8
 MAX_TARGETS = 8
 MAX_POLICIES = 32
 MAX_DISKS = 64
+MEMBER_SEPARATOR = ".."
+"""As cdp_common.groups.SEPARATOR (not imported: cdpctl's light path avoids the config)."""
+
+
+def member_name(policy: str, filter_id: str) -> str:
+    """The member policy of `policy` on `filter_id` (cdp_common.groups.member_name)."""
+    return f"{policy}{MEMBER_SEPARATOR}{filter_id}"
 
 
 def proxy_ids(kind: str, n: int) -> list[str]:
@@ -97,6 +113,12 @@ class DiskPlan:
     size_bytes: int
     filter: str = FILTER_ID
     target: str = TARGET_ID
+    member: str = ""
+    """The member policy that captures the disk ("" = `policy`: it is on one filter)."""
+
+    @property
+    def member_policy(self) -> str:
+        return self.member or self.policy
 
 
 @dataclass(frozen=True)
@@ -171,7 +193,8 @@ class LabPlan:
                  "log": str(n.log), "module": n.module}
                 for n in self.nodes if n.id in pids],
             "disks": [
-                {"name": d.name, "policy": d.policy, "filter": d.filter, "target": d.target,
+                {"name": d.name, "policy": d.policy, "member": d.member_policy,
+                 "filter": d.filter, "target": d.target,
                  "path": str(d.path), "image": str(d.image),
                  "replica_path": str(d.replica_path), "size_bytes": d.size_bytes}
                 for d in self.disks],
@@ -183,7 +206,10 @@ class Topology:
     """How many of each daemon a lab runs, and where.
 
     Policy i (0-based) protects `disks_per_policy` disks on filter i mod
-    `filters` and replicates them to target i mod `targets`. Nodes of the source
+    `filters` and replicates them to target i mod `targets`; with two filters or
+    more, the last policy instead spreads max(`disks_per_policy`, `filters`)
+    disks over every filter (disk j on filter j mod `filters`): a consistency
+    group (`spanning`). Nodes of the source
     site: the coordinator, the filters, the source proxies; of the DR site: the
     targets and the target proxies. The defaults are the one-of-each lab.
     """
@@ -207,7 +233,7 @@ class Topology:
                               ("disks", self.disks_per_policy, MAX_DISKS)):
             if not 1 <= n <= most:
                 raise ValueError(f"{what}: expected 1..{most}, got {n}")
-        if self.policies * self.disks_per_policy > MAX_DISKS:
+        if self.total_disks() > MAX_DISKS:
             raise ValueError(f"{self.policies} policies of {self.disks_per_policy} disks: "
                              f"at most {MAX_DISKS} disks in a lab")
         for what, site in (("source site", self.source_site), ("DR site", self.dr_site)):
@@ -225,6 +251,21 @@ class Topology:
         if self.policies == 1:
             return [POLICY]
         return [f"{POLICY}-{i}" for i in range(1, self.policies + 1)]
+
+    def spanning(self) -> str:
+        """The policy with disks on every filter ("" with one filter)."""
+        return self.policy_names()[-1] if self.filters > 1 else ""
+
+    def disks_of(self, index: int) -> list[str]:
+        """The filters of policy `index`'s disks, in disk order."""
+        filters = self.filter_ids()
+        if self.policy_names()[index] == self.spanning():
+            n = max(self.disks_per_policy, self.filters)
+            return [filters[j % self.filters] for j in range(n)]
+        return [filters[index % self.filters]] * self.disks_per_policy
+
+    def total_disks(self) -> int:
+        return sum(len(self.disks_of(i)) for i in range(len(self.policy_names())))
 
     def disk_name(self, policy: str, index: int) -> str:
         """`disk<j>` in a one-policy lab, else `<policy>-disk<j>`: disk names are
@@ -265,15 +306,19 @@ def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
     disk_plans: list[DiskPlan] = []
     placed: list[tuple[str, str, str]] = []   # (policy, filter, target)
     for i, policy in enumerate(topo.policy_names()):
-        filter_id, target_id = filters[i % topo.filters], targets[i % topo.targets]
-        placed.append((policy, filter_id, target_id))
-        for j in range(topo.disks_per_policy):
+        target_id = targets[i % topo.targets]
+        on = topo.disks_of(i)
+        placed.append((policy, on[0], target_id))
+        group = len(set(on)) > 1
+        for j, filter_id in enumerate(on):
             name = topo.disk_name(policy, j)
+            member = member_name(policy, filter_id) if group else policy
             disk_plans.append(DiskPlan(
                 name=name, policy=policy, path=mounts[filter_id] / name,
                 image=data / filter_id / "images" / f"{name}.img",
-                replica_path=data / target_id / policy / "replicas" / f"{name}.img",
-                size_bytes=disk_size_bytes, filter=filter_id, target=target_id))
+                replica_path=data / target_id / member / "replicas" / f"{name}.img",
+                size_bytes=disk_size_bytes, filter=filter_id, target=target_id,
+                member=member if group else ""))
 
     plan = LabPlan(root=root, insecure=insecure, coordinator=coordinator, nodes=[],
                    disks=disk_plans, mountpoints=mounts, topology=topo,
@@ -324,7 +369,8 @@ def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
         docs[f] = ("filter", "cdp_filter", {
             "node": node_section(f),
             "filter": {"mountpoint": str(mounts[f]), "data_dir": str(data / f)},
-            "disks": [{"name": d.name, "policy": d.policy, "size_bytes": d.size_bytes,
+            # a filter knows only the member policy of a group's disks on it
+            "disks": [{"name": d.name, "policy": d.member_policy, "size_bytes": d.size_bytes,
                        "image": str(d.image)} for d in disk_plans if d.filter == f],
         })
     for nid in order:

@@ -96,7 +96,8 @@ def test_lab_json(tmp_path: Path) -> None:
         assert set(p) >= {"id", "role", "pid", "address", "metrics_address", "config", "log"}
         assert p["log"] == str(tmp_path / f"lab/logs/{p['id']}.log")
     d1 = doc["disks"][1]
-    assert d1 == {"name": "disk1", "policy": "lab", "filter": "filter-1", "target": "target-1",
+    assert d1 == {"name": "disk1", "policy": "lab", "member": "lab",
+                  "filter": "filter-1", "target": "target-1",
                   "path": str(tmp_path / "lab/mnt/disk1"),
                   "image": str(tmp_path / "lab/data/filter-1/images/disk1.img"),
                   "replica_path": str(tmp_path / "lab/data/target-1/lab/replicas/disk1.img"),
@@ -127,8 +128,9 @@ def test_valid_id() -> None:
 
 def test_a_multi_host_topology(tmp_path: Path) -> None:
     """2 filters, 2 targets, 3 policies, 2+2 proxies on two sites: every config
-    loads, policies spread over filters and targets, disk names unique per filter,
-    one mount per filter, every disk listed in lab.json with its placement."""
+    loads, policies spread over filters and targets, the last one with disks on
+    both filters (a consistency group), disk names unique per filter, one mount
+    per filter, every disk listed in lab.json with its placement."""
     topo = labplan.Topology(filters=2, targets=2, policies=3, source_proxies=2,
                             target_proxies=2, disks_per_policy=2, source_site="hq",
                             dr_site="dr")
@@ -145,7 +147,7 @@ def test_a_multi_host_topology(tmp_path: Path) -> None:
                        p.source_site, p.target_site) for p in coord.policies}
     assert placed == {"lab-1": ("target-1", ["filter-1"], 2, "hq", "dr"),
                       "lab-2": ("target-2", ["filter-2"], 2, "hq", "dr"),
-                      "lab-3": ("target-1", ["filter-1"], 2, "hq", "dr")}
+                      "lab-3": ("target-1", ["filter-1", "filter-2"], 2, "hq", "dr")}
     sites = {nid: cfg.node.site for nid, cfg in loaded.items()}
     assert {k for k, v in sites.items() if v == "hq"} == {
         "coordinator", "filter-1", "filter-2", "source-proxy-1", "source-proxy-2"}
@@ -168,8 +170,12 @@ def test_a_multi_host_topology(tmp_path: Path) -> None:
     assert len(doc["disks"]) == 6
     for d in doc["disks"]:
         assert d["path"].startswith(str(tmp_path / "lab/mnt" / d["filter"]) + "/")
-        assert d["replica_path"] == str(tmp_path / "lab/data" / d["target"] / d["policy"]
+        assert d["replica_path"] == str(tmp_path / "lab/data" / d["target"] / d["member"]
                                         / "replicas" / f"{d['name']}.img")
+    members = {(d["policy"], d["member"], d["filter"]) for d in doc["disks"]}
+    assert members == {("lab-1", "lab-1", "filter-1"), ("lab-2", "lab-2", "filter-2"),
+                       ("lab-3", "lab-3..filter-1", "filter-1"),
+                       ("lab-3", "lab-3..filter-2", "filter-2")}
     assert doc["filters"] == [{"id": f, "mountpoint": str(tmp_path / "lab/mnt" / f)}
                               for f in ("filter-1", "filter-2")]
     assert doc["topology"]["filters"] == 2
@@ -184,3 +190,42 @@ def test_a_multi_host_topology(tmp_path: Path) -> None:
 def test_topology_out_of_range_is_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         labplan.Topology(**bad).check()  # type: ignore[arg-type]
+
+
+def test_two_filters_make_a_policy_spanning_both(tmp_path: Path) -> None:
+    """`lab up --filters 2` (issue 12 item 1): the one policy has a disk on each filter;
+    the coordinator's config names the group, each filter's its member, and lab.json
+    places each replica in its member's store."""
+    topo = labplan.Topology(filters=2)
+    assert topo.spanning() == "lab" and topo.total_disks() == 2
+    ports = list(range(22001, 22001 + topo.ports_needed()))
+    plan = labplan.plan_lab(tmp_path / "lab", 0, 64 << 20, ports, topology=topo)
+    materialize(plan)
+    loaded: dict[str, Any] = {n.id: load_config(CLASSES[n.role], n.config) for n in plan.nodes}
+    (policy,) = loaded["coordinator"].policies
+    assert policy.name == "lab"
+    assert [(d.filter, d.name) for d in policy.disks] == [("filter-1", "disk0"),
+                                                          ("filter-2", "disk1")]
+    for fid, disk in (("filter-1", "disk0"), ("filter-2", "disk1")):
+        assert [(d.name, d.policy) for d in loaded[fid].disks] == [(disk, f"lab..{fid}")]
+    doc = plan.lab_json({})
+    assert [(d["name"], d["policy"], d["member"], d["filter"]) for d in doc["disks"]] == [
+        ("disk0", "lab", "lab..filter-1", "filter-1"),
+        ("disk1", "lab", "lab..filter-2", "filter-2")]
+    for d in doc["disks"]:
+        assert d["path"] == str(tmp_path / "lab/mnt" / d["filter"] / d["name"])
+        assert d["replica_path"] == str(tmp_path / "lab/data/target-1" / d["member"]
+                                        / "replicas" / f"{d['name']}.img")
+
+
+def test_a_spanning_policy_has_at_least_a_disk_per_filter() -> None:
+    topo = labplan.Topology(filters=3, policies=2, disks_per_policy=2)
+    assert topo.spanning() == "lab-2"
+    assert topo.disks_of(0) == ["filter-1", "filter-1"]
+    assert topo.disks_of(1) == ["filter-1", "filter-2", "filter-3"]
+    assert topo.total_disks() == 5
+    with_more = labplan.Topology(filters=2, disks_per_policy=3)
+    assert with_more.disks_of(0) == ["filter-1", "filter-2", "filter-1"]
+    assert labplan.Topology().spanning() == "" and labplan.Topology().total_disks() == 1
+    with pytest.raises(ValueError, match="at most 64 disks"):
+        labplan.Topology(filters=8, policies=16, disks_per_policy=4).check()   # 60 + 8
