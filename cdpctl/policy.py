@@ -41,7 +41,8 @@ FIELDS_HELP = """\
 fields (as in the coordinator config's [[policies]]; --set FIELD=VALUE, VALUE
 in TOML syntax, bare words are strings):
   target               id of the target node keeping the replicas
-  disks                --disk FILTER:DISK:SIZE (repeatable; all on one filter)
+  disks                --disk FILTER:DISK:SIZE (repeatable; disks on several filters
+                       make a consistency group, run as <policy>..<filter> members)
   source_site          site of the source proxies (default "default")
   target_site          site of the target proxies (default "default")
   rpo_interval_s       seconds between restore points (default 2)
@@ -149,7 +150,17 @@ def show_text(p: dict[str, Any]) -> str:
     for i, d in enumerate(p.get("disks", [])):
         lines.append(f"disks[{i}]{'':14} {d['filter']}:{d['name']} "
                      f"({format_bytes(d['size_bytes'])})")
+    members = group_members(p)
+    if members:
+        lines.append(f"{'members':22} {', '.join(members)} (a consistency group)")
     return "\n".join(lines)
+
+
+def group_members(p: dict[str, Any]) -> list[str]:
+    """The member policies of a policy on several filters, sorted (as
+    cdp_common.groups.member_names, without loading the config module); [] else."""
+    filters = {d["filter"] for d in p.get("disks", [])}
+    return sorted(f"{p['name']}..{f}" for f in filters) if len(filters) > 1 else []
 
 
 def _emit(args: argparse.Namespace, reply: cpb.PolicyReply, verb: str) -> int:
@@ -277,8 +288,8 @@ def register(sub: Subparsers, ctx: Context) -> None:
     p = sub.add_parser(
         "policy", formatter_class=fmt, help="create, list, show, edit, delete CDP policies",
         description=textwrap.dedent("""\
-            CDP policies as the coordinator stores them. A policy names its disks
-            (one filter), its target, RPO interval and thresholds, compression,
+            CDP policies as the coordinator stores them. A policy names its disks,
+            its target, RPO interval and thresholds, compression,
             encryption, bandwidth limit and optional pinned proxies. The
             coordinator validates every field and refuses a bad value with a
             message naming it; nothing is changed then. A disk belongs to one
@@ -287,10 +298,19 @@ def register(sub: Subparsers, ctx: Context) -> None:
             deleted policy's disks are detached once closed and their data kept
             until `delete --purge`. Policies in the coordinator config file are
             the file's: every coordinator start applies it again, so edit them
-            there (a change made here says so in a warning)."""),
+            there (a change made here says so in a warning).
+
+            A policy with disks on several filters is a consistency group: the
+            coordinator runs it as one member policy per filter, named
+            <policy>..<filter> (what status, the filters and the target show),
+            all on the same proxies and target, with restore points of the
+            group where every member has the same checkpoint. Editing,
+            disabling, deleting or syncing the group does it to every member."""),
         epilog=epilog("""\
             cdpctl policy create db --target target-1 --disk filter-1:disk0:10G \\
                 --set rpo_warning_s=30 --set rpo_error_s=120
+            cdpctl policy create app --target target-1 --disk filter-1:data:10G \\
+                --disk filter-2:log:1G      # a group: app..filter-1, app..filter-2
             cdpctl policy list
             cdpctl policy show db --json
             cdpctl policy edit db --set bandwidth_limit_mbps=200 --set pinned_source_proxy=sp-2

@@ -100,3 +100,13 @@ def test_assignment_sets_carry_the_group_fields() -> None:
     assert (a.policy, a.group, list(a.group_members)) == (M2, "db", [M1, M2])
     assert [d.name for d in a.disks] == ["b"]
     assert [x.policy for x in svc.assignment_set("target-1").assignments] == [M1, M2]
+
+
+def test_policy_show_names_the_members() -> None:
+    from cdpctl import policy
+    doc = {"name": "db", "target": "target-1",
+           "disks": [{"filter": "filter-2", "name": "b", "size_bytes": 1 << 20},
+                     {"filter": "filter-1", "name": "a", "size_bytes": 1 << 20}]}
+    assert policy.group_members(doc) == [M1, M2]
+    assert f"members                {M1}, {M2} (a consistency group)" in policy.show_text(doc)
+    assert policy.group_members({**doc, "disks": doc["disks"][:1]}) == []
