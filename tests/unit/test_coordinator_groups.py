@@ -10,6 +10,8 @@ from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cdp_common import assignsig
 from cdp_common.config import PolicyConfig, PolicyDiskConfig
@@ -358,3 +360,41 @@ def test_disabled_group_is_unprotected_by_choice() -> None:
     g = rows(s)["db"]
     assert g.state is PolicyState.UNPROTECTED and not g.enabled and g.rpo_lag_s == 0
     assert "disabled by the operator" in g.reason
+
+
+# ---------------------------------------------------------------- invariants
+
+_PROXIES = ["sp-1", "sp-2", "sp-3", "tp-1", "tp-2"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["down", "up", "drain", "undrain", "tick"]),
+                          st.sampled_from(_PROXIES)), max_size=25))
+def test_members_stay_together_and_epochs_only_grow(steps: list[tuple[str, str]]) -> None:
+    """Whatever happens to the proxies, a group's members share one binding, each
+    member's epoch never shrinks, and grows whenever its binding changes."""
+    proxies = [node(p, Role.SOURCE_PROXY if p.startswith("sp") else Role.TARGET_PROXY,
+                    capacity=3) for p in _PROXIES]
+    s = lab([group(), group("eb"), single("p1"), single("p2", "filter-2")], *proxies,
+            per_minute=4)
+    last = {n: (a.epoch, a.binding) for n, a in s.assignments.items()}
+    now = 0.0
+    for what, nid in steps:
+        now += 1.0
+        if what == "down":
+            s.mark_down(nid, now)
+        elif what == "up":
+            s.register(next(p for p in proxies if p.id == nid), now)
+        elif what in ("drain", "undrain"):
+            s.drain(nid, what == "drain", now)
+        keep_alive(s, now)
+        s.tick(now)
+        for g, ms in s.groups.items():
+            assert len({s.assignments[m].binding for m in ms}) == 1, g
+            assert len({s.assignments[m].reason for m in ms}) == 1, g
+        for n, a in s.assignments.items():
+            epoch, bound = last[n]
+            assert a.epoch >= epoch
+            if a.binding != bound:
+                assert a.epoch > epoch
+            last[n] = (a.epoch, a.binding)
