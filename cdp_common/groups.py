@@ -18,8 +18,10 @@ name is always a valid name that never collides with a policy of its own.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from cdp_common.config import PolicyConfig
+if TYPE_CHECKING:   # cdpctl imports this module; loading the config module costs startup
+    from cdp_common.config import PolicyConfig
 
 SEPARATOR = ".."
 

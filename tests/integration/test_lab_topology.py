@@ -3,9 +3,10 @@ targets, 3 policies, 2+2 proxies on two sites, every daemon its own process.
 
 Every disk is written through its filter's FUSE mount and every replica must
 equal its source byte for byte; `status` places each policy where lab.json says
-and `health` is OK; killing one filter makes only its policies go to error
-while the others stay ok and keep replicating, and after a restart it catches
-up.
+and `health` is OK; the policy spanning both filters runs as a group of two
+members on one source and one target proxy; killing one filter makes only its
+policies (and the group) go to error while the others stay ok and keep
+replicating, and after a restart it catches up.
 """
 
 from __future__ import annotations
@@ -63,21 +64,28 @@ def test_two_filters_two_targets_three_policies(lab: Callable[..., LabHandle],
                  target_proxies=2, extra=TOPOLOGY)
     disks = handle.disks
     assert len(disks) == 6
-    placed = {d["policy"]: (d["filter"], d["target"]) for d in disks}
+    # lab-3 spans both filters: a consistency group of one member per filter
+    placed = {d["member"]: (d["filter"], d["target"]) for d in disks}
     assert placed == {"lab-1": ("filter-1", "target-1"), "lab-2": ("filter-2", "target-2"),
-                      "lab-3": ("filter-1", "target-1")}
+                      "lab-3..filter-1": ("filter-1", "target-1"),
+                      "lab-3..filter-2": ("filter-2", "target-1")}
+    assert {d["policy"] for d in disks if d["member"].startswith("lab-3")} == {"lab-3"}
     assert {p["role"] for p in handle.processes} == {
         "coordinator", "filter", "source-proxy", "target-proxy", "target"}
     assert len(handle.processes) == 9
 
     def assigned() -> None:
         ps = policies(handle)
-        assert sorted(ps) == ["lab-1", "lab-2", "lab-3"]
+        assert sorted(ps) == ["lab-1", "lab-2", "lab-3", "lab-3..filter-1", "lab-3..filter-2"]
         for name, (filter_id, target_id) in placed.items():
             p = ps[name]
             assert (p["filter"], p["target"]) == (filter_id, target_id), p
             assert p["source_proxy"].startswith("source-proxy-"), p
             assert p["target_proxy"].startswith("target-proxy-"), p
+        members = [ps["lab-3..filter-1"], ps["lab-3..filter-2"]]
+        assert len({(m["source_proxy"], m["target_proxy"]) for m in members}) == 1, (
+            f"the group's members are not on one source and one target proxy: {members}")
+        assert ps["lab-3"]["filter"] == "filter-1,filter-2", ps["lab-3"]
     assert_eventually(assigned, 30, 0.5, "the policies were not assigned as planned")
     nodes = {n["id"]: n for n in handle.status()["nodes"]}
     assert all(n["state"] == "up" for n in nodes.values()), nodes
@@ -87,19 +95,24 @@ def test_two_filters_two_targets_three_policies(lab: Callable[..., LabHandle],
     assert_eventually(replicas_equal(disks, shas), 120, 1.0, "replication did not catch up")
     assert_eventually(lambda: handle.cli("health", check=True), 60, 1.0, "health is not OK")
 
-    # Killing filter-2 alarms only its policy; the others keep replicating.
+    # Killing filter-2 alarms only what it captures: lab-2, the group's member on
+    # it and so the group; lab-1 and the group's other member keep replicating.
     handle.kill("filter-2")
 
-    def only_lab2_in_error() -> None:
+    def only_filter2_policies_in_error() -> None:
         ps = policies(handle)
         assert ps["lab-2"]["state"] == "error", ps["lab-2"]
-        assert ps["lab-1"]["state"] == "ok" and ps["lab-3"]["state"] == "ok", ps
-    assert_eventually(only_lab2_in_error, 30, 0.5, "a filter down did not alarm only its policy")
+        assert ps["lab-3..filter-2"]["state"] == "error", ps["lab-3..filter-2"]
+        assert ps["lab-3"]["state"] == "error", ps["lab-3"]
+        assert ps["lab-1"]["state"] == "ok" and ps["lab-3..filter-1"]["state"] == "ok", ps
+    assert_eventually(only_filter2_policies_in_error, 30, 0.5,
+                      "a filter down did not alarm only its policies")
     health = handle.cli("health", "--json")
     assert health.returncode == 2, health.stdout + health.stderr
     problems = json.loads(health.stdout).get("problems", [])
     assert any("lab-2" in p["message"] or "filter-2" in p["message"] for p in problems), problems
-    assert not any("lab-1" in p["message"] or "lab-3" in p["message"] for p in problems), problems
+    assert not any("lab-1" in p["message"] or "lab-3..filter-1" in p["message"]
+                   for p in problems), problems
     on_filter1 = [d for d in disks if d["filter"] == "filter-1"]
     shas.update(write_disks(handle, on_filter1, rng))
     assert_eventually(replicas_equal(on_filter1, shas), 120, 1.0,

@@ -36,8 +36,10 @@ GOOD: dict[str, Any] = {"name": "db", "target": "target-1",
     ({"disks": [{"filter": "f", "name": "d", "size_bytes": 0}]}, "disks[0].size_bytes"),
     ({"disks": [{"filter": "f", "name": "d", "size_bytes": 4096},
                 {"filter": "f", "name": "d", "size_bytes": 4096}]}, "disks[1].name"),
-    ({"disks": [{"filter": "f", "name": "d", "size_bytes": 4096},
-                {"filter": "g", "name": "e", "size_bytes": 4096}]}, "disks"),
+    ({"name": "db..filter-1"}, "name"),   # '..' names the members of a group
+    ({"name": "n" * 61, "disks": [{"filter": "f", "name": "d", "size_bytes": 4096},
+                                  {"filter": "gg", "name": "e", "size_bytes": 4096}]},
+     "name"),   # its member names (name..gg) would be longer than 64 characters
     ({"disks": [{"filter": "f", "name": "d"}]}, "disks[0].size_bytes"),
     ({"disks": "disk0"}, "disks"),
     ({"target": ""}, "target"),
