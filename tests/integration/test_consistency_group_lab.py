@@ -12,8 +12,9 @@ equal the base plus exactly X_0..X_{k-1} and filter-2's exactly Y_0..Y_{m-1}
 with m <= k (no Y_i without X_i) and k <= m + 1 (no X_{i+1} without Y_i,
 which was acknowledged before X_{i+1} was issued).
 
-Then filter-2 is killed: the group stops getting points, its status row says
-so (degraded, then error), and its other member keeps replicating.
+Then the source proxy serving the group is killed: both members rebind to the
+other one together and group points resume. Last, filter-2 is killed: the
+group stops getting points and its status row says so (degraded or error).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def disk_path(handle: LabHandle, filter_id: str, name: str) -> Path:
 
 
 def test_group_points_keep_the_dependent_write_rule(lab: Any, tmp_path: Path) -> None:
-    handle = lab(tmp_path / "lab", disks=1, disk_size=DISK, extra=("--filters", "2"))
+    handle = lab(tmp_path / "lab", disks=1, disk_size=DISK, source_proxies=2,
+                 extra=("--filters", "2"))
     handle.cli("policy", "create", GROUP, "--target", "target-1",
                "--disk", f"filter-1:ga:{DISK}", "--disk", f"filter-2:gb:{DISK}",
                "--set", "rpo_interval_s=0.5", check=True)
@@ -128,6 +130,22 @@ def test_group_points_keep_the_dependent_write_rule(lab: Any, tmp_path: Path) ->
     assert len({k for k, _ in seen if 0 < k < pairs}) >= 3, (
         f"the pairs were not spread over several group points: {seen}")
     assert group_row(handle)["state"] == "ok", group_row(handle)
+
+    # The group's source proxy down: its members move together, points resume.
+    serving = group_row(handle)["source_proxy"]
+    killed_ns = time.time_ns()
+    handle.kill(serving)
+    t0 = time.monotonic()
+
+    def members_moved() -> None:
+        rows = {p["name"]: p for p in handle.status()["policies"]}
+        proxies = {rows[m]["source_proxy"] for m in (f"{GROUP}..filter-1", f"{GROUP}..filter-2")}
+        assert len(proxies) == 1 and serving not in proxies and "" not in proxies, proxies
+    assert_eventually(members_moved, timeout_s=30, interval_s=0.2,
+                      message="the group's members did not rebind together")
+    print(f"group rebound in {time.monotonic() - t0:.1f} s")
+    assert_eventually(lambda: group_points(handle)[-1]["id"] > killed_ns, timeout_s=60,
+                      message="no group point after the rebind")
 
     # A member's filter down: no new group point, the group row says so.
     handle.kill("filter-2")
