@@ -32,7 +32,8 @@ Failover (`Failover`) is a restore into ``<policy>/failover/`` plus a
 persisted state file ``<policy>/failover.json`` (cdp_common.statefile):
 
     {"kind": "target-failover", "version": 1, "state": "active" | "committing" | "committed",
-     "point_id", "last_seq", "time_ns", "disks": {"<name>": "<path>"}}
+     "point_id", "last_seq", "time_ns", "disks": {"<name>": "<path>"},
+     "checkpoint_id" (only when the point ends at a consistency-group checkpoint)}
 
 - ``active``: Apply streams of the policy are refused (FAILED_PRECONDITION
   "policy X is failed over"); the images are writable. `undo` deletes the
@@ -420,9 +421,12 @@ class Failover:
         if self.dir.exists():
             shutil.rmtree(self.dir)
         restored = restore_images(self.store, select, self.dir, progress)
-        doc = {"version": 1, "state": "active", "point_id": restored.point.id,
-               "last_seq": restored.point.last_seq, "time_ns": restored.point.time_ns,
-               "disks": {n: str(p) for n, p in restored.images.items()}}
+        doc: dict[str, Any] = {
+            "version": 1, "state": "active", "point_id": restored.point.id,
+            "last_seq": restored.point.last_seq, "time_ns": restored.point.time_ns,
+            "disks": {n: str(p) for n, p in restored.images.items()}}
+        if restored.point.checkpoint_id:   # a group member's: the group's state needs it
+            doc["checkpoint_id"] = restored.point.checkpoint_id
         statefile.save(self.file, FAILOVER_KIND, FAILOVER_VERSION, doc)
         self.doc = doc
         return restored

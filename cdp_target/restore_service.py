@@ -19,8 +19,19 @@ clash fails the restore), one member after the other, each under its own
 `paused()`: every member's point is fixed by the checkpoint, so the members
 need not hold still together. A failure removes the images of the members
 already written. A member of the group without a store here (assigned, no
-data yet, or quarantined) is FAILED_PRECONDITION naming it. Failover of a
-group is refused (FAILED_PRECONDITION): not supported yet.
+data yet, or quarantined) is FAILED_PRECONDITION naming it.
+
+Failover of a group fails every member over at its point of the chosen
+checkpoint (`cdp_target.grouppoints`, "Failover of a group"): every
+member's point is checked first (a gap, retention), then every member
+refuses deltas, then the members fail over one by one in name order, each
+persisted as a single policy's failover is; a failure rolls back the
+members this call failed over. A SIGKILL between two members leaves a
+"partial" group (List's failover_state; logged at start-up): the same
+failover again finishes it, `FailoverUndo` of the group undoes it. Undo and
+commit of a group act on every member failed over, one by one, and say in
+the error which members they did when one fails. One lock serialises every
+failover, undo and commit at this target, of groups and policies alike.
 
 Status codes: NOT_FOUND (unknown policy or point), INVALID_ARGUMENT (bad
 request), FAILED_PRECONDITION (failover state forbids it, no point yet, a
@@ -35,11 +46,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 
-from cdp_common import assignsig, rpc
+from cdp_common import assignsig, groups, rpc
 from cdp_common.aio import in_thread
 from cdp_common.errors import CdpError, FormatError, NotFoundError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
@@ -48,7 +59,16 @@ from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
 from cdp_target import metrics as M
 from cdp_target import points as P
 from cdp_target.failtest import FailoverTest, FailoverTests, remove_images
-from cdp_target.grouppoints import GroupPoint, group_points, pick
+from cdp_target.grouppoints import (
+    GroupPoint,
+    MemberFailover,
+    describe_members,
+    failover_state,
+    group_points,
+    pick,
+    plan_failover,
+    plan_finish,
+)
 from cdp_target.restore import (
     Failover,
     FailoverStateError,
@@ -65,16 +85,15 @@ from cdp_target.verifylog import Verification, VerifyLog
 
 log = logging.getLogger("target.restore")
 
+PolicyFailover = Failover
+"""`Failover` by a name the servicer's own `Failover` method does not hide."""
+
 PROGRESS_EVERY_S = 0.25
 RETENTION_TICK_S = 5.0
 
 
 class GroupMemberMissing(CdpError, grpc_status="FAILED_PRECONDITION"):
     """A member of a consistency group has no (usable) store at this target."""
-
-
-class GroupFailoverUnsupported(CdpError, grpc_status="FAILED_PRECONDITION"):
-    """Failover of a consistency group is not built yet."""
 
 
 def point_pb(cat: P.Catalog, p: P.Point, v: Verification | None = None) -> pb.PointInfo:
@@ -125,12 +144,16 @@ class RestoreService(pgrpc.RestorePointsServicer):
         self._tests_lock = asyncio.Lock()   # the registries are not thread-safe
         self.verified: dict[str, tuple[object, VerifyLog]] = {}
         self._ticker: asyncio.Task[None] | None = None
+        self._failover_lock = asyncio.Lock()
+        """Held by every Failover, FailoverUndo and FailoverCommit (groups and policies):
+        a group's members change one by one, nothing may interleave."""
 
     async def attach(self) -> None:
         """Load the failover state of every open policy (after `open_existing`) and
         start the retention tick (expired points go even while a policy is idle)."""
         for name, rt in self.target.policies.items():
             await self._failover(name, rt)
+        await self._report_groups()
         self._ticker = asyncio.create_task(self._tick(), name="retention-tick")
 
     async def _tick(self) -> None:
@@ -153,6 +176,28 @@ class RestoreService(pgrpc.RestorePointsServicer):
             self.failovers[name] = fo
             self._mirror(rt, fo)
         return fo
+
+    async def _report_groups(self) -> None:
+        """Log every consistency group here whose failover is not whole (a target killed
+        between two members, say): the operator must finish or undo it."""
+        found: dict[str, list[str]] = {}
+        for name in self.target.policies:
+            sm = groups.split_member(name)
+            if sm is not None:
+                found.setdefault(sm[0], []).append(name)
+        for group in sorted(found):
+            try:
+                members = self._members(group, self.target.group_members(group))
+                states = await self._member_failovers(members)
+            except CdpError:
+                continue
+            state = failover_state({n: m for n, (_, _, m) in states.items()})
+            if state in ("partial", "committing"):
+                log.error("consistency group failover is %s (members: %s): `cdpctl failover "
+                          "%s --point ID` or `cdpctl failover commit %s` finishes it, "
+                          "`cdpctl failover undo %s` undoes it", state,
+                          describe_members({n: m for n, (_, _, m) in states.items()}),
+                          group, group, group, extra={"policy": group})
 
     def _mirror(self, rt: PolicyRuntime, fo: Failover) -> None:
         rt.refusal = fo.refusal()
@@ -314,12 +359,12 @@ class RestoreService(pgrpc.RestorePointsServicer):
             try:
                 members = self._members(request.policy, names)
                 cats = {n: rt.local.undo.catalog for n, rt in members}
-                states = [(await self._failover(n, rt)).state for n, rt in members]
+                states = await self._member_failovers(members)
             except CdpError as exc:
                 await rpc.abort(context, exc)
             return pb.ListPointsReply(
                 points=[group_point_pb(cats, gp) for gp in group_points(cats)],
-                failover_state=next((st for st in states if st), ""),
+                failover_state=failover_state({n: m for n, (_, _, m) in states.items()}),
                 total_bytes=sum(c.total_bytes() for c in cats.values()))
         rt = await self._runtime(request.policy, context)
         fo = await self._failover(request.policy, rt)
@@ -701,16 +746,24 @@ class RestoreService(pgrpc.RestorePointsServicer):
                     extra={"policy": request.policy})
         return self._test_pb(t)
 
-    async def _refuse_group(self, policy: str, context: grpc.aio.ServicerContext) -> None:
-        if self._group_of(policy) is not None:
-            await rpc.abort(context, GroupFailoverUnsupported(
-                f"{policy} is a consistency group: failover of a consistency group is not "
-                f"supported yet (restore and test failover of the group are; see `cdpctl "
-                f"restore-points {policy}`)"))
+    # ------------------------------------------------------------ failover
 
     async def Failover(self, request: pb.RestoreRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RestoreProgress]:
-        await self._refuse_group(request.policy, context)
+        names = self._group_of(request.policy)
+        async with self._failover_lock:
+            if names is not None:
+                try:
+                    async for msg in self._failover_group(request, names):
+                        yield msg
+                except CdpError as exc:
+                    await rpc.abort(context, exc)
+                return
+            async for msg in self._failover_one(request, context):
+                yield msg
+
+    async def _failover_one(self, request: pb.RestoreRequest, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[pb.RestoreProgress]:
         rt = await self._runtime(request.policy, context)
         fo = await self._failover(request.policy, rt)
         try:
@@ -723,9 +776,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
             await self._drain(rt, request)
             await in_thread(select)
             # refuse new deltas first, so the failover is a clean cut of the stream
-            rt.refusal = f"policy {request.policy} is failed over"
-            if rt.stream is not None:
-                rt.stream.replaced.set()
+            self._stop(request.policy, rt)
             try:
                 await self._drain(rt, request)
                 async for msg in self._stream(lambda prog: fo.start(select, prog), chosen):
@@ -737,16 +788,116 @@ class RestoreService(pgrpc.RestorePointsServicer):
         except CdpError as exc:
             await rpc.abort(context, exc)
 
+    @staticmethod
+    def _stop(name: str, rt: PolicyRuntime) -> None:
+        """Refuse the policy's deltas from now on (a failover of it is starting)."""
+        rt.refusal = f"policy {name} is failed over"
+        if rt.stream is not None:
+            rt.stream.replaced.set()
+
+    @staticmethod
+    def _member_failover(rt: PolicyRuntime, fo: PolicyFailover) -> MemberFailover:
+        """A member's failover state and the checkpoint of its point (failover.json says,
+        or, in a file from before it did, the catalog's point of that id)."""
+        doc = fo.doc or {}
+        cid = int(doc.get("checkpoint_id", 0))
+        if fo.state and not cid:
+            p = rt.local.undo.catalog.point(int(doc.get("point_id", 0)))
+            cid = p.checkpoint_id if p is not None else 0
+        return MemberFailover(fo.state, cid)
+
+    async def _member_failovers(self, members: list[tuple[str, PolicyRuntime]]
+                                ) -> dict[str, tuple[PolicyRuntime, PolicyFailover,
+                                                     MemberFailover]]:
+        out = {}
+        for n, rt in members:
+            fo = await self._failover(n, rt)
+            out[n] = (rt, fo, self._member_failover(rt, fo))
+        return out
+
+    async def _failover_group(self, req: pb.RestoreRequest, names: list[str]
+                              ) -> AsyncIterator[pb.RestoreProgress]:
+        """Fail every member of the group over at its point of the chosen checkpoint
+        (module docstring); members already failed over there are kept."""
+        group = req.policy
+        members = self._members(group, names)
+        await self._drain_all(members, req)
+        gp = self._group_point(group, members, req)
+        states = await self._member_failovers(members)
+        todo = plan_failover(group, {n: m for n, (_, _, m) in states.items()},
+                             gp.checkpoint_id)
+        gaps: dict[str, str] = {}
+        selects = {n: self._member_selector(group, n, rt, gp.checkpoint_id,
+                                            req.allow_inconsistent, gaps)
+                   for n, rt in members}
+        for n in todo:   # a point in a gap, or gone, is refused before anything stops
+            await in_thread(selects[n])
+        for n in todo:   # the group stops as one, then its members fail over one by one
+            self._stop(n, states[n][0])
+        loop = asyncio.get_running_loop()
+
+        def mirror_all() -> None:
+            for n in todo:
+                rt, fo, _ = states[n]
+                self._mirror(rt, fo)
+
+        def run(progress: Callable[[str, int, int], None]) -> Restored:
+            started: list[str] = []
+            methods: set[str] = set()
+            try:
+                for n in todo:
+                    fo = states[n][1]
+                    methods.add(fo.start(selects[n], progress).method)
+                    started.append(n)
+                    log.warning("failed over to point %s (group %s, checkpoint %d)",
+                                fo.doc and fo.doc.get("point_id"), group, gp.checkpoint_id,
+                                extra={"policy": n})
+            except BaseException:
+                for n in reversed(started):   # this call changes all of its members or none
+                    try:
+                        states[n][1].undo()
+                    except CdpError as exc:
+                        log.error("failover of the group failed, and so did undoing this "
+                                  "member's: %s", exc, extra={"policy": n})
+                raise
+            finally:   # the refusals follow the members' states, even if the caller left
+                loop.call_soon_threadsafe(mirror_all)
+            images = {d: Path(p) for n, (_, fo, _) in sorted(states.items())
+                      for d, p in (fo.doc or {}).get("disks", {}).items()}
+            return Restored(P.Point(0, gp.time_ns), images, "+".join(sorted(methods)))
+
+        chosen: dict[str, Any] = {}
+
+        def run_and_note(progress: Callable[[str, int, int], None]) -> Restored:
+            r = run(progress)
+            chosen["gap"] = self._gaps_text(gaps)
+            return r
+        try:
+            async for msg in self._stream(run_and_note, chosen, self._group_done(members, gp)):
+                yield msg
+        finally:
+            mirror_all()
+        log.warning("consistency group failed over to checkpoint %d (members: %s)",
+                    gp.checkpoint_id, ", ".join(f"{n} point {p.id}" for n, p in gp.members),
+                    extra={"policy": group})
+
     async def _finish(self, request: pb.FailoverRequest, context: grpc.aio.ServicerContext,
                       what: str) -> pb.FailoverReply:
-        await self._refuse_group(request.policy, context)
-        rt = await self._runtime(request.policy, context)
-        fo = await self._failover(request.policy, rt)
-        try:
-            doc: dict[str, Any] = await in_thread(fo.undo if what == "undo" else fo.commit)
-        except CdpError as exc:
-            await rpc.abort(context, exc)
-        self._mirror(rt, fo)
+        names = self._group_of(request.policy)
+        async with self._failover_lock:
+            if names is not None:
+                try:
+                    return await self._finish_group(request.policy, names,
+                                                    "undo" if what == "undo" else "commit")
+                except CdpError as exc:
+                    await rpc.abort(context, exc)
+            rt = await self._runtime(request.policy, context)
+            fo = await self._failover(request.policy, rt)
+            try:
+                doc: dict[str, Any] = await in_thread(fo.undo if what == "undo" else fo.commit)
+            except CdpError as exc:
+                await rpc.abort(context, exc)
+            self._mirror(rt, fo)
         log.warning("failover %s", "undone: replication resumes" if what == "undo"
                     else "committed: production moved to DR", extra={"policy": request.policy})
         return pb.FailoverReply(
@@ -756,6 +907,53 @@ class RestoreService(pgrpc.RestorePointsServicer):
                                time_ns=int(doc.get("time_ns", 0))),
             images=[pb.RestoredImage(disk=n, path=p)
                     for n, p in sorted(doc.get("disks", {}).items())])
+
+    async def _finish_group(self, group: str, names: list[str],
+                            what: Literal["undo", "commit"]) -> pb.FailoverReply:
+        """Undo or commit every member of the group that is failed over (grouppoints'
+        `plan_finish`), one by one in name order. The reply: the group's state after,
+        the point (the checkpoint, each member's point) and every image acted on
+        (a commit: also those of members committed before)."""
+        members = self._members(group, names)
+        states = await self._member_failovers(members)
+        todo = plan_finish(group, {n: m for n, (_, _, m) in states.items()}, what)
+        docs: dict[str, dict[str, Any]] = {}
+        if what == "commit":
+            docs = {n: dict(fo.doc or {}) for n, (_, fo, m) in states.items()
+                    if m.state == "committed"}
+        for n in todo:
+            rt, fo, _ = states[n]
+            try:
+                docs[n] = await in_thread(fo.undo if what == "undo" else fo.commit)
+            except CdpError as exc:
+                did = ", ".join(d for d in todo if d in docs) or "none"
+                raise type(exc)(f"consistency group {group}: {what} of member {n} failed "
+                                f"({exc}); members done: {did}") from None
+            finally:
+                self._mirror(rt, fo)
+            log.warning("failover %s (group %s)", "undone: replication resumes"
+                        if what == "undo" else "committed: production moved to DR", group,
+                        extra={"policy": n})
+        after = {n: self._member_failover(rt, fo) for n, (rt, fo, _) in states.items()}
+        state = failover_state(after)
+        log.warning("consistency group failover %s (members: %s)",
+                    "undone" if what == "undo" else "committed", ", ".join(todo),
+                    extra={"policy": group})
+        cids = {int(d.get("checkpoint_id", 0)) or states[n][2].checkpoint_id
+                for n, d in docs.items()}
+        cid = cids.pop() if len(cids) == 1 else 0
+        return pb.FailoverReply(
+            state=state,
+            point=pb.PointInfo(
+                id=cid, checkpoint_id=cid,
+                time_ns=max((int(d.get("time_ns", 0)) for d in docs.values()), default=0),
+                members=[pb.MemberPoint(policy=n, point_id=int(d.get("point_id", 0)),
+                                        last_seq=int(d.get("last_seq", 0)),
+                                        time_ns=int(d.get("time_ns", 0)))
+                         for n, d in sorted(docs.items())]),
+            images=[pb.RestoredImage(disk=disk, path=path)
+                    for _, d in sorted(docs.items())
+                    for disk, path in sorted(d.get("disks", {}).items())])
 
     async def FailoverUndo(self, request: pb.FailoverRequest,
                            context: grpc.aio.ServicerContext) -> pb.FailoverReply:
