@@ -174,9 +174,8 @@ def register(sub: Subparsers, ctx: Context) -> None:
     q.add_argument("--policies", type=int, default=1, metavar="N",
                    help="policies: one is called lab, several lab-1..N; policy i protects "
                         "--disks disks on filter i mod --filters, replicated to target i "
-                        "mod --targets; with --filters 2 or more the last policy spreads "
-                        "max(--disks, --filters) disks over every filter, a consistency "
-                        "group (default 1)")
+                        "mod --targets; with --filters 2 or more the last policy has "
+                        "--disks disks on every filter, a consistency group (default 1)")
     q.add_argument("--sites", metavar="SOURCE,DR",
                    help="site names: the coordinator, filters and source proxies at SOURCE, "
                         "targets and target proxies at DR; the policies replicate from "

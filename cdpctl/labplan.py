@@ -207,9 +207,8 @@ class Topology:
 
     Policy i (0-based) protects `disks_per_policy` disks on filter i mod
     `filters` and replicates them to target i mod `targets`; with two filters or
-    more, the last policy instead spreads max(`disks_per_policy`, `filters`)
-    disks over every filter (disk j on filter j mod `filters`): a consistency
-    group (`spanning`). Nodes of the source
+    more, the last policy instead has `disks_per_policy` disks on every filter
+    (disk j on filter j mod `filters`): a consistency group (`spanning`). Nodes of the source
     site: the coordinator, the filters, the source proxies; of the DR site: the
     targets and the target proxies. The defaults are the one-of-each lab.
     """
@@ -260,7 +259,7 @@ class Topology:
         """The filters of policy `index`'s disks, in disk order."""
         filters = self.filter_ids()
         if self.policy_names()[index] == self.spanning():
-            n = max(self.disks_per_policy, self.filters)
+            n = self.disks_per_policy * self.filters
             return [filters[j % self.filters] for j in range(n)]
         return [filters[index % self.filters]] * self.disks_per_policy
 

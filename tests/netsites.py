@@ -12,13 +12,18 @@ network namespace changes, so the filter's FUSE mount is visible to the
 test. Faults are iptables rules and a tc qdisc in the source namespace, on
 the veth: they cut or thin out everything between the sites and nothing
 inside a site. `down()` kills what it started (by pid), lazily unmounts the
-FUSE mount and deletes both namespaces (which removes the veth pair and
+FUSE mounts and deletes both namespaces (which removes the veth pair and
 every rule and qdisc in them).
+
+`topology` (a `labplan.Topology`) runs a bigger lab the same way: every
+filter and source proxy with the coordinator at the source site, every target
+proxy and target at the DR site (the plan names the sites "src" and "dr").
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -34,6 +39,7 @@ from cdpctl import labplan
 
 SRC_IP, DR_IP = "198.51.100.1", "198.51.100.2"
 SRC_NODES = (labplan.COORDINATOR_ID, labplan.SOURCE_PROXY_ID, labplan.FILTER_ID)
+SRC_ROLES = ("coordinator", "filter", "source-proxy")
 
 
 def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -57,6 +63,7 @@ class TwoSites:
     tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
     pids: dict[str, int] = field(default_factory=dict)
     plan: labplan.LabPlan | None = None
+    topology: labplan.Topology | None = None
 
     @property
     def ns_src(self) -> str:
@@ -71,7 +78,12 @@ class TwoSites:
         return f"cdpv{self.tag}"      # in the source namespace; its peer is in the DR one
 
     def ns_of(self, node_id: str) -> str:
-        return self.ns_src if node_id in SRC_NODES else self.ns_dr
+        return self.ns_src if self._at_source(node_id) else self.ns_dr
+
+    def _at_source(self, node_id: str) -> bool:
+        if self.plan is None:
+            return node_id in SRC_NODES
+        return self.plan.node(node_id).role in SRC_ROLES
 
     # ------------------------------------------------------------ set-up
 
@@ -102,8 +114,11 @@ class TwoSites:
             run("ip", "-n", ns, "link", "set", dev, "up")
 
     def _configs(self) -> None:
-        ports = list(range(17000, 17000 + labplan.PORTS_NEEDED))  # free: fresh namespaces
-        plan = labplan.plan_lab(self.root, 1, self.disk_size, ports)
+        topo = (dataclasses.replace(self.topology, source_site="src", dr_site="dr")
+                if self.topology is not None else None)
+        need = topo.ports_needed() if topo is not None else labplan.PORTS_NEEDED
+        ports = list(range(17000, 17000 + need))  # free: fresh namespaces
+        plan = labplan.plan_lab(self.root, 1, self.disk_size, ports, topology=topo)
         for d in plan.dirs:
             d.mkdir(parents=True, exist_ok=True)
         pki.create_ca(plan.pki, name="cdp netns CA")
@@ -112,23 +127,23 @@ class TwoSites:
             pki.create_node_cert(plan.pki / "ca.pem", plan.pki / "ca.key", plan.pki, nid,
                                  [SRC_IP, DR_IP, "127.0.0.1"], role=role, scope=scope)
         crypto.write_new_key(plan.key_file)
+        self.plan = plan
         moves: dict[str, str] = {}
         for node in plan.nodes:
-            ip = SRC_IP if node.id in SRC_NODES else DR_IP
+            ip = SRC_IP if self._at_source(node.id) else DR_IP
             for addr in (node.address, node.metrics_address):
                 moves[addr] = addr.replace(labplan.HOST, ip)
         for node in plan.nodes:
             text = node.config_text
             for old, new in moves.items():
                 text = text.replace(f'"{old}"', f'"{new}"')
-            site = "src" if node.id in SRC_NODES else "dr"
+            site = "src" if self._at_source(node.id) else "dr"
             text = text.replace('site = "default"', f'site = "{site}"')
-            if node.id == labplan.COORDINATOR_ID:
+            if node.id == labplan.COORDINATOR_ID and topo is None:
                 text = text.replace('target = "target-1"\n',
                                     'target = "target-1"\nsource_site = "src"\n'
                                     'target_site = "dr"\n', 1)
             node.config.write_text(text)
-        self.plan = plan
         self.coordinator = moves[plan.node(labplan.COORDINATOR_ID).address]
 
     def start(self, node_id: str) -> int:
@@ -211,7 +226,9 @@ class TwoSites:
     # ------------------------------------------------------------ tear-down
 
     def down(self) -> None:
-        for node_id in labplan.STOP_ORDER:
+        order = (sorted(self.pids, key=lambda n: labplan.stop_rank(self._plan().node(n).role))
+                 if self.plan is not None else labplan.STOP_ORDER)
+        for node_id in order:
             pid = self.pids.get(node_id)
             if pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -229,6 +246,7 @@ class TwoSites:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
         if self.plan is not None:
-            run("fusermount3", "-u", "-z", str(self.plan.mountpoint), check=False)
+            for mnt in {self.plan.mountpoint, *self.plan.mountpoints.values()}:
+                run("fusermount3", "-u", "-z", str(mnt), check=False)
         run("ip", "netns", "del", self.ns_src, check=False)
         run("ip", "netns", "del", self.ns_dr, check=False)

@@ -63,8 +63,8 @@ def test_two_filters_two_targets_three_policies(lab: Callable[..., LabHandle],
     handle = lab(tmp_path / "lab", disks=2, disk_size="32M", source_proxies=2,
                  target_proxies=2, extra=TOPOLOGY)
     disks = handle.disks
-    assert len(disks) == 6
-    # lab-3 spans both filters: a consistency group of one member per filter
+    assert len(disks) == 8
+    # lab-3 spans both filters (2 disks on each): a group of one member per filter
     placed = {d["member"]: (d["filter"], d["target"]) for d in disks}
     assert placed == {"lab-1": ("filter-1", "target-1"), "lab-2": ("filter-2", "target-2"),
                       "lab-3..filter-1": ("filter-1", "target-1"),

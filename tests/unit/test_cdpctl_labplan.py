@@ -147,7 +147,7 @@ def test_a_multi_host_topology(tmp_path: Path) -> None:
                        p.source_site, p.target_site) for p in coord.policies}
     assert placed == {"lab-1": ("target-1", ["filter-1"], 2, "hq", "dr"),
                       "lab-2": ("target-2", ["filter-2"], 2, "hq", "dr"),
-                      "lab-3": ("target-1", ["filter-1", "filter-2"], 2, "hq", "dr")}
+                      "lab-3": ("target-1", ["filter-1", "filter-2"], 4, "hq", "dr")}
     sites = {nid: cfg.node.site for nid, cfg in loaded.items()}
     assert {k for k, v in sites.items() if v == "hq"} == {
         "coordinator", "filter-1", "filter-2", "source-proxy-1", "source-proxy-2"}
@@ -167,7 +167,7 @@ def test_a_multi_host_topology(tmp_path: Path) -> None:
         assert t.target.data_dir == str(tmp_path / "lab/data" / tid)
     pids = {nid: 100 + i for i, nid in enumerate(topo.start_order())}
     doc = plan.lab_json(pids)
-    assert len(doc["disks"]) == 6
+    assert len(doc["disks"]) == 8   # lab-3: 2 disks on each filter
     for d in doc["disks"]:
         assert d["path"].startswith(str(tmp_path / "lab/mnt" / d["filter"]) + "/")
         assert d["replica_path"] == str(tmp_path / "lab/data" / d["target"] / d["member"]
@@ -218,14 +218,14 @@ def test_two_filters_make_a_policy_spanning_both(tmp_path: Path) -> None:
                                         / "replicas" / f"{d['name']}.img")
 
 
-def test_a_spanning_policy_has_at_least_a_disk_per_filter() -> None:
+def test_a_spanning_policy_has_its_disks_on_every_filter() -> None:
     topo = labplan.Topology(filters=3, policies=2, disks_per_policy=2)
     assert topo.spanning() == "lab-2"
     assert topo.disks_of(0) == ["filter-1", "filter-1"]
-    assert topo.disks_of(1) == ["filter-1", "filter-2", "filter-3"]
-    assert topo.total_disks() == 5
+    assert topo.disks_of(1) == ["filter-1", "filter-2", "filter-3"] * 2
+    assert topo.total_disks() == 8
     with_more = labplan.Topology(filters=2, disks_per_policy=3)
-    assert with_more.disks_of(0) == ["filter-1", "filter-2", "filter-1"]
+    assert with_more.disks_of(0) == ["filter-1", "filter-2"] * 3
     assert labplan.Topology().spanning() == "" and labplan.Topology().total_disks() == 1
     with pytest.raises(ValueError, match="at most 64 disks"):
-        labplan.Topology(filters=8, policies=16, disks_per_policy=4).check()   # 60 + 8
+        labplan.Topology(filters=8, policies=15, disks_per_policy=4).check()   # 56 + 32
