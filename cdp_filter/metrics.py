@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from cdp_common import metricsutil
 
@@ -23,8 +23,16 @@ JOURNAL_FULL_IN = Gauge("cdp_filter_journal_full_in_seconds", "Seconds until the
                         "filling).", ["policy"])
 INTENT_REGIONS = Gauge("cdp_filter_intent_regions", "Write-intent regions marked (resynced "
                        "after a power loss).", ["policy"])
+CHECKPOINT_HOLD = Histogram("cdp_filter_checkpoint_hold_seconds", "How long a consistency-"
+                            "group checkpoint held the policy's new writes (hold to mark, "
+                            "release or timeout).", ["policy"],
+                            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25,
+                                     0.5, 1.0, 2.0))
+CHECKPOINT_MARKERS = Counter("cdp_filter_checkpoint_markers", "CHECKPOINT markers appended "
+                             "(consistency-group checkpoints this member took part in).",
+                             ["policy"])
 PER_POLICY = (WRITES, WRITE_BYTES, JOURNAL_BYTES, SHIPPED_BYTES, DURABLE_SEQ, CAPTURED_SEQ,
-              JOURNAL_CAP, JOURNAL_FULL_IN, INTENT_REGIONS)
+              JOURNAL_CAP, JOURNAL_FULL_IN, INTENT_REGIONS, CHECKPOINT_HOLD, CHECKPOINT_MARKERS)
 
 
 def forget(policy: str) -> None:

@@ -130,6 +130,7 @@ class PolicyRuntime:
         self._unheld = asyncio.Event()
         self._unheld.set()
         self._hold_timer: asyncio.TimerHandle | None = None
+        self._held_since = 0.0
         self.last_checkpoint_id = 0
         """The id of the newest CHECKPOINT marker appended."""
 
@@ -151,6 +152,7 @@ class PolicyRuntime:
             return f"checkpoint id {checkpoint_id} is out of range"
         self._release()
         self.held_id = checkpoint_id
+        self._held_since = time.monotonic()
         self._unheld.clear()
         self._hold_timer = asyncio.get_running_loop().call_later(
             timeout_s, self._expire, checkpoint_id)
@@ -169,6 +171,7 @@ class PolicyRuntime:
             seq = 0
         else:
             self.last_checkpoint_id = checkpoint_id
+            metrics.CHECKPOINT_MARKERS.labels(self.name).inc()
             self.appended.set()
         self._release()
         return seq
@@ -188,6 +191,8 @@ class PolicyRuntime:
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
+        if self.held_id:
+            metrics.CHECKPOINT_HOLD.labels(self.name).observe(time.monotonic() - self._held_since)
         self.held_id = 0
         self._unheld.set()
 
