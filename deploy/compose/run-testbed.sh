@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The compose test bed in one command: build the image, bring up the two sites,
 # run deploy/compose/scenario.py against them (a write replicated byte for byte;
-# a source proxy killed and the policy rebound to the other; a partition between
-# the sites past the lease, during which health must not say OK; restores of an
-# earlier and of the latest point compared with the source as it was), and tear
-# everything down (containers, networks, volumes), whatever happened.
+# dependent writes on two filters restored together from a restore point of a
+# consistency group; a source proxy killed and the policy rebound to the other;
+# a partition between the sites past the lease, during which health must not
+# say OK; restores of an earlier and of the latest point compared with the
+# source as it was), and tear everything down (containers, networks, volumes),
+# whatever happened.
 #
 #   deploy/compose/run-testbed.sh                  # uses $DOCKER_HOST or the default engine
 #   BASE_IMAGE=cdp-base:bookworm deploy/compose/run-testbed.sh
@@ -44,22 +46,28 @@ fi
 say "building the image (BASE_IMAGE=$BASE_IMAGE)"
 dc build -q >/dev/null || { echo "image build failed" >&2; exit 2; }
 trap teardown EXIT
-say "starting coordinator, filter, source proxy, target proxy, target"
+say "starting coordinator, two filters, two source proxies, target proxy, target"
 dc up -d >/dev/null || { dc logs --no-color | tail -40 >&2; exit 2; }
 
-# wait until the filter's disk exists and the policy has both proxies assigned
+# wait until the filters' disks exist and the policy testbed and both members of
+# the group app have both proxies assigned
 conn="--coordinator 198.51.100.5:7000 --ca /etc/cdp/secrets/pki/ca.pem \
       --cert /etc/cdp/secrets/pki/cdpctl.pem --key /etc/cdp/secrets/pki/cdpctl.key"
+assigned='import json,sys
+d = {p["name"]: p for p in json.load(sys.stdin)["policies"]}
+want = ("testbed", "app..filter-1", "app..filter-2")
+sys.exit(0 if all(d.get(n, {}).get("source_proxy") and d[n].get("target_proxy") for n in want) else 1)'
 deadline=$((SECONDS + 60))
 until dc exec -T coordinator sh -c "cdpctl status --json $conn" 2>/dev/null \
-        | python3 -c 'import json,sys; d=json.load(sys.stdin); p=[x for x in d["policies"] if x["name"]=="testbed"]; sys.exit(0 if p and p[0].get("source_proxy") and p[0].get("target_proxy") else 1)' 2>/dev/null \
-      && dc exec -T filter test -e /run/cdp/disks/disk0; do
+        | python3 -c "$assigned" 2>/dev/null \
+      && dc exec -T filter test -e /run/cdp/disks/disk0 -a -e /run/cdp/disks/app-data \
+      && dc exec -T filter-2 test -e /run/cdp/disks/app-log; do
     if [ $SECONDS -ge $deadline ]; then
         echo "the test bed did not come up within 60 s" >&2
         dc ps >&2; dc logs --no-color --tail 30 >&2; exit 2
     fi
     sleep 1
 done
-say "up: policy testbed assigned; running the scenario (deploy/compose/scenario.py)"
+say "up: policy testbed and group app assigned; running the scenario (deploy/compose/scenario.py)"
 COMPOSE_CMD="$COMPOSE -p $project -f $here/compose.yaml" TIMEOUT_S=$timeout_s WRITE_MIB=$write_mib \
     "${PYTHON:-python3}" "$here/scenario.py"

@@ -10,6 +10,7 @@ issue() { [ -f "$S/pki/$1.pem" ] || cdpctl pki issue --dir "$S/pki" "$@"; }
 operator() { [ -f "$S/pki/$1.pem" ] || cdpctl pki issue-operator --dir "$S/pki" "$@"; }
 issue coordinator --role coordinator --host 198.51.100.5 --host 198.51.100.69 --host coordinator
 issue filter-1 --role filter --host 198.51.100.10 --host filter
+issue filter-2 --role filter --host 198.51.100.13 --host filter-2
 issue source-proxy-1 --role source-proxy --host 198.51.100.11 --host 198.51.100.140 --host source-proxy
 issue source-proxy-2 --role source-proxy --host 198.51.100.12 --host 198.51.100.142 --host source-proxy-2
 issue target-proxy-1 --role target-proxy --host 198.51.100.74 --host 198.51.100.141 --host target-proxy
