@@ -4,9 +4,15 @@ Every step checks what the operator would check, from outside the daemons:
 
 1. write A through the filter; the target's replica reaches the source's sha256;
    an on-demand restore point P_A is made;
+   the consistency group "app" (one disk on each of the two filters, run as
+   members app..filter-1 and app..filter-2): a write on filter-1, then, once
+   it is acknowledged, one on filter-2; a group restore point whose checkpoint
+   was taken after both is restored, and both images equal the disks byte for
+   byte; `cdpctl status --json` shows the group's row, with both members, ok;
 2. kill -9 the source proxy serving the policy (its process, from the host) and
    keep it down: the coordinator rebinds the policy to the other source proxy;
-   write B arrives; the killed one starts again and the policy stays put;
+   write B arrives; the killed one starts again and the policy stays put
+   (the bed's coordinator does not rebalance: coordinator.toml says why);
 3. partition the sites past the lease (the proxies off the wan network, the
    coordinator off the DR network): `cdpctl health` must not say OK while the
    policy cannot replicate, and write C must not reach the replica; heal it:
@@ -42,6 +48,10 @@ SERVICE = {"source-proxy-1": "source-proxy", "source-proxy-2": "source-proxy-2"}
 WAN = {"source-proxy": "198.51.100.140", "source-proxy-2": "198.51.100.142",
        "target-proxy": "198.51.100.141"}
 COORDINATOR_DR = "198.51.100.69"
+# the consistency group: (compose service of the filter, member policy, disk), in
+# the order of the dependent writes
+GROUP = "app"
+GROUP_DISKS = (("filter", "app..filter-1", "app-data"), ("filter-2", "app..filter-2", "app-log"))
 LEASE_S = 3.0   # coordinator.toml keeps the default lease_ms
 
 
@@ -118,11 +128,12 @@ def wait(what: str, cond: Callable[[], bool], timeout: float, every: float = 0.5
         time.sleep(every)
 
 
-def write(bed: Bed, offset_mib: int, mib: int) -> str:
-    """Write fresh random data through the filter; the disk's sha256 afterwards."""
-    out = bed.sh("filter", f"head -c {mib * 1048576} /dev/urandom > /tmp/data && "
-                 f"dd if=/tmp/data of={DISK} bs=1M seek={offset_mib} oflag=direct "
-                 f"conv=notrunc,fsync status=none && sha256sum {DISK}").stdout
+def write(bed: Bed, offset_mib: int, mib: int, service: str = "filter",
+          disk: str = DISK) -> str:
+    """Write fresh random data through a filter; the disk's sha256 afterwards."""
+    out = bed.sh(service, f"head -c {mib * 1048576} /dev/urandom > /tmp/data && "
+                 f"dd if=/tmp/data of={disk} bs=1M seek={offset_mib} oflag=direct "
+                 f"conv=notrunc,fsync status=none && sha256sum {disk}").stdout
     return out.split()[0]
 
 
@@ -144,6 +155,68 @@ def step_write_and_point(bed: Bed, timeout: float, write_mib: int) -> tuple[str,
     point = json.loads(bed.cdpctl(f"restore-points create {POLICY} --json").stdout)
     say(f"restore point {point['id']} made after A (last seq {point['last_seq']})")
     return sha_a, str(point["id"])
+
+
+def group_row(bed: Bed) -> dict[str, Any]:
+    for p in bed.status()["policies"]:
+        if p["name"] == GROUP:
+            return dict(p)
+    raise Failed(f"group {GROUP} is not in `cdpctl status`")
+
+
+def step_group(bed: Bed, timeout: float) -> None:
+    """Dependent writes on two filters, restored together from one group point."""
+    want: dict[str, str] = {}
+    for service, _member, disk in GROUP_DISKS:
+        # each write starts after the one before returned (fsync'd, acknowledged)
+        want[disk] = write(bed, 1, 1, service, f"/run/cdp/disks/{disk}")
+    written_ns = time.time_ns()
+    say(f"group {GROUP}: wrote 1 MiB on " + ", then on ".join(
+        f"{s} ({d}, {want[d][:12]}…)" for s, _, d in GROUP_DISKS))
+    # A checkpoint id is the source proxy's clock when its round began (the host's
+    # clock: containers share it), so a point whose id is later holds both writes.
+    found: list[dict[str, Any]] = []
+
+    def newer_point() -> bool:
+        points = json.loads(bed.cdpctl(f"restore-points {GROUP} --json").stdout)
+        found[:] = [p for p in points if p["checkpoint_id"] > written_ns and p["members"]]
+        return bool(found)
+    took = wait(f"a group point of {GROUP} after the writes", newer_point, timeout)
+    point = found[0]
+    members = sorted(m["policy"] for m in point["members"])
+    if members != sorted(m for _, m, _ in GROUP_DISKS):
+        raise Failed(f"group point {point['id']} has members {members}")
+    if not point["consistent"]:
+        raise Failed(f"group point {point['id']} is not consistent: {point['gap']}")
+    say(f"group point {point['id']} of {GROUP} ({', '.join(members)}) after "
+        f"{took:.1f} s")
+    out = f"{RESTORES}/group"
+    doc = json.loads(bed.cdpctl(f"restore {GROUP} --point {point['id']} --out {out} --json",
+                                timeout=300).stdout)
+    images = {img["disk"]: img["path"] for img in doc["images"]}
+    if sorted(images) != sorted(want):
+        raise Failed(f"restore of group point {point['id']} wrote {sorted(images)}, "
+                     f"not {sorted(want)}")
+    for disk, sha in want.items():
+        got = bed.sha("target", images[disk])
+        if got != sha:
+            raise Failed(f"restore of group point {point['id']}: {disk} sha256 "
+                         f"{got or '<none>'} != the source's {sha}")
+    bed.sh("target", f"rm -rf {out}")
+    say(f"restore of group point {point['id']}: both images match the filters' disks")
+    seen: dict[str, Any] = {}
+
+    def row_ok() -> bool:
+        seen.update(group_row(bed))
+        return seen["state"] == "ok"
+    try:
+        wait(f"group {GROUP} ok in `cdpctl status`", row_ok, timeout)
+    except Failed as e:
+        raise Failed(f"{e}: {seen.get('state')} ({seen.get('reason')})") from None
+    if sorted(seen["members"] or []) != members:
+        raise Failed(f"the group's status row lists members {seen['members']}")
+    say(f"status: group {GROUP} ok, members {', '.join(members)}, RPO lag "
+        f"{seen['rpo_lag_s']:.1f} s")
 
 
 def step_kill_proxy(bed: Bed, timeout: float) -> str:
@@ -235,6 +308,7 @@ def main() -> int:
     bed = Bed(compose)
     try:
         sha_a, point = step_write_and_point(bed, timeout, write_mib)
+        step_group(bed, timeout)
         step_kill_proxy(bed, timeout)
         sha_now = step_partition(bed, timeout)
         step_restore(bed, point, sha_a, sha_now)

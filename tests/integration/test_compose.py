@@ -2,9 +2,12 @@
 
 Two sites as two compose networks (plus the proxies' wan), every daemon in
 its own container, mutual TLS from a one-shot `cdpctl pki` init container,
-the filter's FUSE mount inside its container. deploy/compose/scenario.py then
-checks, from outside the daemons: a write reaches the target's replica byte for
-byte (sha256); a source proxy killed with SIGKILL has its policy rebound to the
+two filters' FUSE mounts inside their containers. deploy/compose/scenario.py
+then checks, from outside the daemons: a write reaches the target's replica byte
+for byte (sha256); a consistency group with one disk on each filter takes a
+write on filter-1 and then one on filter-2, and a group restore point taken
+after both restores both disks byte for byte, with the group's status row ok;
+a source proxy killed with SIGKILL has its policy rebound to the
 other one and the next write arrives; during a partition between the sites
 past the lease `cdpctl health` does not say OK and nothing crosses, and after
 it the held-back write arrives and health is OK again; restores of an earlier
@@ -120,7 +123,10 @@ def test_compose_testbed_scenario(docker_env: dict[str, str], base_image: str,
     assert done.returncode == 0, detail
     out = done.stdout
     print("\n".join(line for line in out.splitlines() if line.startswith("[testbed]")))
-    for line in ("write A", "matches after", "rebound from source-proxy-", "write B through",
+    for line in ("write A", "matches after", "group app: wrote 1 MiB on filter (",
+                 "then on filter-2 (", "group point", "both images match the filters' disks",
+                 "status: group app ok, members app..filter-1, app..filter-2",
+                 "rebound from source-proxy-", "write B through",
                  "during the partition", "write C held back", "healed: write C reached",
                  "health OK again", "(--point", "(--latest)", "health: OK", "all checks held"):
         assert line in out, f"{line!r} missing from the scenario's output:\n{detail}"
