@@ -21,17 +21,21 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cdp_common.errors import CdpError
 from cdp_common.timefmt import iso_utc as iso
 from cdpctl import failtest, lazy, status, table
 from cdpctl.cmdline import Context, Subparsers
 from cdpctl.state import UsageError
 from cdpctl.targetcall import (
     RESTORE_TIMEOUT_S,
+    TargetClient,
     chosen_point_dict,
     client_for,
     detach_loops,
+    group_failover_members,
     images_of,
     inconsistent_warning,
+    member_of_image,
     members_of,
     restore_request,
 )
@@ -149,6 +153,7 @@ def cmd_points(args: argparse.Namespace, ctx: Context) -> int:
     args.policy = words[0]
     client = client_for(args, coord)
     member_gaps: dict[str, list[dict[str, Any]]] = {}
+    member_states: dict[str, str] = {}
     try:
         reply = client.call("list", client.stub.List, pb.ListPointsRequest(policy=args.policy),
                             timeout=args.timeout)
@@ -157,6 +162,9 @@ def cmd_points(args: argparse.Namespace, ctx: Context) -> int:
             gaps = []
         else:
             gaps = client.gaps(args.policy, args.timeout)
+        if reply.failover_state and not gaps:   # a group's: say which member is where
+            names = client.group_members(args.policy, args.timeout)
+            member_states = client.failover_states(names, args.timeout)
     finally:
         client.close()
     points = [point_dict(p, gaps, member_gaps) for p in reply.points]
@@ -171,9 +179,16 @@ def cmd_points(args: argparse.Namespace, ctx: Context) -> int:
                 for line in render_gaps(mg):
                     print(f"{name}: {line}")
         extra = f"{len(points)} points, {format_bytes(reply.total_bytes)} of undo data"
-        if reply.failover_state:
+        if reply.failover_state and member_states:
+            extra += (f"; group failover: {reply.failover_state} ("
+                      + ", ".join(f"{n}: {st or 'none'}" for n, st in member_states.items())
+                      + ")")
+        elif reply.failover_state:
             extra += f"; policy failover: {reply.failover_state}"
         print(extra)
+        if reply.failover_state == "partial":
+            print(f"the group is only partly failed over: `cdpctl failover {args.policy} "
+                  f"--point ID` finishes it, `cdpctl failover undo {args.policy}` undoes it")
     return 0
 
 
@@ -239,6 +254,7 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
             doc: dict[str, Any] = {"policy": args.policy, "state": "active",
                                    "point": chosen_point_dict(done), "images": images,
                                    "seconds": round(done.seconds, 3)}
+            acted = [m.policy for m in done.point.members]
         else:
             fn = client.stub.FailoverUndo if action == "undo" else client.stub.FailoverCommit
             reply = client.call(f"failover {action}", fn,
@@ -252,10 +268,19 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
                              "time": iso(reply.point.time_ns)},
                    "images": [{"disk": i.disk, "path": i.path} for i in reply.images],
                    "detached": detached}
+            acted = [m.policy for m in reply.point.members]
+            if acted:
+                doc["point"].update(checkpoint_id=reply.point.checkpoint_id,
+                                    members=members_of(reply.point))
+        if acted:   # a consistency group: every member, its state and its images
+            doc["members"] = _group_members(client, args, action, acted, doc["images"])
     finally:
         client.close()
     if args.json:
         print(json.dumps(doc, indent=2))
+        return 0
+    if "members" in doc:
+        _print_group_failover(args.policy, action, doc)
         return 0
     if action == "start":
         p = doc["point"]
@@ -275,6 +300,48 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
         print(f"failover of policy {args.policy} committed: the replicas now hold the failover "
               f"disks; replication stays stopped (production moved to DR)")
     return 0
+
+
+def _group_members(client: TargetClient, args: argparse.Namespace, action: str,
+                   acted: list[str], images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every member of the group with its failover state as the target now says, and
+    its images; each image also names its member. The action is done already: when
+    the states cannot be read, the acted-on members' are the action's outcome."""
+    outcome = {"start": "active", "undo": "", "commit": "committed"}[action]
+    try:
+        names = client.group_members(args.policy, args.timeout) or acted
+        states = client.failover_states(names, args.timeout)
+    except CdpError:
+        names, states = acted, {n: outcome for n in acted}
+    for img in images:
+        img["member"] = member_of_image(img["path"], names) or None
+    return group_failover_members(images, names, states)
+
+
+def _print_group_failover(group: str, action: str, doc: dict[str, Any]) -> None:
+    p = doc["point"]
+    members = ", ".join(f"{m['policy']} point {m['point_id']}" for m in p["members"])
+    if action == "start":
+        print(f"consistency group {group} is failed over to checkpoint {p['id']} "
+              f"({p['time']}; {members}); replication of its members is stopped, the "
+              f"sources keep journaling.")
+        if not p["consistent"]:
+            print(inconsistent_warning(p))
+        print("writable disks:")
+        for img in doc["images"]:
+            print(f"  {img['disk']} ({img.get('member') or '?'}): {img['path']}"
+                  + (f" -> {img['loop']}" if "loop" in img else ""))
+        print(f"discard: cdpctl failover undo {group}   make permanent: "
+              f"cdpctl failover commit {group}")
+    elif action == "undo":
+        print(f"failover of consistency group {group} undone ({members}): images deleted, "
+              f"replication resumes")
+    else:
+        print(f"failover of consistency group {group} committed ({members}): the replicas "
+              f"now hold the failover disks; replication stays stopped (production moved "
+              f"to DR)")
+    states = ", ".join(f"{m['policy']}: {m['state']}" for m in doc["members"])
+    print(f"group failover: {doc['state']} ({states})")
 
 
 # ---------------------------------------------------------------- parser
@@ -385,6 +452,17 @@ def register(sub: Subparsers, ctx: Context) -> None:
                  points are dropped. `cdpctl status` shows the policy's failover.
             As with `cdpctl restore`, a point inside a gap is refused unless
             --allow-inconsistent, and the newest point includes every acked delta.
+
+            POLICY may be a consistency group (disks on several filters, members
+            <group>..<filter>): --point is then a group point (a checkpoint id from
+            `cdpctl restore-points GROUP`), and every member fails over at its point
+            of that checkpoint, so all the group's disks come up at one instant;
+            undo and commit act on every member. A member failed over on its own
+            elsewhere refuses the group's failover. A failover cut short (the target
+            killed between two members) leaves the group "partial" (restore-points
+            says which members): the same failover again finishes it, `failover
+            undo GROUP` undoes it. --json adds "members": each member's state and
+            images.
 
             A test failover leaves replication alone: `failover test start POLICY
             --out DIR [--point ID | --time ISO8601] [--name NAME] [--loop]` writes

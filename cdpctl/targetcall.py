@@ -82,6 +82,23 @@ def members_of(p: pb.PointInfo) -> list[dict[str, Any]]:
              "time": iso(m.time_ns)} for m in p.members]
 
 
+def member_of_image(path: str, members: list[str]) -> str:
+    """The member policy whose failover image `path` is: the target keeps a policy's
+    failover images in <data_dir>/<policy>/failover/ ("" when not one of `members`)."""
+    parts = path.rstrip("/").split("/")
+    name = parts[-3] if len(parts) >= 3 and parts[-2] == "failover" else ""
+    return name if name in members else ""
+
+
+def group_failover_members(images: list[dict[str, Any]], members: list[str],
+                           states: dict[str, str]) -> list[dict[str, Any]]:
+    """A group failover per member: its state (`states`: "" = none) and its images
+    (those of `images` under its failover directory)."""
+    return [{"policy": m, "state": states.get(m) or "none",
+             "images": [i for i in images if member_of_image(i["path"], members) == m]}
+            for m in sorted(members)]
+
+
 def inconsistent_warning(point: dict[str, Any]) -> str:
     return (f"WARNING: point {point['id']} is NOT consistent"
             + (f" ({point['gap']})" if point.get("gap") else "")
@@ -133,6 +150,17 @@ class TargetClient:
         reply = self.call("policy state", rgrpc.TargetStub(self.channel).GetPolicyState,
                           rpb.PolicyStateRequest(), timeout=timeout_s)
         return {s.policy: [gap_dict(g) for g in s.gaps] for s in reply.policies}
+
+    def failover_states(self, policies: list[str], timeout_s: float) -> dict[str, str]:
+        """Each policy's failover state at this target ("" none), from its List."""
+        return {n: self.call("list", self.stub.List, pb.ListPointsRequest(policy=n),
+                             timeout=timeout_s).failover_state for n in policies}
+
+    def group_members(self, group: str, timeout_s: float) -> list[str]:
+        """The member policies ``<group>..*`` this target keeps, sorted ([]: `group` is
+        no consistency group here)."""
+        return sorted(n for n in self.all_gaps(timeout_s)
+                      if (split_member(n) or ("",))[0] == group)
 
     def call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
         try:
