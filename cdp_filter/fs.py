@@ -34,7 +34,7 @@ import pyfuse3
 
 from cdp_common.clock import wall_ns
 from cdp_common.errors import CdpError, StorageError
-from cdp_filter.policy import Disk
+from cdp_filter.policy import Disk, WritesFrozenError
 
 log = logging.getLogger("filter.fuse")
 
@@ -232,6 +232,8 @@ class FilterFs(pyfuse3.Operations):
             buf = buf[:n]
         try:
             await self.runtimes[d.policy].write(d, off, buf)   # the capture (policy.py)
+        except WritesFrozenError:
+            raise pyfuse3.FUSEError(errno.EROFS) from None   # logged once, by set_frozen
         except CdpError as exc:
             log.error("write to %s at %d failed: %s", d.name, off, exc,
                       extra={"disk": d.name, "policy": d.policy})

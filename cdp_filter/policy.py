@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cdp_common.clock import wall_ns
-from cdp_common.errors import StorageError, UnavailableError
+from cdp_common.errors import CdpError, StorageError, UnavailableError
 from cdp_common.fileio import OS_IO, FileIO
 from cdp_common.forecast import Trend
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
@@ -41,6 +41,10 @@ from cdp_filter.overflow import Mode, OverflowMachine
 log = logging.getLogger("filter.policy")
 
 NOTICE_S = 60.0  # how long a notice (set_notice) is reported
+
+
+class WritesFrozenError(CdpError, grpc_status="FAILED_PRECONDITION"):
+    """The policy is frozen for a planned failover: its disks take no writes (EROFS)."""
 
 
 @dataclass(eq=False)
@@ -133,6 +137,21 @@ class PolicyRuntime:
         self._held_since = 0.0
         self.last_checkpoint_id = 0
         """The id of the newest CHECKPOINT marker appended."""
+        self.frozen = False
+        """A planned failover froze the policy: new writes are refused (set_frozen)."""
+
+    def set_frozen(self, on: bool) -> None:
+        """Refuse (or accept again) writes to the policy's disks (Assignment.frozen)."""
+        if on == self.frozen:
+            return
+        self.frozen = on
+        if on:
+            log.warning("frozen for a planned failover: writes to %s are refused (EROFS) "
+                        "from seq %d on; the journal drains to the DR site",
+                        ", ".join(d.name for d in self.disks), self.journal.last_seq + 1,
+                        extra={"policy": self.name, "seq": self.journal.last_seq})
+        else:
+            log.warning("unfrozen: writes are accepted again", extra={"policy": self.name})
 
     # ------------------------------------------------------------ checkpoints
 
@@ -214,13 +233,16 @@ class PolicyRuntime:
         """Capture one application write of `buf` at `off` (inside the disk): journal it
         (or mark its blocks while tracking), then write the image.
 
-        Every await comes before the seq is taken: a checkpoint hold, back-pressure
+        A frozen policy refuses the write (WritesFrozenError; re-checked after every
+        await). Every await comes before the seq is taken: a checkpoint hold, back-pressure
         while the journal is over its cap, then the durable write-intent bits of its regions (W1 of
         cdp_filter.intent); from the last check to the image write nothing yields,
         so journal order == image order (fs.py).
         """
         n = len(buf)
         while True:
+            if self.frozen:
+                raise WritesFrozenError(f"policy {self.name} is frozen for a planned failover")
             if self.held_id:
                 await self._unheld.wait()   # a checkpoint is being taken (ms)
             elif self.tracker is None and self.journal.over_cap:
@@ -300,7 +322,8 @@ class PolicyRuntime:
         report = cpb.PolicyReport(policy=self.name, captured_seq=self.journal.last_seq,
                                   captured_time_ns=self.journal.last_time_ns,
                                   journal_bytes=self.journal.size_bytes, error=error,
-                                  journal_full_in_s=self.journal_full_in())
+                                  journal_full_in_s=self.journal_full_in(),
+                                  frozen=self.frozen)
         if self.tracker is not None:
             self.tracker.fill(report)
         if self.syncer is not None:

@@ -172,6 +172,8 @@ class Shipper:
         self.connected = False
         self.welcomes = 0  # streams welcomed so far (a new link for the resync worker)
         self._assignment: cpb.Assignment | None = self._load()
+        if self._assignment is not None:
+            rt.set_frozen(self._assignment.frozen)   # before the coordinator answers
         self._changed = asyncio.Event()
         self._welcomed = False
         self._last_logged = ""
@@ -235,6 +237,8 @@ class Shipper:
     def set_assignment(self, a: cpb.Assignment | None) -> None:
         """Adopt the coordinator's current assignment for this policy (None = none)."""
         old = self._assignment
+        if a is not None:
+            self.rt.set_frozen(a.frozen)   # also while unplaced: production stays stopped
         if a is not None and not usable(a):
             self.rt.error = f"unassigned: {a.reason}" if a.reason else ""
             a = None
@@ -245,6 +249,9 @@ class Shipper:
                 self._changed.set()
             return
         if old is not None and assignment_key(old) == assignment_key(a):
+            if a.frozen != old.frozen:
+                self._assignment = a
+                self._save(a)   # a restart without the coordinator must stay frozen
             if a.sync_request_id != old.sync_request_id:
                 self._assignment = a   # an operator sync: may release a target-ahead hold
                 if self._ahead.floor is not None or self._behind.floor is not None:
