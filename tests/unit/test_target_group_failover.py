@@ -3,12 +3,15 @@ checkpoint, checked byte for byte against an oracle of each member's writes; a
 member failed over elsewhere refuses it and nothing changes; undo and commit of
 the group; a failure of one member rolls back the others; a target killed
 between two members leaves a visible "partial" group, which undo cleans up and
-the same failover again finishes. The pure state table is tested alone."""
+the same failover again finishes (also after a real SIGKILL of a target process
+amid the second member's copy). The pure state table is tested alone."""
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from cdp_target.grouppoints import (
 )
 from cdp_target.restore_service import RestoreService
 from cdp_target.service import TargetService
-from cdp_target.store import DiskSpec
+from cdp_target.store import DiskSpec, PolicyStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -298,7 +301,6 @@ async def _killed_between_members(target: Target) -> None:
     """The disk state a SIGKILL leaves when it hits a group failover at checkpoint 13
     after g..fa's failover.json, while g..fb's images are being written."""
     await target.stop()
-    from cdp_target.store import PolicyStore
     store = PolicyStore.open(target.data / A, target.members[A].disks, apply=False)
     try:
         R.Failover(store).start(lambda: store.undo.catalog.by_checkpoint[13])
@@ -340,3 +342,56 @@ async def test_a_crash_between_members_is_finished_by_the_same_failover(
     assert (target.data / A / R.FAILOVER_FILE).read_bytes() == kept   # not redone
     _images_equal_oracle(target, 13, {i.disk: Path(i.path) for i in done.images})
     assert await _listed_state(rs) == "active"
+
+
+KILLER = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from cdp_common.pb.cdp.v1 import restore_pb2 as pb
+from cdp_target import restore as R
+from cdp_target.restore_service import RestoreService
+from cdp_target.service import TargetService
+
+real = R.Failover.start
+
+def start(self, select, progress=None):
+    def kill_at_once(phase, done, total):   # the second member's images half written
+        if self.store.dir.name == "g..fb":
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, select, kill_at_once)
+R.Failover.start = start
+
+class Ctx:
+    async def abort(self, code, details, trailing_metadata=()):
+        raise SystemExit(f"{code}: {details}")
+
+async def main():
+    service = TargetService(Path(sys.argv[1]))
+    await service.open_existing()
+    rs = RestoreService(service, Path(sys.argv[2]))
+    await rs.attach()
+    async for _ in rs.Failover(pb.RestoreRequest(policy="g", point_id=13), Ctx()):
+        pass
+    raise SystemExit("the failover ended: it should have been killed")
+asyncio.run(main())
+"""
+
+
+async def test_a_target_killed_between_members_leaves_a_partial_group(
+        target: Target) -> None:
+    """A real SIGKILL of a target process during the second member's copy."""
+    await target.stop()
+    done = subprocess.run([sys.executable, "-c", KILLER, str(target.data),
+                           str(target.restores)], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == -9, done.stderr
+    assert (target.data / A / R.FAILOVER_FILE).exists()
+    assert not (target.data / B / R.FAILOVER_FILE).exists()
+    assert list((target.data / B / R.FAILOVER_DIR).glob("*.partial"))
+    rs = await target.start()
+    assert await _listed_state(rs) == "partial"
+    assert not (target.data / B / R.FAILOVER_DIR).exists()
+    reply = await rs.FailoverUndo(pb.FailoverRequest(policy="g"), CTX)
+    assert reply.state == "" and [m.policy for m in reply.point.members] == [A]
+    assert await _listed_state(rs) == ""
+    assert all(target.rt(n).refusal == "" for n in (A, B))
