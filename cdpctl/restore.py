@@ -43,6 +43,7 @@ from cdpctl.units import format_bytes
 
 if TYPE_CHECKING:
     from cdp_common.pb.cdp.v1 import restore_pb2 as pb
+    from cdpctl.resolve import Coordinator
 else:   # loaded when a command runs, not for --help (cdpctl.lazy)
     pb = lazy.module("cdp_common.pb.cdp.v1.restore_pb2")
 
@@ -245,15 +246,27 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
                               or args.allow_inconsistent):
         raise UsageError(f"failover {action}: --point, --time, --loop and "
                          f"--allow-inconsistent go with `failover POLICY`")
+    if args.planned and (action != "start" or args.point or args.time
+                         or args.allow_inconsistent):
+        raise UsageError("--planned goes with `failover POLICY` alone: it fails over at the "
+                         "point that holds every write (no --point, --time or "
+                         "--allow-inconsistent)")
     client = client_for(args, coord)
     try:
+        planned_doc: dict[str, Any] = {}
+        if action == "start" and args.planned:
+            request, planned_doc = _planned_request(args, coord, client)
+        elif action == "start":
+            request = restore_request(args)
         if action == "start":
             done = client.stream("failover", client.stub.Failover(
-                restore_request(args), timeout=RESTORE_TIMEOUT_S), args.json)
+                request, timeout=RESTORE_TIMEOUT_S), args.json)
             images = images_of(done, args.loop, read_only=False)
             doc: dict[str, Any] = {"policy": args.policy, "state": "active",
                                    "point": chosen_point_dict(done), "images": images,
                                    "seconds": round(done.seconds, 3)}
+            if planned_doc:
+                doc["planned"] = planned_doc
             acted = [m.policy for m in done.point.members]
         else:
             fn = client.stub.FailoverUndo if action == "undo" else client.stub.FailoverCommit
@@ -269,6 +282,11 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
                    "images": [{"disk": i.disk, "path": i.path} for i in reply.images],
                    "detached": detached}
             acted = [m.policy for m in reply.point.members]
+            if action == "undo":
+                from cdpctl import planned
+                if planned.is_frozen(coord, args.policy, args.timeout):
+                    planned.set_frozen(coord, args.policy, False, args.timeout)
+                    doc["unfrozen"] = True   # production takes writes again
             if acted:
                 doc["point"].update(checkpoint_id=reply.point.checkpoint_id,
                                     members=members_of(reply.point))
@@ -282,7 +300,17 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
     if "members" in doc:
         _print_group_failover(args.policy, action, doc)
         return 0
-    if action == "start":
+    if action == "start" and planned_doc:
+        p = doc["point"]
+        print(f"policy {args.policy}: planned failover to point {p['id']} ({p['time']}, last "
+              f"seq {p['last_seq']}), which holds every write the source accepted (RPO 0); "
+              "the source refuses writes (frozen) until `cdpctl failover undo "
+              f"{args.policy}`.")
+        print("writable disks:")
+        for img in doc["images"]:
+            print(f"  {img['disk']}: {img['path']}" + (f" -> {img['loop']}" if "loop" in img
+                                                       else ""))
+    elif action == "start":
         p = doc["point"]
         print(f"policy {args.policy} is failed over to point {p['id']} ({p['time']}, last seq "
               f"{p['last_seq']}); replication is stopped, the source keeps journaling.")
@@ -295,11 +323,33 @@ def cmd_failover(args: argparse.Namespace, ctx: Context) -> int:
         print(f"discard: cdpctl failover undo {args.policy}   make permanent: "
               f"cdpctl failover commit {args.policy}")
     elif action == "undo":
-        print(f"failover of policy {args.policy} undone: images deleted, replication resumes")
+        print(f"failover of policy {args.policy} undone: images deleted, replication resumes"
+              + ("; the source takes writes again (unfrozen)" if doc.get("unfrozen") else ""))
     else:
         print(f"failover of policy {args.policy} committed: the replicas now hold the failover "
               f"disks; replication stays stopped (production moved to DR)")
     return 0
+
+
+def _planned_request(args: argparse.Namespace, coord: Coordinator, client: TargetClient,
+                     ) -> tuple[pb.RestoreRequest, dict[str, Any]]:
+    """Freeze, drain and find the final point (cdpctl.planned); unfreeze on failure."""
+    from cdpctl import planned
+
+    def points() -> list[pb.PointInfo]:
+        reply = client.call("restore-points", client.stub.List,
+                            pb.ListPointsRequest(policy=args.policy), timeout=args.timeout)
+        return list(reply.points)
+
+    planned.set_frozen(coord, args.policy, True, args.timeout)
+    try:
+        point, captured = planned.drain(coord, args.policy, points, args.drain_timeout,
+                                        args.json)
+    except BaseException:
+        planned.set_frozen(coord, args.policy, False, args.timeout)
+        raise
+    return (pb.RestoreRequest(policy=args.policy, point_id=point.id),
+            {"captured_seq": captured, "rpo_s": 0.0})
 
 
 def _group_members(client: TargetClient, args: argparse.Namespace, action: str,
@@ -470,12 +520,22 @@ def register(sub: Subparsers, ctx: Context) -> None:
             with writable loop devices with --loop; writes to them never reach the
             replicas or the restore points, and several tests may run at once.
             `failover test list POLICY` shows them; `failover test stop POLICY NAME`
-            (or --all) detaches their loop devices and deletes every trace."""),
+            (or --all) detaches their loop devices and deletes every trace.
+
+            `failover POLICY --planned` loses no write (RPO 0), for a move planned
+            ahead: it freezes the policy (its filters refuse every new write with
+            EROFS, and say so in their log), waits until the target applied all that
+            was captured (--drain-timeout), then fails over at the point that holds
+            it (for a group: a checkpoint taken after the freeze). The source stays
+            frozen, since production moved to DR; `failover undo POLICY` unfreezes
+            it. If the drain does not finish, nothing is failed over and the policy
+            is unfrozen again."""),
         epilog=epilog("""\
             cdpctl failover lab --loop
             cdpctl failover lab --time 2024-05-01T12:30:00Z --json
             cdpctl failover undo lab
             cdpctl failover commit lab
+            cdpctl failover lab --planned --json
             cdpctl failover test start lab --point 1234 --out /srv/restore/drill --loop
             cdpctl failover test list lab
             cdpctl failover test stop lab --all""", notes))
@@ -490,5 +550,10 @@ def register(sub: Subparsers, ctx: Context) -> None:
     p.add_argument("--name", metavar="NAME",
                    help="test start: the test's name (default test-<UTC time>)")
     p.add_argument("--all", action="store_true", help="test stop: every test of the policy")
+    p.add_argument("--planned", action="store_true",
+                   help="freeze the source, drain, fail over at the point holding every "
+                        "write (RPO 0)")
+    p.add_argument("--drain-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="--planned: how long the drain may take (default 120)")
     common(p)
     p.set_defaults(func=cmd_failover)

@@ -94,6 +94,8 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
         # forecasts (0: none): the RPO breach, the journal's overflow
         "rpo_breach_in_s": round(p.rpo_breach_in_s, 1),
         "journal_full_in_s": round(p.journal_full_in_s, 1),
+        # a planned failover froze it and its filter refuses writes (captured_seq is final)
+        "frozen": p.frozen,
         "gaps": [{"begin_seq": g.begin_seq, "end_seq": g.end_seq,
                   "begin_time_ns": g.begin_time_ns, "end_time_ns": g.end_time_ns,
                   "reason": g.reason} for g in p.gaps],
