@@ -13,6 +13,8 @@ default), laid out as docs/FORMAT.md "Coordinator state in etcd" specifies:
     <prefix>alarms/<id, 20 digits>   alarm event JSON
     <prefix>alarm-last-id            the last alarm id allocated (decimal)
     <prefix>alarm-levels/<policy>    the level of the policy's newest event
+    <prefix>sync-requests/<policy>   the newest `cdpctl sync` request id (decimal)
+    <prefix>leader                   the leader election key (cdp_coordinator.leader)
 
 Every mutator is one etcd transaction, so it takes effect entirely or not at
 all, and a committed transaction is on a quorum's disk before etcd answers
@@ -65,7 +67,7 @@ from typing import Any, TypeVar
 import grpc
 
 from cdp_common.config import PolicyConfig
-from cdp_common.errors import CorruptStateError, FormatError, StorageError
+from cdp_common.errors import CorruptStateError, FencedError, FormatError, StorageError
 from cdp_common.pb.etcd.etcdserverpb import rpc_pb2 as pb
 from cdp_common.pb.etcd.etcdserverpb import rpc_pb2_grpc as pbg
 from cdp_coordinator.alarms import AlarmEvent
@@ -92,6 +94,8 @@ MAX_TXN_OPS = 128
 CAS_ATTEMPTS = 50
 """Optimistic transactions retried this often under contention before giving up."""
 ALARM_ID_DIGITS = 20
+ELECTION_KEY = "leader"
+"""The leader election key under the prefix (cdp_coordinator.leader)."""
 LIST_PAGE = 1000
 
 _CHANNEL_OPTIONS = [
@@ -186,6 +190,10 @@ class EtcdStore:
         self.max_txn_ops = max_txn_ops
         self._current = 0
         self._channels: dict[int, grpc.Channel] = {}
+        self.fence_revision = 0
+        """While > 0, every write also requires the election key to have this
+        create_revision (this coordinator still leads the term it won), else
+        FencedError (`set_fence`)."""
         self.name = f"etcd {', '.join(self.endpoints)} (prefix {prefix!r})"
         try:
             self._check_schema()
@@ -239,9 +247,30 @@ class EtcdStore:
         req = pb.RangeRequest(key=key, range_end=range_end, revision=revision, **kw)
         return self._call(what, lambda s: s.Range(req, timeout=self.timeout_s))
 
+    def set_fence(self, revision: int) -> None:
+        """Fence every later write on the election key's create_revision being
+        `revision` (0: no fence; cdp_coordinator.leader)."""
+        self.fence_revision = revision
+
+    def _fence(self) -> list[pb.Compare]:
+        if not self.fence_revision:
+            return []
+        return [pb.Compare(key=self._key(ELECTION_KEY), target=pb.Compare.CREATE,
+                           result=pb.Compare.EQUAL, create_revision=self.fence_revision)]
+
+    def _check_fence(self, what: str) -> None:
+        """Raise FencedError when the fence no longer holds (another coordinator leads)."""
+        if not self.fence_revision:
+            return
+        resp = self._range("read the election key", self._key(ELECTION_KEY))
+        if not resp.kvs or resp.kvs[0].create_revision != self.fence_revision:
+            raise FencedError(f"{self.name}: cannot {what}: this coordinator no longer "
+                              f"leads (election term {self.fence_revision} is over)")
+
     def _commit(self, what: str, compare: list[pb.Compare],
                 ops: Sequence[pb.RequestOp]) -> bool:
-        """One transaction: `ops` if every compare holds; returns whether it did."""
+        """One transaction: `ops` if every compare holds (and the fence); returns whether
+        it did. Raises FencedError when the fence failed."""
         if not ops:
             return True
         if len(ops) > self.max_txn_ops:
@@ -249,8 +278,10 @@ class EtcdStore:
                                f"transaction exceed etcd's --max-txn-ops ({self.max_txn_ops}); "
                                f"raise it on every etcd member and coordinator.etcd_max_txn_ops",
                                transient=False)
-        req = pb.TxnRequest(compare=compare, success=ops)
+        req = pb.TxnRequest(compare=compare + self._fence(), success=ops)
         resp: pb.TxnResponse = self._call(what, lambda s: s.Txn(req, timeout=self.timeout_s))
+        if not resp.succeeded:
+            self._check_fence(what)
         return resp.succeeded
 
     def _optimistic(self, what: str, attempt: Callable[[], tuple[list[pb.Compare],
@@ -297,6 +328,8 @@ class EtcdStore:
         pols = self._range("read coordinator state", *self._range_of("policies/"), revision=rev)
         asgs = self._range("read coordinator state", *self._range_of("assignments/"),
                            revision=rev)
+        syncs = self._range("read coordinator state", *self._range_of("sync-requests/"),
+                            revision=rev)
         decoded: list[list[Any]] = [[], [], []]
         decoders: list[Callable[[str], Any]] = [node_from_json, policy_from_json,
                                                 assignment_from_json]
@@ -308,7 +341,35 @@ class EtcdStore:
                     raise self._corrupt(kv.key, FormatError(f"not UTF-8: {exc}")) from None
                 except FormatError as exc:
                     raise self._corrupt(kv.key, exc) from None
-        return Snapshot(nodes=decoded[0], policies=decoded[1], assignments=decoded[2])
+        return Snapshot(nodes=decoded[0], policies=decoded[1], assignments=decoded[2],
+                        sync_requests=self._sync_requests(syncs.kvs))
+
+    def _sync_requests(self, kvs: Sequence[Any]) -> dict[str, int]:
+        n = len(self._key("sync-requests/"))
+        out = {}
+        for kv in kvs:
+            try:
+                out[kv.key[n:].decode()] = int(kv.value)
+            except (UnicodeDecodeError, ValueError):
+                raise self._corrupt(kv.key, FormatError(
+                    f"sync request id {kv.value[:40]!r} is not a number")) from None
+        return out
+
+    def save_sync_requests(self, requests: dict[str, int]) -> None:
+        if not requests:
+            return
+        start, end = self._range_of("sync-requests/")
+        keys = {self._key("sync-requests/", name): rid for name, rid in requests.items()}
+
+        def attempt() -> tuple[list[pb.Compare], list[pb.RequestOp]]:
+            resp = self._range("read sync requests", start, end)
+            stored = self._sync_requests([kv for kv in resp.kvs if kv.key in keys])
+            n = len(start)
+            ops = [_put(k, str(rid)) for k, rid in sorted(keys.items())
+                   if rid > stored.get(k[n:].decode(), 0)]
+            return [_unchanged_since(start, end, resp.header.revision)], ops
+
+        self._optimistic("save sync requests", attempt)
 
     def save_node(self, info: NodeInfo) -> None:
         self._commit("save a node", [], [_put(self._key("nodes/", info.id), node_to_json(info))])

@@ -8,7 +8,8 @@ last heartbeat is older than `lease_s` is *down* (`expire`). Register and
 heartbeat bring a node *up* at once.
 
 Nodes restored from the store after a coordinator restart are down until they
-heartbeat, but for `lease_s` after the restore they are *in grace*: an
+heartbeat, but for `lease_s` after the restore (or the takeover grace of a
+standby that became leader) they are *in grace*: an
 assignment that names them is kept (`in_service` is true), so a coordinator
 restart does not rebind every policy. A node heard from since the restore
 has left grace for good: from then on only its lease counts.
@@ -58,10 +59,13 @@ class Leases:
         self.lease_s = lease_s
         self.nodes: dict[str, Node] = {}
 
-    def restore(self, infos: Iterable[NodeInfo], now: float) -> None:
-        """Nodes loaded from the store: down, in grace for one lease."""
+    def restore(self, infos: Iterable[NodeInfo], now: float,
+                grace_s: float | None = None) -> None:
+        """Nodes loaded from the store: down, in grace for `grace_s` (default one lease;
+        a standby taking over gives longer, as the nodes must find it first)."""
+        grace = self.lease_s if grace_s is None else grace_s
         for info in infos:
-            self.nodes[info.id] = Node(info=info, grace_until=now + self.lease_s)
+            self.nodes[info.id] = Node(info=info, grace_until=now + grace)
 
     def register(self, info: NodeInfo, now: float) -> None:
         node = self.nodes.get(info.id)

@@ -41,6 +41,7 @@ class MemoryBacking:
     alarms: list[AlarmEvent] = field(default_factory=list)
     """Oldest first, with their ids."""
     last_alarm_id: int = 0
+    sync_requests: dict[str, int] = field(default_factory=dict)
 
 
 class MemoryStore:
@@ -58,7 +59,7 @@ class MemoryStore:
             assignments.append(dataclasses.replace(a, epoch=max(a.epoch, epoch)))
         return Snapshot(nodes=[b.nodes[k] for k in sorted(b.nodes)],
                         policies=[policy_from_json(b.policies[k]) for k in sorted(b.policies)],
-                        assignments=assignments)
+                        assignments=assignments, sync_requests=dict(b.sync_requests))
 
     def save_node(self, info: NodeInfo) -> None:
         self.backing.nodes[info.id] = info
@@ -74,6 +75,11 @@ class MemoryStore:
 
     def save_policy(self, policy: PolicyConfig) -> None:
         self.backing.policies[policy.name] = policy_to_json(policy)
+
+    def save_sync_requests(self, requests: dict[str, int]) -> None:
+        rows = self.backing.sync_requests
+        for name, rid in requests.items():
+            rows[name] = max(rows.get(name, rid), rid)
 
     def delete_policy(self, name: str) -> None:
         self.backing.policies.pop(name, None)

@@ -54,7 +54,7 @@ longer reports (a proxy whose error cleared) loses its stale entry.
 `since` remembers when each policy was added (or moved to another filter or
 target): for one lease after that, status counts a node that does not report
 it yet as "waiting", not as an error (the assignment may not have reached it).
-In memory: after a restart every policy starts a fresh lease of grace.
+In memory: after a restart (or a takeover) every policy starts a fresh grace.
 
 The names below are re-exported so that `from cdp_coordinator.state import
 NodeInfo, Role, ...` keeps working.
@@ -124,8 +124,8 @@ class CoordinatorState:
         self.groups: dict[str, tuple[str, ...]] = {}
         """Group name -> its member policies' names, sorted."""
         self.assignments: dict[str, Assignment] = {}
-        # Latest `cdpctl sync` request id per policy (in memory: a request the filter
-        # has not seen before a coordinator restart is dropped; the operator retries).
+        # Latest `cdpctl sync` request id per policy (the service persists it, so a
+        # coordinator restart or a standby taking over hands it out again).
         self.sync_requests: dict[str, int] = {}
         # Highest resync_request_id seen from each policy's target (in memory: after a
         # coordinator restart the next heartbeat asks once more; a sync is idempotent).
@@ -164,9 +164,14 @@ class CoordinatorState:
     # ------------------------------------------------------------ loading
 
     def restore(self, nodes: Iterable[NodeInfo], policies: Iterable[PolicyConfig],
-                assignments: Iterable[Assignment], now: float) -> None:
-        """Load persisted state: nodes are down but in grace for one lease."""
-        self.leases.restore(nodes, now)
+                assignments: Iterable[Assignment], now: float,
+                grace_s: float | None = None,
+                sync_requests: dict[str, int] | None = None) -> None:
+        """Load persisted state: nodes are down but in grace for `grace_s` (default one
+        lease), and the pending sync requests are handed out again."""
+        self.leases.restore(nodes, now, grace_s)
+        for name, rid in (sync_requests or {}).items():
+            self.sync_requests[name] = max(self.sync_requests.get(name, 0), rid)
         for p in policies:
             self.policies[p.name] = p
             for m in self._expand(p):

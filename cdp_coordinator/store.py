@@ -18,6 +18,10 @@ file's `[[policies]]` are applied to the store at every start
 (cdp_coordinator.reconcile). The `seeded` table of older versions, which made
 them seed the store only once, is kept in the schema but no longer used.
 
+Pending `cdpctl sync` requests (the newest request id per placed policy)
+are stored too, so that a restarted coordinator or a standby taking over
+still hands them to the filters; ids only grow.
+
 The RPO alarm event log (`alarms`) is append-only; the current alarm level
 per policy is the level of its newest event.
 
@@ -59,6 +63,7 @@ CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, config TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS assignments (
     policy TEXT PRIMARY KEY, epoch INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS seeded (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS sync_requests (policy TEXT PRIMARY KEY, id INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS alarms (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time_ns INTEGER NOT NULL, policy TEXT NOT NULL,
     kind TEXT NOT NULL, level TEXT NOT NULL, rpo_lag_s REAL NOT NULL, message TEXT NOT NULL);
@@ -72,6 +77,8 @@ class Snapshot:
     nodes: list[NodeInfo]
     policies: list[PolicyConfig]
     assignments: list[Assignment]
+    sync_requests: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The newest sync request id per placed policy (`save_sync_requests`)."""
 
 
 class StateStore(Protocol):
@@ -116,6 +123,10 @@ class StateStore(Protocol):
 
     def save_policy(self, policy: PolicyConfig) -> None:
         """Insert or replace one policy."""
+
+    def save_sync_requests(self, requests: dict[str, int]) -> None:
+        """Upsert by policy: the stored id becomes the larger of stored and given
+        (`load` returns them in `Snapshot.sync_requests`)."""
 
     def delete_policy(self, name: str) -> None:
         """Delete the policy if stored (its epoch is kept)."""
@@ -258,11 +269,14 @@ class SqliteStore:
                     "SELECT epoch, data FROM assignments ORDER BY policy"):
                 a = assignment_from_json(data)
                 assignments.append(dataclasses.replace(a, epoch=max(a.epoch, epoch)))
+            syncs = {r[0]: int(r[1]) for r in self._db.execute(
+                "SELECT policy, id FROM sync_requests")}
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: cannot read coordinator state: {exc}") from None
         except FormatError as exc:
             raise FormatError(f"{self.path}: corrupt coordinator state: {exc}") from None
-        return Snapshot(nodes=nodes, policies=policies, assignments=assignments)
+        return Snapshot(nodes=nodes, policies=policies, assignments=assignments,
+                        sync_requests=syncs)
 
     def save_node(self, info: NodeInfo) -> None:
         with self._tx() as db:
@@ -291,6 +305,14 @@ class SqliteStore:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO policies VALUES (?, ?)",
                        (policy.name, policy_to_json(policy)))
+
+    def save_sync_requests(self, requests: dict[str, int]) -> None:
+        if not requests:
+            return
+        with self._tx() as db:
+            for name, rid in sorted(requests.items()):
+                db.execute("INSERT INTO sync_requests VALUES (?, ?) ON CONFLICT(policy) DO "
+                           "UPDATE SET id = MAX(id, excluded.id)", (name, rid))
 
     def delete_policy(self, name: str) -> None:
         with self._tx() as db:
