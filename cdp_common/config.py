@@ -221,6 +221,9 @@ class PolicyConfig:
                                         "interval) is kept.", 14400.0)
     long_term_interval_s: float = doc("Seconds between long-term restore points.", 28800.0)
     long_term_retention_s: float = doc("Seconds a long-term restore point is kept.", 604800.0)
+    frozen: bool = doc("Writes to the policy's disks are refused (EROFS) while set: "
+                       "`cdpctl failover POLICY --planned` sets it so the journal drains "
+                       "to a last restore point, `cdpctl failover undo` clears it.", False)
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,7 @@ class Report:
     journal_full_in_s: float = 0.0         # filter: its journal overflow forecast (0: none)
     checkpoint_id: int = 0                 # target: newest point ending at a group checkpoint
     checkpoint_time_ns: int = 0            # target: that point's capture time (0: none)
+    frozen: bool = False                   # filter: it refuses writes (planned failover)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,8 @@ class PolicyStatus:
     """Seconds until the lag reaches rpo_error_s at its steady rise (0: none forecast)."""
     journal_full_in_s: float = 0.0
     """The filter's forecast of its journal's overflow (0: not filling)."""
+    frozen: bool = False
+    """Frozen for a planned failover, and the filter said it refuses writes."""
     group: str = ""
     """A member's row: its consistency group ("" otherwise)."""
     members: tuple[str, ...] = ()

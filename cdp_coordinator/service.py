@@ -130,7 +130,7 @@ def assignment_pb(a: Assignment, p: PolicyConfig, sync_request_id: int = 0,
         short_term_retention_s=p.short_term_retention_s,
         long_term_interval_s=p.long_term_interval_s,
         long_term_retention_s=p.long_term_retention_s, sync_request_id=sync_request_id,
-        group=a.group, group_members=list(a.group_members))
+        group=a.group, group_members=list(a.group_members), frozen=p.frozen)
 
 
 IDENTITY_ROLE = {Role.FILTER: "filter", Role.SOURCE_PROXY: "source-proxy",
@@ -199,7 +199,7 @@ def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | N
             sync_phase=p.progress.sync_phase, sync_id=p.progress.sync_id,
             sync_done_id=p.progress.sync_done_id, sync_reason=p.progress.sync_reason,
             sync_request_id=p.sync_request_id, rpo_breach_in_s=p.rpo_breach_in_s,
-            journal_full_in_s=p.journal_full_in_s) for p in status.policies],
+            journal_full_in_s=p.journal_full_in_s, frozen=p.frozen) for p in status.policies],
         now_ns=now_ns, clock_skew_alarm_s=skew_alarm_s,
         unknown_policies=[cpb.UnknownPolicy(node_id=n, policy=p) for n, p in status.unknown])
 
@@ -221,7 +221,7 @@ def report_from_pb(r: cpb.PolicyReport) -> Report:
                                  g.reason) for g in r.gaps),
                   resync_request_id=r.resync_request_id, no_store=r.no_store,
                   journal_full_in_s=r.journal_full_in_s, checkpoint_id=r.checkpoint_id,
-                  checkpoint_time_ns=r.checkpoint_time_ns)
+                  checkpoint_time_ns=r.checkpoint_time_ns, frozen=r.frozen)
 
 
 class _Watcher:

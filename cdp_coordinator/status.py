@@ -180,7 +180,7 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
         rpo_error_s=p.rpo_error_s, progress=f.progress, gaps=t.gaps,
         sync_request_id=sync_request_id, enabled=p.enabled,
         rpo_breach_in_s=eta if eta and lag < p.rpo_error_s else 0.0,
-        journal_full_in_s=f.journal_full_in_s)
+        journal_full_in_s=f.journal_full_in_s, frozen=p.frozen and f.frozen)
 
 
 @dataclass
@@ -379,6 +379,7 @@ def group_status(g: PolicyConfig, members: list[PolicyStatus],
         rpo_breach_in_s=eta if eta and lag < g.rpo_error_s else 0.0,
         journal_full_in_s=min((m.journal_full_in_s for m in members if m.journal_full_in_s > 0),
                               default=0.0),
+        frozen=bool(members) and all(m.frozen for m in members),
         members=tuple(m.name for m in members))
 
 

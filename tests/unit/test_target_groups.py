@@ -334,8 +334,6 @@ async def test_restore_of_a_group_writes_every_member_at_the_checkpoint(
         await _collect(rs.Restore(pb.RestoreRequest(policy="g", point_id=12,
                                                     out_dir=str(rs.restore_dir / "x")), ctx))
     assert err.value.code == grpc.StatusCode.NOT_FOUND
-    with pytest.raises(Aborted, match="not supported yet"):
-        await _collect(rs.Failover(pb.RestoreRequest(policy="g", latest=True), ctx))
 
 
 async def test_a_failed_member_leaves_no_image_of_the_others(
