@@ -38,11 +38,25 @@ DEFAULT_INTERVAL_MAX_BYTES = 64 * MiB
 """The source proxy's default interval_max_bytes; the target's default delta cap is twice it."""
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field carrying its documentation."""
+def doc(text: str, default: Any = dataclasses.MISSING, str_list: bool = False,
+        **kw: Any) -> Any:
+    """A dataclass field carrying its documentation. `str_list`: a string field that
+    also accepts a list of strings, stored joined with commas."""
+    meta = {"doc": text, "str_list": True} if str_list else {"doc": text}
     if default is dataclasses.MISSING and "default_factory" not in kw:
-        return field(metadata={"doc": text}, **kw)
-    return field(default=default, metadata={"doc": text}, **kw)
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def coordinator_addresses(value: str) -> list[str]:
+    """The coordinator addresses of a `node.coordinator` value: comma-separated,
+    blanks ignored, in order, without repeats."""
+    out: list[str] = []
+    for part in value.split(","):
+        part = part.strip()
+        if part and part not in out:
+            out.append(part)
+    return out
 
 
 # ---------------------------------------------------------------- shared sections
@@ -74,7 +88,9 @@ class NodeConfig:
     site: str = doc("Site name; proxies are chosen on the policy's source/target site.", "default")
     listen: str = doc("host:port the gRPC server binds.", "127.0.0.1:0")
     advertise: str = doc("host:port peers use to reach this node (default: listen).", "")
-    coordinator: str = doc("host:port of the coordinator.", "")
+    coordinator: str = doc("host:port of the coordinator; with standby coordinators, "
+                           "all of them: a comma-separated string or a list of "
+                           "host:port (the node follows the leader).", "", str_list=True)
     metrics_listen: str = doc("host:port of the Prometheus /metrics HTTP server ('' = off).", "")
     max_message_bytes: int = doc("Largest gRPC message accepted or sent (64 KiB .. 2 GiB - 1).",
                                  8 * MiB)
@@ -256,6 +272,15 @@ class CoordinatorSection:
     etcd_timeout_ms: int = doc("Deadline of one etcd request.", 5000)
     etcd_max_txn_ops: int = doc("Operations per etcd transaction; the same as the etcd "
                                 "members' `--max-txn-ops`.", 128)
+    election_ttl_s: int = doc("`store = \"etcd\"`: TTL of the leader election lease. "
+                              "Coordinators sharing one etcd prefix elect one leader; the "
+                              "others stand by (read-only status) and one of them leads "
+                              "within about this long after the leader dies (etcd may "
+                              "round it up to its minimum lease TTL).", 2)
+    takeover_grace_ms: int = doc("`store = \"etcd\"`: after a standby takes over, the "
+                                 "nodes are kept in service this long (at least `lease_ms`) "
+                                 "while they find the new leader, so a takeover rebinds "
+                                 "nothing.", 6000)
 
 
 STORES = ("sqlite", "etcd")
@@ -325,7 +350,13 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     for name, f in fields.items():
         path = f"{where}.{name}" if where else name
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], path)
+            value = data[name]
+            if f.metadata.get("str_list") and isinstance(value, list):
+                items = _convert(list[str], value, path)
+                if any("," in v for v in items):
+                    raise ConfigError(f"{path}: an item of the list contains ','")
+                value = ",".join(items)
+            kwargs[name] = _convert(hints[name], value, path)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if dataclasses.is_dataclass(hints[name]):
                 kwargs[name] = _convert(hints[name], {}, path)
@@ -375,7 +406,11 @@ def _validate_node(config: Any, node: NodeConfig) -> None:
     _address(node.advertise, "node.advertise", allow_empty=True)
     _address(node.metrics_listen, "node.metrics_listen", allow_empty=True)
     if not isinstance(config, CoordinatorConfig):
-        _address(node.coordinator, "node.coordinator")
+        addresses = coordinator_addresses(node.coordinator)
+        if not addresses:
+            _address(node.coordinator, "node.coordinator")
+        for i, a in enumerate(addresses):
+            _address(a, f"node.coordinator[{i}]" if len(addresses) > 1 else "node.coordinator")
     _between(node.max_message_bytes, 64 * 1024, MESSAGE_LIMIT - 1, "node.max_message_bytes")
     _between(node.capacity, 0, UINT32_MAX, "node.capacity")
     _between(node.capacity_bytes_per_s, 0, 2**63 - 1, "node.capacity_bytes_per_s")
@@ -546,6 +581,8 @@ def _validate_store(config: CoordinatorConfig) -> None:
                           f"something, got {c.etcd_prefix!r}")
     _between(c.etcd_timeout_ms, 1, UINT32_MAX, "coordinator.etcd_timeout_ms")
     _between(c.etcd_max_txn_ops, 4, UINT32_MAX, "coordinator.etcd_max_txn_ops")
+    _between(c.election_ttl_s, 1, 3600, "coordinator.election_ttl_s")
+    _between(c.takeover_grace_ms, 0, UINT32_MAX, "coordinator.takeover_grace_ms")
 
 
 def _finite_positive(value: float, where: str) -> None:

@@ -38,7 +38,8 @@ EXIT_CODES = exit_codes_help()
 
 COORDINATOR_HELP = """\
 which coordinator (first match wins):
-  --coordinator HOST:PORT, else $CDP_COORDINATOR, else the lab.json of the
+  --coordinator HOST:PORT[,HOST:PORT...] (a leader and its standbys: the
+  leader is found), else $CDP_COORDINATOR, else the lab.json of the
   local lab in --lab-dir, else $CDP_LAB_DIR, else ./lab.
 TLS credentials: --insecure, else --ca/--cert/--key, else the lab's client
 certificate (pki/cdpctl.pem) when a lab.json was found."""
@@ -68,7 +69,9 @@ def epilog(examples: str, extra: str = "") -> str:
 def add_coordinator_args(p: argparse.ArgumentParser) -> None:
     """The options of every command that talks to the coordinator, plus --json."""
     g = p.add_argument_group("coordinator connection")
-    g.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address")
+    g.add_argument("--coordinator", metavar="HOST:PORT[,...]",
+                   help="coordinator address; with standby coordinators a comma-separated "
+                        "list (the call goes to the leader)")
     g.add_argument("--lab-dir", metavar="DIR",
                    help="local lab whose lab.json names the coordinator (default ./lab)")
     g.add_argument("--ca", metavar="FILE", help="CA certificate (PEM)")
