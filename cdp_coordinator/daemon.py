@@ -1,10 +1,13 @@
-"""The cdp-coordinator process on the node skeleton (cdp_common.node): the SQLite
-store, the Coordinator service, its ticker (leases, rebinds) and metrics."""
+"""The cdp-coordinator process on the node skeleton (cdp_common.node): the store
+(SQLite or etcd), the Coordinator service, its ticker (leases, rebinds), metrics
+and, with etcd, the leader election (cdp_coordinator.leader): the coordinator
+starts as a standby and serves as leader once elected."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 from prometheus_client import Counter, Gauge
@@ -14,9 +17,13 @@ from cdp_common.config import CoordinatorConfig, CoordinatorSection
 from cdp_common.errors import ConfigError
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
 from cdp_common.states import AlarmLevel, NodeState, PolicyState, policy_level
+from cdp_coordinator.election import Action, Step
 from cdp_coordinator.model import Role
 from cdp_coordinator.service import CoordinatorService
 from cdp_coordinator.store import SqliteStore, StateStore
+
+if TYPE_CHECKING:
+    from cdp_coordinator.leader import EtcdElection
 
 NODES = Gauge("cdp_coordinator_nodes", "Registered nodes by state.", ["state"])
 REBINDS = Counter("cdp_coordinator_rebinds", "Times a bound proxy or target was lost or replaced.")
@@ -62,6 +69,8 @@ POLICY_METRICS = (RPO_LAG, EPOCH, RPO_WARNING, RPO_ERROR, ALARM_LEVEL, POLICY_GA
 """Labelled by policy alone: a deleted policy's series are removed from each."""
 LEVELS = {AlarmLevel.OK: 0, AlarmLevel.WARNING: 1, AlarmLevel.ERROR: 2}
 
+LEADER = Gauge("cdp_coordinator_leader",
+               "1 while this coordinator leads (always with SQLite), 0 while it stands by.")
 METRICS_PERIOD_S = 1.0
 SHUTDOWN_GRACE_S = 2.0
 
@@ -84,11 +93,16 @@ class CoordinatorDaemon(node.NodeDaemon):
         self._policies_seen: set[str] = set()
         self.store: StateStore | None = None
         self.service: CoordinatorService | None = None
+        self.election: EtcdElection | None = None
         self.node = node.Node(config, self, kind="coordinator", grace_s=SHUTDOWN_GRACE_S)
 
     async def open(self, node: node.Node) -> None:
-        self.store = open_store(self.config.coordinator)
-        self.service = CoordinatorService(self.config, self.store, signer=self._signer())
+        c = self.config.coordinator
+        self.store = open_store(c)
+        # with etcd, other coordinators may share the store: stand by until elected
+        self.service = CoordinatorService(self.config, self.store, signer=self._signer(),
+                                          leading=c.store != "etcd",
+                                          takeover_grace_s=c.takeover_grace_ms / 1000)
 
     def _signer(self) -> assignsig.Signer | None:
         path, insecure = self.config.coordinator.signing_key_file, self.config.tls.insecure
@@ -107,10 +121,32 @@ class CoordinatorDaemon(node.NodeDaemon):
 
     async def start(self, node: node.Node) -> None:
         assert self.service is not None
+        c = self.config.coordinator
         node.spawn(self.service.ticker(), "coord-ticker")
         node.spawn(self._metrics_loop(self.service), "coord-metrics")
+        if c.store == "etcd":
+            from cdp_coordinator.leader import EtcdElection
+
+            address = self.config.node.advertise or node.address
+            self.service.address = address
+            self.election = EtcdElection(c.etcd_endpoints, c.etcd_prefix, self.config.node.id,
+                                         address, c.election_ttl_s, self._on_election,
+                                         timeout_s=c.etcd_timeout_ms / 1000)
+            node.spawn(self.election.run(), "coord-election")
+
+    def _on_election(self, step: Step, fence_revision: int) -> None:
+        assert self.service is not None and self.store is not None
+        if step.action is Action.LEAD:
+            set_fence = getattr(self.store, "set_fence", None)
+            if set_fence is not None:
+                set_fence(fence_revision)
+            self.service.become_leader()
+        else:   # FOLLOW, STEP_DOWN; the fence of an ended term stays: it refuses writes
+            self.service.become_standby(step.leader)
 
     async def stop(self) -> None:
+        if self.election is not None:
+            await self.election.resign()   # the key goes now: a standby leads at once
         if self.service is not None:
             self.service.close()   # ends the watch streams before the server stops
 
@@ -119,6 +155,7 @@ class CoordinatorDaemon(node.NodeDaemon):
             self.store.close()
 
     def update_metrics(self, service: CoordinatorService) -> None:
+        LEADER.set(int(service.leading))
         status = service.state.status(service.clock(), service.wall())
         up = sum(1 for n in status.nodes if n.state == NodeState.UP)
         NODES.labels(state="up").set(up)
@@ -154,6 +191,8 @@ class CoordinatorDaemon(node.NodeDaemon):
                 int(n.state == NodeState.UP))
             if n.clock_offset_s is not None:
                 CLOCK_OFFSET.labels(node=n.info.id).set(n.clock_offset_s)
+        if service.state.rebinds < self._rebinds_seen:   # a takeover loaded a new state
+            self._rebinds_seen = self._moves_seen = 0
         delta = service.state.rebinds - self._rebinds_seen
         if delta > 0:
             REBINDS.inc(delta)

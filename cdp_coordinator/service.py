@@ -48,6 +48,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cdp_common import assignsig, groups, rpc
 from cdp_common.config import CoordinatorConfig, PolicyConfig, build_policy
+from cdp_common.coordclient import leader_trailer, standby_trailer
 from cdp_common.errors import (
     AlreadyExistsError,
     CdpError,
@@ -90,6 +91,8 @@ PURGE_KEEP_S = 24 * 3600.0
 """How long a purge order is handed to the nodes of a deleted policy."""
 PROBE_TIMEOUT_S = 1.0
 PROBE_MIN_INTERVAL_S = 1.0
+STANDBY_REFRESH_S = 1.0
+"""A standby reloads its read-only view from the store this often."""
 
 Probe = Callable[[str], Awaitable[str]]
 """Probe(address) -> "" when the node answers SERVING, else why not."""
@@ -249,7 +252,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     def __init__(self, config: CoordinatorConfig, store: StateStore,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
-                 probe: Probe | None = None, signer: assignsig.Signer | None = None) -> None:
+                 probe: Probe | None = None, signer: assignsig.Signer | None = None,
+                 leading: bool = True, takeover_grace_s: float | None = None) -> None:
         self.config = config
         self.signer = signer
         """Signs every assignment sent (None: unsigned, only with tls.insecure)."""
@@ -268,22 +272,97 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self._probes: dict[str, asyncio.Task[str]] = {}
         self._probed_ok: dict[str, float] = {}
         self.alarms = AlarmTracker()
-        self.alarms.restore(store.alarm_levels())
-        snap = store.load()
-        changes = reconcile(config.policies, {p.name: p for p in snap.policies})
-        for change in changes:   # the config file's policies are the file's, every start
-            store.save_policy(change.policy)
-            plog.info("policy %s", change.text, extra={"policy": change.policy.name})
-        if changes:
-            snap = store.load()
         self.purges: dict[str, tuple[float, frozenset[str]]] = {}
         """Policies deleted with purge: (until when, the nodes that held data of it)."""
-        now = clock()
-        self.state.restore(snap.nodes, snap.policies, snap.assignments, now)
-        self._alarms_from = now + self.lease_ms / 1000
-        self.flush()
-        log.info("coordinator state loaded: %d nodes, %d policies",
-                 len(self.state.nodes), len(self.state.policies))
+        self.leading = leading
+        """This coordinator leads (always, with one coordinator); a standby only reads."""
+        self.want_lead = False
+        """Elected, but the state could not be loaded yet (the ticker retries)."""
+        self.leader_address = ""
+        """A standby's leader, as the election key names it ("" = none known)."""
+        self.address = ""
+        """This coordinator's own advertised address (set by the daemon; logs only)."""
+        self.takeover_grace_s = max(self.lease_ms / 1000, takeover_grace_s or 0.0)
+        self._view_at = -1e9
+        self._alarms_from = 0.0
+        self._load(write=leading)
+
+    def _load(self, *, write: bool, grace_s: float | None = None) -> None:
+        """(Re)build the state from the store. `write`: as the leader, which applies the
+        config file's policies and persists what the restore changed; else a standby's
+        read-only view. Nodes are in grace for `grace_s` (default one lease)."""
+        alarms = AlarmTracker()
+        alarms.restore(self.store.alarm_levels())
+        snap = self.store.load()
+        if write:
+            changes = reconcile(self.config.policies, {p.name: p for p in snap.policies})
+            for change in changes:   # the config file's policies are the file's, every start
+                self.store.save_policy(change.policy)
+                plog.info("policy %s", change.text, extra={"policy": change.policy.name})
+            if changes:
+                snap = self.store.load()
+        state = CoordinatorState(lease_s=self.lease_ms / 1000)
+        state.skew_alarm_s = self.config.coordinator.clock_skew_alarm_ms / 1000
+        state.rebalance_per_minute = self.config.coordinator.rebalance_max_per_minute
+        now = self.clock()
+        state.restore(snap.nodes, snap.policies, snap.assignments, now, grace_s,
+                      snap.sync_requests)
+        self.state, self.alarms = state, alarms
+        self._alarms_from = now + max(self.lease_ms / 1000, grace_s or 0.0)
+        self._view_at = now
+        if write:
+            self._unsaved.clear()
+            self.flush()
+            log.info("coordinator state loaded: %d nodes, %d policies",
+                     len(self.state.nodes), len(self.state.policies))
+
+    # ------------------------------------------------------------ leadership
+
+    def become_leader(self) -> bool:
+        """Elected: load the state from the store (same assignments, same epochs; the
+        nodes get `takeover_grace_s` to find this coordinator) and serve. False when the
+        store cannot be read yet (the ticker retries). Raises nothing."""
+        self.want_lead = True
+        try:
+            self._load(write=True, grace_s=self.takeover_grace_s)
+        except CdpError as exc:
+            log.error("elected, but cannot load the state yet: %s", exc)
+            return False
+        self.want_lead = False
+        self.leading = True
+        self.leader_address = ""
+        log.warning("leading: %d nodes in grace for %.1f s, %d policies",
+                    len(self.state.nodes), self.takeover_grace_s, len(self.state.policies))
+        return True
+
+    def become_standby(self, leader: str) -> None:
+        """Not (or no longer) the leader: stop writing, end the watch streams (their
+        nodes reconnect and are sent to `leader`), serve read-only status."""
+        was = self.leading
+        self.leading = self.want_lead = False
+        self.leader_address = leader
+        if was:
+            self._end_watches()
+            self._view_at = -1e9   # refresh the view from the store at the next tick
+
+    def _end_watches(self) -> None:
+        for w in list(self._watchers):
+            w.offer(None)
+
+    async def _lead_or_abort(self, context: grpc.aio.ServicerContext, what: str) -> None:
+        """Refuse a call that only the leader serves: UNAVAILABLE naming the leader."""
+        if self.leading:
+            return
+        leader = self.leader_address
+        why = (f"{what}: this coordinator is a standby; the leader is {leader}" if leader
+               else f"{what}: this coordinator is a standby and no leader is elected yet")
+        await context.abort(grpc.StatusCode.UNAVAILABLE, why,
+                            trailing_metadata=rpc.answered_trailer() + leader_trailer(leader))
+
+    def _mark_read(self, context: grpc.aio.ServicerContext) -> None:
+        """A standby's answer says so, and names the leader (clients prefer it)."""
+        if not self.leading:
+            context.set_trailing_metadata(standby_trailer(self.leader_address))
 
     # ------------------------------------------------------------ plumbing
 
@@ -299,6 +378,12 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         if changed:
             self._notify()
         return changed
+
+    def _save_sync(self, name: str) -> None:
+        """Persist the policy's (its members') sync request. Raises StorageError."""
+        names = self.state.members_of(name) or [name]
+        self.store.save_sync_requests({n: self.state.sync_requests[n] for n in names
+                                       if n in self.state.sync_requests})
 
     def _check_live_role(self, node_id: str, role: Role) -> None:
         """A live node keeps its role: another process cannot re-register its id as
@@ -339,8 +424,13 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         while True:
             await asyncio.sleep(period_s)
             try:
-                self.flush()
-                self.check_alarms()
+                if self.want_lead and not self.leading:
+                    self.become_leader()
+                if self.leading:
+                    self.flush()
+                    self.check_alarms()
+                elif self.clock() - self._view_at >= STANDBY_REFRESH_S:
+                    self._load(write=False)
             except CdpError as exc:
                 log.error("%s", exc)
 
@@ -368,8 +458,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     def close(self) -> None:
         """End every watch stream (used on shutdown)."""
         self._closed = True
-        for w in list(self._watchers):
-            w.offer(None)
+        self._end_watches()
 
     async def _flush_or_abort(self, context: grpc.aio.ServicerContext) -> None:
         try:
@@ -382,6 +471,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def Register(self, request: cpb.RegisterRequest,
                        context: grpc.aio.ServicerContext) -> cpb.RegisterReply:
+        await self._lead_or_abort(context, "Register")
         n = request.node
         if not n.id:
             await rpc.abort(context, InvalidRequestError("node.id is empty"))
@@ -405,6 +495,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def Heartbeat(self, request: cpb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> cpb.HeartbeatReply:
+        await self._lead_or_abort(context, "Heartbeat")
         try:
             check_claim(context, request.node_id, None, "Heartbeat")
         except CdpError as exc:
@@ -418,6 +509,10 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             asked = self.state.resyncs_asked(request.node_id, reports)
             for name in asked:
                 rid = self.state.request_sync(name, time.time_ns())
+                try:
+                    self._save_sync(name)
+                except CdpError as exc:
+                    log.error("%s", exc)
                 plog.warning("target %s asks for a digest resync (corrupt delta): sync %d "
                              "requested", request.node_id, rid, extra={"policy": name})
             await self._flush_or_abort(context)
@@ -430,6 +525,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                                ) -> AsyncIterator[cpb.AssignmentSet]:
         if self._closed:
             await rpc.abort(context, UnavailableError("coordinator is shutting down"))
+        await self._lead_or_abort(context, "WatchAssignments")
         try:
             check_claim(context, request.node_id, None, "WatchAssignments")
         except CdpError as exc:
@@ -449,6 +545,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def GetStatus(self, request: cpb.StatusRequest,
                         context: grpc.aio.ServicerContext) -> cpb.StatusReply:
+        self._mark_read(context)
         wall = self.wall()
         return status_pb(self.state.status(self.clock(), wall), int(wall * 1e9),
                          {**self.state.placed, **self.state.policies}, self.alarms.current,
@@ -502,6 +599,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def CreatePolicy(self, request: cpb.CreatePolicyRequest,
                            context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        await self._lead_or_abort(context, "CreatePolicy")
         p = await self._build(context, await self._parse(context, request.policy_json, "policy"))
         if p.name in self.state.policies:
             await rpc.abort(context, AlreadyExistsError(
@@ -512,6 +610,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def UpdatePolicy(self, request: cpb.UpdatePolicyRequest,
                            context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        await self._lead_or_abort(context, "UpdatePolicy")
         old = await self._existing(context, request.name)
         patch = await self._parse(context, request.patch_json, "patch")
         if "name" in patch and patch["name"] != old.name:
@@ -523,6 +622,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def SetPolicyEnabled(self, request: cpb.SetPolicyEnabledRequest,
                                context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        await self._lead_or_abort(context, "SetPolicyEnabled")
         old = await self._existing(context, request.name)
         p = dataclasses.replace(old, enabled=request.enabled)
         return await self._store_policy(context, p,
@@ -530,6 +630,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def DeletePolicy(self, request: cpb.DeletePolicyRequest,
                            context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        await self._lead_or_abort(context, "DeletePolicy")
         if request.purge and request.name not in self.state.policies:
             # Deleted before: whichever node still keeps data of it deletes it (a node
             # purges only a policy it does not serve, so telling every one is safe).
@@ -561,11 +662,13 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def GetPolicy(self, request: cpb.PolicyName,
                         context: grpc.aio.ServicerContext) -> cpb.PolicyReply:
+        self._mark_read(context)
         return cpb.PolicyReply(policy_json=policy_to_json(
             await self._existing(context, request.name)))
 
     async def ListPolicies(self, request: cpb.ListPoliciesRequest,
                            context: grpc.aio.ServicerContext) -> cpb.ListPoliciesReply:
+        self._mark_read(context)
         return cpb.ListPoliciesReply(policies_json=[
             policy_to_json(p) for _, p in sorted(self.state.policies.items())])
 
@@ -618,6 +721,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     async def ReportUnreachable(self, request: cpb.ReportUnreachableRequest,
                                 context: grpc.aio.ServicerContext,
                                 ) -> cpb.ReportUnreachableReply:
+        await self._lead_or_abort(context, "ReportUnreachable")
         if not request.node_id and not request.address:
             await rpc.abort(context, InvalidRequestError("node_id and address are both empty"))
         reporter = request.reporter
@@ -637,15 +741,21 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def RequestSync(self, request: cpb.PolicyName,
                           context: grpc.aio.ServicerContext) -> cpb.RequestSyncReply:
+        await self._lead_or_abort(context, "RequestSync")
         # a group syncs all of its members; a member may be named on its own
         p = self.state.placed.get(request.name) or await self._existing(context, request.name)
         rid = self.state.request_sync(p.name, time.time_ns())
+        try:
+            self._save_sync(p.name)
+        except CdpError as exc:
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
         plog.info("digest sync %d requested", rid, extra={"policy": p.name})
         self._notify()
         return cpb.RequestSyncReply(sync_request_id=rid)
 
     async def DrainNode(self, request: cpb.DrainNodeRequest,
                         context: grpc.aio.ServicerContext) -> cpb.DrainNodeReply:
+        await self._lead_or_abort(context, "DrainNode")
         node = self.state.nodes.get(request.node_id)
         if node is None:
             await rpc.abort(context, NotFoundError(f"no node {request.node_id!r}"))
@@ -673,6 +783,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
 
     async def ListAlarms(self, request: cpb.ListAlarmsRequest,
                          context: grpc.aio.ServicerContext) -> cpb.ListAlarmsReply:
+        self._mark_read(context)
         limit = request.limit or 1000
         try:
             events = self.store.list_alarms(request.policy, min(limit, 100_000))
