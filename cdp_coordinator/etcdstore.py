@@ -52,8 +52,13 @@ answer can repeat a transaction: harmless for the idempotent saves, and for
 `add_alarms` (the one append) it can log the events twice, never reuse an id.
 
 The client is gRPC stubs generated from etcd's own API protos (proto/etcd,
-scripts/gen_proto.sh), synchronous like the `StateStore` protocol. Leases
-(heartbeats), watches (assignments) and leader election are not here yet.
+scripts/gen_proto.sh), synchronous like the `StateStore` protocol. Leader
+election among coordinators sharing the prefix is cdp_coordinator.leader; the
+store takes part in it only with its write fence (`set_fence`): once set,
+every transaction also compares the election key's create_revision with the
+term this coordinator won, and a failed compare raises FencedError, so a
+deposed leader that has not noticed yet cannot write. Node leases as etcd
+leases and watches feeding the assignment streams are not built.
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ new leader's address (only when it changed), STEP_DOWN whatever we now know.
 `resign()` (on shutdown) steps down and revokes the lease, so the key goes at
 once and a standby takes over within one round instead of one TTL.
 
-The key's value is JSON `{"id": <node id>, "address": <host:port>}`
-(docs/FORMAT.md §1f); clients are sent to `address`.
+The key's value is JSON `{"id": <node id>, "address": <host:port>}` (the
+coordinator's `node.advertise`, else its listen address); standbys send
+clients to `address`.
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ class EtcdElection:
             with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
                 await pbg.LeaseStub(self._channel()).LeaseRevoke(
                     pb.LeaseRevokeRequest(ID=lease), timeout=min(self.timeout_s, 1.0))
+        await self.close()
 
     async def close(self) -> None:
         self._drop_keepalive()

@@ -5,7 +5,8 @@ follow the leader through their address list). The leader is SIGKILLed: the
 standby leads within a few seconds (the time is printed; only a generous bound
 fails), every assignment keeps its epoch, `cdpctl`'s call through the address
 list answers before and after, and a source proxy lost after the takeover is
-rebound by the new leader (its policy alone gets a new epoch)."""
+rebound by the new leader (its policy alone gets a new epoch). A leader stopped
+with SIGTERM resigns, and the standby leads at once."""
 
 from __future__ import annotations
 
@@ -228,5 +229,19 @@ async def test_the_standby_takes_over_keeping_every_epoch(etcd_server: EtcdServe
                     assert final[name] > epoch
                 else:
                     assert final[name] == epoch
+
+            # the old leader comes back as a standby; a SIGTERM of the leader resigns:
+            # the standby leads without waiting for the lease to run out
+            coords.start(0)
+            await until(lambda: is_role(coords.addresses[0], "standby"), 30,
+                        "coordinator-0 stands by")
+            proc = coords.procs[1]
+            assert proc is not None
+            proc.terminate()
+            took = await until(lambda: is_role(coords.addresses[0], "leader"),
+                               TAKEOVER_BOUND_S, "the standby leads after a SIGTERM")
+            print(f"leader stopped (SIGTERM): the standby leads after {took:.2f} s")
+            assert proc.wait(timeout=10) == 0
+            assert epochs(await asyncio.to_thread(status, addresses)) == final
     finally:
         coords.stop_all()
