@@ -14,6 +14,7 @@ default), laid out as docs/FORMAT.md "Coordinator state in etcd" specifies:
     <prefix>alarm-last-id            the last alarm id allocated (decimal)
     <prefix>alarm-levels/<policy>    the level of the policy's newest event
     <prefix>sync-requests/<policy>   the newest `cdpctl sync` request id (decimal)
+    <prefix>plans/<name>             failover plan JSON (store.plan_to_json)
     <prefix>leader                   the leader election key (cdp_coordinator.leader)
 
 Every mutator is one etcd transaction, so it takes effect entirely or not at
@@ -80,10 +81,13 @@ from cdp_coordinator.model import Assignment, NodeInfo
 from cdp_coordinator.store import (
     MAX_ALARMS_KEPT,
     SCHEMA_VERSION,
+    Plan,
     Snapshot,
     alarm_event,
     assignment_from_json,
     assignment_to_json,
+    plan_from_json,
+    plan_to_json,
     policy_from_json,
     policy_to_json,
 )
@@ -513,6 +517,31 @@ class EtcdStore:
         n = len(start)
         return {kv.key[n:].decode(errors="replace"): kv.value.decode(errors="replace")
                 for kv in resp.kvs}
+
+    def save_plan(self, plan: Plan) -> None:
+        self._commit("save a plan", [], [_put(self._key("plans/", plan.name),
+                                              plan_to_json(plan))])
+
+    def delete_plan(self, name: str) -> None:
+        self._commit("delete a plan", [], [_delete(self._key("plans/", name))])
+
+    def list_plans(self) -> list[Plan]:
+        return self._plans(self._range("read plans", *self._range_of("plans/")).kvs)
+
+    def get_plan(self, name: str) -> Plan | None:
+        found = self._plans(self._range("read a plan", self._key("plans/", name)).kvs)
+        return found[0] if found else None
+
+    def _plans(self, kvs: Sequence[Any]) -> list[Plan]:
+        out = []
+        for kv in kvs:   # etcd returns a range in key order: by name
+            try:
+                out.append(plan_from_json(kv.value.decode()))
+            except UnicodeDecodeError as exc:
+                raise self._corrupt(kv.key, FormatError(f"not UTF-8: {exc}")) from None
+            except FormatError as exc:
+                raise self._corrupt(kv.key, exc) from None
+        return out
 
     def close(self) -> None:
         for channel in self._channels.values():

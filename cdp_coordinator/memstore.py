@@ -21,9 +21,12 @@ from cdp_coordinator.alarms import AlarmEvent
 from cdp_coordinator.model import Assignment, NodeInfo
 from cdp_coordinator.store import (
     MAX_ALARMS_KEPT,
+    Plan,
     Snapshot,
     assignment_from_json,
     assignment_to_json,
+    plan_from_json,
+    plan_to_json,
     policy_from_json,
     policy_to_json,
 )
@@ -42,6 +45,8 @@ class MemoryBacking:
     """Oldest first, with their ids."""
     last_alarm_id: int = 0
     sync_requests: dict[str, int] = field(default_factory=dict)
+    plans: dict[str, str] = field(default_factory=dict)
+    """Name -> failover plan JSON."""
 
 
 class MemoryStore:
@@ -102,6 +107,19 @@ class MemoryStore:
 
     def alarm_levels(self) -> dict[str, str]:
         return {e.policy: str(e.level) for e in self.backing.alarms}
+
+    def save_plan(self, plan: Plan) -> None:
+        self.backing.plans[plan.name] = plan_to_json(plan)
+
+    def delete_plan(self, name: str) -> None:
+        self.backing.plans.pop(name, None)
+
+    def list_plans(self) -> list[Plan]:
+        return [plan_from_json(self.backing.plans[k]) for k in sorted(self.backing.plans)]
+
+    def get_plan(self, name: str) -> Plan | None:
+        text = self.backing.plans.get(name)
+        return None if text is None else plan_from_json(text)
 
     def close(self) -> None:
         self.closed = True

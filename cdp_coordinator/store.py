@@ -25,6 +25,11 @@ still hands them to the filters; ids only grow.
 The RPO alarm event log (`alarms`) is append-only; the current alarm level
 per policy is the level of its newest event.
 
+Failover plans (`cdpctl plan`, `Plan`) are stored as the JSON of
+`plan_to_json` by name, apart from everything else: the coordinator only
+keeps them (cdpctl carries them out), so `load` does not return them;
+`list_plans` / `get_plan` read them when asked.
+
 SQLite is the embedded default; `cdp_coordinator.memstore.MemoryStore` is
 the in-memory twin for tests; `cdp_coordinator.etcdstore.EtcdStore` is the
 distributed one (`[coordinator] store = "etcd"`); all three pass the same
@@ -39,13 +44,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from cdp_common.config import PolicyConfig, PolicyDiskConfig
-from cdp_common.errors import CorruptStateError, FormatError, StorageError
+from cdp_common.errors import CorruptStateError, FormatError, InvalidRequestError, StorageError
+from cdp_common.names import NAME_RULE, is_name
 from cdp_common.states import AlarmKind, AlarmLevel
 from cdp_coordinator.alarms import AlarmEvent
 from cdp_coordinator.model import Assignment, Endpoint, NodeInfo
@@ -64,12 +71,71 @@ CREATE TABLE IF NOT EXISTS assignments (
     policy TEXT PRIMARY KEY, epoch INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS seeded (name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS sync_requests (policy TEXT PRIMARY KEY, id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS plans (name TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS alarms (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time_ns INTEGER NOT NULL, policy TEXT NOT NULL,
     kind TEXT NOT NULL, level TEXT NOT NULL, rpo_lag_s REAL NOT NULL, message TEXT NOT NULL);
 """
 
 MAX_ALARMS_KEPT = 100_000
+
+MAX_PLAN_DELAY_S = 86400.0
+"""The longest delay a failover plan may wait after a group (one day)."""
+
+
+@dataclass(frozen=True)
+class PlanGroup:
+    """One step of a failover plan: policies failed over together, then a wait."""
+
+    policies: tuple[str, ...]
+    """Policy or consistency-group names, failed over concurrently."""
+    delay_s: float = 0.0
+    """Seconds to wait after this group before the next starts (0..MAX_PLAN_DELAY_S)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A failover plan (`cdpctl plan`): its groups run in order."""
+
+    name: str
+    groups: tuple[PlanGroup, ...]
+
+    def policies(self) -> list[str]:
+        """Every policy the plan names, in the order it runs them."""
+        return [p for g in self.groups for p in g.policies]
+
+
+def plan_problem(plan: Plan) -> str:
+    """Why `plan` is not a valid plan, naming the field ("" when it is). Whether its
+    policies exist is the coordinator's check, at save time."""
+    if not is_name(plan.name):
+        return f"name: {plan.name!r} is not a plan name ({NAME_RULE})"
+    if not plan.groups:
+        return "groups: a plan needs at least one group of policies"
+    seen: dict[str, int] = {}
+    for i, g in enumerate(plan.groups, start=1):
+        if not g.policies:
+            return f"groups[{i}]: a group needs at least one policy"
+        for name in g.policies:
+            if not is_name(name):
+                return f"groups[{i}].policies: {name!r} is not a policy name ({NAME_RULE})"
+            if name in seen:
+                return (f"groups[{i}].policies: policy {name} is already in group "
+                        f"{seen[name]}; a plan fails a policy over once")
+            seen[name] = i
+        if not (isinstance(g.delay_s, int | float) and math.isfinite(g.delay_s)
+                and 0 <= g.delay_s <= MAX_PLAN_DELAY_S):
+            return (f"groups[{i}].delay_s: must be 0..{MAX_PLAN_DELAY_S:.0f} seconds, "
+                    f"got {g.delay_s!r}")
+    return ""
+
+
+def check_plan(plan: Plan) -> Plan:
+    """`plan` if valid (`plan_problem`), else InvalidRequestError."""
+    why = plan_problem(plan)
+    if why:
+        raise InvalidRequestError(why)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -143,6 +209,18 @@ class StateStore(Protocol):
         """Level of the newest event per policy, as stored (the tracker drops
         names it does not know)."""
 
+    def save_plan(self, plan: Plan) -> None:
+        """Insert or replace the failover plan (by name)."""
+
+    def delete_plan(self, name: str) -> None:
+        """Delete the plan if stored."""
+
+    def list_plans(self) -> list[Plan]:
+        """Every stored plan, by name. Raises FormatError."""
+
+    def get_plan(self, name: str) -> Plan | None:
+        """The stored plan of that name (None: none). Raises FormatError."""
+
     def close(self) -> None:
         """Release the store; the backing (file, shared dict) keeps the state."""
 
@@ -204,6 +282,37 @@ def _list(d: dict[str, Any], key: str) -> list[Any]:
     value = d.get(key) or []
     if not isinstance(value, list):
         raise FormatError(f"stored assignment: {key} is not a list")
+    return value
+
+
+def plan_to_json(plan: Plan) -> str:
+    return json.dumps({"name": plan.name,
+                       "groups": [{"policies": list(g.policies), "delay_s": g.delay_s}
+                                  for g in plan.groups]}, sort_keys=True)
+
+
+def plan_from_json(text: str) -> Plan:
+    """The stored plan; unknown keys are ignored. Raises FormatError."""
+    d = _json_object(text, "stored plan")
+    try:
+        groups = d["groups"]
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise TypeError("groups is not a list of objects")
+        plan = Plan(name=str(d["name"]), groups=tuple(
+            PlanGroup(policies=tuple(str(p) for p in _plan_list(g)),
+                      delay_s=float(g.get("delay_s", 0))) for g in groups))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"stored plan {d.get('name', '?')!r}: bad or missing {exc}") from None
+    why = plan_problem(plan)
+    if why:
+        raise FormatError(f"stored plan {plan.name!r}: {why}")
+    return plan
+
+
+def _plan_list(g: dict[str, Any]) -> list[Any]:
+    value = g.get("policies")
+    if not isinstance(value, list):
+        raise TypeError("policies is not a list")
     return value
 
 
@@ -355,6 +464,32 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: cannot read alarms: {exc}") from None
         return {r[0]: r[1] for r in rows}
+
+    def save_plan(self, plan: Plan) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO plans VALUES (?, ?)",
+                       (plan.name, plan_to_json(plan)))
+
+    def delete_plan(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM plans WHERE name = ?", (name,))
+
+    def list_plans(self) -> list[Plan]:
+        return self._plans("SELECT data FROM plans ORDER BY name", ())
+
+    def get_plan(self, name: str) -> Plan | None:
+        found = self._plans("SELECT data FROM plans WHERE name = ?", (name,))
+        return found[0] if found else None
+
+    def _plans(self, sql: str, args: tuple[Any, ...]) -> list[Plan]:
+        try:
+            rows = self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: cannot read plans: {exc}") from None
+        try:
+            return [plan_from_json(r[0]) for r in rows]
+        except FormatError as exc:
+            raise FormatError(f"{self.path}: corrupt coordinator state: {exc}") from None
 
     def close(self) -> None:
         self._db.close()

@@ -21,7 +21,14 @@ from cdp_coordinator.alarms import AlarmEvent
 from cdp_coordinator.etcdstore import EtcdStore
 from cdp_coordinator.memstore import MemoryBacking, MemoryStore
 from cdp_coordinator.model import Assignment, Endpoint
-from cdp_coordinator.store import SqliteStore, StateStore, policy_to_json
+from cdp_coordinator.store import (
+    Plan,
+    PlanGroup,
+    SqliteStore,
+    StateStore,
+    plan_to_json,
+    policy_to_json,
+)
 
 
 @dataclass
@@ -31,7 +38,7 @@ class Harness:
     store: StateStore
     _reopen: Callable[[], StateStore]
     corrupt: Callable[[str, str, str], None]
-    """corrupt(table, key, text): overwrite a stored policy/assignment with `text`."""
+    """corrupt(table, key, text): overwrite a stored policy/assignment/plan with `text`."""
 
     def restart(self) -> StateStore:
         self.store.close()
@@ -46,6 +53,8 @@ def sqlite_harness(tmp_path: Path) -> Harness:
         con = sqlite3.connect(db)
         if table == "policies":
             con.execute("UPDATE policies SET config = ? WHERE name = ?", (text, key))
+        elif table == "plans":
+            con.execute("UPDATE plans SET data = ? WHERE name = ?", (text, key))
         else:
             con.execute("UPDATE assignments SET data = ? WHERE policy = ?", (text, key))
         con.commit()
@@ -60,6 +69,8 @@ def memory_harness(tmp_path: Path) -> Harness:
     def corrupt(table: str, key: str, text: str) -> None:
         if table == "policies":
             backing.policies[key] = text
+        elif table == "plans":
+            backing.plans[key] = text
         else:
             backing.assignments[key] = (backing.assignments[key][0], text)
 
@@ -198,3 +209,61 @@ def test_corrupt_assignment_is_a_format_error(h: Harness) -> None:
         h.corrupt("assignments", "p1", text)
         with pytest.raises(FormatError, match="assignment"):
             h.store.load()
+
+
+# ---------------------------------------------------------------- failover plans
+
+def plan(name: str, *groups: tuple[tuple[str, ...], float]) -> Plan:
+    return Plan(name, tuple(PlanGroup(ps, d) for ps, d in groups))
+
+
+def test_plans_round_trip_replace_delete_and_restart(h: Harness) -> None:
+    assert h.store.list_plans() == [] and h.store.get_plan("dr") is None
+    dr = plan("dr", (("db",), 30.0), (("app", "web"), 0.0))
+    other = plan("a-first", (("x",), 1.5))
+    h.store.save_plan(dr)
+    h.store.save_plan(other)
+    for restart in (False, True):
+        store = h.restart() if restart else h.store
+        assert store.list_plans() == [other, dr]                      # by name
+        assert store.get_plan("dr") == dr and store.get_plan("nope") is None
+        assert store.get_plan("dr").groups[1].policies == ("app", "web")  # order kept
+    changed = plan("dr", (("web", "app"), 5.0))
+    h.store.save_plan(changed)                                        # replace by name
+    assert h.restart().get_plan("dr") == changed
+    h.store.delete_plan("dr")
+    h.store.delete_plan("never-there")
+    assert h.restart().list_plans() == [other]
+    assert h.store.load().policies == []                              # apart from the rest
+
+
+def test_plan_saves_are_idempotent(h: Harness) -> None:
+    def saves(store: StateStore) -> None:
+        store.save_plan(plan("p1", (("a",), 2.0)))
+        store.save_plan(plan("p2", (("b", "c"), 0.0)))
+        store.delete_plan("p2")
+
+    saves(h.store)
+    once = h.store.list_plans()
+    saves(h.store)
+    assert h.store.list_plans() == once
+    saves(h.restart())
+    assert h.store.list_plans() == once == [plan("p1", (("a",), 2.0))]
+
+
+def test_corrupt_plan_is_a_format_error(h: Harness) -> None:
+    h.store.save_plan(plan("dr", (("db",), 1.0)))
+    for text in ("{not json", "[1]", '{"name": "dr"}', '{"name": "dr", "groups": [7]}',
+                 '{"name": "dr", "groups": [{"policies": "db"}]}',
+                 '{"name": "dr", "groups": [{"policies": ["db"], "delay_s": "x"}]}',
+                 '{"name": "dr", "groups": []}',
+                 '{"name": "dr", "groups": [{"policies": ["db", "db"]}]}'):
+        h.corrupt("plans", "dr", text)
+        with pytest.raises(FormatError, match="plan"):
+            h.store.list_plans()
+        with pytest.raises(FormatError, match="plan"):
+            h.store.get_plan("dr")
+    # keys of a newer coordinator are ignored: not corrupt
+    good = plan("dr", (("db",), 1.0))
+    h.corrupt("plans", "dr", plan_to_json(good)[:-1] + ', "colour": "red"}')
+    assert h.store.list_plans() == [good]
