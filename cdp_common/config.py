@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 import types
 import typing
@@ -36,6 +37,8 @@ MAX_DISK_BYTES = 64 * TiB
 """Default largest disk a policy may have (`max_disk_bytes`)."""
 DEFAULT_INTERVAL_MAX_BYTES = 64 * MiB
 """The source proxy's default interval_max_bytes; the target's default delta cap is twice it."""
+VERIFY_MIN_INTERVAL_S = 60.0
+"""Default smallest nonzero `verify_every_s` (a verification restores a whole point)."""
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, str_list: bool = False,
@@ -195,6 +198,9 @@ class TargetSection:
     max_delta_bytes: int = doc("Largest delta (chunk payload bytes) accepted; a stream that "
                                "sends more is ended and its partial delta discarded.",
                                2 * DEFAULT_INTERVAL_MAX_BYTES)
+    verify_dir: str = doc("Scratch directory of scheduled verifications (`verify_every_s`): "
+                          "the newest point is restored under it, checked and deleted; "
+                          "inside restore_dir ('' = <restore_dir>/.verify).", "")
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,12 @@ class PolicyConfig:
     frozen: bool = doc("Writes to the policy's disks are refused (EROFS) while set: "
                        "`cdpctl failover POLICY --planned` sets it so the journal drains "
                        "to a last restore point, `cdpctl failover undo` clears it.", False)
+    verify_every_s: float = doc("Seconds between scheduled verifications of the newest "
+                                "restore point by the target (restored to scratch space, "
+                                "`e2fsck -fn` after a journal replay, recorded as "
+                                "`cdpctl verify` records; a failure makes the policy "
+                                "degraded). 0 = none; else at least 60 (the coordinator's "
+                                "`verify_min_interval_s`).", 0.0)
 
 
 @dataclass(frozen=True)
@@ -281,6 +293,9 @@ class CoordinatorSection:
                                  "nodes are kept in service this long (at least `lease_ms`) "
                                  "while they find the new leader, so a takeover rebinds "
                                  "nothing.", 6000)
+    verify_min_interval_s: float = doc("Smallest nonzero `verify_every_s` a policy may "
+                                       "have (lower it only for tests and labs).",
+                                       VERIFY_MIN_INTERVAL_S)
 
 
 STORES = ("sqlite", "etcd")
@@ -493,11 +508,27 @@ def _validate_target(config: TargetConfig) -> None:
         raise ConfigError(f"target.restore_dir: must be an absolute path, got {t.restore_dir!r}")
     _between(t.max_disk_bytes, 4096, 2**62, "target.max_disk_bytes")
     _between(t.max_delta_bytes, 1 * MiB, 2**62, "target.max_delta_bytes")
+    if t.verify_dir and not inside_dir(t.verify_dir, str(restore_dir_of(t))):
+        raise ConfigError(f"target.verify_dir: must be an absolute path inside restore_dir "
+                          f"({restore_dir_of(t)}), got {t.verify_dir!r}")
 
 
 def restore_dir_of(t: TargetSection) -> Path:
     """The directory restores write under: `restore_dir`, else <data_dir>/_restores."""
     return Path(t.restore_dir) if t.restore_dir else Path(t.data_dir) / "_restores"
+
+
+def verify_dir_of(t: TargetSection) -> Path:
+    """Scratch space of scheduled verifications: `verify_dir`, else <restore_dir>/.verify."""
+    return Path(t.verify_dir) if t.verify_dir else restore_dir_of(t) / ".verify"
+
+
+def inside_dir(path: str, root: str) -> bool:
+    """`path` is absolute and, lexically normalized, strictly below `root`."""
+    if not os.path.isabs(path):
+        return False
+    p, r = os.path.normpath(path), os.path.normpath(root)
+    return p.startswith(r.rstrip(os.sep) + os.sep)
 
 
 def _validate_filter(config: FilterConfig) -> None:
@@ -543,6 +574,7 @@ def _validate_coordinator(config: CoordinatorConfig) -> None:
     if c.lease_ms <= c.heartbeat_ms:
         raise ConfigError("coordinator.lease_ms: must be longer than coordinator.heartbeat_ms")
     _between(c.max_disk_bytes, 4096, 2**62, "coordinator.max_disk_bytes")
+    _finite_positive(c.verify_min_interval_s, "coordinator.verify_min_interval_s")
     if c.signing_key_file or not config.tls.insecure:
         if not c.signing_key_file:
             raise ConfigError("coordinator.signing_key_file: required unless tls.insecure = true"
@@ -552,7 +584,8 @@ def _validate_coordinator(config: CoordinatorConfig) -> None:
     names: set[str] = set()
     for i, p in enumerate(config.policies):
         where = f"policies[{i}]"
-        validate_policy(p, where, max_disk_bytes=c.max_disk_bytes)
+        validate_policy(p, where, max_disk_bytes=c.max_disk_bytes,
+                        verify_min_interval_s=c.verify_min_interval_s)
         if p.name in names:
             raise ConfigError(f"{where}.name: policy {p.name!r} is defined twice")
         names.add(p.name)
@@ -591,7 +624,8 @@ def _finite_positive(value: float, where: str) -> None:
 
 
 def validate_policy(p: PolicyConfig, where: str = "", *,
-                    max_disk_bytes: int = MAX_DISK_BYTES) -> None:
+                    max_disk_bytes: int = MAX_DISK_BYTES,
+                    verify_min_interval_s: float = VERIFY_MIN_INTERVAL_S) -> None:
     """Semantic checks of one policy, shared by the config loader and the policy RPCs.
 
     Raises ConfigError naming the field (`where` prefixes it, e.g. "policies[0]")."""
@@ -644,15 +678,20 @@ def validate_policy(p: PolicyConfig, where: str = "", *,
         value = getattr(p, name)
         if value and not is_name(value):
             raise ConfigError(f"{pre}{name}: {value!r} is not a valid node id")
+    if p.verify_every_s < 0 or (0 < p.verify_every_s < verify_min_interval_s):
+        raise ConfigError(f"{pre}verify_every_s: must be 0 (no scheduled verification) or "
+                          f"at least {verify_min_interval_s:g}, got {p.verify_every_s:g}")
 
 
 def build_policy(data: dict[str, Any], where: str = "", *,
-                 max_disk_bytes: int = MAX_DISK_BYTES) -> PolicyConfig:
+                 max_disk_bytes: int = MAX_DISK_BYTES,
+                 verify_min_interval_s: float = VERIFY_MIN_INTERVAL_S) -> PolicyConfig:
     """A PolicyConfig from a TOML/JSON table: types, unknown keys, then validate_policy."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'policy'}: expected a table, got {data!r}")
     policy = _build(PolicyConfig, data, where)
-    validate_policy(policy, where, max_disk_bytes=max_disk_bytes)
+    validate_policy(policy, where, max_disk_bytes=max_disk_bytes,
+                    verify_min_interval_s=verify_min_interval_s)
     return policy
 
 

@@ -133,7 +133,8 @@ def assignment_pb(a: Assignment, p: PolicyConfig, sync_request_id: int = 0,
         short_term_retention_s=p.short_term_retention_s,
         long_term_interval_s=p.long_term_interval_s,
         long_term_retention_s=p.long_term_retention_s, sync_request_id=sync_request_id,
-        group=a.group, group_members=list(a.group_members), frozen=p.frozen)
+        group=a.group, group_members=list(a.group_members), frozen=p.frozen,
+        verify_every_s=p.verify_every_s)
 
 
 IDENTITY_ROLE = {Role.FILTER: "filter", Role.SOURCE_PROXY: "source-proxy",
@@ -566,7 +567,9 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
     async def _build(self, context: grpc.aio.ServicerContext,
                      data: dict[str, Any]) -> PolicyConfig:
         try:
-            return build_policy(data, max_disk_bytes=self.config.coordinator.max_disk_bytes)
+            c = self.config.coordinator
+            return build_policy(data, max_disk_bytes=c.max_disk_bytes,
+                                verify_min_interval_s=c.verify_min_interval_s)
         except ConfigError as exc:
             await rpc.abort(context, exc)
         raise AssertionError("unreachable")
