@@ -18,8 +18,9 @@ A point whose restore fails (a damaged undo segment, say) fails too. The
 result goes to the target (RecordVerification: `restore-points` shows it, the
 target exports it as metrics), the loop devices are detached and the copies
 deleted (unless --keep). Exit 0 when the point passed, 2 when it failed.
-`run_checks` is the part after the restore; every command it runs goes
-through `runner`, so a test can see (or fake) exactly what runs.
+The checks after the restore (loop devices, e2fsck, the script) are
+cdp_common.verifycheck, which the target's scheduled verification
+(cdp_target.verifysched) runs too.
 """
 
 from __future__ import annotations
@@ -29,15 +30,13 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import textwrap
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdp_common.errors import CdpError
+from cdp_common.verifycheck import Outcome, attach_loops, detach_loops, run_checks
 from cdpctl import lazy, targetcall
 from cdpctl.cmdline import Context, Subparsers
 from cdpctl.state import UsageError
@@ -48,75 +47,6 @@ else:   # loaded when a command runs, not for --help (cdpctl.lazy)
     pb = lazy.module("cdp_common.pb.cdp.v1.restore_pb2")
 
 EXIT_FAILED = 2
-FSCK_TIMEOUT_S = 3600.0
-Runner = Callable[[list[str], float, dict[str, str] | None], tuple[int, str]]
-
-
-def run_command(argv: list[str], timeout_s: float,
-                env: dict[str, str] | None = None) -> tuple[int, str]:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
-                              env=None if env is None else {**os.environ, **env})
-    except FileNotFoundError:
-        return 127, f"{argv[0]}: not installed"
-    except subprocess.TimeoutExpired:
-        return 124, f"{argv[0]}: no result within {timeout_s:.0f}s"
-    return done.returncode, (done.stdout + done.stderr).strip()
-
-
-@dataclass
-class Outcome:
-    ok: bool = True
-    checks: list[str] = field(default_factory=list)
-    detail: list[str] = field(default_factory=list)
-
-    def fail(self, why: str) -> None:
-        self.ok = False
-        self.detail.append(why)
-
-
-def run_checks(devices: list[str], mounts_dir: Path, fsck: bool, script: str | None,
-               script_timeout_s: float, env: dict[str, str], out: Outcome,
-               runner: Runner = run_command) -> None:
-    """The file system check and the operator's script over the attached copies."""
-    if fsck:
-        out.checks.append("fsck")
-        for dev in devices:
-            code, text = runner(["e2fsck", "-E", "journal_only", "-y", dev], FSCK_TIMEOUT_S,
-                                None)
-            if code not in (0, 1):   # 1: the journal was replayed
-                out.fail(f"e2fsck journal replay on {dev} exited {code}: {text[-500:]}")
-                continue
-            code, text = runner(["e2fsck", "-f", "-n", dev], FSCK_TIMEOUT_S, None)
-            if code != 0:
-                out.fail(f"e2fsck -fn {dev} exited {code} (errors found): {text[-800:]}")
-    if script and out.ok:
-        out.checks.append("script")
-        mounts: list[Path] = []
-        try:
-            for i, dev in enumerate(devices):
-                mnt = mounts_dir / f"mnt{i}"
-                mnt.mkdir(parents=True, exist_ok=True)
-                code, text = runner(["mount", "-o", "ro", dev, str(mnt)], 120, None)
-                if code != 0:
-                    out.fail(f"mount {dev} read-only exited {code}: {text[-500:]}")
-                    return
-                mounts.append(mnt)
-            code, text = runner([script], script_timeout_s, {
-                **env, "CDP_VERIFY_MOUNTS": " ".join(map(str, mounts)),
-                "CDP_VERIFY_DEVICES": " ".join(devices)})
-            if code != 0:
-                out.fail(f"script {script} exited {code}: {text[-800:]}")
-            else:
-                out.detail.append(f"script {script} passed")
-        finally:
-            for mnt in mounts:
-                runner(["umount", str(mnt)], 120, None)
-
-
-def _attach(paths: list[str]) -> list[str]:
-    """Writable loop devices for the scratch copies (e2fsck replays their journal)."""
-    return [targetcall.attach_loop(p, read_only=False) for p in paths]
 
 
 def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
@@ -149,7 +79,7 @@ def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
         else:
             point_id = done.point.id
             images = [img.path for img in done.images]
-            devices = _attach(images)
+            devices = attach_loops(images)
             rto = time.monotonic() - started
             env = {"CDP_VERIFY_POLICY": args.policy, "CDP_VERIFY_POINT": str(point_id)}
             run_checks(devices, scratch, args.fsck, args.script, args.script_timeout, env,
@@ -168,8 +98,7 @@ def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
             doc["recorded"] = False
             doc["detail"].append(f"not recorded at the target: {exc}")
     finally:
-        for dev in devices:
-            subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+        detach_loops(devices)
         if images and not args.keep:
             for path in images:
                 with contextlib.suppress(FileNotFoundError):
