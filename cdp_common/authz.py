@@ -64,6 +64,10 @@ RULES: dict[str, tuple[str, ...]] = {
     "/cdp.v1.Coordinator/SetPolicyEnabled": ("admin",),
     "/cdp.v1.Coordinator/RequestSync": ("admin",),
     "/cdp.v1.Coordinator/DrainNode": ("admin",),
+    "/cdp.v1.Coordinator/GetPlan": ("viewer",),
+    "/cdp.v1.Coordinator/ListPlans": ("viewer",),
+    "/cdp.v1.Coordinator/SavePlan": ("admin",),
+    "/cdp.v1.Coordinator/DeletePlan": ("admin",),
     # the data path, one hop each
     "/cdp.v1.SourceProxy/Ship": ("filter",),
     "/cdp.v1.SourceProxy/GetDigests": ("filter",),

@@ -17,7 +17,9 @@ one of them is answered with a warning saying so). The policy RPCs validate
 with the same code as the config loader (`cdp_common.config.build_policy`)
 plus the disk rules (cdp_coordinator.diskrules: one disk, one policy; no
 shrinking) and refuse bad input with INVALID_ARGUMENT naming the field,
-changing nothing. A delete with `purge` hands the deleted policy's nodes a
+changing nothing. Failover plans (SavePlan & co.) are only kept here, in the
+store, read from it at every call; a plan must name known policies (or
+consistency groups) when it is saved. A delete with `purge` hands the deleted policy's nodes a
 purge order for PURGE_KEEP_S (in memory) in their assignment sets.
 
 Unreachable reports: `ReportUnreachable` probes the named node with a
@@ -80,7 +82,7 @@ from cdp_coordinator.model import (
 )
 from cdp_coordinator.reconcile import config_owned, reconcile
 from cdp_coordinator.state import CoordinatorState
-from cdp_coordinator.store import StateStore, policy_to_json
+from cdp_coordinator.store import Plan, PlanGroup, StateStore, check_plan, policy_to_json
 
 log = logging.getLogger("coord.service")
 plog = logging.getLogger("coord.policy")
@@ -96,6 +98,17 @@ STANDBY_REFRESH_S = 1.0
 
 Probe = Callable[[str], Awaitable[str]]
 """Probe(address) -> "" when the node answers SERVING, else why not."""
+
+
+def plan_pb(p: Plan) -> cpb.Plan:
+    return cpb.Plan(name=p.name, groups=[cpb.PlanGroup(policies=list(g.policies),
+                                                       delay_s=g.delay_s) for g in p.groups])
+
+
+def plan_from_pb(p: cpb.Plan) -> Plan:
+    """The plan a request carries, checked (InvalidRequestError naming the field)."""
+    return check_plan(Plan(name=p.name, groups=tuple(
+        PlanGroup(policies=tuple(g.policies), delay_s=g.delay_s) for g in p.groups)))
 
 
 def _endpoint(e: Endpoint) -> cpb.Endpoint:
@@ -794,3 +807,66 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
             await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
         return cpb.ListAlarmsReply(events=[alarm_pb(e) for e in events],
                                    active=dict(self.alarms.current))
+
+    # ------------------------------------------------------------ failover plans
+
+    async def SavePlan(self, request: cpb.SavePlanRequest,
+                       context: grpc.aio.ServicerContext) -> cpb.PlanReply:
+        await self._lead_or_abort(context, "SavePlan")
+        try:
+            plan = plan_from_pb(request.plan)
+        except CdpError as exc:
+            await rpc.abort(context, exc)
+        unknown = [n for n in plan.policies()
+                   if n not in self.state.policies and n not in self.state.placed]
+        if unknown:
+            await rpc.abort(context, NotFoundError(
+                f"plan {plan.name}: no policy or consistency group named "
+                + ", ".join(unknown) + " (see `cdpctl policy list`)"))
+        try:
+            if not request.replace and self.store.get_plan(plan.name) is not None:
+                await rpc.abort(context, AlreadyExistsError(
+                    f"name: a plan named {plan.name!r} already exists (replace it with "
+                    f"--replace, or delete it first)"))
+            self.store.save_plan(plan)
+        except CdpError as exc:
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
+        plog.info("failover plan %s %s: %s", plan.name,
+                  "saved" if request.replace else "created",
+                  " then ".join(",".join(g.policies) for g in plan.groups))
+        return cpb.PlanReply(plan=plan_pb(plan))
+
+    async def _stored_plan(self, context: grpc.aio.ServicerContext, name: str) -> Plan:
+        try:
+            plan = self.store.get_plan(name)
+        except CdpError as exc:
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
+        if plan is None:
+            await rpc.abort(context, NotFoundError(f"no failover plan named {name!r}"))
+        assert plan is not None
+        return plan
+
+    async def GetPlan(self, request: cpb.PlanName,
+                      context: grpc.aio.ServicerContext) -> cpb.PlanReply:
+        self._mark_read(context)
+        return cpb.PlanReply(plan=plan_pb(await self._stored_plan(context, request.name)))
+
+    async def ListPlans(self, request: cpb.ListPlansRequest,
+                        context: grpc.aio.ServicerContext) -> cpb.ListPlansReply:
+        self._mark_read(context)
+        try:
+            plans = self.store.list_plans()
+        except CdpError as exc:
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
+        return cpb.ListPlansReply(plans=[plan_pb(p) for p in plans])
+
+    async def DeletePlan(self, request: cpb.PlanName,
+                         context: grpc.aio.ServicerContext) -> cpb.PlanReply:
+        await self._lead_or_abort(context, "DeletePlan")
+        plan = await self._stored_plan(context, request.name)
+        try:
+            self.store.delete_plan(plan.name)
+        except CdpError as exc:
+            await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
+        plog.info("failover plan %s deleted", plan.name)
+        return cpb.PlanReply(plan=plan_pb(plan))
