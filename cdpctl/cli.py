@@ -22,6 +22,7 @@ from cdpctl import (
     labcmd,
     node,
     pki,
+    plan,
     policy,
     restore,
     status,
@@ -32,8 +33,8 @@ from cdpctl.cmdline import EXIT_USAGE, CommandGroup, Context, Parser, context
 from cdpctl.state import UsageError
 
 # Order of the commands in --help and in the completion scripts.
-GROUPS: tuple[CommandGroup, ...] = (health, policy, labcmd, restore, verify, sync, node, pki,
-                                     completion)
+GROUPS: tuple[CommandGroup, ...] = (health, policy, labcmd, restore, plan, verify, sync, node,
+                                     pki, completion)
 
 
 def build_parser(ctx: Context | None = None) -> argparse.ArgumentParser:
