@@ -6,7 +6,9 @@ apply worker); a store that fails to open is quarantined and reported in
 error in every heartbeat, the others run. Then the node serves, registers as
 ROLE_TARGET and reports per policy in every heartbeat: durable_seq, applied_seq, newest_time_ns,
 bytes_replicated, gaps, the last apply error (or the failover refusal) and, for a
-consistency-group member, its newest checkpoint point (checkpoint_id and time); a
+consistency-group member, its newest checkpoint point (checkpoint_id and time), the
+newest verification of a point (`cdpctl verify` or the schedule) and the
+verify_every_s schedule it runs (cdp_target.verifysched); a
 policy assigned here whose first stream has not arrived is reported with
 `no_store` (coordinator.proto PolicyReport). The data path never waits on
 the coordinator. Shutdown stops the coordinator client, then the
@@ -17,17 +19,21 @@ anyway, so a kill -9 at any point is recovered on the next start.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import grpc
 
 from cdp_common import assignsig, node
-from cdp_common.config import TargetConfig, restore_dir_of
+from cdp_common.config import TargetConfig, restore_dir_of, verify_dir_of
 from cdp_common.groups import split_member
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_common.pb.cdp.v1 import restore_pb2_grpc as pgrpc
 from cdp_target.points import Point
 from cdp_target.restore_service import RestoreService
-from cdp_target.service import TargetService
+from cdp_target.service import PolicyRuntime, TargetService
+from cdp_target.verifylog import Verification
+from cdp_target.verifysched import VerifyScheduler
 
 SHUTDOWN_GRACE_S = 2.0
 
@@ -57,9 +63,32 @@ class TargetDaemon(node.NodeDaemon):
                                                       config.tls.insecure),
             node_id=config.node.id)
         self.restore = RestoreService(self.service, restore_dir_of(t))
+        self.verify = VerifyScheduler(self.service, self.restore._verify_log, self._record,
+                                      verify_dir_of(t), restore_dir_of(t))
         self.node = node.Node(config, self, kind="target", role=cpb.ROLE_TARGET,
                               grace_s=SHUTDOWN_GRACE_S,
-                              on_assignments=self.restore.on_assignments(config.node.id))
+                              on_assignments=self._on_assignments(config.node.id))
+
+    def _on_assignments(self, node_id: str) -> Callable[[cpb.AssignmentSet], Awaitable[None]]:
+        """The restore service's handler (it admits the signed assignments, sets the
+        policies assigned here), then each admitted one's verification schedule."""
+        update = self.restore.on_assignments(node_id)
+
+        async def on_assignments(aset: cpb.AssignmentSet) -> None:
+            await update(aset)
+            mine = self.service.assigned or set()
+            self.verify.set_schedule({a.policy: a.verify_every_s for a in aset.assignments
+                                      if a.target.node_id == node_id and a.policy in mine})
+        return on_assignments
+
+    async def _record(self, rt: PolicyRuntime, v: Verification) -> None:
+        """A scheduled verification goes into the log RecordVerification keeps."""
+        book = await self.restore._verify_log(rt)
+        await self.restore._book(book.record, v, [p.id for p in rt.local.undo.catalog.points])
+
+    def _verified(self, name: str, rt: PolicyRuntime) -> Verification | None:
+        hit = self.restore.verified.get(name)
+        return hit[1].newest() if hit is not None and hit[0] is rt.store else None
 
     def reports(self) -> list[cpb.PolicyReport]:
         out = [cpb.PolicyReport(policy=name, error=f"store quarantined at start-up: {why}")
@@ -68,6 +97,7 @@ class TargetDaemon(node.NodeDaemon):
             rt = self.service.policies[name]
             s = rt.store.snapshot()
             ck = checkpoint_of(name, rt.store)
+            v = self._verified(name, rt)
             out.append(cpb.PolicyReport(policy=name, durable_seq=s.durable_seq,
                                         checkpoint_id=ck.checkpoint_id if ck else 0,
                                         checkpoint_time_ns=ck.time_ns if ck else 0,
@@ -78,6 +108,11 @@ class TargetDaemon(node.NodeDaemon):
                                         or (rt.repair.text() if rt.repair else ""),
                                         resync_request_id=rt.repair.request_id
                                         if rt.repair else 0,
+                                        verified_point_id=v.point_id if v else 0,
+                                        verified_ok=v.ok if v else False,
+                                        verified_ns=v.time_ns if v else 0,
+                                        verify_detail=v.detail if v else "",
+                                        verify_every_s=self.verify.every.get(name, 0.0),
                                         gaps=[cpb.GapInfo(begin_seq=g.begin_seq,
                                                           end_seq=g.end_seq,
                                                           begin_time_ns=g.begin_time_ns,
@@ -94,11 +129,13 @@ class TargetDaemon(node.NodeDaemon):
     async def open(self, node: node.Node) -> None:
         await self.service.open_existing()
         await self.restore.attach()
+        self.verify.start()
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
         rgrpc.add_TargetServicer_to_server(self.service, server)
         pgrpc.add_RestorePointsServicer_to_server(self.restore, server)
 
     async def close(self) -> None:
+        await self.verify.close()
         await self.restore.close()
         await self.service.close()
