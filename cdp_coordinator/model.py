@@ -92,6 +92,20 @@ NO_PROGRESS = SyncProgress()
 
 
 @dataclass(frozen=True)
+class Verified:
+    """A target's newest verification of a restore point of a policy (PolicyReport 58-62)."""
+
+    point_id: int = 0
+    ok: bool = False
+    time_ns: int = 0          # when it was recorded, the target's clock (0: none)
+    detail: str = ""
+    every_s: float = 0.0      # the verify_every_s schedule the target runs (0: none)
+
+
+NOT_VERIFIED = Verified()
+
+
+@dataclass(frozen=True)
 class Report:
     """What one node said about one policy in its latest heartbeat."""
 
@@ -112,6 +126,7 @@ class Report:
     checkpoint_id: int = 0                 # target: newest point ending at a group checkpoint
     checkpoint_time_ns: int = 0            # target: that point's capture time (0: none)
     frozen: bool = False                   # filter: it refuses writes (planned failover)
+    verified: Verified = NOT_VERIFIED      # target: its newest verification of a point
 
 
 @dataclass(frozen=True)
@@ -206,6 +221,8 @@ class PolicyStatus:
     """A member's row: its consistency group ("" otherwise)."""
     members: tuple[str, ...] = ()
     """A group's row: its member policies (every other row: none)."""
+    verified: Verified = NOT_VERIFIED
+    """The target's newest verification of a point of it, and its schedule."""
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ from cdp_coordinator.alarms import AlarmEvent, AlarmTracker, Level, level_of
 from cdp_coordinator.diskrules import disk_conflicts
 from cdp_coordinator.model import (
     NO_PROGRESS,
+    NOT_VERIFIED,
     SOURCE_ROLES,
     TARGET_ROLES,
     Assignment,
@@ -79,6 +80,7 @@ from cdp_coordinator.model import (
     Role,
     Status,
     SyncProgress,
+    Verified,
 )
 from cdp_coordinator.reconcile import config_owned, reconcile
 from cdp_coordinator.state import CoordinatorState
@@ -216,7 +218,10 @@ def status_pb(status: Status, now_ns: int, policies: dict[str, PolicyConfig] | N
             sync_phase=p.progress.sync_phase, sync_id=p.progress.sync_id,
             sync_done_id=p.progress.sync_done_id, sync_reason=p.progress.sync_reason,
             sync_request_id=p.sync_request_id, rpo_breach_in_s=p.rpo_breach_in_s,
-            journal_full_in_s=p.journal_full_in_s, frozen=p.frozen) for p in status.policies],
+            journal_full_in_s=p.journal_full_in_s, frozen=p.frozen,
+            verified_point_id=p.verified.point_id, verified_ok=p.verified.ok,
+            verified_ns=p.verified.time_ns, verify_detail=p.verified.detail,
+            verify_every_s=p.verified.every_s) for p in status.policies],
         now_ns=now_ns, clock_skew_alarm_s=skew_alarm_s,
         unknown_policies=[cpb.UnknownPolicy(node_id=n, policy=p) for n, p in status.unknown])
 
@@ -238,7 +243,10 @@ def report_from_pb(r: cpb.PolicyReport) -> Report:
                                  g.reason) for g in r.gaps),
                   resync_request_id=r.resync_request_id, no_store=r.no_store,
                   journal_full_in_s=r.journal_full_in_s, checkpoint_id=r.checkpoint_id,
-                  checkpoint_time_ns=r.checkpoint_time_ns, frozen=r.frozen)
+                  checkpoint_time_ns=r.checkpoint_time_ns, frozen=r.frozen,
+                  verified=Verified(r.verified_point_id, r.verified_ok, r.verified_ns,
+                                    r.verify_detail, r.verify_every_s)
+                  if r.verified_ns or r.verify_every_s else NOT_VERIFIED)
 
 
 class _Watcher:

@@ -43,6 +43,9 @@ class that has one, and the reason shown is all of them, most severe first:
     degraded     the filter's or the target's clock is off the coordinator's by
                  more than clock_skew_alarm_s (the lag is corrected, but restore
                  point times are that node's clock)
+    degraded     the target's newest verification of a restore point (`cdpctl
+                 verify` or the verify_every_s schedule) failed: "restore point
+                 N failed verification: <why>" (until a newer one passes)
     ok           none of the above
 
 `age_s` is how long the coordinator has known the policy (monotonic; infinite
@@ -180,7 +183,8 @@ def policy_status(p: PolicyConfig, a: Assignment | None,
         rpo_error_s=p.rpo_error_s, progress=f.progress, gaps=t.gaps,
         sync_request_id=sync_request_id, enabled=p.enabled,
         rpo_breach_in_s=eta if eta and lag < p.rpo_error_s else 0.0,
-        journal_full_in_s=f.journal_full_in_s, frozen=p.frozen and f.frozen)
+        journal_full_in_s=f.journal_full_in_s, frozen=p.frozen and f.frozen,
+        verified=t.verified)
 
 
 @dataclass
@@ -219,6 +223,9 @@ class _Facts:
                                  f"{p.rpo_warning_s:g}s")
         gap = open_gap(f, t)
         self.degraded += ([gap] if gap else []) + skews
+        failed = failed_verification(t)
+        if failed:
+            self.degraded.append(failed)
 
     def _reporters(self) -> list[tuple[str, Report]]:
         """(node id, report) of every node reporting this policy, by node id."""
@@ -437,6 +444,22 @@ def unknown_policies(nodes: Mapping[str, Node], policies: Mapping[str, PolicyCon
     return sorted((nid, pol) for nid, pol in reports
                   if pol not in policies and nid in nodes
                   and nodes[nid].info.role == Role.FILTER)
+
+
+VERIFY_DETAIL_MAX = 300
+"""How much of a failed verification's detail the status reason (and alarm) carries."""
+
+
+def failed_verification(t: Report) -> str:
+    """Why the target's newest verification makes the policy degraded ("" when it
+    passed, or there is none)."""
+    v = t.verified
+    if not v.time_ns or v.ok:
+        return ""
+    detail = v.detail if len(v.detail) <= VERIFY_DETAIL_MAX \
+        else v.detail[:VERIFY_DETAIL_MAX - 3] + "..."
+    return (f"restore point {v.point_id} failed verification: {detail or 'no detail'} "
+            f"(at {iso_utc(v.time_ns)})")
 
 
 def open_gap(f: Report, t: Report) -> str:

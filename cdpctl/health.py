@@ -95,7 +95,9 @@ def register(sub: Subparsers, ctx: Context) -> None:
             Ask the coordinator for the state of every node and policy and judge it:
             ok when every node is up and every policy is ok (or disabled);
             warning when a policy is degraded (an open gap, RPO lag over its
-            warning threshold) or enabled but unprotected (nothing on its target
+            warning threshold, its newest restore point verification failed:
+            `cdpctl verify` or its verify_every_s schedule) or enabled but
+            unprotected (nothing on its target
             yet), or a node's clock is skewed; error when a node is down, a
             policy is in error (no proxy, a node not reporting it, a failed
             fsync, a frozen policy, lag over its error threshold...) or a filter

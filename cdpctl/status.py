@@ -99,6 +99,11 @@ def status_dict(reply: cpb.StatusReply) -> dict[str, Any]:
         "gaps": [{"begin_seq": g.begin_seq, "end_seq": g.end_seq,
                   "begin_time_ns": g.begin_time_ns, "end_time_ns": g.end_time_ns,
                   "reason": g.reason} for g in p.gaps],
+        # the target's newest verification of a restore point (None: none, no schedule)
+        "verified": {"point_id": p.verified_point_id, "ok": p.verified_ok,
+                     "time_ns": p.verified_ns, "detail": p.verify_detail,
+                     "every_s": p.verify_every_s}
+        if p.verified_ns or p.verify_every_s else None,
         "group": None, "members": None,
     } for p in reply.policies]
     mark_groups(policies)
@@ -221,19 +226,34 @@ def render_nodes(status: dict[str, Any]) -> str:
                         right=("SEEN", "CLOCK"))
 
 
+def verified_text(p: dict[str, Any], now_ns: int) -> str:
+    """The VERIFIED column: `ok #7 3m ago`, `FAILED #7 10s ago`, `pending` (scheduled,
+    none yet), `-` (none)."""
+    v = p.get("verified")
+    if not v:
+        return "-"
+    if not v.get("time_ns"):
+        return "pending"
+    age = format_seconds(max(0.0, (now_ns - int(v["time_ns"])) / 1e9)) if now_ns else "?"
+    return f"{'ok' if v.get('ok') else 'FAILED'} #{v.get('point_id', 0)} {age} ago"
+
+
 def render_policies(status: dict[str, Any]) -> str:
     """One row per policy; a consistency group's members indented under it (the
     group's DURABLE SEQ is '-': seqs are per member; its RPO LAG is the age of its
-    newest common checkpoint)."""
+    newest common checkpoint; VERIFIED is the target's newest verification of a
+    restore point, `cdpctl verify` or the verify_every_s schedule)."""
+    now_ns = int(status.get("now_ns") or 0)
     rows = [("  " * depth + p["name"], p["state"], p["source_proxy"] or "-",
              p["target_proxy"] or "-", "-" if p.get("members") else p["durable_seq"],
              format_seconds(float(p["rpo_lag_s"])),
-             format_bytes(p["bytes_replicated"]), format_bytes(p["journal_bytes"]))
+             format_bytes(p["bytes_replicated"]), format_bytes(p["journal_bytes"]),
+             verified_text(p, now_ns))
             for depth, p in ordered_policies(status["policies"])]
     if not rows:
         return "no policies configured"
     return table.render(("POLICY", "STATE", "SOURCE PROXY", "TARGET PROXY", "DURABLE SEQ",
-                         "RPO LAG", "REPLICATED", "JOURNAL"), rows,
+                         "RPO LAG", "REPLICATED", "JOURNAL", "VERIFIED"), rows,
                         right=("DURABLE SEQ", "RPO LAG", "REPLICATED", "JOURNAL"))
 
 
