@@ -118,12 +118,16 @@ def _run_one(step: dict[str, Any], runner: Runner, now: Callable[[], float]) -> 
 def execute(groups: Sequence[Group], action: str, runner: Runner, *,
             now: Callable[[], float] = time.time,
             sleep: Callable[[float], None] = time.sleep,
-            stop_on_failure: bool = True, wait: bool = True) -> dict[str, Any]:
-    """Run the groups in order (module docstring); returns the result document:
-    {"action", "ok", "start", "end", "seconds", "groups": [...], "steps": [...]}."""
+            stop_on_failure: bool = True, wait: bool = True,
+            reverse: bool = False) -> dict[str, Any]:
+    """Run the groups in order (module docstring), or in reverse order with `reverse`
+    (each keeps its number); returns the result document: {"action", "ok", "start",
+    "end", "seconds", "groups": [...], "steps": [...]}, groups and steps in run order."""
     steps_of = [[_step(i, p, action) for p in g.policies] for i, g in enumerate(groups, 1)]
     docs = [{"group": i, "policies": list(g.policies), "delay_s": g.delay_s,
              "state": NOT_STARTED, "waited_s": 0.0} for i, g in enumerate(groups, 1)]
+    if reverse:
+        groups, steps_of, docs = groups[::-1], steps_of[::-1], docs[::-1]
     began = now()
     failed = False
     for i, (g, steps, doc) in enumerate(zip(groups, steps_of, docs, strict=True)):
@@ -224,8 +228,9 @@ def _point_text(p: dict[str, Any] | None) -> str:
 def render_run(doc: dict[str, Any]) -> str:
     """The text output of `plan run` / `plan test`: a line, the steps table, the waits."""
     n = len(doc["steps"])
+    point = f", point {doc['point']}" if doc.get("point") else ""
     head = (f"plan {doc['plan']}: {doc['action']} of {n} policies in {len(doc['groups'])} "
-            f"group(s), point {doc['point']}: "
+            f"group(s){point}: "
             + ("done" if doc["ok"] else "FAILED") + f" in {doc['seconds']:.1f} s")
     rows = []
     waited = {g["group"]: g for g in doc["groups"]}
@@ -461,10 +466,9 @@ def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
     plan = _get(coord, args)
     _warm_up()
     if args.stop:
-        doc = execute(list(reversed(groups_of(plan))), TEST_STOP,
-                      stop_test_runner(coord, args, plan.name),
-                      stop_on_failure=False, wait=False)
-        return _finish(args, plan.name, "-", doc)
+        doc = execute(groups_of(plan), TEST_STOP, stop_test_runner(coord, args, plan.name),
+                      stop_on_failure=False, wait=False, reverse=True)
+        return _finish(args, plan.name, "", doc)
     doc = execute(groups_of(plan), TEST_START, start_test_runner(coord, args, plan.name))
     return _finish(args, plan.name, _point_word(args), doc)
 

@@ -163,10 +163,14 @@ def test_the_stop_pass_goes_on_past_a_failure_without_delays() -> None:
         return {"note": "1 image(s) deleted"}
 
     clock = FakeTime()
-    doc = execute(list(reversed(PLAN)), plan.TEST_STOP, runner, now=clock.now,
-                  sleep=clock.sleep, stop_on_failure=False, wait=False)
+    doc = execute(PLAN, plan.TEST_STOP, runner, now=clock.now, sleep=clock.sleep,
+                  stop_on_failure=False, wait=False, reverse=True)
     assert clock.slept == [] and seen[0] == "report" and seen[-1] == "db"
     assert not doc["ok"] and [s["state"] for s in doc["steps"]].count(OK) == 3
+    assert [(s["group"], s["policy"]) for s in doc["steps"]][::3] == [(3, "report"),
+                                                                      (1, "db")]
+    assert [g["group"] for g in doc["groups"]] == [3, 2, 1]     # each keeps its number
+    assert ", point" not in plan.render_run({"plan": "dr", "point": "", **doc})
 
 
 def test_json_shape() -> None:
