@@ -456,8 +456,9 @@ def failed_verification(t: Report) -> str:
     v = t.verified
     if not v.time_ns or v.ok:
         return ""
-    detail = v.detail if len(v.detail) <= VERIFY_DETAIL_MAX \
-        else v.detail[:VERIFY_DETAIL_MAX - 3] + "..."
+    detail = " ".join(v.detail.split())   # one line: e2fsck's output has many
+    if len(detail) > VERIFY_DETAIL_MAX:
+        detail = detail[:VERIFY_DETAIL_MAX - 3] + "..."
     return (f"restore point {v.point_id} failed verification: {detail or 'no detail'} "
             f"(at {iso_utc(v.time_ns)})")
 

@@ -48,7 +48,7 @@ def test_no_verification_or_a_passed_one_is_ok() -> None:
 
 
 def test_a_failed_newest_verification_degrades_the_policy_and_alarms() -> None:
-    detail = "e2fsck -fn /dev/loop3 exited 4 (errors found): " + "x" * 1000
+    detail = "e2fsck -fn /dev/loop3 exited 4 (errors found):\nGroup 2 bad\n" + "x" * 1000
     _, reply = judged(caught_up(verified_point_id=7, verified_ok=False, verified_ns=T,
                                 verify_detail=detail, verify_every_s=60))
     p = reply.policies[0]
@@ -56,6 +56,7 @@ def test_a_failed_newest_verification_degrades_the_policy_and_alarms() -> None:
     assert p.reason.startswith("restore point 7 failed verification: e2fsck -fn /dev/loop3 "
                                "exited 4")
     assert len(p.reason) < VERIFY_DETAIL_MAX + 100            # the detail is cut short
+    assert "\n" not in p.reason and "(errors found): Group 2 bad x" in p.reason
     assert p.verify_detail == detail                          # the whole detail is kept
     level, message = level_of(p.state, p.rpo_lag_s, p.reason, p.rpo_warning_s,
                               p.rpo_error_s)
