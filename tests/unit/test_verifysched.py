@@ -14,6 +14,16 @@ from typing import Any
 import pytest
 from test_restore_points import Run, S
 
+from cdp_common.config import (
+    NodeConfig,
+    TargetConfig,
+    TargetSection,
+    TlsConfig,
+    build_policy,
+    validate,
+    verify_dir_of,
+)
+from cdp_common.errors import ConfigError
 from cdp_target.service import PolicyRuntime
 from cdp_target.verifylog import Verification, VerifyLog
 from cdp_target.verifysched import Candidate, VerifyScheduler, due_at, pick
@@ -147,3 +157,28 @@ async def test_nothing_is_due_without_a_point_or_a_schedule(tmp_path: Path) -> N
     sched.set_schedule({"db": 0.0})
     assert await sched.tick() is None                          # scheduled off
     assert runner.calls == []
+
+
+def test_verify_every_s_bounds() -> None:
+    base = {"name": "db", "target": "target-1",
+            "disks": [{"filter": "filter-1", "name": "db0", "size_bytes": 4096}]}
+    assert build_policy(base).verify_every_s == 0.0
+    assert build_policy({**base, "verify_every_s": 60}).verify_every_s == 60.0
+    for bad in (-1, 10):
+        with pytest.raises(ConfigError, match="verify_every_s: must be 0"):
+            build_policy({**base, "verify_every_s": bad})
+    assert build_policy({**base, "verify_every_s": 1}, verify_min_interval_s=1.0
+                        ).verify_every_s == 1.0
+
+
+def test_verify_dir_defaults_under_restore_dir_and_must_stay_inside() -> None:
+    t = TargetSection(data_dir="/srv/cdp")
+    assert verify_dir_of(t) == Path("/srv/cdp/_restores/.verify")
+    assert verify_dir_of(TargetSection(data_dir="/d", restore_dir="/r", verify_dir="/r/v")
+                         ) == Path("/r/v")
+    for bad in ("/elsewhere", "relative/v", "/r", "/r/../x"):
+        with pytest.raises(ConfigError, match=r"target\.verify_dir"):
+            validate(TargetConfig(node=NodeConfig(id="target-1", coordinator="127.0.0.1:1"),
+                                  target=TargetSection(data_dir="/d", restore_dir="/r",
+                                                       verify_dir=bad),
+                                  tls=TlsConfig(insecure=True)))
