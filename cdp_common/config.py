@@ -288,7 +288,9 @@ class CoordinatorSection:
                               "Coordinators sharing one etcd prefix elect one leader; the "
                               "others stand by (read-only status) and one of them leads "
                               "within about this long after the leader dies (etcd may "
-                              "round it up to its minimum lease TTL).", 2)
+                              "round it up to its minimum lease TTL). Long enough to ride out an "
+                              "etcd member lost (a raft election): 4 s, for a takeover "
+                              "within 5 s.", 4)
     takeover_grace_ms: int = doc("`store = \"etcd\"`: after a standby takes over, the "
                                  "nodes are kept in service this long (at least `lease_ms`) "
                                  "while they find the new leader, so a takeover rebinds "

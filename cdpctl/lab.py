@@ -12,13 +12,16 @@ PIDs it recorded, after checking that each still runs the recorded config
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +113,35 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join("    " + line for line in tail) if tail else "    (log is empty)"
 
 
-def launch(module: str, config: Path, log: Path) -> int:
-    """Start `python -m module run --config config` detached, output appended to `log`."""
+def launch(module: str, config: Path, log: Path, argv: Sequence[str] = ()) -> int:
+    """Start `python -m module run --config config` (or `argv`: etcd) detached, output
+    appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if argv:
+        binary = shutil.which(argv[0]) or next(
+            (p for p in (f"/usr/bin/{argv[0]}", f"/usr/local/bin/{argv[0]}")
+             if os.access(p, os.X_OK)), None)
+        if binary is None:
+            raise LabError(f"{argv[0]} is not installed (apt-get install etcd-server; "
+                           "scripts/bootstrap.sh installs it)")
+        cmd = [binary, *argv[1:]]
+    else:
+        cmd = [sys.executable, "-m", module, "run", "--config", str(config)]
     with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, "run", "--config", str(config)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, env=env, close_fds=True)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                close_fds=True)
     return proc.pid
+
+
+def etcd_healthy(address: str, timeout_s: float = 1.0) -> bool:
+    """etcd's /health on its client address says the member has a quorum."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=timeout_s) as reply:
+            return bool(json.loads(reply.read()).get("health") in ("true", True))
+    except (OSError, ValueError):
+        return False
 
 
 def health_serving(address: str, tls: TlsConfig, timeout_s: float = 1.0) -> bool:
@@ -193,7 +215,8 @@ def _prepare(plan: LabPlan) -> None:
     if not plan.key_file.exists():
         crypto.write_new_key(plan.key_file)
     for node in plan.nodes:
-        node.config.write_text(node.config_text)
+        if not node.argv:   # etcd has a command line, no config file
+            node.config.write_text(node.config_text)
 
 
 def _wait_ready(node: NodePlan, pid: int, tls: TlsConfig, timeout_s: float) -> None:
@@ -203,7 +226,7 @@ def _wait_ready(node: NodePlan, pid: int, tls: TlsConfig, timeout_s: float) -> N
         if not process_alive(pid):
             raise LabError(f"{node.id} (pid {pid}) exited during start-up; "
                            f"last lines of {node.log}:\n{log_tail(node.log)}")
-        if health_serving(node.address, tls):
+        if etcd_healthy(node.address) if node.argv else health_serving(node.address, tls):
             return
         if time.monotonic() > deadline:
             raise LabError(f"{node.id} (pid {pid}) is not serving on {node.address} after "
@@ -259,10 +282,16 @@ def lab_up(root: Path, disks: int, disk_size_bytes: int, insecure: bool,
     cli_tls = TlsConfig(**plan.tls(labplan.CLI_CERT))
     pids: dict[str, int] = {}
     try:
-        for node in plan.nodes:
+        etcd = [n for n in plan.nodes if n.argv]
+        for node in etcd:   # all members first: none is healthy before a quorum runs
             say(f"starting {node.id} on {node.address}")
-            pids[node.id] = launch(node.module, node.config, node.log)
+            pids[node.id] = launch(node.module, node.config, node.log, node.argv)
             save_state(root, plan.lab_json(pids))
+        for node in plan.nodes:
+            if not node.argv:
+                say(f"starting {node.id} on {node.address}")
+                pids[node.id] = launch(node.module, node.config, node.log)
+                save_state(root, plan.lab_json(pids))
             _wait_ready(node, pids[node.id], cli_tls, timeout_s)
         _wait_disks(plan, pids, timeout_s)
     except BaseException:
@@ -407,13 +436,14 @@ def lab_restart(root: Path, node_id: str, timeout_s: float = 30.0, say: Say = pr
     tls = TlsConfig(insecure=True) if tls_doc.get("insecure") else TlsConfig(**tls_doc)
     if p["role"] == "filter":
         _unmount_dead(filter_mounts(state, root)[p["id"]])
-    module = p.get("module") or f"cdp_{p['role'].split('-')[-1]}"
-    pid = launch(module, Path(p["config"]), Path(p["log"]))
+    argv = tuple(p.get("argv") or ())
+    module = "" if argv else (p.get("module") or f"cdp_{p['role'].split('-')[-1]}")
+    pid = launch(module, Path(p["config"]), Path(p["log"]), argv)
     p["pid"] = pid
     save_state(root, state)
     node = NodePlan(id=p["id"], role=p["role"], module=module, address=p["address"],
                     metrics_address=p["metrics_address"], config=Path(p["config"]),
-                    log=Path(p["log"]), config_text="")
+                    log=Path(p["log"]), config_text="", argv=argv)
     say(f"started {node_id} (pid {pid})")
     _wait_ready(node, pid, tls, timeout_s)
     if p["role"] == "filter":

@@ -46,7 +46,9 @@ def cmd_lab_up(args: argparse.Namespace, ctx: Context) -> int:
     topo = labplan.Topology(filters=args.filters, targets=args.targets, policies=args.policies,
                             source_proxies=args.source_proxies,
                             target_proxies=args.target_proxies, disks_per_policy=args.disks,
-                            source_site=source_site, dr_site=dr_site)
+                            source_site=source_site, dr_site=dr_site,
+                            store=args.store or ("etcd" if args.coordinators > 1 else "sqlite"),
+                            coordinators=args.coordinators)
     try:
         topo.check()
     except ValueError as exc:
@@ -160,7 +162,8 @@ def register(sub: Subparsers, ctx: Context) -> None:
             cdpctl lab up --dir /tmp/lab --disks 2 --disk-size 256M --insecure
             cdpctl lab up --dir ./lab --source-proxies 2 --target-proxies 2
             cdpctl lab up --dir ./lab --filters 2 --targets 2 --policies 3 \\
-                --source-proxies 2 --target-proxies 2 --sites hq,dr --disk-size 64M"""))
+                --source-proxies 2 --target-proxies 2 --sites hq,dr --disk-size 64M
+            cdpctl lab up --dir ./lab --store etcd --coordinators 3"""))
     q.add_argument("--dir", required=True, help="lab directory (created if missing)")
     q.add_argument("--disk-size", default="1G", metavar="SIZE",
                    help="size of each disk, K/M/G/T binary units (default 1G)")
@@ -180,6 +183,15 @@ def register(sub: Subparsers, ctx: Context) -> None:
                    help="site names: the coordinator, filters and source proxies at SOURCE, "
                         "targets and target proxies at DR; the policies replicate from "
                         "SOURCE to DR (default: one site called default)")
+    q.add_argument("--store", choices=labplan.STORES,
+                   help="the coordinators' state store: sqlite (one file; the default with "
+                        "one coordinator) or etcd (a 3-member etcd cluster etcd-1..3 on "
+                        "loopback, plain; needs the etcd binary: apt-get install etcd-server)")
+    q.add_argument("--coordinators", type=int, default=1, metavar="N",
+                   help=f"coordinators coordinator, coordinator-2..N on one etcd (1.."
+                        f"{labplan.MAX_COORDINATORS}; more than one implies --store etcd): one "
+                        "leads, the others stand by and take over within seconds when it "
+                        "dies; every node and cdpctl get the list (default 1)")
     q.add_argument("--insecure", action="store_true",
                    help="plaintext gRPC between the daemons instead of mutual TLS")
     q.add_argument("--source-proxies", type=int, default=1, metavar="N",

@@ -53,7 +53,10 @@ START_ORDER = (COORDINATOR_ID, TARGET_ID, TARGET_PROXY_ID, SOURCE_PROXY_ID, FILT
 STOP_ORDER = (FILTER_ID, SOURCE_PROXY_ID, TARGET_PROXY_ID, TARGET_ID, COORDINATOR_ID)
 PORTS_NEEDED = 2 * len(START_ORDER)
 ROLE_STOP_RANK = {"filter": 0, "source-proxy": 1, "target-proxy": 2, "target": 3,
-                  "coordinator": 4}
+                  "coordinator": 4, "etcd": 5}
+STORES = ("sqlite", "etcd")
+MAX_COORDINATORS = 5
+ETCD_MEMBERS = 3
 MAX_PROXIES = 16
 MAX_FILTERS = 8
 MAX_TARGETS = 8
@@ -91,16 +94,23 @@ def valid_id(node_id: str) -> bool:
     return bool(_ID.match(node_id))
 
 
+def is_coordinator_id(node_id: str) -> bool:
+    """`coordinator`, or `coordinator-<i>` of a lab with standby coordinators."""
+    return node_id == COORDINATOR_ID or node_id.startswith(f"{COORDINATOR_ID}-")
+
+
 @dataclass(frozen=True)
 class NodePlan:
     id: str
-    role: str            # coordinator | filter | source-proxy | target-proxy | target
-    module: str          # python -m <module> run --config <config>
+    role: str            # coordinator | filter | source-proxy | target-proxy | target | etcd
+    module: str          # python -m <module> run --config <config> ("" for etcd)
     address: str
     metrics_address: str
     config: Path
     log: Path
     config_text: str
+    argv: tuple[str, ...] = ()
+    """Not a cdp daemon (etcd): the command line to run; argv[0] is looked up on PATH."""
 
 
 @dataclass(frozen=True)
@@ -159,14 +169,14 @@ class LabPlan:
             return {"insecure": True}
         out = {"ca_file": str(self.pki / "ca.pem"), "cert_file": str(self.pki / f"{node_id}.pem"),
                "key_file": str(self.pki / f"{node_id}.key")}
-        if node_id not in (COORDINATOR_ID, CLI_CERT):
+        if node_id != CLI_CERT and not is_coordinator_id(node_id):
             out["assignment_key_file"] = str(self.signing_pub)
         return out
 
     def identities(self) -> dict[str, tuple[str, str]]:
         """Certificate name -> (role, scope) of every certificate the lab issues: one per
         node, and CLI_CERT, the admin operator cdpctl uses in the lab."""
-        out = {n.id: (n.role, "") for n in self.nodes}
+        out = {n.id: (n.role, "") for n in self.nodes if not n.argv}   # etcd: plain, loopback
         out[CLI_CERT] = (identity.OPERATOR, identity.ADMIN)
         return out
 
@@ -190,7 +200,8 @@ class LabPlan:
             "processes": [
                 {"id": n.id, "role": n.role, "pid": pids[n.id], "address": n.address,
                  "metrics_address": n.metrics_address, "config": str(n.config),
-                 "log": str(n.log), "module": n.module}
+                 "log": str(n.log), "module": n.module,
+                 **({"argv": list(n.argv)} if n.argv else {})}
                 for n in self.nodes if n.id in pids],
             "disks": [
                 {"name": d.name, "policy": d.policy, "member": d.member_policy,
@@ -211,6 +222,11 @@ class Topology:
     (disk j on filter j mod `filters`): a consistency group (`spanning`). Nodes of the source
     site: the coordinator, the filters, the source proxies; of the DR site: the
     targets and the target proxies. The defaults are the one-of-each lab.
+
+    `store = "etcd"` runs a 3-member etcd cluster on loopback (`etcd-1..3`,
+    plain: loopback only) as the coordinators' store, and `coordinators` > 1
+    (etcd only) runs `coordinator`, `coordinator-2`, ...: one leader, the
+    others standby; every node and cdpctl get the list of their addresses.
     """
 
     filters: int = 1
@@ -221,6 +237,8 @@ class Topology:
     disks_per_policy: int = 1
     source_site: str = "default"
     dr_site: str = "default"
+    store: str = "sqlite"
+    coordinators: int = 1
 
     def check(self) -> None:
         """Raises ValueError naming the first count out of range."""
@@ -238,6 +256,20 @@ class Topology:
         for what, site in (("source site", self.source_site), ("DR site", self.dr_site)):
             if not valid_id(site):
                 raise ValueError(f"{what}: {site!r} is not a valid name")
+        if self.store not in STORES:
+            raise ValueError(f"store: expected one of {', '.join(STORES)}, got {self.store!r}")
+        if not 1 <= self.coordinators <= MAX_COORDINATORS:
+            raise ValueError(f"coordinators: expected 1..{MAX_COORDINATORS}, "
+                             f"got {self.coordinators}")
+        if self.coordinators > 1 and self.store != "etcd":
+            raise ValueError("coordinators: more than one needs store etcd (they share it)")
+
+    def coordinator_ids(self) -> list[str]:
+        return [COORDINATOR_ID, *(f"{COORDINATOR_ID}-{i}"
+                                  for i in range(2, self.coordinators + 1))]
+
+    def etcd_ids(self) -> list[str]:
+        return [f"etcd-{i}" for i in range(1, ETCD_MEMBERS + 1)] if self.store == "etcd" else []
 
     def filter_ids(self) -> list[str]:
         return [f"filter-{i}" for i in range(1, self.filters + 1)]
@@ -272,7 +304,7 @@ class Topology:
         return f"disk{index}" if self.policies == 1 else f"{policy}-disk{index}"
 
     def start_order(self) -> tuple[str, ...]:
-        return (COORDINATOR_ID, *self.target_ids(),
+        return (*self.etcd_ids(), *self.coordinator_ids(), *self.target_ids(),
                 *proxy_ids("target-proxy", self.target_proxies),
                 *proxy_ids("source-proxy", self.source_proxies), *self.filter_ids())
 
@@ -296,7 +328,8 @@ def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
     root = root.absolute()
     free = iter(ports)
     addr = {nid: (f"{HOST}:{next(free)}", f"{HOST}:{next(free)}") for nid in order}
-    coordinator = addr[COORDINATOR_ID][0]
+    coordinators = topo.coordinator_ids()
+    coordinator = ",".join(addr[c][0] for c in coordinators)   # every node follows the leader
     config_dir, data, logs, mnt = root / "config", root / "data", root / "logs", root / "mnt"
     filters, targets = topo.filter_ids(), topo.target_ids()
     # One filter mounts on mnt/ (as always); several each on mnt/<filter id>/.
@@ -325,13 +358,13 @@ def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
                          *mounts.values(),
                          *[d for f in filters for d in (data / f, data / f / "images")],
                          *[data / t for t in targets]])
-    source_ids = {*filters, *proxy_ids("source-proxy", topo.source_proxies), COORDINATOR_ID}
+    source_ids = {*filters, *proxy_ids("source-proxy", topo.source_proxies), *coordinators}
 
     def node_section(nid: str) -> dict[str, Any]:
         site = topo.source_site if nid in source_ids else topo.dr_site
         section: dict[str, Any] = {"id": nid, "site": site, "listen": addr[nid][0],
                                    "metrics_listen": addr[nid][1]}
-        if nid != COORDINATOR_ID:
+        if not is_coordinator_id(nid):
             section["coordinator"] = coordinator
         return section
 
@@ -344,14 +377,17 @@ def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
             doc |= {"source_site": topo.source_site, "target_site": topo.dr_site}
         return doc
 
+    etcd = topo.etcd_ids()
+    store: dict[str, Any] = (
+        {"store": "etcd", "etcd_endpoints": [addr[e][0] for e in etcd]} if etcd
+        else {"db_path": str(data / COORDINATOR_ID / "state.db")})
     docs: dict[str, tuple[str, str, dict[str, Any]]] = {
-        COORDINATOR_ID: ("coordinator", "cdp_coordinator", {
-            "node": node_section(COORDINATOR_ID),
-            "coordinator": {"db_path": str(data / COORDINATOR_ID / "state.db"),
+        c: ("coordinator", "cdp_coordinator", {
+            "node": node_section(c),
+            "coordinator": {**store,
                             **({} if insecure else {"signing_key_file": str(plan.signing_key)})},
             "policies": [policy_doc(*p) for p in placed],
-        }),
-    }
+        }) for c in coordinators}
     for t in targets:
         docs[t] = ("target", "cdp_target", {
             "node": node_section(t),
@@ -372,7 +408,26 @@ def plan_lab(root: Path, disks: int, disk_size_bytes: int, ports: list[int],
             "disks": [{"name": d.name, "policy": d.member_policy, "size_bytes": d.size_bytes,
                        "image": str(d.image)} for d in disk_plans if d.filter == f],
         })
+    cluster = ",".join(f"{e}=http://{addr[e][1]}" for e in etcd)
+    for e in etcd:
+        plan.nodes.append(NodePlan(   # `config`: its data dir, which names it on its cmdline
+            id=e, role="etcd", module="", address=addr[e][0], metrics_address=addr[e][0],
+            config=data / e, log=logs / f"{e}.log", config_text="",
+            argv=("etcd", "--name", e, "--data-dir", str(data / e),
+                  "--listen-client-urls", f"http://{addr[e][0]}",
+                  "--advertise-client-urls", f"http://{addr[e][0]}",
+                  "--listen-peer-urls", f"http://{addr[e][1]}",
+                  "--initial-advertise-peer-urls", f"http://{addr[e][1]}",
+                  "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                  "--initial-cluster-token", "cdp-lab", "--log-level", "warn",
+                  "--logger", "zap",
+                  # loopback: a member lost is noticed (and a new raft leader
+                  # elected) in about half a second, well inside the coordinators'
+                  # election lease
+                  "--heartbeat-interval", "50", "--election-timeout", "500")))
     for nid in order:
+        if nid in etcd:
+            continue
         role, module, doc = docs[nid]
         doc["tls"] = plan.tls(nid)
         plan.nodes.append(NodePlan(

@@ -229,3 +229,46 @@ def test_a_spanning_policy_has_its_disks_on_every_filter() -> None:
     assert labplan.Topology().spanning() == "" and labplan.Topology().total_disks() == 1
     with pytest.raises(ValueError, match="at most 64 disks"):
         labplan.Topology(filters=8, policies=15, disks_per_policy=4).check()   # 56 + 32
+
+
+def test_an_etcd_lab_with_standby_coordinators(tmp_path: Path) -> None:
+    """`lab up --store etcd --coordinators 3` (issue 13 item 3): a 3-member etcd
+    cluster started first and stopped last, three coordinators on it with one
+    signing key, and every other node (and lab.json) given all their addresses."""
+    topo = labplan.Topology(store="etcd", coordinators=3)
+    ports = list(range(23001, 23001 + topo.ports_needed()))
+    plan = labplan.plan_lab(tmp_path / "lab", 1, 64 << 20, ports, topology=topo)
+    materialize(plan)
+    order = [n.id for n in plan.nodes]
+    assert order[:6] == ["etcd-1", "etcd-2", "etcd-3", "coordinator", "coordinator-2",
+                         "coordinator-3"]
+    etcd = [n for n in plan.nodes if n.role == "etcd"]
+    cluster = ",".join(f"{n.id}=http://{n.argv[n.argv.index('--listen-peer-urls') + 1][7:]}"
+                       for n in etcd)
+    for n in etcd:
+        assert n.argv[0] == "etcd" and str(n.config) in n.argv   # its data dir names it
+        assert n.argv[n.argv.index("--initial-cluster") + 1] == cluster
+    assert labplan.stop_rank("etcd") > labplan.stop_rank("coordinator")
+    loaded: dict[str, Any] = {n.id: load_config(CLASSES[n.role], n.config)
+                              for n in plan.nodes if n.role != "etcd"}
+    coords = [loaded[c] for c in ("coordinator", "coordinator-2", "coordinator-3")]
+    for c in coords:
+        assert isinstance(c, CoordinatorConfig)
+        assert c.coordinator.store == "etcd" and c.coordinator.db_path == ""
+        assert c.coordinator.etcd_endpoints == [n.address for n in etcd]
+        assert c.coordinator.signing_key_file == str(plan.signing_key)
+    addresses = [plan.node(c).address for c in ("coordinator", "coordinator-2",
+                                                 "coordinator-3")]
+    assert plan.coordinator == ",".join(addresses)
+    for nid in ("filter-1", "source-proxy-1", "target-proxy-1", "target-1"):
+        assert loaded[nid].node.coordinator == ",".join(addresses), nid
+    assert "etcd-1" not in plan.identities()   # plain on loopback: no certificate
+    assert plan.lab_json({n.id: 1 for n in plan.nodes})["processes"][0]["argv"][0] == "etcd"
+
+
+@pytest.mark.parametrize("bad,why", [(dict(store="zk"), "store"),
+                                     (dict(coordinators=2), "needs store etcd"),
+                                     (dict(store="etcd", coordinators=6), "coordinators")])
+def test_a_bad_control_plane_is_refused(bad: dict[str, Any], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        labplan.Topology(**bad).check()
