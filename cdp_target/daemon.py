@@ -63,7 +63,8 @@ class TargetDaemon(node.NodeDaemon):
                                                       config.tls.insecure),
             node_id=config.node.id)
         self.restore = RestoreService(self.service, restore_dir_of(t))
-        self.verify = VerifyScheduler(self.service, self.restore._verify_log, self._record,
+        self.verify = VerifyScheduler(self.service, self.restore.verification_log,
+                                      self.restore.record_verification,
                                       verify_dir_of(t), restore_dir_of(t))
         self.node = node.Node(config, self, kind="target", role=cpb.ROLE_TARGET,
                               grace_s=SHUTDOWN_GRACE_S,
@@ -80,11 +81,6 @@ class TargetDaemon(node.NodeDaemon):
             self.verify.set_schedule({a.policy: a.verify_every_s for a in aset.assignments
                                       if a.target.node_id == node_id and a.policy in mine})
         return on_assignments
-
-    async def _record(self, rt: PolicyRuntime, v: Verification) -> None:
-        """A scheduled verification goes into the log RecordVerification keeps."""
-        book = await self.restore._verify_log(rt)
-        await self.restore._book(book.record, v, [p.id for p in rt.local.undo.catalog.points])
 
     def _verified(self, name: str, rt: PolicyRuntime) -> Verification | None:
         hit = self.restore.verified.get(name)

@@ -380,6 +380,20 @@ class RestoreService(pgrpc.RestorePointsServicer):
     async def _verify_log(self, rt: PolicyRuntime) -> VerifyLog:
         return await _loaded(self.verified, rt, VerifyLog)
 
+    async def verification_log(self, rt: PolicyRuntime) -> VerifyLog:
+        """The policy's verification log (verified.json), loaded once per store."""
+        return await self._verify_log(rt)
+
+    async def record_verification(self, policy: str, rt: PolicyRuntime,
+                                  v: Verification) -> None:
+        """Keep `v` (from `cdpctl verify` or the target's schedule) with its point and
+        export it; List shows it from then on. CdpError when it cannot be kept."""
+        book = await self._verify_log(rt)
+        await self._book(book.record, v, [q.id for q in rt.local.undo.catalog.points])
+        M.VERIFY_OK.labels(policy=policy).set(int(v.ok))
+        M.VERIFY_RTO.labels(policy=policy).set(v.rto_s)
+        M.VERIFY_AGE.labels(policy=policy).set(v.time_ns / 1e9)
+
     async def RecordVerification(self, request: pb.Verification,
                                  context: grpc.aio.ServicerContext) -> pb.Verification:
         rt = await self._runtime(request.policy, context)
@@ -392,13 +406,9 @@ class RestoreService(pgrpc.RestorePointsServicer):
         v = Verification(p.id, p.last_seq, request.ok, max(0.0, request.rto_s),
                          request.checks, request.detail, time.time_ns())
         try:
-            book = await self._verify_log(rt)
-            await self._book(book.record, v, [q.id for q in cat.points])
+            await self.record_verification(request.policy, rt, v)
         except CdpError as exc:
             await rpc.abort(context, exc)
-        M.VERIFY_OK.labels(policy=request.policy).set(int(v.ok))
-        M.VERIFY_RTO.labels(policy=request.policy).set(v.rto_s)
-        M.VERIFY_AGE.labels(policy=request.policy).set(v.time_ns / 1e9)
         (log.info if v.ok else log.error)(
             "restore point %d verified: %s (%s; usable in %.2fs)%s", p.id,
             "ok" if v.ok else "FAILED", v.checks, v.rto_s, "" if v.ok else f": {v.detail}",

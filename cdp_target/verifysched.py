@@ -50,7 +50,6 @@ from pathlib import Path
 from cdp_common import verifycheck
 from cdp_common.aio import in_thread
 from cdp_common.errors import CdpError
-from cdp_target import metrics as M
 from cdp_target.points import Point
 from cdp_target.restore import pick_point, restore_images
 from cdp_target.service import PolicyRuntime, TargetService
@@ -146,14 +145,14 @@ def verify_newest(rt: PolicyRuntime, scratch: Path, root: Path | None,
 # ---------------------------------------------------------------- shell
 
 Logs = Callable[[PolicyRuntime], Awaitable[VerifyLog]]
-Record = Callable[[PolicyRuntime, Verification], Awaitable[None]]
+Record = Callable[[str, PolicyRuntime, Verification], Awaitable[None]]
 
 
 class VerifyScheduler:
     """Runs the schedule over `target`'s policies (see the module docstring).
 
     `logs(rt)`: the policy's verify log, loaded (the one the RestorePoints
-    service lists from); `record(rt, v)`: keep `v` in it; `scratch`: where the
+    service lists from); `record(policy, rt, v)`: keep `v` in it and export it; `scratch`: where the
     copies go (inside `root`, the restore_dir)."""
 
     def __init__(self, target: TargetService, logs: Logs, record: Record, scratch: Path,
@@ -245,10 +244,7 @@ class VerifyScheduler:
         v = Verification(res.point.id, res.point.last_seq, o.ok, res.rto_s,
                          ",".join(o.checks), "; ".join(o.detail) or "scheduled: e2fsck clean",
                          self.now_ns())
-        await self.record(rt, v)
-        M.VERIFY_OK.labels(policy=c.policy).set(int(v.ok))
-        M.VERIFY_RTO.labels(policy=c.policy).set(v.rto_s)
-        M.VERIFY_AGE.labels(policy=c.policy).set(v.time_ns / 1e9)
+        await self.record(c.policy, rt, v)   # kept and exported as RecordVerification does
         (log.info if v.ok else log.error)(
             "scheduled verification of restore point %d: %s (%s; usable in %.2fs)%s",
             v.point_id, "ok" if v.ok else "FAILED", v.checks, v.rto_s,

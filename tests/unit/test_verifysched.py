@@ -91,7 +91,7 @@ def scheduler(run: Run, tmp_path: Path, runner: FakeRunner, why_not: str = "",
     async def logs(_: PolicyRuntime) -> VerifyLog:
         return book
 
-    async def record(rt: PolicyRuntime, v: Verification) -> None:
+    async def record(_policy: str, rt: PolicyRuntime, v: Verification) -> None:
         book.record(v, [p.id for p in rt.local.undo.catalog.points])
 
     root = tmp_path / "restores"
