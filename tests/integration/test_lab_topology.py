@@ -217,6 +217,8 @@ def test_killing_a_source_proxy_rebinds_every_policy_it_served(
     for name in set(before) - set(served):
         assert after[name]["source_proxy"] == before[name]["source_proxy"]
         assert after[name]["epoch"] == before[name]["epoch"], (before[name], after[name])
+        # the other policies' RPO stays within goal meanwhile
+        assert after[name]["rpo_lag_s"] < after[name]["rpo_warning_s"], after[name]
     shas = write_disks(handle, disks, rng)
     assert_eventually(replicas_equal(disks, shas), 120, 1.0,
                       "replication did not resume on the surviving proxy")
