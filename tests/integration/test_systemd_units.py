@@ -124,8 +124,8 @@ def etc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _daemon_of(example: Path) -> str:
-    name = example.stem
-    return "cdp-proxy" if name.startswith("proxy") else f"cdp-{name}"
+    """coordinator.toml, coordinator-etcd.toml -> cdp-coordinator; proxy-*.toml -> cdp-proxy."""
+    return f"cdp-{example.stem.split('-')[0]}"
 
 
 def _check(daemon: str, config: Path) -> subprocess.CompletedProcess[str]:
