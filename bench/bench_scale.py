@@ -25,9 +25,15 @@ Then it stops the heartbeats and watch streams of --kill source proxies
 filters' watch streams show every affected policy on a new source proxy (a
 lease of 3 s is part of it; printed apart).
 
-Leader failover is not measured: there is no standby coordinator yet (issue
-13 item 2). Absolute figures depend on the machine; the goals are GetStatus
-p99 < 1 s, CPU < 50 % of a core, rebind of 50 policies <= 5 s.
+With the etcd store a second coordinator runs as a standby (started once the
+first leads). Last, the leader is SIGKILLed: the figures are the time until
+the standby leads (it accepts a Register) and until every simulated node
+heartbeats to it (each node moves to the other address when its coordinator
+fails or refuses as a standby), and how many policies changed source proxy
+(none should: the new leader loads the assignments with their epochs).
+
+Absolute figures depend on the machine; the goals are GetStatus p99 < 1 s,
+CPU < 50 % of a core, rebind of 50 policies <= 5 s, leader failover <= 5 s.
 """
 
 from __future__ import annotations
@@ -116,14 +122,23 @@ class FakeNode:
         self.sources: dict[str, str] = {}
         """Policy -> source proxy id in the newest AssignmentSet seen (filters)."""
         self.tasks: list[asyncio.Task[None]] = []
+        self.stubs: list[cgrpc.CoordinatorStub] = []
+        self.cur = 0
+        """The coordinator talked to (index into stubs); moves on failure or refusal."""
 
     async def register(self, stub: cgrpc.CoordinatorStub) -> None:
         await stub.Register(cpb.RegisterRequest(node=cpb.NodeInfo(
             id=self.id, role=self.role, site=self.site, address=self.address)))  # type: ignore[arg-type]
 
-    def start(self, stub: cgrpc.CoordinatorStub) -> None:
-        self.tasks = [asyncio.create_task(self._watch(stub)),
-                      asyncio.create_task(self._beat(stub))]
+    def start(self, stubs: list[cgrpc.CoordinatorStub]) -> None:
+        self.stubs = stubs
+        self.tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._beat())]
+
+    async def _move(self) -> None:
+        """To the next coordinator (the leader died, or this one stands by)."""
+        self.cur = (self.cur + 1) % len(self.stubs)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.register(self.stubs[self.cur])
 
     def stop(self) -> None:
         self.stopped = True
@@ -142,7 +157,7 @@ class FakeNode:
                     for p in self.policies]
         return []
 
-    async def _beat(self, stub: cgrpc.CoordinatorStub) -> None:
+    async def _beat(self) -> None:
         # spread the nodes over the second, as real ones are
         await asyncio.sleep(HEARTBEAT_S * (hash(self.id) % 1000) / 1000)
         while not self.stopped:
@@ -151,21 +166,32 @@ class FakeNode:
                                        bytes_per_s=1e6 * (self.seq % 3),
                                        sent_time_ns=time.time_ns())
             try:
-                await stub.Heartbeat(req, timeout=10)
+                await self.stubs[self.cur].Heartbeat(req, timeout=10)
                 self.last_beat = time.monotonic()
                 self.bench.heartbeats += 1
             except grpc.aio.AioRpcError as exc:
+                if self.bench.failing_over and len(self.stubs) > 1:
+                    await self._move()
+                    await asyncio.sleep(0.1)
+                    continue
                 self.bench.errors.append(f"{self.id} heartbeat: {exc.code().name}")
             await asyncio.sleep(HEARTBEAT_S)
 
-    async def _watch(self, stub: cgrpc.CoordinatorStub) -> None:
-        try:
-            async for s in stub.WatchAssignments(cpb.WatchRequest(node_id=self.id)):
-                self.sources = {a.policy: a.source_proxy.node_id for a in s.assignments}
-                self.bench.changed.set()
-        except grpc.aio.AioRpcError as exc:
-            if not self.stopped:
-                self.bench.errors.append(f"{self.id} watch: {exc.code().name}")
+    async def _watch(self) -> None:
+        while not self.stopped:
+            try:
+                async for s in self.stubs[self.cur].WatchAssignments(
+                        cpb.WatchRequest(node_id=self.id)):
+                    self.sources = {a.policy: a.source_proxy.node_id for a in s.assignments}
+                    self.bench.changed.set()
+                return
+            except grpc.aio.AioRpcError as exc:
+                if self.stopped:
+                    return
+                if not (self.bench.failing_over and len(self.stubs) > 1):
+                    self.bench.errors.append(f"{self.id} watch: {exc.code().name}")
+                    return
+                await asyncio.sleep(0.2)   # the heartbeat loop picks the coordinator
 
 
 class Bench:
@@ -173,10 +199,13 @@ class Bench:
         self.heartbeats = 0
         self.errors: list[str] = []
         self.changed = asyncio.Event()
+        self.failing_over = False
+        """Set when the leader is killed: failed calls then move to the standby."""
 
 
-def write_config(path: Path, port: int, store: str, work: Path, etcd: str) -> None:
-    lines = ["[node]", 'id = "coordinator"', f'listen = "127.0.0.1:{port}"',
+def write_config(path: Path, port: int, store: str, work: Path, etcd: str,
+                 node_id: str = "coordinator") -> None:
+    lines = ["[node]", f'id = "{node_id}"', f'listen = "127.0.0.1:{port}"',
              "max_message_bytes = 67108864", "max_concurrent_rpcs = 100000",
              "max_streams_per_peer = 100000", "", "[coordinator]",
              f'store = "{store}"', f"heartbeat_ms = {int(HEARTBEAT_S * 1000)}",
@@ -205,16 +234,33 @@ async def wait_up(address: str, proc: subprocess.Popen[bytes], log: Path) -> Non
             await ch.close()
 
 
-async def run_store(store: str, args: argparse.Namespace, etcd: str) -> dict[str, float]:
-    work = Path(tempfile.mkdtemp(prefix=f"bench-scale-{store}-", dir=args.dir))
+def start_coordinator(work: Path, name: str, store: str, etcd: str,
+                      ) -> tuple[str, subprocess.Popen[bytes], Path]:
     port = free_port()
-    address = f"127.0.0.1:{port}"
-    cfg, log = work / "coordinator.toml", work / "coordinator.log"
-    write_config(cfg, port, store, work, etcd)
+    cfg, log = work / f"{name}.toml", work / f"{name}.log"
+    write_config(cfg, port, store, work, etcd, node_id=name)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cdp_coordinator", "run", "--config",
                                  str(cfg)], cwd=ROOT, stdout=out, stderr=out,
                                 stdin=subprocess.DEVNULL)
+    return f"127.0.0.1:{port}", proc, log
+
+
+async def leads(stub: cgrpc.CoordinatorStub) -> bool:
+    """A standby refuses Register (UNAVAILABLE); the leader takes it."""
+    try:
+        await stub.Register(cpb.RegisterRequest(node=cpb.NodeInfo(
+            id="bench-probe", role=cpb.ROLE_TARGET_PROXY, site="probe",
+            address="127.0.0.9:1")), timeout=2)
+        return True
+    except grpc.aio.AioRpcError:
+        return False
+
+
+async def run_store(store: str, args: argparse.Namespace, etcd: str) -> dict[str, float]:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-scale-{store}-", dir=args.dir))
+    address, proc, log = start_coordinator(work, "coordinator", store, etcd)
+    standby: subprocess.Popen[bytes] | None = None
     bench = Bench()
     topo = Topology()
     pols = topo.policies()
@@ -235,17 +281,33 @@ async def run_store(store: str, args: argparse.Namespace, etcd: str) -> dict[str
     channels: list[grpc.aio.Channel] = []
     try:
         await wait_up(address, proc, log)
+        addresses = [address]
+        if store == "etcd":   # a standby, started once the first coordinator leads
+            admin_ch = rpc.channel(address, TLS, MSG)
+            channels.append(admin_ch)
+            deadline = time.monotonic() + 30
+            while not await leads(cgrpc.CoordinatorStub(admin_ch)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the first coordinator did not lead")
+                await asyncio.sleep(0.2)
+            standby_address, standby, standby_log = start_coordinator(
+                work, "coordinator-b", store, etcd)
+            await wait_up(standby_address, standby, standby_log)
+            addresses.append(standby_address)
         stubs = []
         for _ in nodes:
-            ch = rpc.channel(address, TLS, MSG)
-            channels.append(ch)
-            stubs.append(cgrpc.CoordinatorStub(ch))
+            node_stubs = []
+            for a in addresses:
+                ch = rpc.channel(a, TLS, MSG)
+                channels.append(ch)
+                node_stubs.append(cgrpc.CoordinatorStub(ch))
+            stubs.append(node_stubs)
         admin_ch = rpc.channel(address, TLS, MSG)
         channels.append(admin_ch)
         admin = cgrpc.CoordinatorStub(admin_ch)
         t0 = time.monotonic()
         for n, s in zip(nodes, stubs, strict=True):
-            await n.register(s)
+            await n.register(s[0])
         for n, s in zip(nodes, stubs, strict=True):
             n.start(s)
         for p in pols:
@@ -296,9 +358,12 @@ async def run_store(store: str, args: argparse.Namespace, etcd: str) -> dict[str
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(bench.changed.wait(), timeout=0.5)
+        failover: dict[str, float] = {}
+        if standby is not None:
+            failover = await kill_leader(proc, nodes, killed, bench, addresses[1])
         for n in nodes:
             n.stop()
-        return {"setup_s": setup_s, "cpu_share": cpu_share, "beats": beats,
+        return {**failover, "setup_s": setup_s, "cpu_share": cpu_share, "beats": beats,
                 "cpu_ms_per_beat": 1000 * (cpu1 - cpu0) / max(1, beats),
                 "status_p50_ms": 1000 * statistics.median(lat),
                 "status_p99_ms": 1000 * pct(lat, 0.99), "status_calls": len(lat),
@@ -308,17 +373,52 @@ async def run_store(store: str, args: argparse.Namespace, etcd: str) -> dict[str
     finally:
         for ch in channels:
             await ch.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for coord in (proc, standby):
+            if coord is None:
+                continue
+            coord.terminate()
+            try:
+                coord.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                coord.kill()
+                coord.wait()
         if bench.errors:
             print(f"  [{store}] {len(bench.errors)} errors, first: {bench.errors[:3]}; "
                   f"coordinator log kept: {log}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+async def kill_leader(leader: subprocess.Popen[bytes], nodes: list[FakeNode],
+                      killed: set[str], bench: Bench, standby: str) -> dict[str, float]:
+    """SIGKILL the leader; time the standby's takeover and the nodes' move to it."""
+    filters = [n for n in nodes if n.role == cpb.ROLE_FILTER]
+    before = {p: sp for f in filters for p, sp in f.sources.items()}
+    live = [n for n in nodes if n.id not in killed]
+    ch = rpc.channel(standby, TLS, MSG)
+    try:
+        bench.failing_over = True
+        leader.kill()
+        leader.wait()
+        t0 = time.monotonic()
+        leader_s = all_s = float("nan")
+        deadline = t0 + 60
+        while time.monotonic() < deadline:
+            if await leads(cgrpc.CoordinatorStub(ch)):
+                leader_s = time.monotonic() - t0
+                break
+            await asyncio.sleep(0.05)
+        while time.monotonic() < deadline:
+            if all(n.last_beat > t0 + leader_s and n.cur == 1 for n in live):
+                all_s = time.monotonic() - t0
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2 * HEARTBEAT_S)   # the watch streams reconnected by now
+        after = {p: sp for f in filters for p, sp in f.sources.items()}
+        moved = sum(1 for p, sp in before.items() if after.get(p) != sp)
+        return {"leader_s": leader_s, "nodes_moved_s": all_s, "assignments_moved": moved}
+    finally:
+        await ch.close()
 
 
 async def main() -> None:
@@ -339,7 +439,6 @@ async def main() -> None:
           f"{FILTERS * POLICIES_PER_FILTER} policies, {FILTERS} filters, "
           f"{SOURCE_PROXIES}+{TARGET_PROXIES} proxies, {TARGETS} targets; heartbeat "
           f"{HEARTBEAT_S:g} s, lease {LEASE_MS / 1000:g} s")
-    print("leader failover: not measured (no standby coordinators yet, issue 13 item 2)")
     for store in args.stores.split(","):
         etcd_server = None
         endpoint = ""
@@ -368,6 +467,10 @@ async def main() -> None:
         print(f"[{store}] rebind of {r['affected']:.0f} policies ({args.kill} source proxies "
               f"killed): {r['rebind_s']:.2f} s after their last heartbeat (lease "
               f"{LEASE_MS / 1000:g} s + {r['rebind_s'] - LEASE_MS / 1000:.2f} s)")
+        if "leader_s" in r:
+            print(f"[{store}] leader SIGKILLed: the standby leads after {r['leader_s']:.2f} s, "
+                  f"every node heartbeats to it after {r['nodes_moved_s']:.2f} s; "
+                  f"{r['assignments_moved']:.0f} policies changed source proxy")
 
 
 if __name__ == "__main__":
