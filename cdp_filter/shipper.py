@@ -171,9 +171,10 @@ class Shipper:
         self.io = io
         self.connected = False
         self.welcomes = 0  # streams welcomed so far (a new link for the resync worker)
-        self._assignment: cpb.Assignment | None = self._load()
-        if self._assignment is not None:
-            rt.set_frozen(self._assignment.frozen)   # before the coordinator answers
+        cached = self._load()
+        if cached is not None:
+            rt.set_frozen(cached.frozen)   # before the coordinator answers, placed or not
+        self._assignment: cpb.Assignment | None = cached if usable(cached) else None
         self._changed = asyncio.Event()
         self._welcomed = False
         self._last_logged = ""
@@ -224,7 +225,7 @@ class Shipper:
         except (CdpError, json_format.ParseError, TypeError, ValueError) as exc:
             log.warning("ignoring unreadable %s: %s", self.state_path, exc, extra=self._extra())
             return None
-        return a if usable(a) else None
+        return a
 
     def _save(self, a: cpb.Assignment) -> None:
         try:
@@ -239,6 +240,8 @@ class Shipper:
         old = self._assignment
         if a is not None:
             self.rt.set_frozen(a.frozen)   # also while unplaced: production stays stopped
+            if not usable(a) and a.frozen:
+                self._save(a)   # remembered for a restart without the coordinator
         if a is not None and not usable(a):
             self.rt.error = f"unassigned: {a.reason}" if a.reason else ""
             a = None

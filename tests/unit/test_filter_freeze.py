@@ -67,3 +67,13 @@ async def test_the_freeze_comes_with_the_assignment_and_survives_a_restart(
     rig.rt.set_frozen(False)       # a restarted filter: a fresh runtime, no coordinator
     rig.shipper = rig.new_shipper()
     assert rig.rt.frozen, "the remembered assignment did not keep the policy frozen"
+
+
+async def test_a_freeze_while_unplaced_is_remembered_too(rig: shipperfixtures.Rig) -> None:
+    unplaced = cpb.Assignment(policy="p", epoch=2, frozen=True,
+                              reason="no healthy source proxy on site default")
+    rig.shipper.set_assignment(unplaced)
+    assert rig.rt.frozen and rig.shipper.assignment is None
+    rig.rt.set_frozen(False)
+    rig.shipper = rig.new_shipper()
+    assert rig.rt.frozen and rig.shipper.assignment is None
