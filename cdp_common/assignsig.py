@@ -224,8 +224,8 @@ def check_assignment(verifier: Verifier, a: cpb.Assignment, node_id: str,
     """A node's check of an assignment the coordinator sent it (the filter's before it
     ships, the target's before it creates a store or applies a retention): signed,
     naming this node in `role` (or unassigned), and every field the node acts on
-    (endpoints, epoch, encryption, disks, retention, group and its members) is the
-    claims'. So a node
+    (endpoints, epoch, encryption, disks, retention, group and its members, the
+    freeze, the verification schedule) is the claims'. So a node
     posing as the coordinator cannot point a filter's writes elsewhere or expire a
     target's restore points."""
     where = f"assignment of {a.policy} epoch {a.epoch}"
@@ -235,14 +235,15 @@ def check_assignment(verifier: Verifier, a: cpb.Assignment, node_id: str,
              a.target.node_id, a.target.address, a.encryption, a.short_term_retention_s,
              a.long_term_interval_s, a.long_term_retention_s,
              sorted((d.disk_id, d.filter, d.name, d.size_bytes) for d in a.disks),
-             a.group, list(a.group_members))
+             a.group, list(a.group_members), a.frozen, a.verify_every_s)
     signed = (claims.policy, claims.epoch, claims.filter_id, claims.source_proxy_id,
               claims.source_proxy_address, claims.target_proxy_id,
               claims.target_proxy_address, claims.target_id, claims.target_address,
               claims.encryption, claims.short_term_retention_s, claims.long_term_interval_s,
               claims.long_term_retention_s,
               sorted((d.disk_id, d.filter, d.name, d.size_bytes) for d in claims.disks),
-              claims.group, list(claims.group_members))
+              claims.group, list(claims.group_members), claims.frozen,
+              claims.verify_every_s)
     if plain != signed:
         raise NotAuthorizedError(f"{where}: its fields differ from its signed claims")
     named = _named(claims, role)[0]

@@ -130,7 +130,8 @@ def claims_pb(a: Assignment, p: PolicyConfig) -> apb.AssignmentClaims:
         long_term_retention_s=p.long_term_retention_s,
         disks=[apb.ClaimedDisk(disk_id=i, filter=d.filter, name=d.name, size_bytes=d.size_bytes)
                for i, d in enumerate(p.disks)],
-        group=a.group, group_members=list(a.group_members))
+        group=a.group, group_members=list(a.group_members), frozen=p.frozen,
+        verify_every_s=p.verify_every_s)
 
 
 def assignment_pb(a: Assignment, p: PolicyConfig, sync_request_id: int = 0,

@@ -164,6 +164,10 @@ def test_a_filter_acts_only_on_the_coordinators_assignments() -> None:
         assignsig.check_assignment(verifier(), unsigned, "filter-1")
     with pytest.raises(NotAuthorizedError, match="names filter 'filter-1', not filter-2"):
         assignsig.check_assignment(verifier(), _assignment(), "filter-2")
+    thawed = _assignment()   # a forged freeze (or thaw) of production's writes
+    thawed.frozen = True
+    with pytest.raises(NotAuthorizedError, match="differ from its signed claims"):
+        assignsig.check_assignment(verifier(), thawed, "filter-1")
 
 
 def test_a_target_takes_no_retention_the_coordinator_did_not_sign() -> None:
