@@ -15,6 +15,7 @@ default), laid out as docs/FORMAT.md "Coordinator state in etcd" specifies:
     <prefix>alarm-levels/<policy>    the level of the policy's newest event
     <prefix>sync-requests/<policy>   the newest `cdpctl sync` request id (decimal)
     <prefix>plans/<name>             failover plan JSON (store.plan_to_json)
+    <prefix>drains/<node>            "1": a node an operator drained
     <prefix>leader                   the leader election key (cdp_coordinator.leader)
 
 Every mutator is one etcd transaction, so it takes effect entirely or not at
@@ -339,6 +340,8 @@ class EtcdStore:
                            revision=rev)
         syncs = self._range("read coordinator state", *self._range_of("sync-requests/"),
                             revision=rev)
+        drains = self._range("read coordinator state", *self._range_of("drains/"),
+                             revision=rev)
         decoded: list[list[Any]] = [[], [], []]
         decoders: list[Callable[[str], Any]] = [node_from_json, policy_from_json,
                                                 assignment_from_json]
@@ -350,8 +353,11 @@ class EtcdStore:
                     raise self._corrupt(kv.key, FormatError(f"not UTF-8: {exc}")) from None
                 except FormatError as exc:
                     raise self._corrupt(kv.key, exc) from None
+        n = len(self._key("drains/"))
         return Snapshot(nodes=decoded[0], policies=decoded[1], assignments=decoded[2],
-                        sync_requests=self._sync_requests(syncs.kvs))
+                        sync_requests=self._sync_requests(syncs.kvs),
+                        drains=frozenset(kv.key[n:].decode(errors="replace")
+                                         for kv in drains.kvs))
 
     def _sync_requests(self, kvs: Sequence[Any]) -> dict[str, int]:
         n = len(self._key("sync-requests/"))
@@ -379,6 +385,20 @@ class EtcdStore:
             return [_unchanged_since(start, end, resp.header.revision)], ops
 
         self._optimistic("save sync requests", attempt)
+
+    def save_drains(self, nodes: frozenset[str]) -> None:
+        start, end = self._range_of("drains/")
+        wanted = {self._key("drains/", n) for n in nodes}
+
+        def attempt() -> tuple[list[pb.Compare], list[pb.RequestOp]]:
+            # (etcd refuses a put inside a range the same transaction deletes)
+            resp = self._range("read drained nodes", start, end)
+            stored = {kv.key for kv in resp.kvs}
+            ops = [*(_delete(k) for k in sorted(stored - wanted)),
+                   *(_put(k, "1") for k in sorted(wanted - stored))]
+            return [_unchanged_since(start, end, resp.header.revision)], ops
+
+        self._optimistic("save drained nodes", attempt)
 
     def save_node(self, info: NodeInfo) -> None:
         self._commit("save a node", [], [_put(self._key("nodes/", info.id), node_to_json(info))])

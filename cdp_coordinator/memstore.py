@@ -45,6 +45,7 @@ class MemoryBacking:
     """Oldest first, with their ids."""
     last_alarm_id: int = 0
     sync_requests: dict[str, int] = field(default_factory=dict)
+    drains: frozenset[str] = frozenset()
     plans: dict[str, str] = field(default_factory=dict)
     """Name -> failover plan JSON."""
 
@@ -64,7 +65,8 @@ class MemoryStore:
             assignments.append(dataclasses.replace(a, epoch=max(a.epoch, epoch)))
         return Snapshot(nodes=[b.nodes[k] for k in sorted(b.nodes)],
                         policies=[policy_from_json(b.policies[k]) for k in sorted(b.policies)],
-                        assignments=assignments, sync_requests=dict(b.sync_requests))
+                        assignments=assignments, sync_requests=dict(b.sync_requests),
+                        drains=b.drains)
 
     def save_node(self, info: NodeInfo) -> None:
         self.backing.nodes[info.id] = info
@@ -85,6 +87,9 @@ class MemoryStore:
         rows = self.backing.sync_requests
         for name, rid in requests.items():
             rows[name] = max(rows.get(name, rid), rid)
+
+    def save_drains(self, nodes: frozenset[str]) -> None:
+        self.backing.drains = frozenset(nodes)
 
     def delete_policy(self, name: str) -> None:
         self.backing.policies.pop(name, None)

@@ -329,7 +329,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         state.rebalance_per_minute = self.config.coordinator.rebalance_max_per_minute
         now = self.clock()
         state.restore(snap.nodes, snap.policies, snap.assignments, now, grace_s,
-                      snap.sync_requests)
+                      snap.sync_requests, snap.drains)
         self.state, self.alarms = state, alarms
         self._alarms_from = now + max(self.lease_ms / 1000, grace_s or 0.0)
         self._view_at = now
@@ -794,6 +794,13 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                 f"{node.info.id} is a {role.name.lower().replace('_', ' ')}, not a proxy: "
                 f"{why}"))
         drain = not request.undrain
+        if not request.dry_run:   # stored first: a restart or a takeover keeps it
+            wanted = (self.state.draining | {node.info.id} if drain
+                      else self.state.draining - {node.info.id})
+            try:
+                self.store.save_drains(frozenset(wanted))
+            except CdpError as exc:
+                await rpc.abort(context, exc, grpc.StatusCode.UNAVAILABLE)
         moved = self.state.drain(node.info.id, drain, self.clock(), request.dry_run)
         if not request.dry_run:
             plog.warning("proxy %s %s by an operator: %d policy slots move off it",

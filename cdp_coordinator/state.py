@@ -142,7 +142,7 @@ class CoordinatorState:
         """Policy slots the rebalancer moved (metrics)."""
         self._move_times: list[float] = []
         self.draining: set[str] = set()
-        """Proxies an operator drained (in memory: a coordinator restart forgets it)."""
+        """Proxies an operator drained (the service stores them first: `save_drains`)."""
         self.since: dict[str, float] = {}
         """When (now) each policy was added or moved to another filter or target: for one
         lease after that, a node not reporting it may not have heard of it yet (status)."""
@@ -166,10 +166,13 @@ class CoordinatorState:
     def restore(self, nodes: Iterable[NodeInfo], policies: Iterable[PolicyConfig],
                 assignments: Iterable[Assignment], now: float,
                 grace_s: float | None = None,
-                sync_requests: dict[str, int] | None = None) -> None:
+                sync_requests: dict[str, int] | None = None,
+                drains: Iterable[str] = ()) -> None:
         """Load persisted state: nodes are down but in grace for `grace_s` (default one
-        lease), and the pending sync requests are handed out again."""
+        lease), the pending sync requests are handed out again, drained nodes stay
+        drained."""
         self.leases.restore(nodes, now, grace_s)
+        self.draining.update(drains)
         for name, rid in (sync_requests or {}).items():
             self.sync_requests[name] = max(self.sync_requests.get(name, 0), rid)
         for p in policies:

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS assignments (
     policy TEXT PRIMARY KEY, epoch INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS seeded (name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS sync_requests (policy TEXT PRIMARY KEY, id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS drains (node TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS plans (name TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS alarms (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time_ns INTEGER NOT NULL, policy TEXT NOT NULL,
@@ -145,6 +146,8 @@ class Snapshot:
     assignments: list[Assignment]
     sync_requests: dict[str, int] = dataclasses.field(default_factory=dict)
     """The newest sync request id per placed policy (`save_sync_requests`)."""
+    drains: frozenset[str] = frozenset()
+    """Proxies an operator drained (`save_drains`)."""
 
 
 class StateStore(Protocol):
@@ -193,6 +196,10 @@ class StateStore(Protocol):
     def save_sync_requests(self, requests: dict[str, int]) -> None:
         """Upsert by policy: the stored id becomes the larger of stored and given
         (`load` returns them in `Snapshot.sync_requests`)."""
+
+    def save_drains(self, nodes: frozenset[str]) -> None:
+        """Replace the set of drained nodes (`cdpctl node drain`; `load` returns it in
+        `Snapshot.drains`), so a restart or a takeover keeps them drained."""
 
     def delete_policy(self, name: str) -> None:
         """Delete the policy if stored (its epoch is kept)."""
@@ -380,12 +387,13 @@ class SqliteStore:
                 assignments.append(dataclasses.replace(a, epoch=max(a.epoch, epoch)))
             syncs = {r[0]: int(r[1]) for r in self._db.execute(
                 "SELECT policy, id FROM sync_requests")}
+            drains = frozenset(r[0] for r in self._db.execute("SELECT node FROM drains"))
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: cannot read coordinator state: {exc}") from None
         except FormatError as exc:
             raise FormatError(f"{self.path}: corrupt coordinator state: {exc}") from None
         return Snapshot(nodes=nodes, policies=policies, assignments=assignments,
-                        sync_requests=syncs)
+                        sync_requests=syncs, drains=drains)
 
     def save_node(self, info: NodeInfo) -> None:
         with self._tx() as db:
@@ -422,6 +430,11 @@ class SqliteStore:
             for name, rid in sorted(requests.items()):
                 db.execute("INSERT INTO sync_requests VALUES (?, ?) ON CONFLICT(policy) DO "
                            "UPDATE SET id = MAX(id, excluded.id)", (name, rid))
+
+    def save_drains(self, nodes: frozenset[str]) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM drains")
+            db.executemany("INSERT INTO drains VALUES (?)", [(n,) for n in sorted(nodes)])
 
     def delete_policy(self, name: str) -> None:
         with self._tx() as db:

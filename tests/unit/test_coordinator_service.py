@@ -356,3 +356,28 @@ async def test_close_ends_watch_streams_direct() -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:   # no new streams once closed
         await Watch(svc, "nobody").next()
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_drain_is_stored_and_survives_a_restart_direct() -> None:
+    """`cdpctl node drain` is stored before it takes effect: after a coordinator
+    restart (or a standby's takeover, which loads the same way) the proxy is still
+    drained and gets no policy back; an undrain is stored too."""
+    backing, clock = MemoryBacking(), Clock()
+    svc = memory_service([P1], backing, clock=clock, lease_ms=LEASE_MS)
+    stub = DirectStub(svc)
+    await register(stub, "filter-1", "sp-1", "sp-2", "tp-1", "target-1")
+    first = svc.state.assignments["p1"].source_proxy.node_id
+    other = ({"sp-1", "sp-2"} - {first}).pop()
+    reply = await stub.DrainNode(cpb.DrainNodeRequest(node_id=first))
+    assert reply.draining and backing.drains == {first}
+    assert svc.state.assignments["p1"].source_proxy.node_id == other
+    svc.close()
+    svc.store.close()
+    svc2 = memory_service([P1], backing, clock=clock, lease_ms=LEASE_MS)
+    assert svc2.state.draining == {first}
+    await register(DirectStub(svc2), "filter-1", first, other, "tp-1", "target-1")
+    assert svc2.state.assignments["p1"].source_proxy.node_id == other
+    st = await DirectStub(svc2).GetStatus(cpb.StatusRequest())
+    assert {n.info.id: n.draining for n in st.nodes}[first]
+    await DirectStub(svc2).DrainNode(cpb.DrainNodeRequest(node_id=first, undrain=True))
+    assert backing.drains == frozenset() and svc2.state.draining == set()

@@ -167,6 +167,17 @@ def test_redo_of_saves_is_idempotent(h: Harness) -> None:
     assert [p.name for p in once.policies] == ["p1", "p3"]
 
 
+def test_drained_nodes_are_replaced_as_a_set_and_survive_a_restart(h: Harness) -> None:
+    assert h.store.load().drains == frozenset()
+    h.store.save_drains(frozenset({"sp-1", "tp-1"}))
+    assert h.restart().load().drains == {"sp-1", "tp-1"}
+    h.store.save_drains(frozenset({"tp-1", "sp-2"}))   # undrain sp-1, drain sp-2
+    h.store.save_drains(frozenset({"tp-1", "sp-2"}))   # the same again: no change
+    assert h.restart().load().drains == {"tp-1", "sp-2"}
+    h.store.save_drains(frozenset())
+    assert h.restart().load().drains == frozenset()
+
+
 def test_alarms_appended_in_order_and_listed(h: Harness) -> None:
     saved = h.store.add_alarms([event("a", AlarmLevel.WARNING, 1),
                                 event("b", AlarmLevel.ERROR, 2)])
