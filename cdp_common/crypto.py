@@ -280,6 +280,8 @@ class FrameHeader:
     gap_end_time_ns: int = 0
     # Consistency-group checkpoint the delta ends at; in the AAD only when nonzero.
     checkpoint_id: int = 0
+    # Why the gap opened (with gap_begin_time_ns); in the AAD only when not empty.
+    gap_reason: str = ""
 
 
 _AAD_GAP = struct.Struct("<QQQQ")
@@ -297,6 +299,9 @@ def _aad(policy: str, session_id: bytes, header: FrameHeader) -> bytes:
         aad += b"gap" + _AAD_GAP.pack(*gap)
     if header.checkpoint_id:
         aad += b"checkpoint" + _AAD_CHECKPOINT.pack(header.checkpoint_id)
+    if header.gap_reason:
+        reason = header.gap_reason.encode()
+        aad += b"gapreason" + len(reason).to_bytes(2, "little") + reason
     return aad
 
 

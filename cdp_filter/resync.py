@@ -395,6 +395,10 @@ class Tracker:
         g = self.m.gap
         return (g.begin_time_ns, g.lost_after_seq) if g is not None else (0, 0)
 
+    def gap_reason(self) -> str:
+        """Why the open gap opened ("overflow", "initial", "operator", "corrupt"; "": none)."""
+        return self.m.gap.reason if self.m.gap is not None else ""
+
     def fill(self, report: cpb.PolicyReport) -> None:
         """Capture mode, dirty bytes, the open gap and resync progress, into a heartbeat."""
         p = self.m.progress

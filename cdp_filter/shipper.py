@@ -440,7 +440,8 @@ class Shipper:
                                      else (0, 0))
                 await session.send(rpb.RecordBatch(
                     records=data, captured_seq=journal.last_seq, skips_lost_seqs=skip,
-                    gap_begin_time_ns=gap_ns, gap_after_seq=gap_after))
+                    gap_begin_time_ns=gap_ns, gap_after_seq=gap_after,
+                    gap_reason=rt.tracker.gap_reason() if gap_ns and rt.tracker else ""))
                 skip = False
                 sent = self._sent_seq = last
                 rt.m_shipped.inc(len(data))

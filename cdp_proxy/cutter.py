@@ -103,6 +103,8 @@ class Delta:
     gap_end_time_ns: int = 0
     checkpoint_id: int = 0
     """Nonzero: the delta ends at the CHECKPOINT marker of this id (its last_seq)."""
+    gap_reason: str = ""
+    """With gap_begin_time_ns: why the gap opened, as the filter said ("" unknown)."""
 
 
 class ExtentMap:
@@ -236,12 +238,15 @@ class IntervalCutter:
         self._gap_end_seq = 0
         self._gap_end_ns = 0
         self._checkpoint_id = 0
+        self._gap_reason = ""
 
-    def note_gap(self, begin_time_ns: int, after_seq: int) -> None:
-        """The records fed next lie in a gap that began at begin_time_ns after after_seq."""
+    def note_gap(self, begin_time_ns: int, after_seq: int, reason: str = "") -> None:
+        """The records fed next lie in a gap that began at begin_time_ns after after_seq
+        (for `reason`, as the filter says)."""
         if begin_time_ns and (not self._gap_begin_ns or begin_time_ns < self._gap_begin_ns):
             self._gap_begin_ns = begin_time_ns
             self._gap_after = after_seq
+            self._gap_reason = reason
 
     @property
     def pending_bytes(self) -> int:
@@ -352,6 +357,7 @@ class IntervalCutter:
         encoded = sum(EXTENT_HEADER_SIZE + (0 if e.data is None else e.length) for e in extents)
         delta = Delta(self._first_seq, self.last_seq, self._newest_ns, extents,
                       self._count, self._bytes, encoded, self._gap_begin_ns, self._gap_after,
-                      self._gap_end_seq, self._gap_end_ns, self._checkpoint_id)
+                      self._gap_end_seq, self._gap_end_ns, self._checkpoint_id,
+                      self._gap_reason if self._gap_begin_ns else "")
         self.reset(self.last_seq)
         return delta

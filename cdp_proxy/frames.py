@@ -51,7 +51,7 @@ def header_of(f: rpb.DeltaFrame) -> crypto.FrameHeader:
     """The authenticated header fields of a frame."""
     return crypto.FrameHeader(f.first_seq, f.last_seq, f.index, f.final, f.newest_time_ns,
                               f.gap_begin_time_ns, f.gap_after_seq, f.gap_end_seq,
-                              f.gap_end_time_ns, f.checkpoint_id)
+                              f.gap_end_time_ns, f.checkpoint_id, f.gap_reason)
 
 
 def frame_of(h: crypto.FrameHeader, envelope: bytes, captured_seq: int) -> rpb.DeltaFrame:
@@ -61,7 +61,7 @@ def frame_of(h: crypto.FrameHeader, envelope: bytes, captured_seq: int) -> rpb.D
         newest_time_ns=h.newest_time_ns, envelope=envelope, captured_seq=captured_seq,
         gap_begin_time_ns=h.gap_begin_time_ns, gap_after_seq=h.gap_after_seq,
         gap_end_seq=h.gap_end_seq, gap_end_time_ns=h.gap_end_time_ns,
-        checkpoint_id=h.checkpoint_id)
+        checkpoint_id=h.checkpoint_id, gap_reason=h.gap_reason)
 
 
 def chunk_of(f: rpb.DeltaFrame, plain: bytes) -> rpb.DeltaChunk:
@@ -71,7 +71,7 @@ def chunk_of(f: rpb.DeltaFrame, plain: bytes) -> rpb.DeltaChunk:
         newest_time_ns=f.newest_time_ns, extents=plain, captured_seq=f.captured_seq,
         gap_begin_time_ns=f.gap_begin_time_ns, gap_after_seq=f.gap_after_seq,
         gap_end_seq=f.gap_end_seq, gap_end_time_ns=f.gap_end_time_ns,
-        checkpoint_id=f.checkpoint_id)
+        checkpoint_id=f.checkpoint_id, gap_reason=f.gap_reason)
 
 
 def require_key(keys: crypto.KeyRing | None) -> crypto.KeyRing:

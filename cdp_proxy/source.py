@@ -297,7 +297,8 @@ class _ShipSession(Session):
                 self.skipped = True  # one jump per stream (replication.proto)
             for rec in recs:
                 if batch.gap_begin_time_ns:
-                    cutter.note_gap(batch.gap_begin_time_ns, batch.gap_after_seq)
+                    cutter.note_gap(batch.gap_begin_time_ns, batch.gap_after_seq,
+                                    batch.gap_reason)
                 self._emit(cutter.feed(rec, now, skip))
                 skip = False
         # The filter half-closed: ship what is left and wait for its acks.
@@ -329,7 +330,8 @@ class _ShipSession(Session):
             nxt = next(chunks, None)
             header = crypto.FrameHeader(d.first_seq, d.last_seq, index, nxt is None,
                                         d.newest_time_ns, d.gap_begin_time_ns, d.gap_after_seq,
-                                        d.gap_end_seq, d.gap_end_time_ns, d.checkpoint_id)
+                                        d.gap_end_seq, d.gap_end_time_ns, d.checkpoint_id,
+                                        d.gap_reason)
             yield frames.frame_of(header, self.sealer.seal(header, cur), self.captured_seq)
             if nxt is None:
                 return

@@ -90,8 +90,10 @@ class GapBook:
         return self.gaps[-1] if self.gaps and self.gaps[-1].open else None
 
     def note(self, first_seq: int, last_seq: int, begin_time_ns: int, after_seq: int,
-             end_seq: int, end_time_ns: int) -> bool:
-        """Record what one delta [first_seq, last_seq] says about gaps; True if changed."""
+             end_seq: int, end_time_ns: int, reason: str = "") -> bool:
+        """Record what one delta [first_seq, last_seq] says about gaps; True if changed.
+        `reason`: why the gap opened, as the filter said ("": an older filter, taken
+        as "overflow")."""
         if not begin_time_ns and not end_seq:
             return False
         changed = False
@@ -100,7 +102,7 @@ class GapBook:
             begin = after_seq + 1 if after_seq else first_seq
             # A resent delta of a gap already closed must not open it again.
             if not any(x.begin_seq == begin and not x.open for x in self.gaps):
-                g = GapRecord(begin, 0, begin_time_ns, 0)
+                g = GapRecord(begin, 0, begin_time_ns, 0, reason or "overflow")
                 self.gaps.append(g)
                 changed = True
         if end_seq and first_seq <= end_seq <= last_seq:
@@ -108,7 +110,7 @@ class GapBook:
                 begin = after_seq + 1 if after_seq else first_seq
                 if any(x.begin_seq == begin and x.end_seq == end_seq for x in self.gaps):
                     return changed
-                g = GapRecord(begin, 0, begin_time_ns, 0)
+                g = GapRecord(begin, 0, begin_time_ns, 0, reason or "overflow")
                 self.gaps.append(g)
             g.end_seq = end_seq
             g.end_time_ns = end_time_ns

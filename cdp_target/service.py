@@ -251,7 +251,8 @@ class PolicyRuntime:
     def note_gap(self, c: rpb.DeltaChunk) -> None:
         with self.gap_lock:
             changed = self.gaps.note(c.first_seq, c.last_seq, c.gap_begin_time_ns,
-                                     c.gap_after_seq, c.gap_end_seq, c.gap_end_time_ns)
+                                     c.gap_after_seq, c.gap_end_seq, c.gap_end_time_ns,
+                                     c.gap_reason)
             if self.repair is not None and c.gap_end_seq \
                     and c.first_seq <= c.gap_end_seq <= c.last_seq:
                 changed = self.repair.gap_end(c.gap_begin_time_ns, c.gap_after_seq,

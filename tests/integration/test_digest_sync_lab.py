@@ -88,6 +88,7 @@ def test_seeding_sends_only_the_differing_regions(lab: Any, tmp_path: Path) -> N
     assert "initial sync by digests" in handle.log("filter-1")
     gaps = p["gaps"]
     assert len(gaps) == 1 and gaps[0]["end_seq"] > gaps[0]["begin_seq"], gaps
+    assert gaps[0]["reason"] == "initial", gaps   # the filter's reason, carried to the target
     # Restore points cut during the sync are flagged; the newest one is consistent.
     listed = handle.cli("restore-points", handle.disks[0]["policy"], "--json", check=True)
     points = json.loads(listed.stdout)

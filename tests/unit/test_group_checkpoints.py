@@ -1,7 +1,9 @@
 """Consistency-group checkpoints, piece by piece: the filter's hold gate and
 marker, the shipper answering the proxy's commands (in-memory sink), the
 cutter ending deltas at markers, and the proxy's two-phase rounds over fake
-member links (every outcome: marked, refused, late, missing, abandoned hold)."""
+member links (every outcome: marked, refused, late, missing, abandoned hold).
+Also the stream metadata that travels the same way: a gap's reason, carried
+by the cutter and bound into the frame's associated data."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import pytest
 import shipperfixtures
 from shipperfixtures import eventually
 
-from cdp_common import records
-from cdp_common.errors import FormatError
+from cdp_common import crypto, records
+from cdp_common.errors import AuthenticationError, FormatError
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_filter.memsink import MemoryRecordSink
@@ -209,3 +211,29 @@ async def test_no_round_while_a_member_has_no_session() -> None:
     await asyncio.sleep(0.2)
     assert link.sent == [] and "G..f2 has no session" in g.last_problem
     assert g.leave(link)
+
+
+# ---------------------------------------------------------------- a gap's reason
+
+def test_the_cutter_carries_the_gap_reason_the_filter_gave() -> None:
+    c = IntervalCutter(2.0, 1 << 20)
+    c.note_gap(100, 7, "operator")
+    c.feed(rec(8, 10), 0.0, skip_ok=True)
+    d = c.cut()
+    assert d is not None and (d.gap_begin_time_ns, d.gap_after_seq, d.gap_reason) == (
+        100, 7, "operator")
+    c.feed(rec(9, 11), 0.1)
+    plain = c.cut()
+    assert plain is not None and plain.gap_reason == ""   # no gap, no reason
+
+
+def test_the_gap_reason_is_authenticated() -> None:
+    key = bytes(32)
+    sid = bytes(16)
+    h = crypto.FrameHeader(1, 2, 0, True, 5, 100, 0, 0, 0, 0, "operator")
+    sealed = crypto.FrameSealer("p", sid, key).seal(h, b"x" * 64)
+    opener = crypto.FrameOpener("p", sid, key)
+    assert opener.open(h, sealed) == b"x" * 64
+    forged = crypto.FrameHeader(1, 2, 0, True, 5, 100, 0, 0, 0, 0, "overflow")
+    with pytest.raises(AuthenticationError, match="tampered frame"):
+        crypto.FrameOpener("p", sid, key).open(forged, sealed)

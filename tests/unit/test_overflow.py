@@ -164,3 +164,12 @@ def test_gap_book_opens_closes_and_is_idempotent(tmp_path: Path) -> None:
     again = GapBook.load(tmp_path)
     assert [(g.begin_seq, g.end_seq, g.begin_time_ns, g.end_time_ns) for g in again.gaps] == [
         (11, 25, 555, 999)]
+
+
+def test_gap_book_keeps_the_reason_the_filter_gave(tmp_path: Path) -> None:
+    book = GapBook(tmp_path)
+    assert book.note(11, 20, 555, 10, 0, 0, "operator")
+    assert book.note(21, 30, 555, 10, 25, 999, "operator")
+    assert book.note(31, 40, 777, 30, 0, 0)   # an older filter says nothing: an overflow
+    book.save()
+    assert [g.reason for g in GapBook.load(tmp_path).gaps] == ["operator", "overflow"]
