@@ -323,7 +323,7 @@ class RestoreService(pgrpc.RestorePointsServicer):
             self.target.set_groups({a.group: a.group_members for a in mine if a.group})
             for name in aset.purge_policies:   # never one assigned here (TargetService)
                 try:
-                    await self.target.purge(name)
+                    await self.purge(name)
                 except CdpError as exc:
                     log.error("purge failed: %s", exc, extra={"policy": name})
             for a in mine:
@@ -596,6 +596,18 @@ class RestoreService(pgrpc.RestorePointsServicer):
 
     async def _tests(self, rt: PolicyRuntime) -> FailoverTests:
         return await _loaded(self.tests, rt, FailoverTests)
+
+    async def purge(self, policy: str) -> bool:
+        """TargetService.purge, after stopping the policy's test failovers: their images
+        lie under restore_dir, outside the store, and would outlive it."""
+        rt = self.target.policies.get(policy)
+        if rt is not None and policy not in (self.target.assigned or ()):
+            book = await self._tests(rt)
+            for name in sorted(book.tests):
+                await self._book(book.stop, name)
+                log.warning("test failover %s stopped: the policy is purged", name,
+                            extra={"policy": policy})
+        return await self.target.purge(policy)
 
     async def _book(self, fn: Callable[..., Any], *args: Any) -> Any:
         async with self._tests_lock:

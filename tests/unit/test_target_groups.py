@@ -439,3 +439,21 @@ async def test_apply_records_the_checkpoint_with_the_point(tmp_path: Path) -> No
         assert rt.store.durable_seq == 6
     finally:
         await service.close()
+
+
+async def test_a_purge_stops_the_policys_test_failovers(
+        group: tuple[TargetService, RestoreService, dict[str, Member]]) -> None:
+    """Test images lie under restore_dir, outside the store: a purge deletes them too."""
+    service, rs, _ = group
+    assert rs.restore_dir is not None
+    ctx: Any = FakeContext()
+    out = rs.restore_dir / "drill-a"
+    await _collect(rs.TestStart(pb.TestStartRequest(
+        name="t1", restore=pb.RestoreRequest(policy="g..fa", latest=True,
+                                             out_dir=str(out))), ctx))
+    assert (out / "vda.img").exists()
+    service.set_assigned({"g..fb"})
+    assert await rs.purge("g..fa")
+    assert not out.exists() and "g..fa" not in service.policies
+    assert not await rs.purge("g..fb")   # assigned here: nothing happens
+    assert "g..fb" in service.policies
