@@ -168,9 +168,14 @@ def _counted_coroutine(inner: Callable[..., Awaitable[Any]], limit: PeerStreamLi
 class ByteBudget:
     """Bytes in flight across sessions, against one limit.
 
-    `take`/`give` move the account; `full()` says whether a session should stop
-    reading; `watch(wake)` registers a callback run after every `give` while
-    the budget is not full (each session re-checks its own space)."""
+    `take`/`give` move the account; `full_for(own)` says whether a session
+    holding `own` bytes should stop reading: only while the budget is full
+    *and* it holds its fair share (`share()`: the limit over the sessions
+    watching) or more, so a busy session cannot starve a quiet one. The
+    budget is thus passed by at most one share per session under it, at most
+    the limit again. `watch(wake)` registers a callback run after every
+    `give` while the budget is not full, and when a session leaves (the
+    others' shares grow); each session re-checks its own space."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -179,6 +184,13 @@ class ByteBudget:
 
     def full(self) -> bool:
         return self.used >= self.limit
+
+    def share(self) -> int:
+        """What every watching session may hold even while the budget is full."""
+        return self.limit // max(1, len(self._watchers))
+
+    def full_for(self, own: int) -> bool:
+        return self.full() and own >= self.share()
 
     def take(self, n: int) -> None:
         self.used += n
@@ -195,3 +207,5 @@ class ByteBudget:
     def unwatch(self, wake: Callable[[], None]) -> None:
         if wake in self._watchers:
             self._watchers.remove(wake)
+            for other in list(self._watchers):
+                other()   # one session fewer: every share grew

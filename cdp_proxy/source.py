@@ -41,8 +41,10 @@ flow control pushes back to the filter, whose journal absorbs the burst.
 Memory held by a session is thus bounded by inflight_max_bytes plus one open
 interval (interval_max_bytes) plus one batch. Every session's bytes also
 count against one proxy-wide budget (`proxy.proxy_inflight_max_bytes`,
-cdp_common.limits.ByteBudget): while it is full every session stops reading,
-so many policies cannot add up to more than it (plus one interval each).
+cdp_common.limits.ByteBudget): while it is full every session that holds its
+fair share of it (the budget over the sessions) stops reading, so many
+policies cannot add up to much more than it (at most twice, plus one
+interval each), and a busy policy cannot starve a quiet one.
 
 Consistency groups: a hello whose signed claims name a group joins that
 group's `groups.Group` on this proxy, which sends checkpoint hold/mark
@@ -258,7 +260,8 @@ class _ShipSession(Session):
         self.unacked.append((d.last_seq, size))
         self.emitted_seq = max(self.emitted_seq, d.last_seq)
         self.all_acked.clear()
-        if self.inflight >= self.parent.proxy.inflight_max_bytes or self.parent.budget.full():
+        if self.inflight >= self.parent.proxy.inflight_max_bytes \
+                or self.parent.budget.full_for(self.inflight):
             self.space.clear()
         self.queue.put_nowait(d)  # bounded by the in-flight account, not by the queue
         log.debug("cut delta %d..%d: %d records, %d bytes, %d extents", d.first_seq,
@@ -382,5 +385,6 @@ class _ShipSession(Session):
 
     def _recheck_space(self) -> None:
         """Read again when both this session's and the proxy's account have room."""
-        if self.inflight < self.parent.proxy.inflight_max_bytes and not self.parent.budget.full():
+        if self.inflight < self.parent.proxy.inflight_max_bytes \
+                and not self.parent.budget.full_for(self.inflight):
             self.space.set()

@@ -141,3 +141,22 @@ def test_byte_budget_wakes_every_session_when_it_has_room() -> None:
     assert not budget.full() and woken == ["a", "b"]
     budget.give(1000)
     assert budget.used == 0
+
+
+def test_byte_budget_keeps_a_fair_share_for_every_session() -> None:
+    """A busy session that filled the budget does not starve a quiet one: under its
+    share (limit / sessions) a session may read on while the budget is full."""
+    budget = limits.ByteBudget(100)
+    woken: list[str] = []
+    busy, quiet = (lambda: woken.append("busy")), (lambda: woken.append("quiet"))
+    budget.watch(busy)
+    budget.watch(quiet)
+    assert budget.share() == 50
+    budget.take(100)                          # all of it the busy session's
+    assert budget.full()
+    assert budget.full_for(100)               # busy: stops reading
+    assert not budget.full_for(0)             # quiet: reads on
+    assert not budget.full_for(49) and budget.full_for(50)
+    budget.unwatch(busy)                      # the busy one leaves: the quiet one's share
+    assert woken == ["quiet"] and budget.share() == 100
+    assert not budget.full_for(60)
