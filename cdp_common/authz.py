@@ -71,6 +71,7 @@ RULES: dict[str, tuple[str, ...]] = {
     # the data path, one hop each
     "/cdp.v1.SourceProxy/Ship": ("filter",),
     "/cdp.v1.SourceProxy/GetDigests": ("filter",),
+    "/cdp.v1.SourceProxy/AnswerCheckpoint": ("filter",),
     "/cdp.v1.TargetProxy/Replicate": ("source-proxy",),
     "/cdp.v1.TargetProxy/GetDigests": ("source-proxy",),
     "/cdp.v1.Target/Apply": ("target-proxy",),

@@ -100,21 +100,40 @@ class RecordSink(Protocol):
 
 # ---------------------------------------------------------------- gRPC adapter
 
+ANSWER_TIMEOUT_S = 1.0  # a checkpoint answer later than the hold's timeout is moot
+
+
 class GrpcRecordSession:
     """`SourceProxy.Ship` after its welcome."""
 
     def __init__(self, channel: grpc.aio.Channel, call: grpc.aio.StreamStreamCall,
-                 resume_from_seq: int) -> None:
+                 resume_from_seq: int, policy: str = "", epoch: int = 0) -> None:
         self._channel = channel
         self._call = call
         self.resume_from_seq = resume_from_seq
+        self.policy, self.epoch = policy, epoch
         self._closed = False
         self._writing = asyncio.Lock()  # batches and held answers share the stream
+        self._answer_on_stream = False
+        """The proxy has no AnswerCheckpoint (older): answers go on the stream."""
 
     async def send(self, batch: rpb.RecordBatch) -> None:
         await self._write(rpb.ShipRequest(batch=batch))
 
     async def send_held(self, held: rpb.CheckpointHeld) -> None:
+        """Out of band (AnswerCheckpoint), so the answer does not queue behind record
+        batches the back-pressured proxy is not reading; on the stream for an older
+        proxy."""
+        if not self._answer_on_stream:
+            try:
+                await rgrpc.SourceProxyStub(self._channel).AnswerCheckpoint(
+                    rpb.CheckpointAnswer(policy=self.policy, epoch=self.epoch, held=held),
+                    timeout=ANSWER_TIMEOUT_S)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    return   # the round is abandoned; the stream's own state tells the rest
+                self._answer_on_stream = True
         await self._write(rpb.ShipRequest(held=held))
 
     async def _write(self, request: rpb.ShipRequest) -> None:
@@ -169,7 +188,7 @@ class GrpcRecordSink:
     async def open(self, assignment: cpb.Assignment, hello: rpb.ShipHello) -> GrpcRecordSession:
         channel = rpc.channel(assignment.source_proxy.address, self.tls, self.max_message_bytes)
         call = rgrpc.SourceProxyStub(channel).Ship()
-        session = GrpcRecordSession(channel, call, 0)
+        session = GrpcRecordSession(channel, call, 0, hello.policy, hello.epoch)
         try:
             await rpc.stream_write(call, rpb.ShipRequest(hello=hello))
             resp = await call.read()

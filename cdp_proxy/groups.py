@@ -54,6 +54,9 @@ class MemberLink(Protocol):
     """One member's Ship session, as the group sees it."""
 
     policy: str
+    epoch: int
+    filter_id: str
+    """The filter the session's signed assignment names (it alone may answer)."""
 
     async def send_control(self, response: rpb.ShipResponse) -> None:
         """Write one checkpoint command to the member's filter."""
@@ -200,3 +203,11 @@ class Groups:
     def leave(self, group: Group, link: MemberLink) -> None:
         if group.leave(link) and self.by_name.get(group.name) is group:
             del self.by_name[group.name]
+
+    def member(self, policy: str) -> tuple[Group, MemberLink] | None:
+        """The group and open session of member `policy` here (None: no such session)."""
+        for g in self.by_name.values():
+            link = g.links.get(policy)
+            if link is not None:
+                return g, link
+        return None

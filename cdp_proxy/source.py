@@ -72,10 +72,17 @@ from typing import Any
 
 import grpc
 
-from cdp_common import crypto, delta, identity, limits, records, rpc
+from cdp_common import assignsig, crypto, delta, identity, limits, records, rpc
 from cdp_common.assignsig import Verifier
 from cdp_common.config import ProxySection
-from cdp_common.errors import CdpError, FormatError, ProtocolError, UnavailableError
+from cdp_common.errors import (
+    CdpError,
+    FormatError,
+    NotAuthorizedError,
+    NotFoundError,
+    ProtocolError,
+    UnavailableError,
+)
 from cdp_common.pb.cdp.v1 import replication_pb2 as rpb
 from cdp_common.pb.cdp.v1 import replication_pb2_grpc as rgrpc
 from cdp_proxy import binding, digests, frames, groups, metrics, throttle
@@ -143,6 +150,27 @@ class SourceProxy(rgrpc.SourceProxyServicer):
                    context: grpc.aio.ServicerContext) -> None:
         await _ShipSession(self, context).serve(request_iterator)
 
+    async def AnswerCheckpoint(self, request: rpb.CheckpointAnswer,
+                               context: grpc.aio.ServicerContext) -> rpb.CheckpointAnswerReply:
+        """A filter's answer to a checkpoint hold, out of band (replication.proto)."""
+        found = self.groups.member(request.policy)
+        if found is None or found[1].epoch != request.epoch:
+            await rpc.abort(context, NotFoundError(
+                f"no open session of policy {request.policy} at epoch {request.epoch} "
+                "in a consistency group on this proxy"))
+        assert found is not None
+        group, link = found
+        try:
+            peer = assignsig.peer_of(context)
+        except CdpError as exc:
+            await rpc.abort(context, exc)
+        if peer is not None and (peer.role != identity.FILTER or peer.id != link.filter_id):
+            await rpc.abort(context, NotAuthorizedError(
+                f"a checkpoint answer for {request.policy} from {peer.role} {peer.id}: only "
+                f"its filter {link.filter_id} may answer"))
+        group.on_held(request.policy, request.held)
+        return rpb.CheckpointAnswerReply()
+
     async def GetDigests(self, request: rpb.DigestRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[rpb.DigestReply]:
         """Relay to the target proxy (cdp_proxy/digests.py)."""
@@ -192,6 +220,8 @@ class _ShipSession(Session):
         self.skipped = False
         self.group: groups.Group | None = None
         self._writing = asyncio.Lock()  # acks and checkpoint commands share the stream
+        self.epoch = 0
+        self.filter_id = ""
 
     # ------------------------------------------------------------ main
 
@@ -202,6 +232,7 @@ class _ShipSession(Session):
         check_hello(hello, keys)
         claims = binding.bind_hello(parent.verifier, parent.node_id, hello, self.context,
                                     parent.epochs)
+        self.epoch, self.filter_id = hello.epoch, claims.filter_id or hello.filter_id
         self.captured_seq = hello.captured_seq
         opening = frames.seal_open(rpb.SessionOpen(
             policy=hello.policy, session_id=os.urandom(crypto.SESSION_ID_BYTES),

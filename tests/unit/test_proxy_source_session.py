@@ -493,3 +493,61 @@ async def test_an_ack_above_what_was_sent_is_a_protocol_error() -> None:
     code, details = await f.ended()
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
     assert "above the last seq sent" in details
+
+
+# ---------------------------------------------------------------- consistency groups
+
+class PeerContext(FakeContext):
+    """A unary call's context, with the caller's certificate (None: plaintext)."""
+
+    def __init__(self, pem: bytes | None = None) -> None:
+        super().__init__()
+        self.pem = pem
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_pem_cert": [self.pem]} if self.pem else {}
+
+
+async def test_checkpoint_answers_out_of_band_mark_the_round_only_from_the_filter(
+        tmp_path: Any) -> None:
+    """AnswerCheckpoint (not queued behind record batches): both members' answers
+    make the proxy mark; an answer for no open session, another epoch or from
+    another certificate than the session's filter is refused and counts for nothing."""
+    from cdp_common import pki
+    from cdp_common.pb.cdp.v1 import assignment_pb2 as apb
+    ca_pem, ca_key = pki.create_ca(tmp_path / "pki")
+    pki.create_node_cert(ca_pem, ca_key, tmp_path / "pki", "f9", [], role="filter")
+    other = PeerContext((tmp_path / "pki" / "f9.pem").read_bytes())
+    p = proxy(MemoryTarget(RING))
+    filters: dict[str, Filter] = {}
+    for fid, name in (("f1", "g..f1"), ("f2", "g..f2")):
+        f = filters[name] = Filter(p)
+        h = hello(rpo_interval_s=1.0).hello   # answers are awaited for 0.5 s
+        h.policy, h.filter_id = name, fid
+        h.assignment.claims = apb.AssignmentClaims(
+            policy=name, epoch=1, filter_id=fid, group="g",
+            group_members=["g..f1", "g..f2"]).SerializeToString()
+        f.send(rpb.ShipRequest(hello=h))
+        assert await welcome(f) == 0
+    holds = {n: (await f.read()) for n, f in filters.items()}
+    assert {r.WhichOneof("body") for r in holds.values()} == {"hold"}
+    (cid,) = {r.hold.checkpoint_id for r in holds.values()}
+    held = rpb.CheckpointHeld(checkpoint_id=cid)
+    for request, ctx, code in (
+            (rpb.CheckpointAnswer(policy="g..f1", epoch=1, held=held), other,
+             grpc.StatusCode.PERMISSION_DENIED),
+            (rpb.CheckpointAnswer(policy="g..f1", epoch=7, held=held), PeerContext(),
+             grpc.StatusCode.NOT_FOUND),
+            (rpb.CheckpointAnswer(policy="nope", epoch=1, held=held), PeerContext(),
+             grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(Aborted):
+            await p.AnswerCheckpoint(request, ctx)  # type: ignore[arg-type]
+        assert ctx.code == code, ctx.details
+    for name in filters:
+        await p.AnswerCheckpoint(rpb.CheckpointAnswer(  # type: ignore[arg-type]
+            policy=name, epoch=1, held=held), PeerContext())
+    for f in filters.values():
+        resp = await f.read()
+        assert resp.WhichOneof("body") == "mark" and resp.mark.checkpoint_id == cid
+    for f in filters.values():
+        f.close()
