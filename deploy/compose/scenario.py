@@ -20,6 +20,18 @@ Every step checks what the operator would check, from outside the daemons:
 4. restore P_A: its image equals the disk as it was after A (not B, not C);
    restore the latest point: it equals the disk now.
 
+SCENARIO=etcd (the etcd variant, compose.etcd.yaml: two coordinators on a
+3-member etcd cluster, every node given the list of both) runs instead:
+
+1. the leader is the one coordinator whose cdp_coordinator_leader gauge is 1;
+   write A replicates;
+2. the leading coordinator's container is killed with SIGKILL (its etcd member
+   loses its network with it: 2 of 3 keep the quorum) and kept down: the
+   standby leads; `cdpctl status` through the list of both answers, and every
+   assignment keeps its source proxy, target proxy and epoch (a takeover
+   rebinds nothing);
+3. write B replicates, through the new leader's assignments.
+
 Standard library only: it runs with the host's python3 and drives
 docker-compose and docker. Output lines start with "[testbed]"; the exit code
 is 0 when every check held, 1 when one failed (with what was seen), 2 when the
@@ -68,9 +80,11 @@ def say(msg: str) -> None:
 
 
 class Bed:
-    def __init__(self, compose: list[str]) -> None:
+    def __init__(self, compose: list[str], ctl: str = "coordinator", conn: str = CONN) -> None:
         self.compose = compose
         self.project = compose[compose.index("-p") + 1]
+        self.ctl = ctl      # the service cdpctl runs in
+        self.conn = conn
 
     def run(self, cmd: list[str], timeout: float = 120, check: bool = True,
             ) -> subprocess.CompletedProcess[str]:
@@ -90,7 +104,7 @@ class Bed:
 
     def cdpctl(self, args: str, check: bool = True, timeout: float = 120,
                ) -> subprocess.CompletedProcess[str]:
-        return self.sh("coordinator", f"cdpctl {args} {CONN}", timeout, check)
+        return self.sh(self.ctl, f"cdpctl {args} {self.conn}", timeout, check)
 
     def status(self) -> dict[str, Any]:
         return json.loads(self.cdpctl("status --json").stdout)
@@ -297,6 +311,80 @@ def step_restore(bed: Bed, point: str, sha_a: str, sha_now: str) -> None:
         bed.sh("target", f"rm -rf {out}")
 
 
+# the etcd variant: coordinator node id -> (compose service, metrics address)
+COORDINATORS = {"coordinator": ("coordinator", "198.51.100.5:9100"),
+                "coordinator-b": ("coordinator-b", "198.51.100.6:9100")}
+ETCD_CONN = CONN.replace("198.51.100.5:7000", "198.51.100.5:7000,198.51.100.6:7000")
+LEADER_PROBE = """import sys, urllib.request
+for node, address in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        text = urllib.request.urlopen(f"http://{address}/metrics", timeout=2).read().decode()
+    except OSError:
+        continue
+    if "cdp_coordinator_leader 1.0" in text:
+        print(node)
+"""
+
+
+def leaders(bed: Bed) -> list[str]:
+    """The coordinators whose cdp_coordinator_leader gauge is 1 (asked from the filter)."""
+    args = " ".join(f"{n} {m}" for n, (_, m) in COORDINATORS.items())
+    done = bed.sh("filter", f"python3 -c {shlex.quote(LEADER_PROBE)} {args}", check=False)
+    return done.stdout.split()
+
+
+def assignments(bed: Bed) -> dict[str, tuple[str, str, int]]:
+    return {p["name"]: (p["source_proxy"], p["target_proxy"], p["epoch"])
+            for p in bed.status()["policies"]}
+
+
+def step_etcd_takeover(bed: Bed, timeout: float, write_mib: int) -> None:
+    found: list[str] = []
+
+    def one_leader() -> bool:
+        found[:] = leaders(bed)
+        return len(found) == 1
+    wait("exactly one leading coordinator", one_leader, timeout)
+    old = found[0]
+    sha_a = write(bed, 3, write_mib)
+    took = replicated(bed, sha_a, timeout)
+    say(f"{old} leads; write A ({write_mib} MiB): replica sha256 {sha_a[:16]}… matches "
+        f"after {took:.1f} s")
+    before = assignments(bed)
+    cid = bed.container(COORDINATORS[old][0])
+    # kept down: restarted at once, it could win the election back
+    bed.run(["docker", "update", "--restart=no", cid])
+    bed.run(["docker", "kill", "--signal", "KILL", cid])
+    killed = time.monotonic()
+    say(f"killed the leading coordinator {old} (docker kill -s KILL)")
+
+    def other_leads() -> bool:
+        found[:] = leaders(bed)
+        return len(found) == 1 and found[0] != old
+    wait("the standby to lead", other_leads, timeout, every=0.2)
+    new = found[0]
+    say(f"standby {new} leads {time.monotonic() - killed:.1f} s after the kill")
+    seen: dict[str, tuple[str, str, int]] = {}
+
+    def status_answers() -> bool:
+        seen.clear()
+        seen.update(assignments(bed))
+        return True
+    took = wait("`cdpctl status` through the list of both", status_answers, timeout)
+    if seen != before:
+        changed = {n: (before.get(n), seen.get(n)) for n in before.keys() | seen.keys()
+                   if before.get(n) != seen.get(n)}
+        raise Failed(f"the takeover changed assignments (before, after): {changed}")
+    say(f"status through the list answers ({took:.1f} s); every assignment kept its proxies "
+        f"and epoch ({POLICY}: epoch {seen[POLICY][2]})")
+    sha_b = write(bed, 20, 4)
+    took = replicated(bed, sha_b, timeout)
+    say(f"write B under {new}: replica matches after {took:.1f} s")
+    if assignments(bed) != before:
+        raise Failed("an assignment changed after the takeover")
+    say(f"after write B the assignments are still the ones {old} made")
+
+
 def main() -> int:
     compose = shlex.split(os.environ.get("COMPOSE_CMD", ""))
     if "-p" not in compose:
@@ -305,6 +393,8 @@ def main() -> int:
         return 2
     timeout = float(os.environ.get("TIMEOUT_S", "90"))
     write_mib = int(os.environ.get("WRITE_MIB", "8"))
+    if os.environ.get("SCENARIO", "default") == "etcd":
+        return run_etcd(Bed(compose, ctl="filter", conn=ETCD_CONN), timeout, write_mib)
     bed = Bed(compose)
     try:
         sha_a, point = step_write_and_point(bed, timeout, write_mib)
@@ -316,6 +406,19 @@ def main() -> int:
         say(last)
         if code != 0:
             raise Failed(f"`cdpctl health` exits {code} at the end: {last}")
+    except Failed as e:
+        print(f"[testbed] FAILED: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Broken as e:
+        print(f"[testbed] could not drive the bed: {e}", file=sys.stderr, flush=True)
+        return 2
+    say("all checks held")
+    return 0
+
+
+def run_etcd(bed: Bed, timeout: float, write_mib: int) -> int:
+    try:
+        step_etcd_takeover(bed, timeout, write_mib)
     except Failed as e:
         print(f"[testbed] FAILED: {e}", file=sys.stderr, flush=True)
         return 1

@@ -9,6 +9,8 @@ mkdir -p "$S/pki"
 issue() { [ -f "$S/pki/$1.pem" ] || cdpctl pki issue --dir "$S/pki" "$@"; }
 operator() { [ -f "$S/pki/$1.pem" ] || cdpctl pki issue-operator --dir "$S/pki" "$@"; }
 issue coordinator --role coordinator --host 198.51.100.5 --host 198.51.100.69 --host coordinator
+# the standby coordinator of the etcd variant (compose.etcd.yaml)
+issue coordinator-b --role coordinator --host 198.51.100.6 --host 198.51.100.70 --host coordinator-b
 issue filter-1 --role filter --host 198.51.100.10 --host filter
 issue filter-2 --role filter --host 198.51.100.13 --host filter-2
 issue source-proxy-1 --role source-proxy --host 198.51.100.11 --host 198.51.100.140 --host source-proxy
