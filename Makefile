@@ -17,6 +17,7 @@ help:
 	@echo "make proto      regenerate cdp_common/pb from proto/"
 	@echo "make install-systemd  install to /opt/cdp with systemd units (root; docs/OPERATIONS.md)"
 	@echo "make testbed    docker-compose test bed: up, replicate, kill a proxy, partition, restore, down"
+	@echo "                (VARIANT=etcd make testbed: two coordinators on etcd, the leader killed)"
 
 setup:
 	scripts/bootstrap.sh
@@ -44,7 +45,7 @@ install-systemd:
 	deploy/install-systemd.sh
 
 testbed: setup
-	WHEELS=1 deploy/compose/run-testbed.sh
+	WHEELS=1 VARIANT=$(VARIANT) deploy/compose/run-testbed.sh
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis
