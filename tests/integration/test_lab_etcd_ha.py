@@ -7,8 +7,8 @@ SIGKILL of the leader coordinator: a standby leads (the time is printed, not
 asserted: tests never fail on timing), `cdpctl status` through the address
 list answers, no assignment changes its epoch; the source proxy serving lab-1,
 killed right after, is rebound by the new leader, and only the policies it
-served get a new epoch. SIGKILL of one etcd member: nothing visible changes,
-a policy update still goes through, and every replica equals its source.
+served get a new epoch. SIGKILL of one etcd member: no assignment changes, a
+policy update still goes through, and every replica equals its source.
 Restarted, every killed process rejoins and health is OK.
 """
 
@@ -133,11 +133,21 @@ def test_leader_loss_and_an_etcd_member_loss_under_load(lab: Any, tmp_path: Path
             else:
                 assert p["epoch"] == now[n]["epoch"], f"{n} changed epoch without a cause"
 
-        # One etcd member of three lost: nothing visible changes.
+        # One etcd member of three lost: no assignment changes, the store still takes
+        # writes. (When the lost member was etcd's raft leader, the election after it
+        # can outlast a coordinator's lease on a loaded machine, so which coordinator
+        # leads may change; nothing a node or a policy sees does.)
         handle.kill("etcd-2")
-        update = handle.cli("policy", "edit", "lab-2", "--set", "rpo_warning_s=20")
-        assert update.returncode == 0, update.stdout + update.stderr
-        assert leader(handle) == new_leader
+        t2 = time.monotonic()
+
+        def edited() -> None:   # idempotent: retried while a leader is being elected
+            done = handle.cli("policy", "edit", "lab-2", "--set", "rpo_warning_s=20",
+                              "--timeout", "10")
+            assert done.returncode == 0, done.stdout + done.stderr
+        assert_eventually(edited, 60, 1.0, "the store took no write with etcd-2 lost")
+        took = time.monotonic() - t2
+        who = assert_eventually(lambda: leader(handle), 30, 0.2, "no coordinator leads")
+        print(f"a policy edit went through {took:.1f} s after etcd-2 was lost; {who} leads")
         assert {n: p["epoch"] for n, p in policies(handle).items()} == \
             {n: p["epoch"] for n, p in after.items()}
     finally:
@@ -148,6 +158,6 @@ def test_leader_loss_and_an_etcd_member_loss_under_load(lab: Any, tmp_path: Path
     # Everything killed comes back (the etcd member on its own data): health is OK.
     for node_id in ("etcd-2", old_leader, victim):
         handle.restart(node_id)
-    assert leader(handle) == new_leader
+    assert_eventually(lambda: leader(handle), 30, 0.2, "no coordinator leads")
     assert_eventually(lambda: handle.cli("health").returncode == 0, 60, 1.0,
                       "health is not OK once everything is back")
