@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from test_target_groups import SIZE, T0, Aborted, FakeContext, Member
+from test_target_groups import T0, Aborted, FakeContext, two_members
 
 from cdp_common.errors import StorageError
 from cdp_common.pb.cdp.v1 import restore_pb2 as pb
@@ -32,7 +32,7 @@ from cdp_target.grouppoints import (
 )
 from cdp_target.restore_service import RestoreService
 from cdp_target.service import TargetService
-from cdp_target.store import DiskSpec, PolicyStore
+from cdp_target.store import PolicyStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,22 +91,7 @@ class Target:
     def __init__(self, tmp_path: Path) -> None:
         self.data = tmp_path / "data"
         self.restores = tmp_path / "restores"
-        a = Member(self.data, A, {0: DiskSpec("vda", SIZE), 1: DiskSpec("vdb", SIZE // 2)}, 1)
-        b = Member(self.data, B, {0: DiskSpec("sdc", SIZE)}, 2)
-        t = T0
-        for k in range(1, 7):
-            a.delta(t)
-            b.delta(t + 0.3)
-            t += 2
-            cid = 10 + k
-            if cid % 2 or cid == 12:
-                a.delta(t, cid)
-            if cid % 2 or cid == 16:
-                b.delta(t + 0.5, cid)
-            t += 2
-        for m in (a, b):
-            m.store.close()
-        self.members = {A: a, B: b}
+        self.members = two_members(self.data, A, B)
         self.service: TargetService | None = None
         self.rs: RestoreService | None = None
 

@@ -261,14 +261,13 @@ async def _collect(it: AsyncIterator[pb.RestoreProgress]) -> pb.RestoreDone:
     return done
 
 
-@pytest.fixture
-async def group(tmp_path: Path) -> AsyncIterator[tuple[TargetService, RestoreService,
-                                                       dict[str, Member]]]:
-    data = tmp_path / "data"
-    a = Member(data, "g..fa", {0: DiskSpec("vda", SIZE), 1: DiskSpec("vdb", SIZE // 2)}, 1)
-    b = Member(data, "g..fb", {0: DiskSpec("sdc", SIZE)}, 2)
+def two_members(data: Path, a_name: str = "g..fa", b_name: str = "g..fb") -> dict[str, Member]:
+    """Two members' stores, closed: `a` (disks vda, vdb) and `b` (sdc), both with points
+    at checkpoints 11, 13, 15, `a` alone at 12, `b` alone at 16, plain points between."""
+    a = Member(data, a_name, {0: DiskSpec("vda", SIZE), 1: DiskSpec("vdb", SIZE // 2)}, 1)
+    b = Member(data, b_name, {0: DiskSpec("sdc", SIZE)}, 2)
     t = T0
-    for k in range(1, 7):   # both at checkpoints 11, 13, 15; a alone at 12; b alone at 16
+    for k in range(1, 7):
         a.delta(t)
         b.delta(t + 0.3)
         t += 2
@@ -280,10 +279,18 @@ async def group(tmp_path: Path) -> AsyncIterator[tuple[TargetService, RestoreSer
         t += 2
     for m in (a, b):
         m.store.close()
+    return {a_name: a, b_name: b}
+
+
+@pytest.fixture
+async def group(tmp_path: Path) -> AsyncIterator[tuple[TargetService, RestoreService,
+                                                       dict[str, Member]]]:
+    data = tmp_path / "data"
+    members = two_members(data)
     service = TargetService(data)
     await service.open_existing()
     rs = RestoreService(service, tmp_path / "restores")
-    yield service, rs, {"g..fa": a, "g..fb": b}
+    yield service, rs, members
     await service.close()
 
 
