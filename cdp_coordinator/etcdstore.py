@@ -17,6 +17,8 @@ default), laid out as docs/FORMAT.md "Coordinator state in etcd" specifies:
     <prefix>plans/<name>             failover plan JSON (store.plan_to_json)
     <prefix>drains/<node>            "1": a node an operator drained
     <prefix>leader                   the leader election key (cdp_coordinator.leader)
+    <prefix>live/<node>              the node's newest heartbeat as the leader heard it,
+                                     under the node's own etcd lease (ephemeral)
 
 Every mutator is one etcd transaction, so it takes effect entirely or not at
 all, and a committed transaction is on a quorum's disk before etcd answers
@@ -59,15 +61,25 @@ election among coordinators sharing the prefix is cdp_coordinator.leader; the
 store takes part in it only with its write fence (`set_fence`): once set,
 every transaction also compares the election key's create_revision with the
 term this coordinator won, and a failed compare raises FencedError, so a
-deposed leader that has not noticed yet cannot write. Node leases as etcd
-leases and watches feeding the assignment streams are not built.
+deposed leader that has not noticed yet cannot write.
+
+Node liveness (`save_liveness`): each node the leader hears from has an etcd
+lease of its own, TTL the coordinator's node lease rounded up to seconds,
+granted the first time and renewed (LeaseKeepAlive, all of one save's leases
+on one stream) at every save; its `live/<node>` key is put under it with the
+newest heartbeat. A node whose heartbeats stop is renewed no more and its key
+disappears with the lease, whichever coordinator leads, so a standby reading
+`live/` sees exactly the nodes the leader heard within a lease. A lease found
+expired (renewal answered with TTL 0, or a put refused for it) is granted anew.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -82,6 +94,7 @@ from cdp_coordinator.model import Assignment, NodeInfo
 from cdp_coordinator.store import (
     MAX_ALARMS_KEPT,
     SCHEMA_VERSION,
+    Liveness,
     Plan,
     Snapshot,
     alarm_event,
@@ -172,8 +185,22 @@ def alarm_from_json(id: int, text: str) -> AlarmEvent:
         raise FormatError(f"stored alarm event {id}: bad or missing {exc}") from None
 
 
-def _put(key: bytes, value: str) -> pb.RequestOp:
-    return pb.RequestOp(request_put=pb.PutRequest(key=key, value=value.encode()))
+def _put(key: bytes, value: str, lease: int = 0) -> pb.RequestOp:
+    return pb.RequestOp(request_put=pb.PutRequest(key=key, value=value.encode(), lease=lease))
+
+
+def liveness_to_json(e: Liveness) -> str:
+    return json.dumps({"seen_wall_ns": e.seen_wall_ns,
+                       "payload": base64.b64encode(e.payload).decode()})
+
+
+def liveness_from_json(node_id: str, text: str) -> Liveness:
+    try:
+        d = json.loads(text)
+        return Liveness(node_id, int(d["seen_wall_ns"]),
+                        base64.b64decode(d["payload"], validate=True))
+    except (KeyError, TypeError, ValueError) as exc:   # binascii.Error is a ValueError
+        raise FormatError(f"stored liveness of node {node_id}: bad or missing {exc}") from None
 
 
 def _delete(key: bytes, range_end: bytes = b"") -> pb.RequestOp:
@@ -205,6 +232,8 @@ class EtcdStore:
         create_revision (this coordinator still leads the term it won), else
         FencedError (`set_fence`)."""
         self.name = f"etcd {', '.join(self.endpoints)} (prefix {prefix!r})"
+        self._live_leases: dict[str, int] = {}
+        """Node id -> the etcd lease its liveness key is under (`save_liveness`)."""
         try:
             self._check_schema()
         except BaseException:
@@ -220,20 +249,26 @@ class EtcdStore:
         start = self._key(section)
         return start, prefix_end(start)
 
-    def _stub(self, i: int) -> pbg.KVStub:
+    def _channel(self, i: int) -> grpc.Channel:
         if i not in self._channels:
             self._channels[i] = grpc.insecure_channel(self.endpoints[i],
                                                       options=_CHANNEL_OPTIONS)
-        return pbg.KVStub(self._channels[i])
+        return self._channels[i]
 
     def _call(self, what: str, fn: Callable[[pbg.KVStub], T]) -> T:
         """`fn(stub)` on the current endpoint, then the others while they are UNAVAILABLE."""
+        return self._call_on(what, lambda c: fn(pbg.KVStub(c)))
+
+    def _lease_call(self, what: str, fn: Callable[[pbg.LeaseStub], T]) -> T:
+        return self._call_on(what, lambda c: fn(pbg.LeaseStub(c)))
+
+    def _call_on(self, what: str, fn: Callable[[grpc.Channel], T]) -> T:
         n = len(self.endpoints)
         last: grpc.RpcError | None = None
         for k in range(n):
             i = (self._current + k) % n
             try:
-                result = fn(self._stub(i))
+                result = fn(self._channel(i))
             except grpc.RpcError as exc:
                 last = exc
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -557,6 +592,67 @@ class EtcdStore:
         for kv in kvs:   # etcd returns a range in key order: by name
             try:
                 out.append(plan_from_json(kv.value.decode()))
+            except UnicodeDecodeError as exc:
+                raise self._corrupt(kv.key, FormatError(f"not UTF-8: {exc}")) from None
+            except FormatError as exc:
+                raise self._corrupt(kv.key, exc) from None
+        return out
+
+    def save_liveness(self, entries: list[Liveness], ttl_s: float) -> None:
+        if not entries:
+            return
+        ttl = max(1, math.ceil(ttl_s))
+        self._renew_live_leases([e.node_id for e in entries if e.node_id in self._live_leases])
+        for e in entries:
+            if e.node_id not in self._live_leases:
+                self._live_leases[e.node_id] = self._grant(ttl)
+        for i in range(0, len(entries), self.max_txn_ops):
+            chunk = entries[i:i + self.max_txn_ops]
+            try:
+                self._put_live(chunk)
+            except StorageError as exc:
+                if "lease not found" not in str(exc):
+                    raise
+                for e in chunk:   # expired between the renewal and the put: once more
+                    self._live_leases[e.node_id] = self._grant(ttl)
+                self._put_live(chunk)
+
+    def _put_live(self, chunk: list[Liveness]) -> None:
+        self._commit("save node liveness", [], [
+            _put(self._key("live/", e.node_id), liveness_to_json(e),
+                 self._live_leases[e.node_id]) for e in chunk])
+
+    def _grant(self, ttl: int) -> int:
+        resp: pb.LeaseGrantResponse = self._lease_call(
+            "grant a node liveness lease",
+            lambda s: s.LeaseGrant(pb.LeaseGrantRequest(TTL=ttl), timeout=self.timeout_s))
+        if resp.error or resp.TTL <= 0:
+            raise StorageError(f"{self.name}: cannot grant a node liveness lease: "
+                               f"{resp.error or 'TTL 0'}")
+        return int(resp.ID)
+
+    def _renew_live_leases(self, nodes: list[str]) -> None:
+        """Renew these nodes' leases on one keep-alive stream; forget those expired."""
+        if not nodes:
+            return
+        ids = {self._live_leases[n]: n for n in nodes}
+        requests = [pb.LeaseKeepAliveRequest(ID=i) for i in ids]
+        answers: list[pb.LeaseKeepAliveResponse] = self._lease_call(
+            "renew node liveness leases",
+            lambda s: list(s.LeaseKeepAlive(iter(requests), timeout=self.timeout_s)))
+        renewed = {int(a.ID) for a in answers if a.TTL > 0}
+        for lease, node in ids.items():
+            if lease not in renewed:
+                del self._live_leases[node]
+
+    def load_liveness(self) -> list[Liveness]:
+        start, end = self._range_of("live/")
+        resp = self._range("read node liveness", start, end)
+        out = []
+        for kv in resp.kvs:   # key order: by node id
+            node = kv.key[len(start):].decode(errors="replace")
+            try:
+                out.append(liveness_from_json(node, kv.value.decode()))
             except UnicodeDecodeError as exc:
                 raise self._corrupt(kv.key, FormatError(f"not UTF-8: {exc}")) from None
             except FormatError as exc:

@@ -21,6 +21,8 @@ from cdp_coordinator.alarms import AlarmEvent
 from cdp_coordinator.model import Assignment, NodeInfo
 from cdp_coordinator.store import (
     MAX_ALARMS_KEPT,
+    Liveness,
+    LivenessTable,
     Plan,
     Snapshot,
     assignment_from_json,
@@ -48,6 +50,9 @@ class MemoryBacking:
     drains: frozenset[str] = frozenset()
     plans: dict[str, str] = field(default_factory=dict)
     """Name -> failover plan JSON."""
+    liveness: LivenessTable = field(default_factory=LivenessTable)
+    """Ephemeral, but shared as etcd's is: two coordinators on one backing (a leader
+    and a standby in tests) see the same entries."""
 
 
 class MemoryStore:
@@ -125,6 +130,12 @@ class MemoryStore:
     def get_plan(self, name: str) -> Plan | None:
         text = self.backing.plans.get(name)
         return None if text is None else plan_from_json(text)
+
+    def save_liveness(self, entries: list[Liveness], ttl_s: float) -> None:
+        self.backing.liveness.save(entries, ttl_s)
+
+    def load_liveness(self) -> list[Liveness]:
+        return self.backing.liveness.load()
 
     def close(self) -> None:
         self.closed = True

@@ -84,7 +84,14 @@ from cdp_coordinator.model import (
 )
 from cdp_coordinator.reconcile import config_owned, reconcile
 from cdp_coordinator.state import CoordinatorState
-from cdp_coordinator.store import Plan, PlanGroup, StateStore, check_plan, policy_to_json
+from cdp_coordinator.store import (
+    Liveness,
+    Plan,
+    PlanGroup,
+    StateStore,
+    check_plan,
+    policy_to_json,
+)
 
 log = logging.getLogger("coord.service")
 plog = logging.getLogger("coord.policy")
@@ -97,6 +104,8 @@ PROBE_TIMEOUT_S = 1.0
 PROBE_MIN_INTERVAL_S = 1.0
 STANDBY_REFRESH_S = 1.0
 """A standby reloads its read-only view from the store this often."""
+LIVENESS_SAVE_S = 0.5
+"""The leader saves the heartbeats heard since the last save this often (store.Liveness)."""
 
 Probe = Callable[[str], Awaitable[str]]
 """Probe(address) -> "" when the node answers SERVING, else why not."""
@@ -308,6 +317,9 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self.takeover_grace_s = max(self.lease_ms / 1000, takeover_grace_s or 0.0)
         self._view_at = -1e9
         self._alarms_from = 0.0
+        self._heard: dict[str, Liveness] = {}
+        """Heartbeats heard since the last `save_liveness` (the leader's)."""
+        self._liveness_at = -1e9
         self._load(write=leading)
 
     def _load(self, *, write: bool, grace_s: float | None = None) -> None:
@@ -333,6 +345,8 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         self.state, self.alarms = state, alarms
         self._alarms_from = now + max(self.lease_ms / 1000, grace_s or 0.0)
         self._view_at = now
+        if not write:
+            self._view_liveness(now)
         if write:
             self._unsaved.clear()
             self.flush()
@@ -367,6 +381,34 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         if was:
             self._end_watches()
             self._view_at = -1e9   # refresh the view from the store at the next tick
+
+    def _view_liveness(self, now: float) -> None:
+        """A standby's view: the nodes the leader heard within a lease are up, with the
+        reports of their newest heartbeat (the store's liveness entries)."""
+        try:
+            entries = self.store.load_liveness()
+        except CdpError as exc:
+            log.warning("standby view: node liveness unreadable, nodes shown down: %s", exc)
+            return
+        wall = self.wall()
+        for e in entries:
+            try:
+                beat = cpb.HeartbeatRequest.FromString(e.payload)
+            except Exception as exc:   # protobuf's DecodeError: a foreign or damaged entry
+                log.warning("standby view: liveness of node %s does not decode: %s",
+                            e.node_id, exc)
+                continue
+            age = min(max(0.0, wall - e.seen_wall_ns / 1e9), self.lease_ms / 1000)
+            self.state.seen_by_leader(e.node_id, age, [report_from_pb(r) for r in beat.policies],
+                                      beat.bytes_per_s, now)
+
+    def save_liveness(self) -> None:
+        """The leader: store the heartbeats heard since the last save. Raises CdpError."""
+        if not self._heard or self.clock() - self._liveness_at < LIVENESS_SAVE_S:
+            return
+        heard, self._heard = list(self._heard.values()), {}
+        self._liveness_at = self.clock()
+        self.store.save_liveness(heard, self.lease_ms / 1000)
 
     def _end_watches(self) -> None:
         for w in list(self._watchers):
@@ -452,6 +494,7 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
                 if self.leading:
                     self.flush()
                     self.check_alarms()
+                    self.save_liveness()
                 elif self.clock() - self._view_at >= STANDBY_REFRESH_S:
                     self._load(write=False)
             except CdpError as exc:
@@ -524,11 +567,14 @@ class CoordinatorService(cgrpc.CoordinatorServicer):
         except CdpError as exc:
             await rpc.abort(context, exc)
         reports = [report_from_pb(r) for r in request.policies]
+        wall = self.wall()
         known = self.state.heartbeat(request.node_id, reports, self.clock(),
                                      bytes_per_s=request.bytes_per_s,
                                      sent_time_ns=request.sent_time_ns,
-                                     received_wall_s=self.wall())
+                                     received_wall_s=wall)
         if known:
+            self._heard[request.node_id] = Liveness(request.node_id, int(wall * 1e9),
+                                                    request.SerializeToString())
             asked = self.state.resyncs_asked(request.node_id, reports)
             for name in asked:
                 rid = self.state.request_sync(name, time.time_ns())

@@ -239,6 +239,20 @@ class CoordinatorState:
             self._recompute(now)
         return True
 
+    def seen_by_leader(self, node_id: str, age_s: float, reports: Iterable[Report],
+                       bytes_per_s: float, now: float) -> None:
+        """A standby's view of a node the leader heard `age_s` ago, with these reports
+        (the store's liveness entry): up, as the leader sees it. Placement is not
+        recomputed: a standby shows the stored assignments."""
+        node = self.leases.nodes.get(node_id)
+        if node is None:
+            return
+        node.up, node.last_seen = True, now - age_s
+        node.bytes_per_s = max(0.0, bytes_per_s) if bytes_per_s == bytes_per_s else 0.0
+        for key in [k for k in self.reports if k[0] == node_id]:
+            del self.reports[key]
+        self.reports.update({(node_id, r.policy): r for r in reports})
+
     def mark_down(self, node_id: str, now: float) -> bool:
         """Take a node down before its lease runs out (failed probe); True if it was up."""
         was = self.leases.mark_down(node_id, now)

@@ -6,7 +6,13 @@ The store keeps what must survive a coordinator restart: the node registry
 (so restarted coordinators still know the nodes that heartbeat to them), the
 policies (JSON of `PolicyConfig`) and the assignments with their epochs (so an
 epoch never goes backwards, which would let a stale proxy pass the target's
-fence). Heartbeats and reports are *not* stored: they are renewed every second.
+fence). Heartbeats and reports are not stored durably: they are renewed every
+second. The leader does keep each node's newest heartbeat as an *ephemeral*
+liveness entry (`save_liveness`), which expires by itself `ttl_s` after its
+last save, so that standby coordinators sharing the store show which nodes
+are up and what they report. Only the etcd store shares it across processes
+(each entry under its own etcd lease); SQLite and the memory twin, which one
+coordinator alone reads, keep it in the process (`LivenessTable`).
 
 Every write is one transaction; SQLite runs in WAL mode with
 `synchronous=NORMAL` (a committed transaction survives a process crash; a
@@ -46,6 +52,8 @@ import json
 import logging
 import math
 import sqlite3
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -140,6 +148,37 @@ def check_plan(plan: Plan) -> Plan:
 
 
 @dataclass(frozen=True)
+class Liveness:
+    """A node's newest heartbeat, as the leader heard it (`StateStore.save_liveness`)."""
+
+    node_id: str
+    seen_wall_ns: int
+    """The leader's wall clock when the heartbeat arrived."""
+    payload: bytes = b""
+    """The heartbeat, serialized by the coordinator's service (opaque to the store)."""
+
+
+class LivenessTable:
+    """Liveness entries kept in this process, each `ttl_s` after its last save (the
+    stores that one coordinator alone reads; `clock`: monotonic seconds)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._rows: dict[str, tuple[float, Liveness]] = {}
+
+    def save(self, entries: Iterable[Liveness], ttl_s: float) -> None:
+        until = self.clock() + ttl_s
+        for e in entries:
+            self._rows[e.node_id] = (until, e)
+
+    def load(self) -> list[Liveness]:
+        now = self.clock()
+        for node in [n for n, (until, _) in self._rows.items() if until <= now]:
+            del self._rows[node]
+        return [e for _, (_, e) in sorted(self._rows.items())]
+
+
+@dataclass(frozen=True)
 class Snapshot:
     nodes: list[NodeInfo]
     policies: list[PolicyConfig]
@@ -218,6 +257,15 @@ class StateStore(Protocol):
 
     def save_plan(self, plan: Plan) -> None:
         """Insert or replace the failover plan (by name)."""
+
+    def save_liveness(self, entries: list[Liveness], ttl_s: float) -> None:
+        """Keep these nodes' newest heartbeats (replacing older ones), each until
+        `ttl_s` after this save unless saved again: *ephemeral*, the one exception to
+        durability (a store opened again may or may not see them; no entry outlives
+        its `ttl_s`, rounded up to whole seconds by etcd)."""
+
+    def load_liveness(self) -> list[Liveness]:
+        """The entries not expired, by node id."""
 
     def delete_plan(self, name: str) -> None:
         """Delete the plan if stored."""
@@ -344,6 +392,7 @@ class SqliteStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.liveness = LivenessTable()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), isolation_level=None)
@@ -503,6 +552,12 @@ class SqliteStore:
             return [plan_from_json(r[0]) for r in rows]
         except FormatError as exc:
             raise FormatError(f"{self.path}: corrupt coordinator state: {exc}") from None
+
+    def save_liveness(self, entries: list[Liveness], ttl_s: float) -> None:
+        self.liveness.save(entries, ttl_s)   # one coordinator reads it: not on disk
+
+    def load_liveness(self) -> list[Liveness]:
+        return self.liveness.load()
 
     def close(self) -> None:
         self._db.close()

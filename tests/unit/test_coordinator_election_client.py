@@ -19,6 +19,7 @@ from cdp_common.coordclient import LEADER_KEY, CoordinatorClient, LeaderFollower
 from cdp_common.errors import ConfigError, CoordinatorUnreachable
 from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
 from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
+from cdp_common.states import NodeState
 from cdp_coordinator.memstore import MemoryBacking, MemoryStore
 from cdp_coordinator.model import Role
 from cdp_coordinator.service import CoordinatorService
@@ -239,3 +240,35 @@ def test_cdpctl_address_lists_are_checked() -> None:
 
     with pytest.raises(UsageError, match="HOST:PORT"):
         coordcall.addresses(_coord("a:1,b"))
+
+
+async def test_a_standby_shows_the_nodes_the_leader_hears_and_their_reports() -> None:
+    """The leader stores each node's newest heartbeat as an ephemeral liveness entry;
+    a standby's view shows those nodes up with their reports, and down once the
+    entries expire (no heartbeat saved for a lease)."""
+    async with pair() as p:
+        table = p.a.store.backing.liveness      # type: ignore[attr-defined]
+        now = [1000.0]
+        table.clock = lambda: now[0]
+        report = cpb.PolicyReport(policy="p1", captured_seq=7, durable_seq=5)
+        node = NodeConfig(id="filter-1", coordinator=p.addr["a"])
+        client = CoordinatorClient(node, TLS, int(Role.FILTER), "127.0.0.1:1", "",
+                                   lambda: [report])
+        client.start()
+        try:
+            await eventually(lambda: ("filter-1", "p1") in p.a.state.reports)
+            p.b._load(write=False)
+            assert not _up(p.b, "filter-1"), "the standby knew before anything was saved"
+            p.a.save_liveness()
+            p.b._load(write=False)
+            assert _up(p.b, "filter-1")
+            seen = p.b.state.reports[("filter-1", "p1")]
+            assert (seen.captured_seq, seen.durable_seq) == (7, 5)
+            nodes = {n.info.id: n for n in p.b.state.status(p.b.clock(), p.b.wall()).nodes}
+            assert nodes["filter-1"].state == NodeState.UP
+        finally:
+            await client.stop()
+        now[0] += p.a.lease_ms / 1000 + 0.1     # the leader saves no more heartbeats
+        p.b._load(write=False)
+        assert not _up(p.b, "filter-1")
+        assert ("filter-1", "p1") not in p.b.state.reports

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from cdp_coordinator.etcdstore import EtcdStore
 from cdp_coordinator.memstore import MemoryBacking, MemoryStore
 from cdp_coordinator.model import Assignment, Endpoint
 from cdp_coordinator.store import (
+    Liveness,
     Plan,
     PlanGroup,
     SqliteStore,
@@ -278,3 +280,47 @@ def test_corrupt_plan_is_a_format_error(h: Harness) -> None:
     good = plan("dr", (("db",), 1.0))
     h.corrupt("plans", "dr", plan_to_json(good)[:-1] + ', "colour": "red"}')
     assert h.store.list_plans() == [good]
+
+
+# ------------------------------------------------------------ ephemeral liveness
+
+def test_liveness_keeps_the_newest_heartbeat_per_node(h: Harness) -> None:
+    h.store.save_liveness([Liveness("b", 1, b"b1"), Liveness("a", 1, b"a1")], 30.0)
+    h.store.save_liveness([Liveness("a", 2, b"\x00a2\xff")], 30.0)
+    assert h.store.load_liveness() == [Liveness("a", 2, b"\x00a2\xff"), Liveness("b", 1, b"b1")]
+    h.store.save_liveness([], 30.0)
+    assert [e.node_id for e in h.store.load_liveness()] == ["a", "b"]
+
+
+def test_liveness_expires_unless_saved_again(h: Harness) -> None:
+    """An entry lives `ttl_s` (etcd: rounded up, at least its minimum lease TTL) after
+    its last save: one saved again and again outlives one saved once, which vanishes."""
+    h.store.save_liveness([Liveness("kept", 1, b"k"), Liveness("gone", 1, b"g")], 1.0)
+    deadline = time.monotonic() + 15
+    seen_after = 0
+    while True:
+        h.store.save_liveness([Liveness("kept", 2, b"k")], 1.0)
+        live = {e.node_id for e in h.store.load_liveness()}
+        assert "kept" in live
+        if "gone" not in live:
+            break
+        seen_after += 1
+        assert time.monotonic() < deadline, "an entry saved once never expired"
+        time.sleep(0.25)
+    assert seen_after >= 1, "the entry vanished at once, not after its ttl"
+    t0 = time.monotonic()
+    while h.store.load_liveness():
+        assert time.monotonic() - t0 < 15, "an entry no longer saved never expired"
+        time.sleep(0.25)
+
+
+def test_corrupt_liveness_of_etcd_is_a_format_error(tmp_path: Path,
+                                                    request: pytest.FixtureRequest) -> None:
+    server = request.getfixturevalue(etcd_server.__name__)
+    harness = etcd_harness(server)
+    try:
+        harness.corrupt("live", "node-x", "{not json")
+        with pytest.raises(FormatError, match="live/node-x"):
+            harness.store.load_liveness()
+    finally:
+        harness.store.close()
