@@ -3,7 +3,8 @@ real processes: `cdpctl lab up --store etcd --coordinators 3` (a 3-member etcd
 cluster on loopback, three coordinators), 2 source proxies, 2 policies,
 writes going on all the time.
 
-SIGKILL of the leader coordinator: a standby leads (the time is printed, not
+A standby asked directly shows the nodes the leader hears as up (its view reads
+the leader's liveness entries). SIGKILL of the leader coordinator: a standby leads (the time is printed, not
 asserted: tests never fail on timing), `cdpctl status` through the address
 list answers, no assignment changes its epoch; the source proxy serving lab-1,
 killed right after, is rebound by the new leader, and only the policies it
@@ -48,6 +49,20 @@ def leader(handle: LabHandle) -> str:
             leaders.append(p["id"])
     assert len(leaders) == 1, f"leaders: {leaders}"
     return leaders[0]
+
+
+def standby_view(handle: LabHandle, coordinator: str) -> dict[str, str]:
+    """Node id -> state in `coordinator`'s own GetStatus answer (asked directly, so a
+    standby's view is not replaced by its leader's as cdpctl would)."""
+    from cdp_common import rpc
+    from cdp_common.pb.cdp.v1 import coordinator_pb2 as cpb
+    from cdp_common.pb.cdp.v1 import coordinator_pb2_grpc as cgrpc
+    channel = rpc.sync_channel(handle.process(coordinator)["address"], handle.tls())
+    try:
+        reply = cgrpc.CoordinatorStub(channel).GetStatus(cpb.StatusRequest(), timeout=5)
+    finally:
+        channel.close()
+    return {n.info.id: n.state for n in reply.nodes}
 
 
 def policies(handle: LabHandle) -> dict[str, dict[str, Any]]:
@@ -100,6 +115,17 @@ def test_leader_loss_and_an_etcd_member_loss_under_load(lab: Any, tmp_path: Path
         assert_eventually(lambda: writer.writes > 50, 30, 0.1, "the writer did not start")
         old_leader = leader(handle)
         before = policies(handle)
+        # A standby's own status shows the nodes up (the leader's liveness entries).
+        up = {n["id"] for n in handle.status()["nodes"] if n["state"] == "up"}
+        standbys = [p["id"] for p in handle.processes
+                    if p["role"] == "coordinator" and p["id"] != old_leader]
+
+        def standbys_see_them_up() -> None:
+            for sb in standbys:
+                view = standby_view(handle, sb)
+                assert all(view.get(n) == "up" for n in up), (sb, view)
+        assert_eventually(standbys_see_them_up, 15, 0.5,
+                          "a standby's status does not show the nodes the leader hears")
 
         handle.kill(old_leader)
         t0 = time.monotonic()
