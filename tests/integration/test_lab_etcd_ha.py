@@ -3,11 +3,12 @@ real processes: `cdpctl lab up --store etcd --coordinators 3` (a 3-member etcd
 cluster on loopback, three coordinators), 2 source proxies, 2 policies,
 writes going on all the time.
 
-A standby asked directly shows the nodes the leader hears as up (its view reads
-the leader's liveness entries). SIGKILL of the leader coordinator: a standby leads (the time is printed, not
-asserted: tests never fail on timing), `cdpctl status` through the address
-list answers, no assignment changes its epoch; the source proxy serving lab-1,
-killed right after, is rebound by the new leader, and only the policies it
+A standby asked directly shows the nodes the leader hears as up (its view
+reads the leader's liveness entries). SIGKILL of the leader coordinator: a
+standby leads (the time is printed, not asserted: tests never fail on
+timing), `cdpctl status` through the address list answers, no assignment
+changes its epoch; the source proxy serving lab-1, killed right after, is
+rebound by the new leader, and only the policies it
 served get a new epoch. SIGKILL of one etcd member: no assignment changes, a
 policy update still goes through, and every replica equals its source.
 Restarted, every killed process rejoins and health is OK.
