@@ -21,8 +21,10 @@ second by default):
 
 Every request's deadline ends at the leader's step-down deadline at the
 latest, so a hung etcd cannot keep a coordinator leading past it. A request
-that fails (etcd down, a member lost) moves to the next endpoint; the loop
-itself never ends on an etcd error, it only logs it once per outage.
+that fails (etcd down, a member lost) moves to the next endpoint, and the
+round is tried again there at once (each endpoint once a round), so a lost
+member costs the leader one request timeout, not a poll interval more; the
+loop itself never ends on an etcd error, it only logs it once per outage.
 
 The actions go to `on_change(step, fence_revision)`: LEAD carries the
 create_revision of the key we hold (the store's write fence), FOLLOW the
@@ -231,22 +233,31 @@ class EtcdElection:
         """Take part in the election until cancelled (etcd errors are retried)."""
         try:
             while True:
-                try:
-                    await self._round()
-                    if self._failing:
-                        log.info("etcd answers the election again")
-                    self._failing = False
-                except (grpc.aio.AioRpcError, TimeoutError, RuntimeError) as exc:
-                    if not self._failing:
-                        what = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) \
-                            else str(exc) or type(exc).__name__
-                        log.warning("election: etcd at %s: %s", self.endpoints[self._current],
-                                    what)
-                    self._failing = True
-                    self._rotate()
+                # a failed round is retried at once on the next endpoint (each once a
+                # round): a lost etcd member must not cost the leader a poll interval
+                for _ in range(len(self.endpoints)):
+                    if await self._attempt():
+                        break
                 await asyncio.sleep(self.poll_s)
         finally:
             await self.close()
+
+    async def _attempt(self) -> bool:
+        """One round on the current endpoint; False (and the next endpoint) if it failed."""
+        try:
+            await self._round()
+        except (grpc.aio.AioRpcError, TimeoutError, RuntimeError) as exc:
+            if not self._failing:
+                what = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) \
+                    else str(exc) or type(exc).__name__
+                log.warning("election: etcd at %s: %s", self.endpoints[self._current], what)
+            self._failing = True
+            self._rotate()
+            return False
+        if self._failing:
+            log.info("etcd answers the election again at %s", self.endpoints[self._current])
+        self._failing = False
+        return True
 
     async def resign(self) -> None:
         """Step down and revoke the lease (the key goes with it), best effort."""

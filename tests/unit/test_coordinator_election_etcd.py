@@ -135,3 +135,20 @@ async def test_a_deposed_leader_cannot_write(etcd_server: EtcdServer) -> None:
             assert [n.id for n in new.load().nodes] == ["filter-1"]
             new.close()
         old.close()
+
+
+async def test_a_failed_round_is_retried_on_the_next_endpoint_at_once(
+        etcd_server: EtcdServer) -> None:
+    """The first endpoint refuses: the same round goes on at the next one, instead of
+    waiting the poll interval (here 60 s, far beyond the test's patience)."""
+    steps: list[Step] = []
+    election = EtcdElection(["127.0.0.1:1", etcd_server.endpoint], "/el-next/", "c0",
+                            "c0:1", 1, lambda step, fence: steps.append(step), poll_s=60)
+    task = asyncio.create_task(election.run())
+    try:
+        await until(lambda: election.election.leading, 20)
+        assert any(s.action is Action.LEAD for s in steps)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
